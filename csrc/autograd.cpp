@@ -1,0 +1,151 @@
+// Autograd of fusedskip::fused_linear, registered in C++ on the Autograd key: one dispatch per
+// call. (Autograd registered from Python costs more host time than the three eager ops the fused
+// op replaces; see benchmarks/NOTES.md.)
+//
+// Saved for backward: the inputs and weight (as autograd already keeps them alive) and the packed
+// 1-bit ReLU mask. Never the pre-activation, never the concatenation.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "fused_linear.h"
+
+namespace fusedskip {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<decltype(fused_linear)>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fusedskip::fused_linear", "")
+                             .typed<decltype(fused_linear)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fusedskip::fused_linear_backward", "")
+                             .typed<decltype(fused_linear_backward)>();
+  return op;
+}
+
+// (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool, with ATen ops (any device).
+at::Tensor unpack_relu_mask(const at::Tensor& mask, int64_t cols) {
+  const at::Tensor shifts = at::arange(kMaskBitsPerByte, mask.options());
+  const at::Tensor bits = mask.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1);
+  return bits.reshape({mask.size(0), -1}).narrow(1, 0, cols).to(at::kBool);
+}
+
+// Non-empty only when asked for: the op returns empty placeholders for the rest.
+at::Tensor if_wanted(bool wanted, const at::Tensor& grad) { return wanted ? grad : at::Tensor(); }
+
+class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual, bool relu,
+                               bool residual_before_relu) {
+    at::Tensor output, mask;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(output, mask) =
+          forward_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
+    }
+    const bool has_residual = residual.has_value() && residual->defined();
+    std::vector<at::Tensor> saved(inputs.begin(), inputs.end());
+    saved.push_back(weight);
+    saved.push_back(mask);
+    ctx->save_for_backward(std::move(saved));
+    ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["residual"] =
+        static_cast<int64_t>(residual_kind(has_residual, relu, residual_before_relu));
+    ctx->mark_non_differentiable({mask});
+    return {output, mask};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const int64_t count = ctx->saved_data["count"].toInt();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto residual = static_cast<Residual>(ctx->saved_data["residual"].toInt());
+    const variable_list saved = ctx->get_saved_variables();
+    const at::TensorList inputs(saved.data(), count);
+    const at::Tensor& weight = saved[count];
+    const at::Tensor& mask = saved[count + 1];
+    const at::Tensor& grad_output = grad_outputs[0];
+
+    // One gradient per forward argument: inputs..., weight, bias, residual, relu, order.
+    variable_list grads(count + 5);
+    if (!grad_output.defined()) return grads;
+
+    // needs_input_grad counts only the tensor arguments: inputs, weight, then bias and residual
+    // where they were given.
+    std::vector<bool> want_input(count);
+    for (int64_t i = 0; i < count; ++i) want_input[i] = ctx->needs_input_grad(i);
+    const bool want_weight = ctx->needs_input_grad(count);
+    const bool want_bias = has_bias && ctx->needs_input_grad(count + 1);
+    const bool want_residual =
+        residual != Residual::kNone && ctx->needs_input_grad(count + 1 + (has_bias ? 1 : 0));
+    const bool residual_takes_preact = residual == Residual::kBeforeRelu;
+
+    at::Tensor grad_preact;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True (double backward): the same maths in differentiable ATen ops. The mask
+      // is a constant here: ReLU's second derivative is zero.
+      grad_preact = grad_output;
+      if (relu) {
+        const at::Tensor active =
+            unpack_relu_mask(mask, weight.size(0)).view(grad_output.sizes());
+        grad_preact = at::where(active, grad_output, at::zeros({}, grad_output.options()));
+      }
+      const at::Tensor grad_preact_2d = grad_preact.reshape({-1, weight.size(0)});
+      std::vector<at::Tensor> weight_blocks;
+      int64_t offset = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t width = inputs[i].size(-1);
+        if (want_input[i]) grads[i] = at::matmul(grad_preact, weight.narrow(1, offset, width));
+        if (want_weight) {
+          weight_blocks.push_back(
+              grad_preact_2d.t().mm(inputs[i].reshape({grad_preact_2d.size(0), width})));
+        }
+        offset += width;
+      }
+      if (want_weight) grads[count] = at::cat(weight_blocks, 1);
+      if (want_bias) grads[count + 1] = grad_preact_2d.sum(0);
+    } else {
+      c10::List<bool> output_mask;
+      for (int64_t i = 0; i < count; ++i) output_mask.push_back(want_input[i]);
+      output_mask.push_back(want_weight);
+      output_mask.push_back(want_bias);
+      output_mask.push_back(relu && want_residual && residual_takes_preact);
+      auto [grad_inputs, grad_weight, grad_bias, grad_preact_out] =
+          backward_op().call(grad_output, inputs, weight, mask, relu, output_mask);
+      for (int64_t i = 0; i < count; ++i) grads[i] = if_wanted(want_input[i], grad_inputs[i]);
+      grads[count] = if_wanted(want_weight, grad_weight);
+      grads[count + 1] = if_wanted(want_bias, grad_bias);
+      grad_preact = relu ? grad_preact_out : grad_output;
+    }
+    if (want_residual) {
+      grads[count + 2] = residual_takes_preact ? grad_preact : grad_output;
+    }
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
+    at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
+  variable_list outputs =
+      FusedLinearFunction::apply(inputs, weight, bias, residual, relu, residual_before_relu);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }
+
+}  // namespace fusedskip

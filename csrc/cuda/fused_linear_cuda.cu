@@ -1,0 +1,128 @@
+// CUDA kernels of the fused linear op: cuBLAS GEMMs (through ATen, csrc/fused_linear.cpp) and
+// the element-wise passes below, launched on the current stream of the tensors' device.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/epilogue_kernels.cuh"
+#include "dispatch.h"
+#include "fused_linear.h"
+
+namespace fusedskip {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Enough blocks to fill the GPU a few times over; the kernels grid-stride past that.
+unsigned int blocks_for(int64_t units) {
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+  const int64_t wanted = (units + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, max_blocks)));
+}
+
+}  // namespace
+
+void forward_epilogue_cuda(const at::Tensor& out, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& residual, const at::Tensor& mask, Residual where) {
+  const c10::cuda::CUDAGuard device_guard(out.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const int64_t units = rows * mask_bytes_per_row(cols);
+  if (units == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
+    ForwardEpilogueParams<scalar_t> p{};
+    p.out = out.data_ptr<scalar_t>();
+    p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    p.bias_stride = has_bias ? bias->stride(0) : 0;
+    p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
+    p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
+    p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+    p.rows = rows;
+    p.cols = cols;
+    FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
+      FS_RESIDUAL_SWITCH(where, kResidual, [&] {
+        FS_BOOL_SWITCH(has_bias, kBias, [&] {
+          forward_epilogue_kernel<kRelu, kResidual, kBias>
+              <<<blocks_for(units), kThreads, 0, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+}
+
+void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
+                            const at::Tensor& grad_preact, const at::Tensor& grad_bias) {
+  const c10::cuda::CUDAGuard device_guard(grad_out.device());
+  const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
+  const int64_t row_blocks = bias_row_blocks(rows);
+  const bool relu = grad_preact.defined();
+  const bool has_bias = grad_bias.defined();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor partials =
+      has_bias ? at::empty({row_blocks, cols},
+                           grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type())))
+               : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
+                                  "fused_linear_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardEpilogueParams<scalar_t> p{};
+    p.grad_out = grad_out.const_data_ptr<scalar_t>();
+    p.grad_out_stride_row = grad_out.stride(0);
+    p.grad_out_stride_col = grad_out.stride(1);
+    p.mask = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
+    p.grad_preact = relu ? grad_preact.data_ptr<scalar_t>() : nullptr;
+    p.bias_partials = has_bias ? partials.data_ptr<acc_t>() : nullptr;
+    p.rows = rows;
+    p.cols = cols;
+    const int64_t units = row_blocks * mask_bytes_per_row(cols);
+    if (units > 0) {
+      FS_BOOL_SWITCH(relu, kRelu, [&] {
+        FS_BOOL_SWITCH(has_bias, kBias, [&] {
+          backward_epilogue_kernel<kRelu, kBias><<<blocks_for(units), kThreads, 0, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
+    if (has_bias && cols > 0) {
+      bias_grad_kernel<scalar_t><<<blocks_for(cols), kThreads, 0, stream>>>(
+          p.bias_partials, row_blocks, cols, grad_bias.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+namespace {
+
+// The GEMMs inside run on the device of their operands; the guard makes the element-wise
+// launches (current device, current stream) follow them.
+std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(at::TensorList inputs,
+                                                     const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& residual,
+                                                     bool relu, bool residual_before_relu) {
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  return fused_linear(inputs, weight, bias, residual, relu, residual_before_relu);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cuda(
+    const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
+    const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  return fused_linear_backward(grad_output, inputs, weight, relu_mask, relu, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedskip, CUDA, m) {
+  m.impl("fused_linear", &fused_linear_cuda);
+  m.impl("fused_linear_backward", &fused_linear_backward_cuda);
+}
+
+}  // namespace fusedskip

@@ -1,0 +1,168 @@
+// Element-wise maths of the fused linear layer, written once as __host__ __device__ code.
+//
+// The CPU loops and the CUDA kernels both call the per-unit bodies below, so every CPU test
+// exercises the exact arithmetic (order of adds, NaN handling, mask packing) the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/OpMathType.h>
+
+#if defined(__CUDACC__)
+#define FS_HOST_DEVICE __host__ __device__ __forceinline__
+#define FS_UNROLL _Pragma("unroll")
+#else
+#define FS_HOST_DEVICE inline
+#define FS_UNROLL
+#endif
+
+namespace fusedskip {
+
+// Where the residual joins the layer.
+enum class Residual : int {
+  kNone = 0,
+  kAfterRelu = 1,   // order="relu_add": relu(x W^T + b) + r     (ResNet-style)
+  kBeforeRelu = 2,  // order="add_relu": relu(x W^T + b + r)
+};
+
+// The ReLU mask packs 8 output columns per byte, row-major, each row padded to whole bytes:
+// one bit per output instead of a saved pre-activation (1/16 of a bf16 activation's memory).
+constexpr int kMaskBitsPerByte = 8;
+FS_HOST_DEVICE int64_t mask_bytes_per_row(int64_t cols) {
+  return (cols + kMaskBitsPerByte - 1) / kMaskBitsPerByte;
+}
+
+// torch.relu's semantics: NaN stays NaN. (`v > 0 ? v : 0` would turn NaN into 0, as cuBLASLt's
+// ReLU epilogue does.)
+template <typename T>
+FS_HOST_DEVICE T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// The bit torch.relu's backward tests: result > 0. False for NaN and for both zeros, so the
+// gradient there is 0, exactly as in threshold_backward.
+template <typename T>
+FS_HOST_DEVICE bool relu_active(T preact) {
+  return preact > T(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: out = epilogue(x W^T) in place, plus the mask.
+
+template <typename scalar_t>
+struct ForwardEpilogueParams {
+  scalar_t* out;  // (rows, cols), row stride cols; holds x W^T on entry and the result on exit
+  const scalar_t* bias;  // (cols) with bias_stride, or nullptr
+  int64_t bias_stride;
+  const scalar_t* residual;  // (rows, cols) with the two strides, or nullptr
+  int64_t residual_stride_row;
+  int64_t residual_stride_col;
+  uint8_t* mask;  // (rows, mask_bytes_per_row(cols)), contiguous; nullptr without ReLU
+  int64_t rows;
+  int64_t cols;
+};
+
+// One row, the 8 columns of one mask byte: the unit of work of a CPU loop iteration and of a
+// CUDA thread. Everything is computed in opmath (float for half types), rounded once at the end.
+template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t>
+FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>& p, int64_t row,
+                                          int64_t byte) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* out_row = p.out + row * p.cols;
+  const int64_t first_col = byte * kMaskBitsPerByte;
+  uint8_t bits = 0;
+FS_UNROLL
+  for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+    const int64_t col = first_col + bit;
+    if (col < p.cols) {
+      acc_t value = static_cast<acc_t>(out_row[col]);
+      if constexpr (kBias) value += static_cast<acc_t>(p.bias[col * p.bias_stride]);
+      acc_t residual = acc_t(0);
+      if constexpr (kResidual != Residual::kNone) {
+        residual = static_cast<acc_t>(
+            p.residual[row * p.residual_stride_row + col * p.residual_stride_col]);
+      }
+      if constexpr (kResidual == Residual::kBeforeRelu) value += residual;
+      if constexpr (kRelu) {
+        bits |= static_cast<uint8_t>(relu_active(value)) << bit;
+        value = relu(value);
+      }
+      if constexpr (kResidual == Residual::kAfterRelu) value += residual;
+      out_row[col] = static_cast<scalar_t>(value);
+    }
+  }
+  if constexpr (kRelu) p.mask[row * mask_bytes_per_row(p.cols) + byte] = bits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad_preact = grad_out masked by the ReLU, and the bias gradient's partial sums.
+
+// The bias gradient is summed over fixed blocks of rows, then over the blocks in a fixed order:
+// the same bits on every run and for every thread count (no atomics, no thread-dependent split).
+constexpr int64_t kBiasRowsPerBlock = 128;
+FS_HOST_DEVICE int64_t bias_row_blocks(int64_t rows) {
+  return (rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock;
+}
+
+template <typename scalar_t>
+struct BackwardEpilogueParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_out;  // (rows, cols) with the two strides
+  int64_t grad_out_stride_row;
+  int64_t grad_out_stride_col;
+  const uint8_t* mask;   // as in the forward; nullptr without ReLU
+  scalar_t* grad_preact;  // (rows, cols) contiguous; written only with ReLU
+  acc_t* bias_partials;   // (bias_row_blocks(rows), cols) contiguous, or nullptr without bias
+  int64_t rows;
+  int64_t cols;
+};
+
+// One block of kBiasRowsPerBlock rows, the 8 columns of one mask byte.
+template <bool kRelu, bool kBias, typename scalar_t>
+FS_HOST_DEVICE void backward_epilogue_unit(const BackwardEpilogueParams<scalar_t>& p,
+                                           int64_t row_block, int64_t byte) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t first_col = byte * kMaskBitsPerByte;
+  const int64_t first_row = row_block * kBiasRowsPerBlock;
+  const int64_t end_row =
+      first_row + kBiasRowsPerBlock < p.rows ? first_row + kBiasRowsPerBlock : p.rows;
+  const int64_t mask_row_bytes = mask_bytes_per_row(p.cols);
+  acc_t sums[kMaskBitsPerByte] = {};
+  for (int64_t row = first_row; row < end_row; ++row) {
+    uint8_t bits = 0xff;
+    if constexpr (kRelu) bits = p.mask[row * mask_row_bytes + byte];
+    const scalar_t* grad_row = p.grad_out + row * p.grad_out_stride_row;
+FS_UNROLL
+    for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+      const int64_t col = first_col + bit;
+      if (col < p.cols) {
+        scalar_t grad = grad_row[col * p.grad_out_stride_col];
+        if constexpr (kRelu) {
+          // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0.
+          grad = ((bits >> bit) & 1) ? grad : scalar_t(0);
+          p.grad_preact[row * p.cols + col] = grad;
+        }
+        if constexpr (kBias) sums[bit] += static_cast<acc_t>(grad);
+      }
+    }
+  }
+  if constexpr (kBias) {
+FS_UNROLL
+    for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+      const int64_t col = first_col + bit;
+      if (col < p.cols) p.bias_partials[row_block * p.cols + col] = sums[bit];
+    }
+  }
+}
+
+// Second stage of the bias gradient: one column, blocks summed in order.
+template <typename scalar_t>
+FS_HOST_DEVICE void bias_grad_unit(const at::opmath_type<scalar_t>* bias_partials,
+                                   int64_t row_blocks, int64_t cols, int64_t col,
+                                   scalar_t* grad_bias) {
+  at::opmath_type<scalar_t> sum = 0;
+  for (int64_t block = 0; block < row_blocks; ++block) sum += bias_partials[block * cols + col];
+  grad_bias[col] = static_cast<scalar_t>(sum);
+}
+
+}  // namespace fusedskip

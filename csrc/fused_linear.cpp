@@ -1,0 +1,243 @@
+// The fused linear op, device-generic part: argument checks, the GEMMs (ATen: MKL/oneDNN on CPU,
+// cuBLAS on CUDA) and a hand-off to the device's element-wise pass.
+//
+// The concat form never materialises cat(inputs): input i multiplies weight's column block i (a
+// strided view), accumulating into the one output; in backward each input's gradient and each
+// column block of the weight gradient are written in place.
+#include "fused_linear.h"
+
+#include <string>
+
+#include <ATen/ATen.h>
+
+namespace fusedskip {
+namespace {
+
+std::string dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(type);
+  }
+}
+
+bool is_supported_dtype(at::ScalarType type) {
+  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
+}
+
+// A tensor argument that must match `weight` in dtype and device.
+void check_tensor(const std::string& name, const at::Tensor& tensor, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(tensor.defined(), "fusedskip: ", name, " is an undefined tensor");
+  TORCH_CHECK_TYPE(tensor.layout() == at::kStrided, "fusedskip: ", name,
+                   " must be a dense (strided) tensor, got layout ", tensor.layout());
+  TORCH_CHECK_TYPE(is_supported_dtype(tensor.scalar_type()), "fusedskip: ", name, " has dtype ",
+                   dtype_name(tensor.scalar_type()),
+                   "; expected torch.float16, torch.bfloat16, torch.float32 or torch.float64");
+  if (&tensor == &weight) return;
+  TORCH_CHECK_TYPE(tensor.scalar_type() == weight.scalar_type(), "fusedskip: ", name,
+                   " has dtype ", dtype_name(tensor.scalar_type()), " but weight has dtype ",
+                   dtype_name(weight.scalar_type()), "; all tensors must share one dtype");
+  TORCH_CHECK(tensor.device() == weight.device(), "fusedskip: ", name, " is on device ",
+              tensor.device(), " but weight is on ", weight.device(),
+              "; all tensors must be on one device");
+}
+
+}  // namespace
+
+Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual) {
+  const int64_t count = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK_VALUE(count >= 1 && count <= kMaxInputs, "fusedskip: inputs must hold 1 to ",
+                    kMaxInputs, " tensors, got ", count);
+  auto input_name = [&](int64_t i) {
+    return count == 1 ? std::string("input") : "inputs[" + std::to_string(i) + "]";
+  };
+  check_tensor("weight", weight, weight);
+  TORCH_CHECK_VALUE(weight.dim() == 2,
+                    "fusedskip: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+
+  Geometry g;
+  g.cols = weight.size(0);
+  const at::IntArrayRef leading = inputs[0].defined() && inputs[0].dim() >= 1
+                                      ? inputs[0].sizes().slice(0, inputs[0].dim() - 1)
+                                      : at::IntArrayRef();
+  int64_t width_sum = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& x = inputs[i];
+    check_tensor(input_name(i), x, weight);
+    TORCH_CHECK_VALUE(x.dim() >= 1, "fusedskip: ", input_name(i),
+                      " must have at least one dimension (..., in_features), got a 0-d tensor");
+    const at::IntArrayRef x_leading = x.sizes().slice(0, x.dim() - 1);
+    TORCH_CHECK_VALUE(x_leading.equals(leading), "fusedskip: ", input_name(i),
+                      " has leading dims ", x_leading, " but inputs[0] has ", leading,
+                      "; all inputs must share their leading dims (only the last dim may differ)");
+    g.widths.push_back(x.size(-1));
+    width_sum += x.size(-1);
+  }
+  if (count == 1) {
+    TORCH_CHECK_VALUE(width_sum == weight.size(1), "fusedskip: input has ", width_sum,
+                      " features (its last dim) but weight has in_features ", weight.size(1),
+                      " (weight shape ", weight.sizes(), ")");
+  } else {
+    TORCH_CHECK_VALUE(width_sum == weight.size(1), "fusedskip: the inputs' last dims ",
+                      at::IntArrayRef(g.widths), " sum to ", width_sum,
+                      " but weight has in_features ", weight.size(1), " (weight shape ",
+                      weight.sizes(), ")");
+  }
+
+  g.rows = c10::multiply_integers(leading);
+  g.out_shape.assign(leading.begin(), leading.end());
+  g.out_shape.push_back(g.cols);
+
+  if (bias.has_value() && bias->defined()) {
+    check_tensor("bias", *bias, weight);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.cols,
+                      "fusedskip: bias must have shape [", g.cols, "] (out_features), got ",
+                      bias->sizes());
+  }
+  if (residual.has_value() && residual->defined()) {
+    check_tensor("residual", *residual, weight);
+    TORCH_CHECK_VALUE(residual->sizes().equals(g.out_shape),
+                      "fusedskip: residual must have the output's shape ",
+                      at::IntArrayRef(g.out_shape), ", got ", residual->sizes(),
+                      " (residuals are not broadcast)");
+  }
+  return g;
+}
+
+Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu) {
+  if (!has_residual) return Residual::kNone;
+  // Without a ReLU both orders are the same sum.
+  return relu && residual_before_relu ? Residual::kBeforeRelu : Residual::kAfterRelu;
+}
+
+namespace {
+
+void forward_epilogue(const at::Tensor& out, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& residual, const at::Tensor& mask, Residual where) {
+#ifdef FUSEDSKIP_WITH_CUDA
+  if (out.is_cuda()) return forward_epilogue_cuda(out, bias, residual, mask, where);
+#endif
+  TORCH_CHECK(out.is_cpu(), "fusedskip: no element-wise kernel for device ", out.device());
+  forward_epilogue_cpu(out, bias, residual, mask, where);
+}
+
+void backward_epilogue(const at::Tensor& grad_out, const at::Tensor& mask,
+                       const at::Tensor& grad_preact, const at::Tensor& grad_bias) {
+#ifdef FUSEDSKIP_WITH_CUDA
+  if (grad_out.is_cuda()) return backward_epilogue_cuda(grad_out, mask, grad_preact, grad_bias);
+#endif
+  TORCH_CHECK(grad_out.is_cpu(), "fusedskip: no element-wise kernel for device ",
+              grad_out.device());
+  backward_epilogue_cpu(grad_out, mask, grad_preact, grad_bias);
+}
+
+at::Tensor empty_placeholder(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& residual,
+                                                bool relu, bool residual_before_relu) {
+  const Geometry g = check_forward_args(inputs, weight, bias, residual);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_residual = residual.has_value() && residual->defined();
+  const Residual where = residual_kind(has_residual, relu, residual_before_relu);
+
+  at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
+  int64_t offset = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor x = inputs[i].reshape({g.rows, g.widths[i]});
+    // Column block i of weight, transposed: a strided view the GEMM reads with its leading dim.
+    const at::Tensor w_t = weight.narrow(1, offset, g.widths[i]).t();
+    if (i == 0) {
+      at::mm_out(out, x, w_t);
+    } else {
+      out.addmm_(x, w_t);
+    }
+    offset += g.widths[i];
+  }
+
+  const auto mask_options = weight.options().dtype(at::kByte);
+  at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
+                         : at::empty({0}, mask_options);
+  if (relu || has_bias || has_residual) {
+    const at::Tensor residual_2d =
+        has_residual ? residual->reshape({g.rows, g.cols}) : at::Tensor();
+    forward_epilogue(out, bias, residual_2d, relu ? mask : at::Tensor(), where);
+  }
+  return {out.view(g.out_shape), mask};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
+    const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
+    const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
+  const Geometry g = check_forward_args(inputs, weight, std::nullopt, std::nullopt);
+  const size_t count = inputs.size();
+  TORCH_CHECK_VALUE(output_mask.size() == count + 3, "fusedskip: output_mask must have ",
+                    count + 3, " entries (one per input, then weight, bias, pre-activation), got ",
+                    output_mask.size());
+  check_tensor("grad_output", grad_output, weight);
+  TORCH_CHECK_VALUE(grad_output.sizes().equals(g.out_shape), "fusedskip: grad_output must have ",
+                    "the output's shape ", at::IntArrayRef(g.out_shape), ", got ",
+                    grad_output.sizes());
+  at::Tensor mask;
+  if (relu) {
+    const std::vector<int64_t> mask_shape = {g.rows, mask_bytes_per_row(g.cols)};
+    TORCH_CHECK_TYPE(relu_mask.scalar_type() == at::kByte, "fusedskip: relu_mask must be ",
+                     "torch.uint8, got ", dtype_name(relu_mask.scalar_type()));
+    TORCH_CHECK(relu_mask.device() == weight.device(), "fusedskip: relu_mask is on device ",
+                relu_mask.device(), " but weight is on ", weight.device());
+    TORCH_CHECK_VALUE(relu_mask.sizes().equals(mask_shape), "fusedskip: relu_mask must have ",
+                      "shape ", at::IntArrayRef(mask_shape), ", got ", relu_mask.sizes());
+    mask = relu_mask.contiguous();
+  }
+  const bool want_weight = output_mask.get(count);
+  const bool want_bias = output_mask.get(count + 1);
+  const bool want_preact = output_mask.get(count + 2);
+
+  const at::Tensor grad_out_2d = grad_output.reshape({g.rows, g.cols});
+  const at::Tensor grad_preact_2d =
+      relu ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;
+  const at::Tensor grad_bias = want_bias ? at::empty({g.cols}, weight.options()) : at::Tensor();
+  if (relu || want_bias) {
+    backward_epilogue(grad_out_2d, mask, relu ? grad_preact_2d : at::Tensor(), grad_bias);
+  }
+
+  std::vector<at::Tensor> grad_inputs;
+  grad_inputs.reserve(count);
+  at::Tensor grad_weight =
+      want_weight ? at::empty({g.cols, weight.size(1)}, weight.options()) : at::Tensor();
+  int64_t offset = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor w = weight.narrow(1, offset, g.widths[i]);
+    grad_inputs.push_back(output_mask.get(i) ? at::mm(grad_preact_2d, w).view(inputs[i].sizes())
+                                             : empty_placeholder(weight));
+    if (want_weight) {
+      // Straight into grad_weight's column block i: no per-input temporaries, no cat.
+      at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
+      at::mm_out(block, grad_preact_2d.t(), inputs[i].reshape({g.rows, g.widths[i]}));
+    }
+    offset += g.widths[i];
+  }
+  return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
+          want_bias ? grad_bias : empty_placeholder(weight),
+          relu && want_preact ? grad_preact_2d.view(grad_output.sizes())
+                              : empty_placeholder(weight)};
+}
+
+}  // namespace fusedskip

@@ -1,0 +1,69 @@
+// The fused linear op family: declarations shared by the op, its autograd and the device code.
+//
+//   schemas                 csrc/ops.cpp
+//   op (GEMMs, checks)      csrc/fused_linear.cpp      (device-generic, ATen GEMMs)
+//   CPU element-wise pass   csrc/cpu/epilogue_cpu.cpp
+//   CUDA element-wise pass  csrc/cuda/epilogue_cuda.cu
+//   autograd                csrc/autograd.cpp
+//   element-wise maths      csrc/epilogue.h
+#pragma once
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include "epilogue.h"
+
+namespace fusedskip {
+
+// The concat form takes at most this many inputs (a fixed-size parameter block on the GPU).
+constexpr int64_t kMaxInputs = 8;
+
+// Shapes of one call, after validation: the inputs are viewed as (rows, widths[i]).
+struct Geometry {
+  int64_t rows = 0;                // product of the leading dims
+  int64_t cols = 0;                // out_features
+  std::vector<int64_t> widths;     // last dim of each input
+  std::vector<int64_t> out_shape;  // leading dims + (out_features,)
+};
+
+// Raises ValueError / TypeError / RuntimeError naming the offending argument.
+Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual);
+
+Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu);
+
+// fusedskip::fused_linear: returns (output, relu_mask); relu_mask is empty without ReLU.
+std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& residual,
+                                                bool relu, bool residual_before_relu);
+
+// fusedskip::fused_linear_backward. output_mask has len(inputs) + 3 entries: one per input, then
+// weight, bias, pre-activation. Outputs not asked for come back as empty (numel 0) tensors; the
+// pre-activation gradient exists only with ReLU (without it, it is grad_output itself).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
+    const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
+    const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask);
+
+// Element-wise passes, one per device. `out` is (rows, cols) contiguous and holds x W^T on entry;
+// `residual` is (rows, cols) with any strides or undefined; `mask` is undefined without ReLU.
+void forward_epilogue_cpu(const at::Tensor& out, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& residual, const at::Tensor& mask, Residual where);
+// `grad_out` is (rows, cols) with any strides; `grad_preact` (written where the ReLU is, undefined
+// otherwise) is (rows, cols) contiguous; `grad_bias` is (cols) or undefined.
+void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
+                           const at::Tensor& grad_preact, const at::Tensor& grad_bias);
+
+#ifdef FUSEDSKIP_WITH_CUDA
+void forward_epilogue_cuda(const at::Tensor& out, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& residual, const at::Tensor& mask, Residual where);
+void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
+                            const at::Tensor& grad_preact, const at::Tensor& grad_bias);
+#endif
+
+}  // namespace fusedskip

@@ -1,0 +1,31 @@
+// The schemas of the fusedskip ops: the one place that says what the ops are.
+//
+// Kernels: CPU in csrc/cpu/, CUDA in csrc/cuda/, autograd in csrc/autograd.cpp; the fake
+// (shape-only) kernels for torch.compile / torch.export are in fusedskip/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fusedskip._C` loads this library, whose static initialisers register the ops; the
+// module itself holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fusedskip, m) {
+  // y = epilogue(cat(inputs, -1) @ weight.T), the cat never built:
+  //   bias added when given; residual added after the ReLU (relu_add) or before it
+  //   (residual_before_relu, add_relu); relu_mask packs (pre-activation > 0) 8 columns per byte,
+  //   shape (rows, ceil(out_features / 8)) with rows = prod(leading dims); empty without ReLU.
+  m.def(
+      "fused_linear(Tensor[] inputs, Tensor weight, Tensor? bias, Tensor? residual, bool relu, "
+      "bool residual_before_relu) -> (Tensor output, Tensor relu_mask)",
+      {at::Tag::pt2_compliant_tag});
+  // output_mask: one entry per input, then weight, bias, pre-activation; what is not asked for
+  // comes back empty. grad_preact (the output gradient through the ReLU) exists only with ReLU.
+  m.def(
+      "fused_linear_backward(Tensor grad_output, Tensor[] inputs, Tensor weight, "
+      "Tensor relu_mask, bool relu, bool[] output_mask) -> "
+      "(Tensor[] grad_inputs, Tensor grad_weight, Tensor grad_bias, Tensor grad_preact)",
+      {at::Tag::pt2_compliant_tag});
+}

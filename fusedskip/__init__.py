@@ -1,0 +1,27 @@
+"""fusedskip: fused skip-connection layers for PyTorch.
+
+    linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu_add")
+    linear_concat(inputs, weight, bias=None, *, activation=None)
+    LinearReLUResidual, ConcatLinear          drop-in nn.Modules (nn.Linear's parameters)
+    fusedskip.reference                       the pure-PyTorch ground truth
+"""
+
+import torch
+
+from . import _ops, reference
+from .functional import linear_concat, linear_relu_residual
+from .modules import ConcatLinear, LinearReLUResidual
+
+__all__ = ["linear_relu_residual", "linear_concat", "LinearReLUResidual", "ConcatLinear",
+           "reference", "cuda_available", "extension_loaded"]
+__version__ = "0.1.0"
+
+
+def extension_loaded() -> bool:
+    """True when the compiled ops (fusedskip._C) loaded; False means the reference path runs."""
+    return _ops.AVAILABLE
+
+
+def cuda_available() -> bool:
+    """True when the extension was built with CUDA kernels and a GPU is present."""
+    return _ops.HAS_CUDA_KERNELS and torch.cuda.is_available()

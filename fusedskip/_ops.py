@@ -1,0 +1,67 @@
+"""Loads the compiled ops (``fusedskip._C``) and registers their fake kernels.
+
+The fake kernels give torch.compile / torch.export the output shapes without running anything;
+they validate with the same rules as the C++ kernels, so a bad call fails at trace time with the
+same message as in eager mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedskip.*)
+
+    LOAD_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    LOAD_ERROR = error
+
+AVAILABLE = LOAD_ERROR is None
+HAS_CUDA_KERNELS = False
+
+if not AVAILABLE:
+    warnings.warn(
+        f"fusedskip: the compiled extension could not be loaded ({LOAD_ERROR}); the functional "
+        "API and the modules compute through the reference PyTorch path. Build it with "
+        "`pip install --no-build-isolation -e .` (or `make build`).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    fused_linear = torch.ops.fusedskip.fused_linear.default
+    fused_linear_backward = torch.ops.fusedskip.fused_linear_backward.default
+    HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fusedskip::fused_linear", "CUDA")
+
+    def _mask_shape(rows, out_features, relu):
+        return (rows, (out_features + 7) // 8) if relu else (0,)
+
+    @torch.library.register_fake("fusedskip::fused_linear")
+    def _fused_linear_fake(inputs, weight, bias, residual, relu, residual_before_relu):
+        out_shape = reference.check_args(inputs, weight, bias, residual)
+        rows = 1
+        for size in out_shape[:-1]:
+            rows = rows * size
+        output = weight.new_empty(out_shape)
+        mask = weight.new_empty(_mask_shape(rows, weight.shape[0], relu), dtype=torch.uint8)
+        return output, mask
+
+    @torch.library.register_fake("fusedskip::fused_linear_backward")
+    def _fused_linear_backward_fake(grad_output, inputs, weight, relu_mask, relu, output_mask):
+        reference.check_args(inputs, weight)
+        count = len(inputs)
+        if len(output_mask) != count + 3:
+            raise ValueError(f"fusedskip: output_mask must have {count + 3} entries, "
+                             f"got {len(output_mask)}")
+
+        def wanted(flag, shape):
+            return weight.new_empty(shape if flag else (0,))
+
+        grad_inputs = [wanted(output_mask[i], x.shape) for i, x in enumerate(inputs)]
+        return (grad_inputs, wanted(output_mask[count], weight.shape),
+                wanted(output_mask[count + 1], weight.shape[:1]),
+                wanted(relu and output_mask[count + 2], grad_output.shape))

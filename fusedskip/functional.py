@@ -1,0 +1,65 @@
+"""The functional API: each call is one dispatch of the C++ op ``fusedskip::fused_linear``
+(its CPU kernel on CPU tensors, its CUDA kernel on CUDA tensors), autograd included.
+
+Argument checks live in the op itself (C++), so the Python here stays a few attribute look-ups:
+at the small sizes of a skip-connection MLP, host time per call is the cost that matters.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ops, reference
+
+__all__ = ["linear_relu_residual", "linear_concat"]
+
+
+def _refuse_non_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def linear_relu_residual(input: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None,
+                         residual: Optional[torch.Tensor] = None, *,
+                         order: str = "relu_add") -> torch.Tensor:
+    """Fused ``relu(input @ weight.T + bias) + residual`` (order="relu_add") or
+    ``relu(input @ weight.T + bias + residual)`` (order="add_relu").
+
+    input: (..., in_features); weight: (out_features, in_features); bias: (out_features) or None;
+    residual: the output's shape (..., out_features) or None (then the result is just the ReLU).
+    """
+    if order == "relu_add":
+        residual_before_relu = False
+    elif order == "add_relu":
+        residual_before_relu = True
+    else:
+        reference.check_order(order)
+    if not _ops.AVAILABLE:
+        return reference.linear_relu_residual(input, weight, bias, residual, order=order)
+    _refuse_non_tensor("input", input)
+    return _ops.fused_linear([input], weight, bias, residual, True, residual_before_relu)[0]
+
+
+def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, *,
+                  activation: Optional[str] = None) -> torch.Tensor:
+    """Fused ``F.linear(torch.cat(inputs, -1), weight, bias)`` (then ReLU if activation="relu"),
+    without building the concatenation, forward or backward.
+
+    inputs: 1 to 8 tensors (..., k_i) with the same leading dims; weight: (out_features, sum(k_i)).
+    """
+    inputs = reference.as_input_list(inputs)
+    if activation is None:
+        relu = False
+    elif activation == "relu":
+        relu = True
+    else:
+        reference.check_activation(activation)
+    if not _ops.AVAILABLE:
+        return reference.linear_concat(inputs, weight, bias, activation=activation)
+    for i, x in enumerate(inputs):
+        _refuse_non_tensor(f"inputs[{i}]", x)
+    return _ops.fused_linear(inputs, weight, bias, None, relu, False)[0]

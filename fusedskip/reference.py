@@ -1,0 +1,267 @@
+"""Pure-PyTorch reference layers: the ground truth every fused result is tested against.
+
+The modules here keep ``nn.Linear``'s parameter names, shapes and initialisation, so their
+state_dicts load into ``nn.Linear``, into these and into the fused modules alike. They validate
+their arguments with the same rules (and messages) as the C++ op, so a bad call fails the same
+way on every path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LinearReLUResidual", "ConcatLinear", "linear_relu_residual", "linear_concat"]
+
+MAX_INPUTS = 8  # csrc/fused_linear.h: kMaxInputs
+ORDERS = ("relu_add", "add_relu")
+ACTIVATIONS = (None, "relu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# -------------------------------------------------------------------------------------------------
+# Argument checks (mirror of check_forward_args in csrc/fused_linear.cpp)
+
+
+def check_order(order, where="linear_relu_residual"):
+    if order not in ORDERS:
+        raise ValueError(f"{where}: order must be 'relu_add' (relu(x W^T + b) + residual) or "
+                         f"'add_relu' (relu(x W^T + b + residual)), got {order!r}")
+
+
+def check_activation(activation, where="linear_concat"):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation must be None or 'relu', got {activation!r}")
+
+
+def as_input_list(inputs, where="linear_concat"):
+    """The concat form's inputs as a list; a lone tensor is refused (iterating it would silently
+    split it into rows)."""
+    if isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{where}: inputs must be a sequence of tensors, e.g. [x1, x2], "
+                        f"got a single Tensor of shape {list(inputs.shape)}")
+    if not isinstance(inputs, (list, tuple)):
+        try:
+            inputs = list(inputs)
+        except TypeError:
+            raise TypeError(f"{where}: inputs must be a sequence of tensors, "
+                            f"got {type(inputs).__name__}") from None
+    return inputs
+
+
+def _check_tensor(name, tensor, weight):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"fusedskip: {name} must be a dense (strided) tensor, "
+                        f"got layout {tensor.layout}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fusedskip: {name} has dtype {tensor.dtype}; expected torch.float16, "
+                        "torch.bfloat16, torch.float32 or torch.float64")
+    if tensor is weight:
+        return
+    if tensor.dtype != weight.dtype:
+        raise TypeError(f"fusedskip: {name} has dtype {tensor.dtype} but weight has dtype "
+                        f"{weight.dtype}; all tensors must share one dtype")
+    if tensor.device != weight.device:
+        raise RuntimeError(f"fusedskip: {name} is on device {tensor.device} but weight is on "
+                           f"{weight.device}; all tensors must be on one device")
+
+
+def check_args(inputs, weight, bias=None, residual=None):
+    """Validate a call of the fused op family; raise ValueError / TypeError / RuntimeError naming
+    the argument. Returns the output shape."""
+    count = len(inputs)
+    if not 1 <= count <= MAX_INPUTS:
+        raise ValueError(f"fusedskip: inputs must hold 1 to {MAX_INPUTS} tensors, got {count}")
+
+    def input_name(i):
+        return "input" if count == 1 else f"inputs[{i}]"
+
+    _check_tensor("weight", weight, weight)
+    if weight.dim() != 2:
+        raise ValueError("fusedskip: weight must be 2-D (out_features, in_features), "
+                         f"got shape {list(weight.shape)}")
+    for i, x in enumerate(inputs):
+        _check_tensor(input_name(i), x, weight)
+        if x.dim() < 1:
+            raise ValueError(f"fusedskip: {input_name(i)} must have at least one dimension "
+                             "(..., in_features), got a 0-d tensor")
+    leading = list(inputs[0].shape[:-1])
+    for i, x in enumerate(inputs):
+        if list(x.shape[:-1]) != leading:
+            raise ValueError(f"fusedskip: {input_name(i)} has leading dims {list(x.shape[:-1])} "
+                             f"but inputs[0] has {leading}; all inputs must share their leading "
+                             "dims (only the last dim may differ)")
+    widths = [x.shape[-1] for x in inputs]
+    if sum(widths) != weight.shape[1]:
+        if count == 1:
+            raise ValueError(f"fusedskip: input has {widths[0]} features (its last dim) but weight "
+                             f"has in_features {weight.shape[1]} (weight shape "
+                             f"{list(weight.shape)})")
+        raise ValueError(f"fusedskip: the inputs' last dims {widths} sum to {sum(widths)} but "
+                         f"weight has in_features {weight.shape[1]} (weight shape "
+                         f"{list(weight.shape)})")
+    out_shape = leading + [weight.shape[0]]
+    if bias is not None:
+        _check_tensor("bias", bias, weight)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"fusedskip: bias must have shape [{weight.shape[0]}] "
+                             f"(out_features), got {list(bias.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual, weight)
+        if list(residual.shape) != out_shape:
+            raise ValueError(f"fusedskip: residual must have the output's shape {out_shape}, got "
+                             f"{list(residual.shape)} (residuals are not broadcast)")
+    return out_shape
+
+
+# -------------------------------------------------------------------------------------------------
+# Functional reference
+
+
+def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
+    """relu(input @ weight.T + bias) + residual  (order="relu_add"), or
+    relu(input @ weight.T + bias + residual)      (order="add_relu"), in eager PyTorch."""
+    check_order(order)
+    check_args([input], weight, bias, residual)
+    out = F.linear(input, weight, bias)
+    if residual is not None and order == "add_relu":
+        return torch.relu(out + residual)
+    out = torch.relu(out)
+    return out if residual is None else out + residual
+
+
+def linear_concat(inputs, weight, bias=None, *, activation=None):
+    """F.linear(torch.cat(inputs, -1), weight, bias), then ReLU if activation == "relu"."""
+    inputs = as_input_list(inputs)
+    check_activation(activation)
+    check_args(inputs, weight, bias)
+    out = F.linear(torch.cat(inputs, -1), weight, bias)
+    return torch.relu(out) if activation == "relu" else out
+
+
+# -------------------------------------------------------------------------------------------------
+# Modules
+
+
+class _LinearParameters(nn.Module):
+    """weight (out_features, in_features) and optional bias (out_features), initialised exactly as
+    nn.Linear initialises them."""
+
+    def _init_parameters(self, in_total, out_features, bias, device, dtype):
+        factory = {"device": device, "dtype": dtype}
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty((out_features, in_total), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+
+    @classmethod
+    def _wrap(cls, linear, *args, **kwargs):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, "
+                            f"got {type(linear).__name__}")
+        # Built on the meta device (no allocation, no init), then given linear's own parameters.
+        module = cls(*args, bias=linear.bias is not None, device="meta",
+                     dtype=linear.weight.dtype, **kwargs)
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+
+class LinearReLUResidual(_LinearParameters):
+    """y = relu(x W^T + b) + residual (order="relu_add", ResNet-style) or
+    y = relu(x W^T + b + residual) (order="add_relu"); residual is optional."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 order: str = "relu_add", device=None, dtype=None) -> None:
+        super().__init__()
+        check_order(order, type(self).__name__)
+        self.in_features = in_features
+        self.order = order
+        self._init_parameters(in_features, out_features, bias, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A layer sharing `linear`'s weight and bias (no copy); kwargs: order."""
+        return cls._wrap(linear, linear.in_features, linear.out_features, **kwargs)
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return linear_relu_residual(input, self.weight, self.bias, residual, order=self.order)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, order={self.order!r}")
+
+
+def _check_in_features(in_features, where):
+    if isinstance(in_features, int) or not isinstance(in_features, Sequence):
+        raise TypeError(f"{where}: in_features must be a sequence of ints, one per input "
+                        f"(e.g. (15, 10)), got {in_features!r}")
+    widths = tuple(in_features)
+    if not 1 <= len(widths) <= MAX_INPUTS:
+        raise ValueError(f"{where}: in_features must list 1 to {MAX_INPUTS} input widths, "
+                         f"got {len(widths)}")
+    for i, width in enumerate(widths):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ValueError(f"{where}: in_features[{i}] must be a non-negative int, "
+                             f"got {width!r}")
+    return widths
+
+
+class ConcatLinear(_LinearParameters):
+    """y = cat(inputs, -1) W^T + b, then ReLU if activation == "relu" (UNet/DenseNet-style skip).
+
+    `in_features` lists the width of each input; the weight is (out_features, sum(in_features)),
+    so a state_dict moves to and from an nn.Linear(sum(in_features), out_features)."""
+
+    def __init__(self, in_features: Sequence[int], out_features: int, bias: bool = True, *,
+                 activation: Optional[str] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = _check_in_features(in_features, type(self).__name__)
+        check_activation(activation, type(self).__name__)
+        self.activation = activation
+        self._init_parameters(sum(self.in_features), out_features, bias, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], **kwargs):
+        """A layer sharing `linear`'s weight and bias (no copy), splitting its input into widths
+        `in_features`; kwargs: activation."""
+        widths = _check_in_features(in_features, f"{cls.__name__}.from_linear")
+        if isinstance(linear, nn.Linear) and sum(widths) != linear.in_features:
+            raise ValueError(f"{cls.__name__}.from_linear: in_features {list(widths)} sum to "
+                             f"{sum(widths)} but linear has in_features {linear.in_features}")
+        return cls._wrap(linear, widths, linear.out_features, **kwargs)
+
+    def _check_inputs(self, inputs):
+        name = type(self).__name__
+        if len(inputs) != len(self.in_features):
+            hint = ""
+            if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+                hint = "; pass the inputs as separate arguments: layer(x1, x2)"
+            raise ValueError(f"{name}: expected {len(self.in_features)} inputs (in_features="
+                             f"{self.in_features}), got {len(inputs)}{hint}")
+        for i, (x, width) in enumerate(zip(inputs, self.in_features)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
+            if x.dim() >= 1 and x.shape[-1] != width:
+                raise ValueError(f"{name}: inputs[{i}] has {x.shape[-1]} features (its last dim) "
+                                 f"but in_features[{i}] is {width}")
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(inputs)
+        return linear_concat(inputs, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+

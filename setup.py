@@ -1,0 +1,134 @@
+"""Build fusedskip._C: a CUDA extension where a CUDA toolkit and a CUDA build of torch exist,
+a CPU-only extension otherwise.
+
+Environment knobs:
+  FUSEDSKIP_FORCE_CPU=1          build without CUDA even where it could be built
+  FUSEDSKIP_CUDA_ARCHS="8.0;9.0a" compute capabilities to compile for; "native" = the local GPU
+  CUDA_HOME                      toolkit root, when the one found from nvcc is not the right one
+  MAX_JOBS                       parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None.
+
+    torch guesses the root from the nvcc on PATH; where that nvcc is a wrapper script
+    (e.g. /usr/local/bin/nvcc) the guess (/usr/local) has no headers. Check candidates
+    for real toolkit contents instead.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for candidate in candidates:
+        if _is_toolkit(candidate):
+            return os.path.realpath(candidate)
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Header folders of the nvidia-* pip wheels (cuBLAS, cuSPARSE, ... for the cu13 wheels live
+    in nvidia/cu13/include; the cu12 wheels use one folder per library)."""
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    found = []
+    for root in roots:
+        for pattern in ("nvidia/*/include", "nvidia/*/*/include"):
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                path = os.path.realpath(path)
+                if path not in found:
+                    found.append(path)
+    return found
+
+
+def arch_flags(spec):
+    """'8.0;9.0a' -> nvcc -gencode flags (SASS for each, plus PTX of the newest for the future)."""
+    if spec.strip() == "native":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        suffix = "a" if major >= 9 else ""
+        spec = f"{major}.{minor}{suffix}"
+    archs = [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
+    flags = []
+    for arch in archs:
+        number = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+    newest = archs[-1].replace(".", "")
+    if not newest.endswith("a"):  # arch-specific ("a") targets have no forward-compatible PTX
+        flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def want_cuda():
+    if os.environ.get("FUSEDSKIP_FORCE_CPU", "0") not in ("", "0"):
+        return None
+    import torch
+
+    if torch.version.cuda is None:
+        return None
+    return find_cuda_home()
+
+
+def extensions():
+    cuda_home = want_cuda()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("FUSEDSKIP_DEBUG", "0") not in ("", "0"):
+        cxx = ["-O0", "-g", "-Wall"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not cuda_home:
+        print("fusedskip: building the CPU-only extension", file=sys.stderr)
+        return [CppExtension("fusedskip._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx + ["-fopenmp"]},
+                             extra_link_args=["-fopenmp"])]
+
+    archs = os.environ.get("FUSEDSKIP_CUDA_ARCHS", "8.0;9.0a")
+    print(f"fusedskip: building with CUDA from {cuda_home} for {archs}", file=sys.stderr)
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            "-Xcompiler=-Wall", "-Xcompiler=-Wno-unused-function"] + arch_flags(archs)
+    if os.environ.get("FUSEDSKIP_PTXAS_VERBOSE", "0") not in ("", "0"):
+        nvcc.append("-Xptxas=-v")
+    return [CUDAExtension("fusedskip._C", sources,
+                          include_dirs=include_dirs + pip_cuda_include_dirs(),
+                          define_macros=[("FUSEDSKIP_WITH_CUDA", "1")],
+                          extra_compile_args={"cxx": cxx + ["-fopenmp"], "nvcc": nvcc},
+                          extra_link_args=["-fopenmp"])]
+
+
+def main():
+    ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        packages=find_packages(include=["fusedskip", "fusedskip.*"]),
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
