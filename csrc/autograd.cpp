@@ -35,7 +35,9 @@ const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& backward_op() {
 at::Tensor unpack_relu_mask(const at::Tensor& mask, int64_t cols) {
   const at::Tensor shifts = at::arange(kMaskBitsPerByte, mask.options());
   const at::Tensor bits = mask.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1);
-  return bits.reshape({mask.size(0), -1}).narrow(1, 0, cols).to(at::kBool);
+  return bits.reshape({mask.size(0), mask.size(1) * kMaskBitsPerByte})
+      .narrow(1, 0, cols)
+      .to(at::kBool);
 }
 
 // Non-empty only when asked for: the op returns empty placeholders for the rest.
@@ -102,7 +104,8 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
             unpack_relu_mask(mask, weight.size(0)).view(grad_output.sizes());
         grad_preact = at::where(active, grad_output, at::zeros({}, grad_output.options()));
       }
-      const at::Tensor grad_preact_2d = grad_preact.reshape({-1, weight.size(0)});
+      const int64_t rows = c10::multiply_integers(grad_output.sizes().slice(0, grad_output.dim() - 1));
+      const at::Tensor grad_preact_2d = grad_preact.reshape({rows, weight.size(0)});
       std::vector<at::Tensor> weight_blocks;
       int64_t offset = 0;
       for (int64_t i = 0; i < count; ++i) {

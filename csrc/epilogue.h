@@ -10,9 +10,12 @@
 
 #if defined(__CUDACC__)
 #define FS_HOST_DEVICE __host__ __device__ __forceinline__
-#define FS_UNROLL _Pragma("unroll")
 #else
 #define FS_HOST_DEVICE inline
+#endif
+#if defined(__CUDA_ARCH__)  // device pass only: the host compiler does not know the pragma
+#define FS_UNROLL _Pragma("unroll")
+#else
 #define FS_UNROLL
 #endif
 
@@ -39,11 +42,11 @@ FS_HOST_DEVICE T relu(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// The bit torch.relu's backward tests: result > 0. False for NaN and for both zeros, so the
-// gradient there is 0, exactly as in threshold_backward.
+// The bit torch.relu's backward tests (threshold_backward: result <= 0 ? 0 : grad). It is set
+// for NaN (the gradient flows through a NaN, as in torch) and clear for both zeros.
 template <typename T>
 FS_HOST_DEVICE bool relu_active(T preact) {
-  return preact > T(0);
+  return !(preact <= T(0));
 }
 
 // ---------------------------------------------------------------------------------------------

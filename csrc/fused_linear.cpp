@@ -9,6 +9,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 namespace fusedskip {
 namespace {
@@ -239,5 +240,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
           relu && want_preact ? grad_preact_2d.view(grad_output.sizes())
                               : empty_placeholder(weight)};
 }
+
+// Sparse tensors dispatch to their own keys; there the op only runs its checks, which refuse
+// them with a message naming the argument (instead of the dispatcher's "no kernel" error).
+TORCH_LIBRARY_IMPL(fusedskip, SparseCPU, m) { m.impl("fused_linear", &fused_linear); }
+TORCH_LIBRARY_IMPL(fusedskip, SparseCUDA, m) { m.impl("fused_linear", &fused_linear); }
+TORCH_LIBRARY_IMPL(fusedskip, SparseCsrCPU, m) { m.impl("fused_linear", &fused_linear); }
+TORCH_LIBRARY_IMPL(fusedskip, SparseCsrCUDA, m) { m.impl("fused_linear", &fused_linear); }
 
 }  // namespace fusedskip

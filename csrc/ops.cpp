@@ -15,7 +15,7 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fusedskip, m) {
   // y = epilogue(cat(inputs, -1) @ weight.T), the cat never built:
   //   bias added when given; residual added after the ReLU (relu_add) or before it
-  //   (residual_before_relu, add_relu); relu_mask packs (pre-activation > 0) 8 columns per byte,
+  //   (residual_before_relu, add_relu); relu_mask packs !(pre-activation <= 0) 8 columns per byte,
   //   shape (rows, ceil(out_features / 8)) with rows = prod(leading dims); empty without ReLU.
   m.def(
       "fused_linear(Tensor[] inputs, Tensor weight, Tensor? bias, Tensor? residual, bool relu, "

@@ -166,10 +166,13 @@ class _LinearParameters(nn.Module):
         nn.Linear.reset_parameters(self)
 
     @classmethod
-    def _wrap(cls, linear, *args, **kwargs):
+    def _check_linear(cls, linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, "
                             f"got {type(linear).__name__}")
+
+    @classmethod
+    def _wrap(cls, linear, *args, **kwargs):
         # Built on the meta device (no allocation, no init), then given linear's own parameters.
         module = cls(*args, bias=linear.bias is not None, device="meta",
                      dtype=linear.weight.dtype, **kwargs)
@@ -193,6 +196,7 @@ class LinearReLUResidual(_LinearParameters):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
         """A layer sharing `linear`'s weight and bias (no copy); kwargs: order."""
+        cls._check_linear(linear)
         return cls._wrap(linear, linear.in_features, linear.out_features, **kwargs)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -236,8 +240,9 @@ class ConcatLinear(_LinearParameters):
     def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], **kwargs):
         """A layer sharing `linear`'s weight and bias (no copy), splitting its input into widths
         `in_features`; kwargs: activation."""
+        cls._check_linear(linear)
         widths = _check_in_features(in_features, f"{cls.__name__}.from_linear")
-        if isinstance(linear, nn.Linear) and sum(widths) != linear.in_features:
+        if sum(widths) != linear.in_features:
             raise ValueError(f"{cls.__name__}.from_linear: in_features {list(widths)} sum to "
                              f"{sum(widths)} but linear has in_features {linear.in_features}")
         return cls._wrap(linear, widths, linear.out_features, **kwargs)

@@ -1,0 +1,142 @@
+"""Shared test helpers: random samples of every form of the op, tolerances, comparisons."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+from typing import List, Optional
+
+import pytest
+import torch
+
+import fusedskip
+
+# ‖out − ref‖ / ‖ref‖ against a float64 reference (DESIGN.md "Numerics").
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+# Random inputs are redrawn every run; the seed is printed in the header to replay a failure.
+SEED = int(os.environ.get("FUSEDSKIP_TEST_SEED", random.randrange(2**31)))
+
+CUDA = torch.cuda.is_available() and fusedskip.cuda_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def pytest_report_header(config):
+    return [f"fusedskip: extension loaded={fusedskip.extension_loaded()}, "
+            f"CUDA kernels={fusedskip._ops.HAS_CUDA_KERNELS}, GPU={torch.cuda.is_available()}, "
+            f"torch {torch.__version__}; FUSEDSKIP_TEST_SEED={SEED}"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close_rel(out, ref, dtype, what=""):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:g} ({dtype})"
+
+
+def strided_like(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values as `t`, laid out non-contiguously (a fresh leaf when t is one)."""
+    if how == "contiguous":
+        out = t.detach().clone()
+    elif how == "transposed":  # column-major last two dims (or a strided 1-d view)
+        if t.dim() >= 2:
+            out = t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+        else:
+            out = t.detach().repeat_interleave(2)[::2]
+    elif how == "sliced":  # every other element of a wider buffer, offset by one
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        wide[..., 1::2] = t.detach()
+        out = wide[..., 1::2]
+    else:
+        raise ValueError(how)
+    assert torch.equal(out, t.detach())
+    return out.requires_grad_(t.requires_grad)
+
+
+@dataclasses.dataclass
+class Sample:
+    """One call of the op family: both public functions map onto it."""
+
+    inputs: List[torch.Tensor]
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+    relu: bool
+    order: str  # relu_add / add_relu (only meaningful with a residual and ReLU)
+    name: str
+
+    @property
+    def concat(self) -> bool:
+        return self.residual is None and (len(self.inputs) > 1 or not self.relu)
+
+    def tensors(self):
+        return [*self.inputs, self.weight] + [t for t in (self.bias, self.residual) if t is not None]
+
+    def call(self, api, *tensors):
+        """Run through `api` (fusedskip or fusedskip.reference) with `tensors` in tensors() order."""
+        n = len(self.inputs)
+        inputs, weight, rest = list(tensors[:n]), tensors[n], list(tensors[n + 1:])
+        bias = rest.pop(0) if self.bias is not None else None
+        residual = rest.pop(0) if self.residual is not None else None
+        if self.concat:
+            return api.linear_concat(inputs, weight, bias, activation="relu" if self.relu else None)
+        return api.linear_relu_residual(inputs[0], weight, bias, residual, order=self.order)
+
+    def op_args(self):
+        """Arguments of torch.ops.fusedskip.fused_linear."""
+        return (self.inputs, self.weight, self.bias, self.residual, self.relu,
+                self.order == "add_relu")
+
+
+def make_sample(widths, out_features, leading, *, bias=True, residual=None, relu=True,
+                layout="contiguous", dtype=torch.float64, device="cpu", requires_grad=True,
+                generator=None) -> Sample:
+    def rand(*shape):
+        t = torch.randn(*shape, dtype=torch.float64, generator=generator).to(device, dtype)
+        return t
+
+    inputs = [strided_like(rand(*leading, w), layout).requires_grad_(requires_grad) for w in widths]
+    weight = (rand(out_features, sum(widths)) / max(1, sum(widths)) ** 0.5)
+    weight.requires_grad_(requires_grad)
+    b = rand(out_features).requires_grad_(requires_grad) if bias else None
+    r = None
+    if residual is not None:
+        r = strided_like(rand(*leading, out_features), layout).requires_grad_(requires_grad)
+    name = (f"w{list(widths)}-n{out_features}-lead{list(leading)}-{'bias' if bias else 'nobias'}-"
+            f"{residual or 'nores'}-{'relu' if relu else 'linear'}-{layout}")
+    return Sample(inputs, weight, b, r, relu, residual or "relu_add", name)
+
+
+def sample_grid(dtype=torch.float64, device="cpu", requires_grad=True, small=False):
+    """Every form: bias or not; residual none / relu_add / add_relu; concat of 1-4 inputs with
+    odd widths, with and without ReLU; leading dims (), (5,), (2, 3); non-contiguous layouts."""
+    generator = torch.Generator().manual_seed(SEED)
+    samples = []
+    for bias, residual in itertools.product((True, False), (None, "relu_add", "add_relu")):
+        samples.append(make_sample([7], 6, (5,), bias=bias, residual=residual, dtype=dtype,
+                                   device=device, requires_grad=requires_grad,
+                                   generator=generator))
+    for widths, relu in itertools.product(([3], [1, 3], [1, 3, 7], [1, 3, 7, 13]), (True, False)):
+        samples.append(make_sample(widths, 5, (4,), relu=relu, dtype=dtype, device=device,
+                                   requires_grad=requires_grad, generator=generator))
+    layouts = ("transposed", "sliced")
+    leadings = ((), (2, 3)) if small else ((), (2, 3), (0,))
+    for leading, layout in itertools.product(leadings, layouts):
+        samples.append(make_sample([3], 9, leading, residual="add_relu", layout=layout,
+                                   dtype=dtype, device=device, requires_grad=requires_grad,
+                                   generator=generator))
+        samples.append(make_sample([2, 5], 9, leading, layout=layout, dtype=dtype, device=device,
+                                   requires_grad=requires_grad, generator=generator))
+    return samples
+
+
+def ids(samples):
+    return [s.name for s in samples]

@@ -1,0 +1,173 @@
+"""Bad input: a clear exception naming the argument, the same from the C++ op (eager), the
+reference path and the fake kernel (torch.compile); never a crash or a silent answer."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fusedskip
+from fusedskip import reference
+
+
+def t(*shape, dtype=torch.float32):
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape).to(dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+X, W, B, R = t(4, 3), t(5, 3), t(5), t(4, 5)
+
+# (id, function name, args, kwargs, exception type, text the message must contain)
+CASES = [
+    ("int-input", "linear_relu_residual", (t(4, 3, dtype=torch.int64), W), {}, TypeError,
+     "input has dtype torch.int64"),
+    ("bool-input", "linear_relu_residual", (t(4, 3, dtype=torch.bool), W), {}, TypeError,
+     "input has dtype torch.bool"),
+    ("int-weight", "linear_relu_residual", (X, t(5, 3, dtype=torch.int32)), {}, TypeError,
+     "weight has dtype torch.int32"),
+    ("complex-input", "linear_relu_residual", (t(4, 3, dtype=torch.complex64), W), {}, TypeError,
+     "input has dtype torch.complex64"),
+    ("dtype-mismatch", "linear_relu_residual", (X.double(), W), {}, TypeError,
+     "input has dtype torch.float64 but weight has dtype torch.float32"),
+    ("bias-dtype", "linear_relu_residual", (X, W, B.half()), {}, TypeError,
+     "bias has dtype torch.float16"),
+    ("residual-dtype", "linear_relu_residual", (X, W, B, R.bfloat16()), {}, TypeError,
+     "residual has dtype torch.bfloat16"),
+    ("sparse-input", "linear_relu_residual", (X.to_sparse(), W), {}, TypeError,
+     "input must be a dense (strided) tensor"),
+    ("weight-1d", "linear_relu_residual", (X, t(3)), {}, ValueError, "weight must be 2-D"),
+    ("weight-3d", "linear_relu_residual", (X, t(1, 5, 3)), {}, ValueError, "weight must be 2-D"),
+    ("input-0d", "linear_relu_residual", (t(), W), {}, ValueError,
+     "input must have at least one dimension"),
+    ("in-features", "linear_relu_residual", (t(4, 4), W), {}, ValueError,
+     "input has 4 features (its last dim) but weight has in_features 3"),
+    ("bias-shape", "linear_relu_residual", (X, W, t(6)), {}, ValueError,
+     "bias must have shape [5]"),
+    ("bias-2d", "linear_relu_residual", (X, W, t(1, 5)), {}, ValueError,
+     "bias must have shape [5]"),
+    ("residual-shape", "linear_relu_residual", (X, W, B, t(4, 6)), {}, ValueError,
+     "residual must have the output's shape [4, 5], got [4, 6]"),
+    ("residual-broadcast", "linear_relu_residual", (X, W, B, t(5)), {}, ValueError,
+     "residuals are not broadcast"),
+    ("residual-leading", "linear_relu_residual", (X, W, B, t(2, 4, 5)), {}, ValueError,
+     "residual must have the output's shape"),
+    ("order", "linear_relu_residual", (X, W), {"order": "add"}, ValueError,
+     "order must be 'relu_add'"),
+    ("input-not-tensor", "linear_relu_residual", ([[1.0, 2.0, 3.0]], W), {}, TypeError,
+     "input must be a Tensor"),
+    ("concat-widths", "linear_concat", ([t(4, 1), t(4, 1)], W), {}, ValueError,
+     "the inputs' last dims [1, 1] sum to 2 but weight has in_features 3"),
+    ("concat-leading", "linear_concat", ([t(4, 1), t(3, 2)], W), {}, ValueError,
+     "inputs[1] has leading dims [3] but inputs[0] has [4]"),
+    ("concat-none", "linear_concat", ([], W), {}, ValueError, "inputs must hold 1 to 8 tensors"),
+    ("concat-nine", "linear_concat", ([t(4, 1)] * 9, t(5, 9)), {}, ValueError,
+     "inputs must hold 1 to 8 tensors, got 9"),
+    ("concat-tensor", "linear_concat", (X, W), {}, TypeError,
+     "inputs must be a sequence of tensors"),
+    ("concat-not-tensor", "linear_concat", ([X, 3.0], W), {}, TypeError,
+     "inputs[1] must be a Tensor"),
+    ("concat-dtype", "linear_concat", ([t(4, 1), t(4, 2).double()], W), {}, TypeError,
+     "inputs[1] has dtype torch.float64"),
+    ("activation", "linear_concat", ([X], W), {"activation": "gelu"}, ValueError,
+     "activation must be None or 'relu'"),
+    ("device", "linear_relu_residual", (X.to("meta"), W), {}, RuntimeError,
+     "input is on device meta but weight is on cpu"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("api", ["fused", "reference"])
+def test_bad_input_raises_clearly(case, api):
+    _, name, args, kwargs, error, text = case
+    fn = getattr(fusedskip if api == "fused" else reference, name)
+    with pytest.raises(error) as info:
+        fn(*args, **kwargs)
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] is not TypeError or "dtype" in c[5]],
+                         ids=lambda c: c[0])
+def test_fused_and_reference_messages_agree(case):
+    """One set of rules: the C++ checks and their Python mirror say the same thing."""
+    _, name, args, kwargs, error, _ = case
+    messages = []
+    for api in (fusedskip, reference):
+        with pytest.raises(error) as info:
+            getattr(api, name)(*args, **kwargs)
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1]
+
+
+def test_bad_input_under_compile_fails_at_trace_time():
+    fn = torch.compile(fusedskip.linear_relu_residual, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="input has 4 features"):
+        fn(t(4, 4), W)
+
+
+MODULE_CASES = [
+    ("concat-count", lambda: fusedskip.ConcatLinear([2, 3], 4)(t(1, 2)), ValueError,
+     "expected 2 inputs"),
+    ("concat-width", lambda: fusedskip.ConcatLinear([2, 3], 4)(t(1, 3), t(1, 2)), ValueError,
+     "inputs[0] has 3 features (its last dim) but in_features[0] is 2"),
+    ("concat-list", lambda: fusedskip.ConcatLinear([2, 3], 4)([t(1, 2), t(1, 3)]), ValueError,
+     "pass the inputs as separate arguments"),
+    ("concat-int-features", lambda: fusedskip.ConcatLinear(5, 4), TypeError,
+     "in_features must be a sequence of ints"),
+    ("concat-no-features", lambda: fusedskip.ConcatLinear([], 4), ValueError,
+     "in_features must list 1 to 8"),
+    ("concat-negative", lambda: fusedskip.ConcatLinear([2, -1], 4), ValueError,
+     "in_features[1] must be a non-negative int"),
+    ("concat-activation", lambda: fusedskip.ConcatLinear([2], 4, activation="tanh"), ValueError,
+     "activation must be None or 'relu'"),
+    ("residual-order", lambda: fusedskip.LinearReLUResidual(2, 2, order="relu"), ValueError,
+     "order must be"),
+    ("residual-shape", lambda: fusedskip.LinearReLUResidual(3, 5)(X, t(5)), ValueError,
+     "residual must have the output's shape"),
+    ("residual-dtype", lambda: fusedskip.LinearReLUResidual(3, 5)(X.double()), TypeError,
+     "input has dtype torch.float64 but weight has dtype torch.float32"),
+    ("from-linear-type", lambda: fusedskip.LinearReLUResidual.from_linear(nn.Conv1d(1, 1, 1)),
+     TypeError, "linear must be an nn.Linear"),
+    ("from-linear-sum", lambda: fusedskip.ConcatLinear.from_linear(nn.Linear(5, 2), [2, 2]),
+     ValueError, "sum to 4 but linear has in_features 5"),
+]
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_module_bad_input(case):
+    _, call, error, text = case
+    with pytest.raises(error) as info:
+        call()
+    assert text in str(info.value)
+
+
+def test_bad_inputs_never_crash_the_interpreter():
+    """A sample of bad calls in a fresh interpreter: each raises, the process exits normally."""
+    script = """
+import torch, fusedskip
+calls = [
+    lambda: fusedskip.linear_relu_residual(torch.randn(4, 3), torch.randn(5, 4)),
+    lambda: fusedskip.linear_concat([torch.randn(4, 1)] * 9, torch.randn(5, 9)),
+    lambda: fusedskip.linear_relu_residual(torch.randn(4, 3), torch.randn(5, 3), None, torch.randn(5)),
+    lambda: torch.ops.fusedskip.fused_linear_backward(torch.randn(4, 5), [torch.randn(4, 3)],
+        torch.randn(5, 3), torch.zeros(1, dtype=torch.uint8), True, [True] * 4),
+    lambda: torch.ops.fusedskip.fused_linear_backward(torch.randn(4, 6), [torch.randn(4, 3)],
+        torch.randn(5, 3), torch.zeros(4, 1, dtype=torch.uint8), True, [True] * 4),
+    lambda: torch.ops.fusedskip.fused_linear_backward(torch.randn(4, 5), [torch.randn(4, 3)],
+        torch.randn(5, 3), torch.zeros(4, 1, dtype=torch.uint8), True, [True]),
+    lambda: torch.ops.fusedskip.fused_linear([], torch.randn(5, 3), None, None, True, False),
+]
+for call in calls:
+    try:
+        call()
+    except (ValueError, TypeError, RuntimeError) as error:
+        print(type(error).__name__)
+    else:
+        raise SystemExit("no exception")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ValueError"] * 6 + ["ValueError"]

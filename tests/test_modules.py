@@ -1,0 +1,123 @@
+"""The drop-in modules: nn.Linear's parameters and init, state_dicts, from_linear, parity."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedskip
+from conftest import assert_close_rel
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def make_pair(kind, dtype, **kw):
+    torch.manual_seed(0)
+    if kind == "residual":
+        fused = fusedskip.LinearReLUResidual(6, 6, dtype=dtype, **kw)
+        ref = fusedskip.reference.LinearReLUResidual(6, 6, dtype=dtype, **kw)
+    else:
+        fused = fusedskip.ConcatLinear([2, 5, 3], 7, dtype=dtype, **kw)
+        ref = fusedskip.reference.ConcatLinear([2, 5, 3], 7, dtype=dtype, **kw)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def run(module, kind, dtype, seed=1):
+    torch.manual_seed(seed)
+    if kind == "residual":
+        x = torch.randn(4, 3, 6, dtype=dtype, requires_grad=True)
+        args = (x, torch.randn(4, 3, 6, dtype=dtype, requires_grad=True))
+    else:
+        args = tuple(torch.randn(4, 3, w, dtype=dtype, requires_grad=True) for w in (2, 5, 3))
+    out = module(*args)
+    grads = torch.autograd.grad(out.float().square().sum(), [*args, *module.parameters()])
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,kw", [("residual", {"order": "relu_add"}),
+                                     ("residual", {"order": "add_relu"}),
+                                     ("residual", {"bias": False}),
+                                     ("concat", {}), ("concat", {"activation": "relu"}),
+                                     ("concat", {"bias": False})])
+def test_module_matches_reference(kind, kw, dtype):
+    fused, ref = make_pair(kind, dtype, **kw)
+    out, grads = run(fused, kind, dtype)
+    ref_out, ref_grads = run(ref, kind, dtype)
+    assert_close_rel(out, ref_out, dtype, "output")
+    for g, rg in zip(grads, ref_grads):
+        assert_close_rel(g, rg, dtype, "grad")
+
+
+def test_same_init_as_nn_linear():
+    torch.manual_seed(3)
+    linear = nn.Linear(25, 20)
+    torch.manual_seed(3)
+    concat = fusedskip.ConcatLinear([15, 10], 20)
+    torch.manual_seed(3)
+    residual = fusedskip.LinearReLUResidual(25, 20)
+    for module in (concat, residual):
+        assert torch.equal(module.weight, linear.weight)
+        assert torch.equal(module.bias, linear.bias)
+
+
+def test_state_dict_round_trips():
+    linear = nn.Linear(25, 20)
+    modules = [fusedskip.ConcatLinear([15, 10], 20), fusedskip.reference.ConcatLinear([15, 10], 20),
+               fusedskip.LinearReLUResidual(25, 20), fusedskip.reference.LinearReLUResidual(25, 20),
+               nn.Linear(25, 20)]
+    state = linear.state_dict()
+    for module in modules:
+        assert module.state_dict().keys() == state.keys()
+        module.load_state_dict(state)
+        state = module.state_dict()
+    for key, value in linear.state_dict().items():
+        assert torch.equal(state[key], value)
+    no_bias = fusedskip.LinearReLUResidual(4, 3, bias=False)
+    assert list(no_bias.state_dict()) == ["weight"]
+    nn.Linear(4, 3, bias=False).load_state_dict(no_bias.state_dict())
+
+
+def test_from_linear_shares_parameters():
+    linear = nn.Linear(25, 20)
+    concat = fusedskip.ConcatLinear.from_linear(linear, [15, 10], activation="relu")
+    residual = fusedskip.LinearReLUResidual.from_linear(linear, order="add_relu")
+    for module in (concat, residual):
+        assert module.weight is linear.weight and module.bias is linear.bias
+        assert module.out_features == 20
+    assert concat.in_features == (15, 10) and concat.activation == "relu"
+    assert residual.in_features == 25 and residual.order == "add_relu"
+    x1, x2 = torch.randn(3, 15), torch.randn(3, 10)
+    torch.testing.assert_close(concat(x1, x2), torch.relu(linear(torch.cat([x1, x2], -1))))
+    no_bias = fusedskip.LinearReLUResidual.from_linear(nn.Linear(4, 3, bias=False))
+    assert no_bias.bias is None
+    assert no_bias(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_from_linear_keeps_dtype_and_device():
+    linear = nn.Linear(6, 4, dtype=torch.float64)
+    module = fusedskip.LinearReLUResidual.from_linear(linear)
+    assert module.weight.dtype == torch.float64 and module.weight.device.type == "cpu"
+
+
+def test_reset_parameters_and_extra_repr():
+    module = fusedskip.ConcatLinear([3, 4], 5, activation="relu")
+    before = module.weight.detach().clone()
+    module.reset_parameters()
+    assert not torch.equal(before, module.weight)
+    assert repr(module) == ("ConcatLinear(in_features=(3, 4), out_features=5, bias=True, "
+                            "activation='relu')")
+    assert repr(fusedskip.LinearReLUResidual(3, 4, bias=False, order="add_relu")) == (
+        "LinearReLUResidual(in_features=3, out_features=4, bias=False, order='add_relu')")
+
+
+def test_meta_device_runs_reference_path():
+    module = fusedskip.LinearReLUResidual(8, 8, device="meta")
+    out = module(torch.empty(2, 8, device="meta"), torch.empty(2, 8, device="meta"))
+    assert out.shape == (2, 8) and out.device.type == "meta"
+
+
+def test_residual_optional():
+    module = fusedskip.LinearReLUResidual(5, 3)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(module(x), torch.relu(x @ module.weight.T + module.bias))
