@@ -5,7 +5,6 @@
 // Saved for backward: the inputs and weight (as autograd already keeps them alive) and the packed
 // 1-bit ReLU mask. Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -16,20 +15,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-const c10::TypedOperatorHandle<decltype(fused_linear)>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedskip::fused_linear", "")
-                             .typed<decltype(fused_linear)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedskip::fused_linear_backward", "")
-                             .typed<decltype(fused_linear_backward)>();
-  return op;
-}
 
 // (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool, with ATen ops (any device).
 at::Tensor unpack_relu_mask(const at::Tensor& mask, int64_t cols) {
@@ -53,7 +38,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(output, mask) =
-          forward_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
+          fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
     }
     const bool has_residual = residual.has_value() && residual->defined();
     std::vector<at::Tensor> saved(inputs.begin(), inputs.end());
@@ -66,6 +51,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["residual"] =
         static_cast<int64_t>(residual_kind(has_residual, relu, residual_before_relu));
     ctx->mark_non_differentiable({mask});
+    ctx->set_materialize_grads(false);  // the mask never gets a gradient: don't allocate zeros
     return {output, mask};
   }
 
@@ -125,8 +111,11 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       output_mask.push_back(want_weight);
       output_mask.push_back(want_bias);
       output_mask.push_back(relu && want_residual && residual_takes_preact);
+      // Below autograd: no boxed autograd fallback around the op, no autograd kernels around
+      // the ATen calls inside it.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_inputs, grad_weight, grad_bias, grad_preact_out] =
-          backward_op().call(grad_output, inputs, weight, mask, relu, output_mask);
+          fused_linear_backward_op().call(grad_output, inputs, weight, mask, relu, output_mask);
       for (int64_t i = 0; i < count; ++i) grads[i] = if_wanted(want_input[i], grad_inputs[i]);
       grads[count] = if_wanted(want_weight, grad_weight);
       grads[count + 1] = if_wanted(want_bias, grad_bias);

@@ -3,6 +3,9 @@
 //   FS_BOOL_SWITCH(has_bias, kBias, [&] { launch<kBias>(...); });
 #pragma once
 
+#include <type_traits>
+
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include "epilogue.h"
@@ -36,4 +39,19 @@
         return __VA_ARGS__();                                                       \
       }                                                                             \
     }                                                                               \
+  }()
+
+// The GEMM result the forward epilogue reads: the output dtype itself, or float32 where half /
+// bfloat16 products were accumulated in float32 (RUN is a lambda templated on the GEMM type).
+#define FS_GEMM_TYPE_SWITCH(GEMM_DTYPE, SCALAR_T, RUN)                                      \
+  [&] {                                                                                     \
+    if (GEMM_DTYPE == c10::CppTypeToScalarType<SCALAR_T>::value) {                          \
+      return RUN.template operator()<SCALAR_T>();                                           \
+    }                                                                                       \
+    if constexpr (std::is_same_v<SCALAR_T, at::Half> ||                                     \
+                  std::is_same_v<SCALAR_T, at::BFloat16>) {                                 \
+      TORCH_INTERNAL_ASSERT(GEMM_DTYPE == at::kFloat, "unexpected GEMM dtype ", GEMM_DTYPE); \
+      return RUN.template operator()<float>();                                              \
+    }                                                                                       \
+    TORCH_INTERNAL_ASSERT(false, "unexpected GEMM dtype ", GEMM_DTYPE);                     \
   }()

@@ -52,9 +52,10 @@ FS_HOST_DEVICE bool relu_active(T preact) {
 // ---------------------------------------------------------------------------------------------
 // Forward: out = epilogue(x W^T) in place, plus the mask.
 
-template <typename scalar_t>
+template <typename scalar_t, typename gemm_t = scalar_t>
 struct ForwardEpilogueParams {
-  scalar_t* out;  // (rows, cols), row stride cols; holds x W^T on entry and the result on exit
+  const gemm_t* gemm;  // (rows, cols), row stride cols: x W^T; may be `out` itself
+  scalar_t* out;       // (rows, cols), row stride cols
   const scalar_t* bias;  // (cols) with bias_stride, or nullptr
   int64_t bias_stride;
   const scalar_t* residual;  // (rows, cols) with the two strides, or nullptr
@@ -67,10 +68,11 @@ struct ForwardEpilogueParams {
 
 // One row, the 8 columns of one mask byte: the unit of work of a CPU loop iteration and of a
 // CUDA thread. Everything is computed in opmath (float for half types), rounded once at the end.
-template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t>
-FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>& p, int64_t row,
-                                          int64_t byte) {
+template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
+FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t, gemm_t>& p,
+                                          int64_t row, int64_t byte) {
   using acc_t = at::opmath_type<scalar_t>;
+  const gemm_t* gemm_row = p.gemm + row * p.cols;
   scalar_t* out_row = p.out + row * p.cols;
   const int64_t first_col = byte * kMaskBitsPerByte;
   uint8_t bits = 0;
@@ -78,7 +80,7 @@ FS_UNROLL
   for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
     const int64_t col = first_col + bit;
     if (col < p.cols) {
-      acc_t value = static_cast<acc_t>(out_row[col]);
+      acc_t value = static_cast<acc_t>(gemm_row[col]);
       if constexpr (kBias) value += static_cast<acc_t>(p.bias[col * p.bias_stride]);
       acc_t residual = acc_t(0);
       if constexpr (kResidual != Residual::kNone) {

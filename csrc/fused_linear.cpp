@@ -6,6 +6,7 @@
 // column block of the weight gradient are written in place.
 #include "fused_linear.h"
 
+#include <ostream>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -37,8 +38,25 @@ bool is_supported_dtype(at::ScalarType type) {
   return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
 }
 
+// An argument's name for messages, formatted only when a check fails (no string building on the
+// hot path): "weight", "input", "inputs[2]".
+struct ArgName {
+  const char* name;
+  int64_t index = -1;
+};
+
+std::ostream& operator<<(std::ostream& out, const ArgName& arg) {
+  out << arg.name;
+  if (arg.index >= 0) out << "[" << arg.index << "]";
+  return out;
+}
+
+ArgName input_arg(size_t i, size_t count) {
+  return count == 1 ? ArgName{"input"} : ArgName{"inputs", static_cast<int64_t>(i)};
+}
+
 // A tensor argument that must match `weight` in dtype and device.
-void check_tensor(const std::string& name, const at::Tensor& tensor, const at::Tensor& weight) {
+void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(tensor.defined(), "fusedskip: ", name, " is an undefined tensor");
   TORCH_CHECK_TYPE(tensor.layout() == at::kStrided, "fusedskip: ", name,
                    " must be a dense (strided) tensor, got layout ", tensor.layout());
@@ -62,10 +80,7 @@ Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
   const int64_t count = static_cast<int64_t>(inputs.size());
   TORCH_CHECK_VALUE(count >= 1 && count <= kMaxInputs, "fusedskip: inputs must hold 1 to ",
                     kMaxInputs, " tensors, got ", count);
-  auto input_name = [&](int64_t i) {
-    return count == 1 ? std::string("input") : "inputs[" + std::to_string(i) + "]";
-  };
-  check_tensor("weight", weight, weight);
+  check_tensor({"weight"}, weight, weight);
   TORCH_CHECK_VALUE(weight.dim() == 2,
                     "fusedskip: weight must be 2-D (out_features, in_features), got shape ",
                     weight.sizes());
@@ -78,11 +93,11 @@ Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
   int64_t width_sum = 0;
   for (int64_t i = 0; i < count; ++i) {
     const at::Tensor& x = inputs[i];
-    check_tensor(input_name(i), x, weight);
-    TORCH_CHECK_VALUE(x.dim() >= 1, "fusedskip: ", input_name(i),
+    check_tensor(input_arg(i, count), x, weight);
+    TORCH_CHECK_VALUE(x.dim() >= 1, "fusedskip: ", input_arg(i, count),
                       " must have at least one dimension (..., in_features), got a 0-d tensor");
     const at::IntArrayRef x_leading = x.sizes().slice(0, x.dim() - 1);
-    TORCH_CHECK_VALUE(x_leading.equals(leading), "fusedskip: ", input_name(i),
+    TORCH_CHECK_VALUE(x_leading.equals(leading), "fusedskip: ", input_arg(i, count),
                       " has leading dims ", x_leading, " but inputs[0] has ", leading,
                       "; all inputs must share their leading dims (only the last dim may differ)");
     g.widths.push_back(x.size(-1));
@@ -104,13 +119,13 @@ Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
   g.out_shape.push_back(g.cols);
 
   if (bias.has_value() && bias->defined()) {
-    check_tensor("bias", *bias, weight);
+    check_tensor({"bias"}, *bias, weight);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.cols,
                       "fusedskip: bias must have shape [", g.cols, "] (out_features), got ",
                       bias->sizes());
   }
   if (residual.has_value() && residual->defined()) {
-    check_tensor("residual", *residual, weight);
+    check_tensor({"residual"}, *residual, weight);
     TORCH_CHECK_VALUE(residual->sizes().equals(g.out_shape),
                       "fusedskip: residual must have the output's shape ",
                       at::IntArrayRef(g.out_shape), ", got ", residual->sizes(),
@@ -127,13 +142,14 @@ Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu) 
 
 namespace {
 
-void forward_epilogue(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& residual, const at::Tensor& mask, Residual where) {
+void forward_epilogue(const at::Tensor& gemm, const at::Tensor& out,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                      const at::Tensor& mask, Residual where) {
 #ifdef FUSEDSKIP_WITH_CUDA
-  if (out.is_cuda()) return forward_epilogue_cuda(out, bias, residual, mask, where);
+  if (out.is_cuda()) return forward_epilogue_cuda(gemm, out, bias, residual, mask, where);
 #endif
   TORCH_CHECK(out.is_cpu(), "fusedskip: no element-wise kernel for device ", out.device());
-  forward_epilogue_cpu(out, bias, residual, mask, where);
+  forward_epilogue_cpu(gemm, out, bias, residual, mask, where);
 }
 
 void backward_epilogue(const at::Tensor& grad_out, const at::Tensor& mask,
@@ -148,6 +164,21 @@ void backward_epilogue(const at::Tensor& grad_out, const at::Tensor& mask,
 
 at::Tensor empty_placeholder(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// Views cost a dispatch each: at the small sizes that are launch-bound, skip the ones that would
+// change nothing.
+at::Tensor as_2d(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
+at::Tensor as_shape(const at::Tensor& t, at::IntArrayRef shape) {
+  return t.sizes().equals(shape) ? t : t.view(shape);
+}
+
+// Column block i of weight: the whole weight when there is one input.
+at::Tensor weight_block(const at::Tensor& weight, const Geometry& g, int64_t offset, size_t i) {
+  return g.widths.size() == 1 ? weight : weight.narrow(1, offset, g.widths[i]);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at::Tensor& weight,
@@ -159,29 +190,41 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   const bool has_residual = residual.has_value() && residual->defined();
   const Residual where = residual_kind(has_residual, relu, residual_before_relu);
 
-  at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
+  // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
+  // result is rounded once, as a single GEMM over the concatenation would round it. (Upcast
+  // operands: the ATen GEMMs of both devices take them; a fused mainloop would keep the
+  // accumulator in registers instead.)
+  const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
+                                                     weight.scalar_type() == at::kBFloat16);
+  at::Tensor gemm;
   int64_t offset = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const at::Tensor x = inputs[i].reshape({g.rows, g.widths[i]});
+    at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
     // Column block i of weight, transposed: a strided view the GEMM reads with its leading dim.
-    const at::Tensor w_t = weight.narrow(1, offset, g.widths[i]).t();
+    at::Tensor w_t = weight_block(weight, g, offset, i).t();
+    if (accumulate_fp32) {
+      x = x.to(at::kFloat);
+      w_t = w_t.to(at::kFloat);
+    }
     if (i == 0) {
-      at::mm_out(out, x, w_t);
+      gemm = at::mm(x, w_t);
     } else {
-      out.addmm_(x, w_t);
+      gemm.addmm_(x, w_t);
     }
     offset += g.widths[i];
   }
+  at::Tensor out = accumulate_fp32 ? at::empty({g.rows, g.cols}, weight.options()) : gemm;
 
   const auto mask_options = weight.options().dtype(at::kByte);
   at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
                          : at::empty({0}, mask_options);
   if (relu || has_bias || has_residual) {
-    const at::Tensor residual_2d =
-        has_residual ? residual->reshape({g.rows, g.cols}) : at::Tensor();
-    forward_epilogue(out, bias, residual_2d, relu ? mask : at::Tensor(), where);
+    const at::Tensor residual_2d = has_residual ? as_2d(*residual, g.rows, g.cols) : at::Tensor();
+    forward_epilogue(gemm, out, bias, residual_2d, relu ? mask : at::Tensor(), where);
+  } else if (accumulate_fp32) {
+    out.copy_(gemm);
   }
-  return {out.view(g.out_shape), mask};
+  return {as_shape(out, g.out_shape), mask};
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
@@ -192,7 +235,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   TORCH_CHECK_VALUE(output_mask.size() == count + 3, "fusedskip: output_mask must have ",
                     count + 3, " entries (one per input, then weight, bias, pre-activation), got ",
                     output_mask.size());
-  check_tensor("grad_output", grad_output, weight);
+  check_tensor({"grad_output"}, grad_output, weight);
   TORCH_CHECK_VALUE(grad_output.sizes().equals(g.out_shape), "fusedskip: grad_output must have ",
                     "the output's shape ", at::IntArrayRef(g.out_shape), ", got ",
                     grad_output.sizes());
@@ -211,7 +254,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   const bool want_bias = output_mask.get(count + 1);
   const bool want_preact = output_mask.get(count + 2);
 
-  const at::Tensor grad_out_2d = grad_output.reshape({g.rows, g.cols});
+  const at::Tensor grad_out_2d = as_2d(grad_output, g.rows, g.cols);
   const at::Tensor grad_preact_2d =
       relu ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;
   const at::Tensor grad_bias = want_bias ? at::empty({g.cols}, weight.options()) : at::Tensor();
@@ -221,23 +264,29 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
 
   std::vector<at::Tensor> grad_inputs;
   grad_inputs.reserve(count);
-  at::Tensor grad_weight =
-      want_weight ? at::empty({g.cols, weight.size(1)}, weight.options()) : at::Tensor();
+  at::Tensor grad_weight;
+  if (want_weight && count > 1) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
   int64_t offset = 0;
   for (size_t i = 0; i < count; ++i) {
-    const at::Tensor w = weight.narrow(1, offset, g.widths[i]);
-    grad_inputs.push_back(output_mask.get(i) ? at::mm(grad_preact_2d, w).view(inputs[i].sizes())
-                                             : empty_placeholder(weight));
+    grad_inputs.push_back(
+        output_mask.get(i)
+            ? as_shape(at::mm(grad_preact_2d, weight_block(weight, g, offset, i)), inputs[i].sizes())
+            : empty_placeholder(weight));
     if (want_weight) {
-      // Straight into grad_weight's column block i: no per-input temporaries, no cat.
-      at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
-      at::mm_out(block, grad_preact_2d.t(), inputs[i].reshape({g.rows, g.widths[i]}));
+      const at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
+      if (count == 1) {
+        grad_weight = at::mm(grad_preact_2d.t(), x);
+      } else {
+        // Straight into grad_weight's column block i: no per-input temporaries, no cat.
+        at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
+        at::mm_out(block, grad_preact_2d.t(), x);
+      }
     }
     offset += g.widths[i];
   }
   return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
           want_bias ? grad_bias : empty_placeholder(weight),
-          relu && want_preact ? grad_preact_2d.view(grad_output.sizes())
+          relu && want_preact ? as_shape(grad_preact_2d, grad_output.sizes())
                               : empty_placeholder(weight)};
 }
 

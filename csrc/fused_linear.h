@@ -13,7 +13,9 @@
 #include <vector>
 
 #include <ATen/core/List.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
 
 #include "epilogue.h"
 
@@ -26,8 +28,8 @@ constexpr int64_t kMaxInputs = 8;
 struct Geometry {
   int64_t rows = 0;                // product of the leading dims
   int64_t cols = 0;                // out_features
-  std::vector<int64_t> widths;     // last dim of each input
-  std::vector<int64_t> out_shape;  // leading dims + (out_features,)
+  c10::SmallVector<int64_t, kMaxInputs> widths;  // last dim of each input
+  c10::SmallVector<int64_t, 6> out_shape;        // leading dims + (out_features,)
 };
 
 // Raises ValueError / TypeError / RuntimeError naming the offending argument.
@@ -50,18 +52,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask);
 
-// Element-wise passes, one per device. `out` is (rows, cols) contiguous and holds x W^T on entry;
-// `residual` is (rows, cols) with any strides or undefined; `mask` is undefined without ReLU.
-void forward_epilogue_cpu(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& residual, const at::Tensor& mask, Residual where);
+// The ops as the dispatcher holds them (all dispatch keys: autograd, fake, CPU, CUDA).
+const c10::TypedOperatorHandle<decltype(fused_linear)>& fused_linear_op();
+const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& fused_linear_backward_op();
+
+// Element-wise passes, one per device. `gemm` (x W^T, in the output dtype or float32) and `out`
+// are (rows, cols) contiguous and may be the same tensor; `residual` is (rows, cols) with any
+// strides or undefined; `mask` is undefined without ReLU.
+void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                          const at::Tensor& mask, Residual where);
 // `grad_out` is (rows, cols) with any strides; `grad_preact` (written where the ReLU is, undefined
 // otherwise) is (rows, cols) contiguous; `grad_bias` is (cols) or undefined.
 void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                            const at::Tensor& grad_preact, const at::Tensor& grad_bias);
 
 #ifdef FUSEDSKIP_WITH_CUDA
-void forward_epilogue_cuda(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& residual, const at::Tensor& mask, Residual where);
+void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                           const at::Tensor& mask, Residual where);
 void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                             const at::Tensor& grad_preact, const at::Tensor& grad_bias);
 #endif

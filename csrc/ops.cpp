@@ -2,15 +2,9 @@
 //
 // Kernels: CPU in csrc/cpu/, CUDA in csrc/cuda/, autograd in csrc/autograd.cpp; the fake
 // (shape-only) kernels for torch.compile / torch.export are in fusedskip/_ops.py.
-#include <Python.h>
 #include <torch/library.h>
 
-// `import fusedskip._C` loads this library, whose static initialisers register the ops; the
-// module itself holds nothing.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+#include "fused_linear.h"
 
 TORCH_LIBRARY(fusedskip, m) {
   // y = epilogue(cat(inputs, -1) @ weight.T), the cat never built:
@@ -29,3 +23,21 @@ TORCH_LIBRARY(fusedskip, m) {
       "(Tensor[] grad_inputs, Tensor grad_weight, Tensor grad_bias, Tensor grad_preact)",
       {at::Tag::pt2_compliant_tag});
 }
+
+namespace fusedskip {
+
+const c10::TypedOperatorHandle<decltype(fused_linear)>& fused_linear_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fusedskip::fused_linear", "")
+                             .typed<decltype(fused_linear)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& fused_linear_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fusedskip::fused_linear_backward", "")
+                             .typed<decltype(fused_linear_backward)>();
+  return op;
+}
+
+}  // namespace fusedskip

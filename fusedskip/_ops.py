@@ -33,6 +33,9 @@ if not AVAILABLE:
     )
 else:
     fused_linear = torch.ops.fusedskip.fused_linear.default
+    # Same op, entered without the torch.ops argument boxing (csrc/python_bindings.cpp);
+    # returns the output only. Eager only: torch.compile traces `fused_linear`.
+    fused_linear_eager = _C.fused_linear
     fused_linear_backward = torch.ops.fusedskip.fused_linear_backward.default
     HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
         "fusedskip::fused_linear", "CUDA")

@@ -2,7 +2,9 @@
 (its CPU kernel on CPU tensors, its CUDA kernel on CUDA tensors), autograd included.
 
 Argument checks live in the op itself (C++), so the Python here stays a few attribute look-ups:
-at the small sizes of a skip-connection MLP, host time per call is the cost that matters.
+at the small sizes of a skip-connection MLP, host time per call is the cost that matters. For the
+same reason eager calls enter the op through ``fusedskip._C.fused_linear`` (no per-argument
+boxing), while torch.compile traces ``torch.ops.fusedskip.fused_linear``: one op either way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.compiler import is_compiling
 
 from . import _ops, reference
 
@@ -39,6 +42,8 @@ def linear_relu_residual(input: torch.Tensor, weight: torch.Tensor,
         reference.check_order(order)
     if not _ops.AVAILABLE:
         return reference.linear_relu_residual(input, weight, bias, residual, order=order)
+    if not is_compiling():
+        return _ops.fused_linear_eager([input], weight, bias, residual, True, residual_before_relu)
     _refuse_non_tensor("input", input)
     return _ops.fused_linear([input], weight, bias, residual, True, residual_before_relu)[0]
 
@@ -60,6 +65,8 @@ def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
         reference.check_activation(activation)
     if not _ops.AVAILABLE:
         return reference.linear_concat(inputs, weight, bias, activation=activation)
+    if not is_compiling():
+        return _ops.fused_linear_eager(inputs, weight, bias, None, relu, False)
     for i, x in enumerate(inputs):
         _refuse_non_tensor(f"inputs[{i}]", x)
     return _ops.fused_linear(inputs, weight, bias, None, relu, False)[0]

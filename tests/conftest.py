@@ -140,3 +140,58 @@ def sample_grid(dtype=torch.float64, device="cpu", requires_grad=True, small=Fal
 
 def ids(samples):
     return [s.name for s in samples]
+
+
+def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
+    """The op's packed ReLU mask (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = (mask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :cols].bool()
+
+
+def check_against_reference(sample: Sample, dtype) -> None:
+    """Output and every gradient of the fused op against float64, by relative error.
+
+    In low precision a pre-activation within rounding of zero may land on the other side of the
+    ReLU; the gradient there legitimately differs by a whole term. So: (1) the op's mask must
+    match the float64 sign wherever |pre-activation| is above rounding level, and (2) given that
+    mask, the gradients must match a float64 reference that uses it."""
+    import torch.nn.functional as F
+
+    tensors = sample.tensors()
+    out = sample.call(fusedskip, *tensors)
+    assert out.dtype == dtype
+    ref64 = [t.detach().double().requires_grad_() for t in tensors]
+    assert_close_rel(out, sample.call(fusedskip.reference, *ref64), dtype, f"{sample.name} output")
+    if out.numel() == 0:
+        return
+
+    n = len(sample.inputs)
+    inputs, weight, rest = ref64[:n], ref64[n], list(ref64[n + 1:])
+    bias = rest.pop(0) if sample.bias is not None else None
+    residual = rest.pop(0) if sample.residual is not None else None
+    preact = F.linear(torch.cat(inputs, -1), weight, bias)
+    if residual is not None and sample.relu and sample.order == "add_relu":
+        preact = preact + residual
+    ref = preact
+    if sample.relu:
+        with torch.no_grad():
+            _, mask = torch.ops.fusedskip.fused_linear(
+                [x.detach() for x in sample.inputs], sample.weight.detach(),
+                None if sample.bias is None else sample.bias.detach(),
+                None if sample.residual is None else sample.residual.detach(),
+                True, sample.order == "add_relu")
+        active = unpack_mask(mask, out.shape[-1]).reshape(out.shape)
+        exact = preact.detach()
+        near_zero = exact.abs() <= REL_TOL[dtype] * exact.abs().max().clamp_min(1e-30)
+        wrong = (active != (exact > 0)) & ~near_zero
+        assert not wrong.any(), f"{sample.name}: {int(wrong.sum())} mask bits wrong"
+        ref = torch.where(active, preact, torch.zeros_like(preact))
+    if residual is not None and not (sample.relu and sample.order == "add_relu"):
+        ref = ref + residual
+    grad = torch.randn_like(ref).to(dtype)  # both sides see the same (rounded) output gradient
+    grads = torch.autograd.grad(out, tensors, grad)
+    grad = grad.double()
+    for i, (g, rg) in enumerate(zip(grads, torch.autograd.grad(ref, ref64, grad))):
+        assert g.dtype == dtype
+        assert_close_rel(g, rg, dtype, f"{sample.name} grad {i}")

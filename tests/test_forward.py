@@ -7,38 +7,16 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import REL_TOL, assert_close_rel, ids, make_sample, sample_grid
+from conftest import (assert_close_rel, check_against_reference, make_sample, sample_grid,
+                      unpack_mask)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def reference64(sample, tensors):
-    """The reference computed in float64 from the sample's (possibly low-precision) values."""
-    return sample.call(fusedskip.reference, *[t.double() for t in tensors])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_and_grads_match_reference(dtype):
     for sample in sample_grid(dtype=dtype, small=True):
-        tensors = sample.tensors()
-        out = sample.call(fusedskip, *tensors)
-        assert out.dtype == dtype
-        ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
-        ref = reference64(sample, ref_tensors)
-        assert_close_rel(out, ref, dtype, f"{sample.name} output")
-        if out.numel() == 0:
-            continue
-        grad = torch.randn_like(ref)
-        grads = torch.autograd.grad(out, tensors, grad.to(dtype))
-        ref_grads = torch.autograd.grad(ref, ref_tensors, grad)
-        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
-            assert g.dtype == dtype
-            assert_close_rel(g, rg, dtype, f"{sample.name} grad {i}")
-
-
-def unpack_mask(mask, cols):
-    bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(mask.shape[0], -1)[:, :cols].bool()
+        check_against_reference(sample, dtype)
 
 
 @pytest.mark.parametrize("cols", [1, 7, 8, 9, 16, 17, 33])
@@ -109,13 +87,8 @@ def test_leading_dims_and_empty(leading):
 @pytest.mark.parametrize("count", range(1, 9))
 def test_concat_of_one_to_eight_odd_widths(count):
     widths = [1, 3, 7, 13, 2, 5, 11, 9][:count]
-    for relu in (False, True):
-        sample = make_sample(widths, 17, (6,), relu=relu, dtype=torch.float64)
-        out = fusedskip.linear_concat(sample.inputs, sample.weight, sample.bias,
-                                      activation="relu" if relu else None)
-        ref = fusedskip.reference.linear_concat(sample.inputs, sample.weight, sample.bias,
-                                                activation="relu" if relu else None)
-        assert_close_rel(out, ref, torch.float64)
+    for relu, dtype in itertools.product((False, True), DTYPES):
+        check_against_reference(make_sample(widths, 17, (6,), relu=relu, dtype=dtype), dtype)
 
 
 def test_zero_width_inputs_and_zero_out_features():

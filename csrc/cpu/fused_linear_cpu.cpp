@@ -1,5 +1,7 @@
 // CPU kernels: the element-wise passes of csrc/epilogue.h in one parallel sweep each, and the
 // op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
+#include <vector>
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,35 +23,40 @@ int64_t grain_rows(int64_t elements_per_row) {
 
 }  // namespace
 
-void forward_epilogue_cpu(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& residual, const at::Tensor& mask, Residual where) {
+void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                          const at::Tensor& mask, Residual where) {
   const bool has_bias = bias.has_value() && bias->defined();
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t bytes_per_row = mask_bytes_per_row(cols);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
-    ForwardEpilogueParams<scalar_t> p{};
-    p.out = out.data_ptr<scalar_t>();
-    p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-    p.bias_stride = has_bias ? bias->stride(0) : 0;
-    p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
-    p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
-    p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-    p.rows = rows;
-    p.cols = cols;
-    FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
-      FS_RESIDUAL_SWITCH(where, kResidual, [&] {
-        FS_BOOL_SWITCH(has_bias, kBias, [&] {
-          at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
-            for (int64_t row = begin; row < end; ++row) {
-              for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
-                forward_epilogue_unit<kRelu, kResidual, kBias>(p, row, byte);
+    auto run = [&]<typename gemm_t>() {
+      ForwardEpilogueParams<scalar_t, gemm_t> p{};
+      p.gemm = gemm.const_data_ptr<gemm_t>();
+      p.out = out.data_ptr<scalar_t>();
+      p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+      p.bias_stride = has_bias ? bias->stride(0) : 0;
+      p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+      p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
+      p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
+      p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+      p.rows = rows;
+      p.cols = cols;
+      FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
+        FS_RESIDUAL_SWITCH(where, kResidual, [&] {
+          FS_BOOL_SWITCH(has_bias, kBias, [&] {
+            at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+              for (int64_t row = begin; row < end; ++row) {
+                for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
+                  forward_epilogue_unit<kRelu, kResidual, kBias>(p, row, byte);
+                }
               }
-            }
+            });
           });
         });
       });
-    });
+    };
+    FS_GEMM_TYPE_SWITCH(gemm.scalar_type(), scalar_t, run);
   });
 }
 
@@ -60,20 +67,17 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
   const int64_t row_blocks = bias_row_blocks(rows);
   const bool relu = grad_preact.defined();
   const bool has_bias = grad_bias.defined();
-  const at::Tensor partials =
-      has_bias ? at::empty({row_blocks, cols},
-                           grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type())))
-               : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
                                   "fused_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> partials(has_bias ? row_blocks * cols : 0);
     BackwardEpilogueParams<scalar_t> p{};
     p.grad_out = grad_out.const_data_ptr<scalar_t>();
     p.grad_out_stride_row = grad_out.stride(0);
     p.grad_out_stride_col = grad_out.stride(1);
     p.mask = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
     p.grad_preact = relu ? grad_preact.data_ptr<scalar_t>() : nullptr;
-    p.bias_partials = has_bias ? partials.data_ptr<acc_t>() : nullptr;
+    p.bias_partials = has_bias ? partials.data() : nullptr;
     p.rows = rows;
     p.cols = cols;
     FS_BOOL_SWITCH(relu, kRelu, [&] {

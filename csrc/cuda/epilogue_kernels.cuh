@@ -6,8 +6,8 @@
 namespace fusedskip {
 
 // Unit = (row, mask byte): 8 output columns of one row.
-template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t>
-__global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t> p) {
+template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
+__global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t, gemm_t> p) {
   const int64_t bytes_per_row = mask_bytes_per_row(p.cols);
   const int64_t units = p.rows * bytes_per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

@@ -26,8 +26,9 @@ unsigned int blocks_for(int64_t units) {
 
 }  // namespace
 
-void forward_epilogue_cuda(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& residual, const at::Tensor& mask, Residual where) {
+void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                           const at::Tensor& mask, Residual where) {
   const c10::cuda::CUDAGuard device_guard(out.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const int64_t rows = out.size(0), cols = out.size(1);
@@ -35,25 +36,29 @@ void forward_epilogue_cuda(const at::Tensor& out, const std::optional<at::Tensor
   if (units == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
-    ForwardEpilogueParams<scalar_t> p{};
-    p.out = out.data_ptr<scalar_t>();
-    p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-    p.bias_stride = has_bias ? bias->stride(0) : 0;
-    p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
-    p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
-    p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-    p.rows = rows;
-    p.cols = cols;
-    FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
-      FS_RESIDUAL_SWITCH(where, kResidual, [&] {
-        FS_BOOL_SWITCH(has_bias, kBias, [&] {
-          forward_epilogue_kernel<kRelu, kResidual, kBias>
-              <<<blocks_for(units), kThreads, 0, stream>>>(p);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto run = [&]<typename gemm_t>() {
+      ForwardEpilogueParams<scalar_t, gemm_t> p{};
+      p.gemm = gemm.const_data_ptr<gemm_t>();
+      p.out = out.data_ptr<scalar_t>();
+      p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+      p.bias_stride = has_bias ? bias->stride(0) : 0;
+      p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+      p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
+      p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
+      p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+      p.rows = rows;
+      p.cols = cols;
+      FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
+        FS_RESIDUAL_SWITCH(where, kResidual, [&] {
+          FS_BOOL_SWITCH(has_bias, kBias, [&] {
+            forward_epilogue_kernel<kRelu, kResidual, kBias>
+                <<<blocks_for(units), kThreads, 0, stream>>>(p);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
-    });
+    };
+    FS_GEMM_TYPE_SWITCH(gemm.scalar_type(), scalar_t, run);
   });
 }
 

@@ -1,0 +1,124 @@
+"""Host time per call at launch-bound sizes: the fused functional API against the eager
+composition it replaces, on tiny CPU tensors (where the maths costs almost nothing, so the time
+is dispatch, autograd bookkeeping and Python).
+
+    python benchmarks/host_overhead.py [--out benchmarks/results] [--threads 1]
+
+Writes <out>/host-overhead-<device>-<date>.json (+ .md) with versions and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+
+import fusedskip
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cases(rows, width):
+    x = torch.randn(rows, width)
+    w = torch.randn(width, width, requires_grad=True)
+    b = torch.randn(width, requires_grad=True)
+    r = torch.randn(rows, width)
+    x1, x2 = torch.randn(rows, width // 2), torch.randn(rows, width - width // 2)
+    wc = torch.randn(width, width, requires_grad=True)
+    return {
+        "relu_add": (
+            lambda: torch.relu(F.linear(x, w, b)) + r,
+            lambda: fusedskip.linear_relu_residual(x, w, b, r),
+        ),
+        "add_relu": (
+            lambda: torch.relu(F.linear(x, w, b) + r),
+            lambda: fusedskip.linear_relu_residual(x, w, b, r, order="add_relu"),
+        ),
+        "concat2": (
+            lambda: F.linear(torch.cat([x1, x2], -1), wc, b),
+            lambda: fusedskip.linear_concat([x1, x2], wc, b),
+        ),
+    }
+
+
+def measure(fn, mode, min_run_time):
+    if mode == "forward":
+        stmt = lambda: fn()  # noqa: E731
+    elif mode == "forward+backward":
+        stmt = lambda: fn().sum().backward()  # noqa: E731
+    else:  # no_grad
+        def stmt():
+            with torch.no_grad():
+                fn()
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e6, m
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--width", type=int, default=10)
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for op, (eager, fused) in cases(args.rows, args.width).items():
+        for mode in ("forward", "forward+backward", "no_grad"):
+            eager_us, _ = measure(eager, mode, args.min_run_time)
+            fused_us, _ = measure(fused, mode, args.min_run_time)
+            rows.append({"op": op, "mode": mode, "eager_us": round(eager_us, 2),
+                         "fused_us": round(fused_us, 2),
+                         "speedup": round(eager_us / fused_us, 3)})
+            print(f"{op:9s} {mode:17s} eager {eager_us:7.2f} us   fused {fused_us:7.2f} us   "
+                  f"x{eager_us / fused_us:.2f}", flush=True)
+
+    meta = {
+        "what": f"host time per call, CPU, {args.rows}x{args.width}->{args.width}, "
+                f"{args.threads} thread(s), torch.utils.benchmark median",
+        "device": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"host-overhead-cpu-{meta['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# Host time per call\n\n{meta['what']}\n\n")
+        f.write(f"torch {meta['torch']}, Python {meta['python']}, {meta['cpu_count']} cores, "
+                f"commit {meta['commit']}, {meta['date']}\n\n")
+        f.write("| op | mode | eager (µs) | fused (µs) | eager / fused |\n|---|---|---:|---:|---:|\n")
+        for r in rows:
+            f.write(f"| {r['op']} | {r['mode']} | {r['eager_us']} | {r['fused_us']} | "
+                    f"{r['speedup']} |\n")
+    print(f"wrote {stem}.json and .md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+// The Python module fusedskip._C. Loading it registers the ops (static initialisers in the other
+// files); it also holds one function, the eager fast path of the functional API.
+//
+// Why a fast path: calling torch.ops.fusedskip.fused_linear from Python converts every argument
+// to an IValue against the schema and goes through the boxed dispatcher, about 2 µs per call; at
+// the small sizes of a skip-connection MLP that is more than the two element-wise kernels the
+// fused op saves. This function unpacks the arguments directly and calls the same dispatcher entry
+// unboxed, so every dispatch key (autograd, fake and proxy modes, CPU, CUDA) still applies.
+// torch.compile traces the torch.ops entry instead (see fusedskip/functional.py).
+#include <Python.h>
+
+#include <c10/util/SmallVector.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "fused_linear.h"
+
+namespace fusedskip {
+namespace {
+
+const at::Tensor& unpack_tensor(PyObject* obj, const char* name, Py_ssize_t index = -1) {
+  if (!THPVariable_Check(obj)) {
+    if (index >= 0) {
+      TORCH_CHECK_TYPE(false, "fusedskip: ", name, "[", index, "] must be a Tensor, got ",
+                       Py_TYPE(obj)->tp_name);
+    }
+    TORCH_CHECK_TYPE(false, "fusedskip: ", name, " must be a Tensor, got ", Py_TYPE(obj)->tp_name);
+  }
+  return THPVariable_Unpack(obj);
+}
+
+std::optional<at::Tensor> unpack_optional(PyObject* obj, const char* name) {
+  if (obj == Py_None) return std::nullopt;
+  return unpack_tensor(obj, name);
+}
+
+// fused_linear(inputs: list | tuple, weight, bias, residual, relu: bool, residual_before_relu:
+// bool) -> output. The ReLU mask stays inside autograd; Python never sees it.
+PyObject* fused_linear_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 6, "fusedskip._C.fused_linear takes 6 arguments, got ", nargs);
+  PyObject* sequence = args[0];
+  TORCH_CHECK_TYPE(PyList_Check(sequence) || PyTuple_Check(sequence),
+                   "fusedskip: inputs must be a list or tuple of tensors, got ",
+                   Py_TYPE(sequence)->tp_name);
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+  PyObject** items = PySequence_Fast_ITEMS(sequence);
+  const char* input_name = count == 1 ? "input" : "inputs";
+  c10::SmallVector<at::Tensor, kMaxInputs> inputs;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    inputs.push_back(unpack_tensor(items[i], input_name, count == 1 ? -1 : i));
+  }
+  const at::Tensor& weight = unpack_tensor(args[1], "weight");
+  const std::optional<at::Tensor> bias = unpack_optional(args[2], "bias");
+  const std::optional<at::Tensor> residual = unpack_optional(args[3], "residual");
+  const bool relu = PyObject_IsTrue(args[4]);
+  const bool residual_before_relu = PyObject_IsTrue(args[5]);
+  at::Tensor output;
+  {
+    pybind11::gil_scoped_release no_gil;
+    output = std::get<0>(
+        fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu));
+  }
+  return THPVariable_Wrap(std::move(output));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear_py)),
+     METH_FASTCALL, "Eager entry of fusedskip::fused_linear; returns the output only."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace fusedskip
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          fusedskip::methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,50 @@
+"""What was built and how the package behaves without it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedskip
+
+
+def test_extension_loaded():
+    assert fusedskip.extension_loaded(), fusedskip._ops.LOAD_ERROR
+
+
+@pytest.mark.skipif(os.environ.get("FUSEDSKIP_EXPECT_CUDA_BUILD") != "1",
+                    reason="set FUSEDSKIP_EXPECT_CUDA_BUILD=1 where the CUDA build is expected")
+def test_cuda_kernels_were_compiled():
+    """CI sets this: a silent fall-back to a CPU-only build would leave the .cu files untested."""
+    assert fusedskip._ops.HAS_CUDA_KERNELS
+
+
+def test_cuda_available_needs_a_gpu():
+    assert fusedskip.cuda_available() == (fusedskip._ops.HAS_CUDA_KERNELS
+                                          and torch.cuda.is_available())
+
+
+def test_import_without_extension_falls_back_with_one_warning():
+    script = """
+import sys, warnings
+sys.modules["fusedskip._C"] = None  # makes `from . import _C` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fusedskip, torch
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    y = fusedskip.linear_relu_residual(x, w, None, torch.ones(3, 5))
+    z = fusedskip.linear_concat([x[:, :1], x[:, 1:]], w, activation="relu")
+    m = fusedskip.ConcatLinear([1, 3], 5)(x[:, :1], x[:, 1:])
+assert not fusedskip.extension_loaded() and not fusedskip.cuda_available()
+assert torch.equal(y, torch.relu(x @ w.T) + 1)
+assert torch.equal(z, torch.relu(x @ w.T))
+ours = [w for w in caught if "fusedskip" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in caught]
+print("could not be loaded" in str(ours[0].message))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

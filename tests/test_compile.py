@@ -1,0 +1,89 @@
+"""torch.compile(fullgraph=True) and torch.export of models using the functional API: no graph
+breaks, the compiled backward uses the fused backward op, same results as eager."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedskip
+
+
+class SkipBlock(nn.Module):
+    def __init__(self, width=12):
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.outer = nn.Linear(width, width)
+        self.merge = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        h = fusedskip.linear_relu_residual(x, self.inner.weight, self.inner.bias, x)
+        g = fusedskip.linear_relu_residual(h, self.outer.weight, self.outer.bias, x,
+                                           order="add_relu")
+        return fusedskip.linear_concat([h, g], self.merge.weight, self.merge.bias,
+                                       activation="relu")
+
+
+def eager_and_compiled(model, x, **compile_kw):
+    compiled = torch.compile(model, fullgraph=True, **compile_kw)
+    results = []
+    for fn in (model, compiled):
+        out = fn(x)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *model.parameters()])))
+    return results
+
+
+def test_no_graph_breaks():
+    model = SkipBlock().double()
+    explanation = torch._dynamo.explain(model)(torch.randn(5, 12, dtype=torch.float64))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_matches_eager(backend):
+    torch.manual_seed(0)
+    model = SkipBlock().double()
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    (out, grads), (cout, cgrads) = eager_and_compiled(model, x, backend=backend)
+    torch.testing.assert_close(cout, out)
+    for g, cg in zip(grads, cgrads):
+        torch.testing.assert_close(cg, g)
+
+
+def test_dynamic_shapes():
+    torch._dynamo.reset()
+    model = SkipBlock()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (3, 8, 17):
+        x = torch.randn(2, rows, 12, requires_grad=True)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_compiled_graphs_call_the_fused_ops():
+    """The traced forward and backward graphs hold the fused ops, not a decomposition."""
+    graphs = []
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    model = SkipBlock()
+    compiled = torch.compile(model, fullgraph=True,
+                             backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    x = torch.randn(4, 12, requires_grad=True)
+    compiled(x).sum().backward()
+    forward, backward = graphs
+    assert forward.count("fusedskip.fused_linear.default") == 3
+    assert backward.count("fusedskip.fused_linear_backward.default") == 3
+    assert "aten.cat" not in forward and "aten.cat" not in backward
+
+
+def test_export_runs():
+    model = SkipBlock().eval()
+    x = torch.randn(6, 12)
+    exported = torch.export.export(model, (x,))
+    assert "fusedskip.fused_linear" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), model(x))

@@ -1,0 +1,160 @@
+"""The CUDA kernels against the float64 reference. Skipped cleanly without a GPU."""
+
+import itertools
+
+import pytest
+import torch
+
+import fusedskip
+from conftest import (CUDA, assert_close_rel, check_against_reference, ids, make_sample,
+                      requires_cuda, sample_grid)
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = (1, 7, 63, 65, 127, 129, 1000)
+
+
+def poison_allocator():
+    """Fill memory the caching allocator will hand out next with NaN, so that an output element
+    the kernels never write shows up as NaN instead of a plausible stale value."""
+    block = torch.full((64 * 1024 * 1024,), float("nan"), device="cuda")
+    del block
+
+
+def check(sample, dtype):
+    poison_allocator()
+    check_against_reference(sample, dtype)
+
+
+GRID = sample_grid(device="cuda") if CUDA else []
+
+
+@pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
+def test_gradcheck_float64(sample):
+    fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, sample.tensors())
+    assert torch.autograd.gradgradcheck(fn, sample.tensors())
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_every_form_in_low_precision(dtype):
+    for sample in sample_grid(dtype=dtype, device="cuda"):
+        check(sample, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 65, 129))))
+def test_tile_boundaries(rows, cols, dtype):
+    for residual in (None, "relu_add", "add_relu"):
+        sample = make_sample([33], cols, (rows,), residual=residual, dtype=dtype, device="cuda")
+        check(sample, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_large_and_prime_sizes(dtype):
+    for rows, k, cols in ((4097, 1000, 129), (1000, 4097, 63), (129, 127, 4097)):
+        check(make_sample([k], cols, (rows,), residual="add_relu", dtype=dtype,
+                                            device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+def test_concat_one_to_eight_inputs(count):
+    widths = [1, 3, 7, 13, 2, 5, 11, 9][:count]
+    for dtype, relu in itertools.product(LOW_PRECISION, (False, True)):
+        check(make_sample(widths, 65, (2, 63), relu=relu, dtype=dtype,
+                                            device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous(layout):
+    for dtype in LOW_PRECISION:
+        check(make_sample([5, 8], 33, (3, 7), layout=layout, dtype=dtype,
+                                            device="cuda"), dtype)
+        check(make_sample([9], 17, (40,), residual="relu_add", layout=layout,
+                                            dtype=dtype, device="cuda"), dtype)
+
+
+def test_non_default_stream():
+    sample = make_sample([64], 96, (300,), residual="add_relu", dtype=torch.float32, device="cuda")
+    expected = sample.call(fusedskip, *sample.tensors()).detach()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = sample.call(fusedskip, *sample.tensors())
+        grads = torch.autograd.grad(out.sum(), sample.tensors())
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_cuda_graph_capture_and_replay():
+    x = torch.randn(64, 32, device="cuda")
+    w = torch.randn(48, 32, device="cuda", requires_grad=True)
+    b = torch.randn(48, device="cuda", requires_grad=True)
+    r = torch.randn(64, 48, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph
+        for _ in range(2):
+            fusedskip.linear_relu_residual(x, w, b, r).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    w.grad = b.grad = None
+    with torch.cuda.graph(graph):
+        out = fusedskip.linear_relu_residual(x, w, b, r, order="add_relu")
+        gw, gb = torch.autograd.grad(out.sum(), (w, b))
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = fusedskip.reference.linear_relu_residual(x, w, b, r, order="add_relu")
+        rw, rb = torch.autograd.grad(ref.sum(), (w, b))
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(gw, rw)
+        torch.testing.assert_close(gb, rb)
+
+
+def test_compile_fullgraph_on_cuda():
+    model = torch.nn.Linear(32, 32).cuda()
+
+    def fn(x):
+        h = fusedskip.linear_relu_residual(x, model.weight, model.bias, x)
+        return fusedskip.linear_concat([h, x], torch.cat([model.weight, model.weight], 1))
+
+    x = torch.randn(16, 32, device="cuda", requires_grad=True)
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x), fn(x))
+
+
+def test_modules_on_cuda_match_reference_modules():
+    for dtype in LOW_PRECISION:
+        torch.manual_seed(0)
+        fused = fusedskip.ConcatLinear([15, 10], 20, activation="relu", device="cuda", dtype=dtype)
+        ref = fusedskip.reference.ConcatLinear([15, 10], 20, activation="relu", device="cuda",
+                                               dtype=torch.float64)
+        ref.load_state_dict(fused.state_dict())
+        x1 = torch.randn(64, 15, device="cuda", dtype=dtype)
+        x2 = torch.randn(64, 10, device="cuda", dtype=dtype)
+        assert_close_rel(fused(x1, x2), ref(x1.double(), x2.double()), dtype)
+        block = fusedskip.LinearReLUResidual(20, 20, order="add_relu", device="cuda", dtype=dtype)
+        ref_block = fusedskip.reference.LinearReLUResidual(20, 20, order="add_relu",
+                                                           device="cuda", dtype=torch.float64)
+        ref_block.load_state_dict(block.state_dict())
+        y = torch.randn(64, 20, device="cuda", dtype=dtype)
+        assert_close_rel(block(y, y), ref_block(y.double(), y.double()), dtype)
+
+
+def test_deterministic_bias_gradient():
+    x = torch.randn(5000, 64, device="cuda")
+    w = torch.randn(96, 64, device="cuda")
+    b = torch.randn(96, device="cuda", requires_grad=True)
+    grad = torch.randn(5000, 96, device="cuda")
+    runs = [torch.autograd.grad(fusedskip.linear_relu_residual(x, w, b), b, grad)[0]
+            for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_mixed_devices_rejected():
+    with pytest.raises(RuntimeError, match="input is on device cpu but weight is on cuda"):
+        fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))

@@ -1,0 +1,110 @@
+"""The question fusedskip answers: an nn.Sequential-style MLP 30→10→15→10→20→2 whose fourth
+linear takes a skip from the second and third, by addition (ResNet-like) and by concatenation
+(UNet-like). Fused modules, the functional API and the reference must agree."""
+
+import pytest
+import torch
+from torch import nn
+
+import fusedskip
+from conftest import assert_close_rel
+
+
+class AddSkipMLP(nn.Module):
+    """h3 = relu(linear3(h2)) + h2: an add skip needs linear2's and linear3's widths to match."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.linear1 = nn.Linear(30, 10)
+        self.linear2 = api.LinearReLUResidual(10, 10)
+        self.linear3 = api.LinearReLUResidual(10, 10)
+        self.linear4 = nn.Linear(10, 20)
+        self.linear5 = nn.Linear(20, 2)
+
+    def forward(self, x):
+        h1 = torch.relu(self.linear1(x))
+        h2 = self.linear2(h1)
+        h3 = self.linear3(h2, residual=h2)
+        return self.linear5(self.linear4(h3))
+
+
+class ConcatSkipMLP(nn.Module):
+    """linear4 reads cat(h2, h3): its in_features are linear2's and linear3's widths, 15 + 10."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.linear1 = nn.Linear(30, 10)
+        self.linear2 = api.LinearReLUResidual(10, 15)
+        self.linear3 = api.LinearReLUResidual(15, 10)
+        self.linear4 = api.ConcatLinear([15, 10], 20)
+        self.linear5 = nn.Linear(20, 2)
+
+    def forward(self, x):
+        h1 = torch.relu(self.linear1(x))
+        h2 = self.linear2(h1)
+        h3 = self.linear3(h2)
+        return self.linear5(self.linear4(h2, h3))
+
+
+class FunctionalConcatSkipMLP(ConcatSkipMLP):
+    """The same model written with the functional API: the fused op's CPU kernel on CPU."""
+
+    def forward(self, x):
+        h1 = torch.relu(self.linear1(x))
+        h2 = fusedskip.linear_relu_residual(h1, self.linear2.weight, self.linear2.bias)
+        h3 = fusedskip.linear_relu_residual(h2, self.linear3.weight, self.linear3.bias)
+        h4 = fusedskip.linear_concat([h2, h3], self.linear4.weight, self.linear4.bias)
+        return self.linear5(h4)
+
+
+class FunctionalAddSkipMLP(AddSkipMLP):
+    def forward(self, x):
+        h1 = torch.relu(self.linear1(x))
+        h2 = fusedskip.linear_relu_residual(h1, self.linear2.weight, self.linear2.bias)
+        h3 = fusedskip.linear_relu_residual(h2, self.linear3.weight, self.linear3.bias, h2)
+        return self.linear5(self.linear4(h3))
+
+
+def check(model_cls, ref_cls, dtype):
+    torch.manual_seed(0)
+    ref = ref_cls(fusedskip.reference).to(dtype)
+    model = model_cls(fusedskip).to(dtype)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 30, dtype=dtype)
+    target = torch.randn(64, 2, dtype=dtype)
+    results = []
+    for m in (model, ref):
+        loss = nn.functional.mse_loss(m(x), target)
+        results.append((loss, torch.autograd.grad(loss, list(m.parameters()))))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert_close_rel(loss, ref_loss, dtype, "loss")
+    for g, rg in zip(grads, ref_grads):
+        assert_close_rel(g, rg, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model_cls,ref_cls", [
+    (AddSkipMLP, AddSkipMLP), (ConcatSkipMLP, ConcatSkipMLP),
+    (FunctionalAddSkipMLP, AddSkipMLP), (FunctionalConcatSkipMLP, ConcatSkipMLP)],
+    ids=["add-modules", "concat-modules", "add-functional", "concat-functional"])
+def test_seed_mlp_matches_reference(model_cls, ref_cls, dtype):
+    check(model_cls, ref_cls, dtype)
+
+
+def test_seed_mlp_trains():
+    """A few SGD steps with the fused functional model lower the loss exactly as the reference."""
+    torch.manual_seed(1)
+    models = [FunctionalConcatSkipMLP(fusedskip).double(), ConcatSkipMLP(fusedskip.reference).double()]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(128, 30, dtype=torch.float64), torch.randn(128, 2, dtype=torch.float64)
+    losses = [[], []]
+    for model, history in zip(models, losses):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=0)
