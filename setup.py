@@ -95,7 +95,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     if os.environ.get("FUSEDSKIP_DEBUG", "0") not in ("", "0"):
         cxx = ["-O0", "-g", "-Wall"]
     include_dirs = [os.path.join(ROOT, "csrc")]

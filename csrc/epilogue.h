@@ -56,46 +56,55 @@ template <typename scalar_t, typename gemm_t = scalar_t>
 struct ForwardEpilogueParams {
   const gemm_t* gemm;  // (rows, cols), row stride cols: x W^T; may be `out` itself
   scalar_t* out;       // (rows, cols), row stride cols
-  const scalar_t* bias;  // (cols) with bias_stride, or nullptr
-  int64_t bias_stride;
-  const scalar_t* residual;  // (rows, cols) with the two strides, or nullptr
+  const scalar_t* bias;      // (cols) contiguous, or nullptr
+  const scalar_t* residual;  // (rows, cols), row stride residual_stride_row, or nullptr
   int64_t residual_stride_row;
-  int64_t residual_stride_col;
   uint8_t* mask;  // (rows, mask_bytes_per_row(cols)), contiguous; nullptr without ReLU
   int64_t rows;
   int64_t cols;
 };
+
+// Columns [first_col, first_col + count) of one row, count <= 8. With kFull the count is 8 and
+// the loop has no bounds test: straight-line code the compiler vectorises.
+template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t,
+          typename gemm_t>
+FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t, gemm_t>& p,
+                                             int64_t row, int64_t first_col, int count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const gemm_t* gemm = p.gemm + row * p.cols + first_col;
+  scalar_t* out = p.out + row * p.cols + first_col;
+  const scalar_t* bias = p.bias + first_col;
+  const scalar_t* residual = p.residual + row * p.residual_stride_row + first_col;
+  uint8_t bits = 0;
+FS_UNROLL
+  for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+    if (kFull || bit < count) {
+      acc_t value = static_cast<acc_t>(gemm[bit]);
+      if constexpr (kBias) value += static_cast<acc_t>(bias[bit]);
+      if constexpr (kResidual == Residual::kBeforeRelu) value += static_cast<acc_t>(residual[bit]);
+      if constexpr (kRelu) {
+        bits |= static_cast<uint8_t>(relu_active(value)) << bit;
+        value = relu(value);
+      }
+      if constexpr (kResidual == Residual::kAfterRelu) value += static_cast<acc_t>(residual[bit]);
+      out[bit] = static_cast<scalar_t>(value);
+    }
+  }
+  return bits;
+}
 
 // One row, the 8 columns of one mask byte: the unit of work of a CPU loop iteration and of a
 // CUDA thread. Everything is computed in opmath (float for half types), rounded once at the end.
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
 FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t, gemm_t>& p,
                                           int64_t row, int64_t byte) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const gemm_t* gemm_row = p.gemm + row * p.cols;
-  scalar_t* out_row = p.out + row * p.cols;
   const int64_t first_col = byte * kMaskBitsPerByte;
-  uint8_t bits = 0;
-FS_UNROLL
-  for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
-    const int64_t col = first_col + bit;
-    if (col < p.cols) {
-      acc_t value = static_cast<acc_t>(gemm_row[col]);
-      if constexpr (kBias) value += static_cast<acc_t>(p.bias[col * p.bias_stride]);
-      acc_t residual = acc_t(0);
-      if constexpr (kResidual != Residual::kNone) {
-        residual = static_cast<acc_t>(
-            p.residual[row * p.residual_stride_row + col * p.residual_stride_col]);
-      }
-      if constexpr (kResidual == Residual::kBeforeRelu) value += residual;
-      if constexpr (kRelu) {
-        bits |= static_cast<uint8_t>(relu_active(value)) << bit;
-        value = relu(value);
-      }
-      if constexpr (kResidual == Residual::kAfterRelu) value += residual;
-      out_row[col] = static_cast<scalar_t>(value);
-    }
-  }
+  const int64_t left = p.cols - first_col;
+  const uint8_t bits =
+      left >= kMaskBitsPerByte
+          ? forward_epilogue_cols<kRelu, kResidual, kBias, true>(p, row, first_col, 8)
+          : forward_epilogue_cols<kRelu, kResidual, kBias, false>(p, row, first_col,
+                                                                  static_cast<int>(left));
   if constexpr (kRelu) p.mask[row * mask_bytes_per_row(p.cols) + byte] = bits;
 }
 

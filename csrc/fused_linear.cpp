@@ -219,8 +219,15 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
                          : at::empty({0}, mask_options);
   if (relu || has_bias || has_residual) {
-    const at::Tensor residual_2d = has_residual ? as_2d(*residual, g.rows, g.cols) : at::Tensor();
-    forward_epilogue(gemm, out, bias, residual_2d, relu ? mask : at::Tensor(), where);
+    // The element-wise pass reads rows of unit stride (a copy only for column-strided views).
+    at::Tensor residual_2d;
+    if (has_residual) {
+      residual_2d = as_2d(*residual, g.rows, g.cols);
+      if (residual_2d.stride(1) != 1) residual_2d = residual_2d.contiguous();
+    }
+    std::optional<at::Tensor> bias_contiguous;
+    if (has_bias) bias_contiguous = bias->contiguous();
+    forward_epilogue(gemm, out, bias_contiguous, residual_2d, relu ? mask : at::Tensor(), where);
   } else if (accumulate_fp32) {
     out.copy_(gemm);
   }

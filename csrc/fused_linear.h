@@ -57,8 +57,8 @@ const c10::TypedOperatorHandle<decltype(fused_linear)>& fused_linear_op();
 const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& fused_linear_backward_op();
 
 // Element-wise passes, one per device. `gemm` (x W^T, in the output dtype or float32) and `out`
-// are (rows, cols) contiguous and may be the same tensor; `residual` is (rows, cols) with any
-// strides or undefined; `mask` is undefined without ReLU.
+// are (rows, cols) contiguous and may be the same tensor; `bias` is contiguous; `residual` is
+// (rows, cols) with unit column stride, or undefined; `mask` is undefined without ReLU.
 void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
                           const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                           const at::Tensor& mask, Residual where);

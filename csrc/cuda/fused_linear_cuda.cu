@@ -41,10 +41,8 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
       p.gemm = gemm.const_data_ptr<gemm_t>();
       p.out = out.data_ptr<scalar_t>();
       p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-      p.bias_stride = has_bias ? bias->stride(0) : 0;
       p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
       p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
-      p.residual_stride_col = residual.defined() ? residual.stride(1) : 0;
       p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
       p.rows = rows;
       p.cols = cols;
