@@ -56,6 +56,10 @@ def cases(rows, width):
             lambda: F.linear(torch.cat([x1, x2], -1), wc, b),
             lambda: fusedskip.linear_concat([x1, x2], wc, b),
         ),
+        "concat2_relu": (
+            lambda: torch.relu(F.linear(torch.cat([x1, x2], -1), wc, b)),
+            lambda: fusedskip.linear_concat([x1, x2], wc, b, activation="relu"),
+        ),
     }
 
 
@@ -91,7 +95,7 @@ def main(argv=None):
             rows.append({"op": op, "mode": mode, "eager_us": round(eager_us, 2),
                          "fused_us": round(fused_us, 2),
                          "speedup": round(eager_us / fused_us, 3)})
-            print(f"{op:9s} {mode:17s} eager {eager_us:7.2f} us   fused {fused_us:7.2f} us   "
+            print(f"{op:12s} {mode:17s} eager {eager_us:7.2f} us   fused {fused_us:7.2f} us   "
                   f"x{eager_us / fused_us:.2f}", flush=True)
 
     meta = {
