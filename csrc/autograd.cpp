@@ -128,9 +128,24 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
   }
 };
 
+bool any_requires_grad(at::TensorList inputs, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual) {
+  for (const at::Tensor& x : inputs) {
+    if (x.requires_grad()) return true;
+  }
+  return weight.requires_grad() || (bias.has_value() && bias->requires_grad()) ||
+         (residual.has_value() && residual->requires_grad());
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(inputs, weight, bias, residual)) {
+    // No graph to record (no_grad, or nothing requires grad): skip the autograd node entirely.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
+  }
   variable_list outputs =
       FusedLinearFunction::apply(inputs, weight, bias, residual, relu, residual_before_relu);
   return {outputs[0], outputs[1]};
