@@ -190,30 +190,39 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   const bool has_residual = residual.has_value() && residual->defined();
   const Residual where = residual_kind(has_residual, relu, residual_before_relu);
 
-  // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
-  // result is rounded once, as a single GEMM over the concatenation would round it. (Upcast
-  // operands: the ATen GEMMs of both devices take them; a fused mainloop would keep the
-  // accumulator in registers instead.)
-  const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
-                                                     weight.scalar_type() == at::kBFloat16);
+  std::vector<at::Tensor> inputs_2d;
+  inputs_2d.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
+
   at::Tensor gemm;
-  int64_t offset = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
-    // Column block i of weight, transposed: a strided view the GEMM reads with its leading dim.
-    at::Tensor w_t = weight_block(weight, g, offset, i).t();
-    if (accumulate_fp32) {
-      x = x.to(at::kFloat);
-      w_t = w_t.to(at::kFloat);
+  if (use_direct_cpu_gemm(weight, g)) {
+    gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
+  } else {
+    // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
+    // result is rounded once, as a single GEMM over the concatenation would round it. (Upcast
+    // operands: the ATen GEMMs of both devices take them; a fused mainloop would keep the
+    // accumulator in registers instead.)
+    const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
+                                                       weight.scalar_type() == at::kBFloat16);
+    int64_t offset = 0;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      at::Tensor x = inputs_2d[i];
+      // Column block i of weight, transposed: a strided view the GEMM reads with its leading dim.
+      at::Tensor w_t = weight_block(weight, g, offset, i).t();
+      if (accumulate_fp32) {
+        x = x.to(at::kFloat);
+        w_t = w_t.to(at::kFloat);
+      }
+      if (i == 0) {
+        gemm = at::mm(x, w_t);
+      } else {
+        gemm.addmm_(x, w_t);
+      }
+      offset += g.widths[i];
     }
-    if (i == 0) {
-      gemm = at::mm(x, w_t);
-    } else {
-      gemm.addmm_(x, w_t);
-    }
-    offset += g.widths[i];
   }
-  at::Tensor out = accumulate_fp32 ? at::empty({g.rows, g.cols}, weight.options()) : gemm;
+  const bool gemm_is_out = gemm.scalar_type() == weight.scalar_type();
+  at::Tensor out = gemm_is_out ? gemm : at::empty({g.rows, g.cols}, weight.options());
 
   const auto mask_options = weight.options().dtype(at::kByte);
   at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
@@ -228,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
     std::optional<at::Tensor> bias_contiguous;
     if (has_bias) bias_contiguous = bias->contiguous();
     forward_epilogue(gemm, out, bias_contiguous, residual_2d, relu ? mask : at::Tensor(), where);
-  } else if (accumulate_fp32) {
+  } else if (!gemm_is_out) {
     out.copy_(gemm);
   }
   return {as_shape(out, g.out_shape), mask};
@@ -273,23 +282,38 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   grad_inputs.reserve(count);
   at::Tensor grad_weight;
   if (want_weight && count > 1) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-  int64_t offset = 0;
-  for (size_t i = 0; i < count; ++i) {
-    grad_inputs.push_back(
-        output_mask.get(i)
-            ? as_shape(at::mm(grad_preact_2d, weight_block(weight, g, offset, i)), inputs[i].sizes())
-            : empty_placeholder(weight));
-    if (want_weight) {
-      const at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
-      if (count == 1) {
-        grad_weight = at::mm(grad_preact_2d.t(), x);
-      } else {
-        // Straight into grad_weight's column block i: no per-input temporaries, no cat.
-        at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
-        at::mm_out(block, grad_preact_2d.t(), x);
-      }
+  if (use_direct_cpu_gemm(weight, g)) {
+    std::vector<at::Tensor> inputs_2d, grad_inputs_2d;
+    for (size_t i = 0; i < count; ++i) {
+      inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
+      grad_inputs.push_back(output_mask.get(i) ? at::empty(inputs[i].sizes(), weight.options())
+                                               : empty_placeholder(weight));
+      grad_inputs_2d.push_back(output_mask.get(i) ? grad_inputs.back() : at::Tensor());
     }
-    offset += g.widths[i];
+    if (want_weight && !grad_weight.defined()) {
+      grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
+    }
+    direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d,
+                             want_weight ? grad_weight : at::Tensor());
+  } else {
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      grad_inputs.push_back(output_mask.get(i)
+                                ? as_shape(at::mm(grad_preact_2d, weight_block(weight, g, offset, i)),
+                                           inputs[i].sizes())
+                                : empty_placeholder(weight));
+      if (want_weight) {
+        const at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
+        if (count == 1) {
+          grad_weight = at::mm(grad_preact_2d.t(), x);
+        } else {
+          // Straight into grad_weight's column block i: no per-input temporaries, no cat.
+          at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
+          at::mm_out(block, grad_preact_2d.t(), x);
+        }
+      }
+      offset += g.widths[i];
+    }
   }
   return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
           want_bias ? grad_bias : empty_placeholder(weight),

@@ -67,6 +67,17 @@ void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
 void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                            const at::Tensor& grad_preact, const at::Tensor& grad_bias);
 
+// Small CPU layers: x W^T (in opmath dtype) and the input / weight gradients as direct loops
+// instead of one BLAS call per input. grad_inputs_2d[i] undefined = not wanted, likewise
+// grad_weight; the defined ones are (rows, width_i) and (cols, in_features) contiguous.
+bool use_direct_cpu_gemm(const at::Tensor& weight, const Geometry& g);
+at::Tensor direct_gemm_forward_cpu(const std::vector<at::Tensor>& inputs_2d,
+                                   const at::Tensor& weight, const Geometry& g);
+void direct_gemm_backward_cpu(const at::Tensor& grad_preact,
+                              const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                              const Geometry& g, const std::vector<at::Tensor>& grad_inputs_2d,
+                              const at::Tensor& grad_weight);
+
 #ifdef FUSEDSKIP_WITH_CUDA
 void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
                            const std::optional<at::Tensor>& bias, const at::Tensor& residual,

@@ -1,5 +1,8 @@
 // CPU kernels: the element-wise passes of csrc/epilogue.h in one parallel sweep each, and the
 // op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -104,6 +107,175 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
 TORCH_LIBRARY_IMPL(fusedskip, CPU, m) {
   m.impl("fused_linear", &fused_linear);
   m.impl("fused_linear_backward", &fused_linear_backward);
+}
+
+}  // namespace fusedskip
+
+// ---------------------------------------------------------------------------------------------
+// Small layers: the GEMMs as direct loops.
+//
+// At the widths of a skip-connection MLP every ATen GEMM call costs ~3 us of dispatch and BLAS
+// set-up, more than its arithmetic, and the concat form would make one per input. Below a work
+// threshold one pass computes all of x W^T, its K loop running over the inputs in turn (the
+// CPU counterpart of a fused mainloop), accumulating in opmath.
+
+namespace fusedskip {
+namespace {
+
+// Multiply-adds below which the direct loops beat BLAS calls (measured: benchmarks/NOTES.md).
+constexpr int64_t kDirectGemmMaxWork = 1 << 15;
+
+enum class CpuGemm { kAuto, kAten, kDirect };
+
+// FUSEDSKIP_CPU_GEMM=aten|direct forces one implementation (tests run both).
+CpuGemm cpu_gemm_choice() {
+  static const CpuGemm choice = [] {
+    const char* value = std::getenv("FUSEDSKIP_CPU_GEMM");
+    if (value == nullptr || std::strcmp(value, "auto") == 0 || value[0] == '\0') {
+      return CpuGemm::kAuto;
+    }
+    if (std::strcmp(value, "aten") == 0) return CpuGemm::kAten;
+    if (std::strcmp(value, "direct") == 0) return CpuGemm::kDirect;
+    TORCH_WARN("fusedskip: FUSEDSKIP_CPU_GEMM=", value, " is not auto, aten or direct; using auto");
+    return CpuGemm::kAuto;
+  }();
+  return choice;
+}
+
+// Pointer and strides of each input viewed as (rows, width).
+template <typename scalar_t>
+struct InputBlocks {
+  const scalar_t* data[kMaxInputs];
+  int64_t stride_row[kMaxInputs];
+  int64_t stride_col[kMaxInputs];
+  int64_t width[kMaxInputs];
+  int64_t count;
+};
+
+template <typename scalar_t>
+InputBlocks<scalar_t> input_blocks(const std::vector<at::Tensor>& inputs_2d) {
+  InputBlocks<scalar_t> blocks{};
+  blocks.count = static_cast<int64_t>(inputs_2d.size());
+  for (size_t i = 0; i < inputs_2d.size(); ++i) {
+    blocks.data[i] = inputs_2d[i].const_data_ptr<scalar_t>();
+    blocks.stride_row[i] = inputs_2d[i].stride(0);
+    blocks.stride_col[i] = inputs_2d[i].stride(1);
+    blocks.width[i] = inputs_2d[i].size(1);
+  }
+  return blocks;
+}
+
+}  // namespace
+
+bool use_direct_cpu_gemm(const at::Tensor& weight, const Geometry& g) {
+  if (!weight.is_cpu()) return false;
+  switch (cpu_gemm_choice()) {
+    case CpuGemm::kAten: return false;
+    case CpuGemm::kDirect: return true;
+    default: return g.rows * g.cols * weight.size(1) <= kDirectGemmMaxWork;
+  }
+}
+
+at::Tensor direct_gemm_forward_cpu(const std::vector<at::Tensor>& inputs_2d,
+                                   const at::Tensor& weight, const Geometry& g) {
+  const int64_t rows = g.rows, cols = g.cols, in_total = weight.size(1);
+  const at::ScalarType acc_type = at::toOpMathType(weight.scalar_type());
+  at::Tensor gemm = at::empty({rows, cols}, weight.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "fused_linear_direct", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // weight^T as (in_total, cols): the innermost loop then runs over contiguous output columns.
+    std::vector<acc_t> weight_t(in_total * cols);
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < cols; ++n) {
+      for (int64_t k = 0; k < in_total; ++k) {
+        weight_t[k * cols + n] = static_cast<acc_t>(w[n * weight.stride(0) + k * weight.stride(1)]);
+      }
+    }
+    const InputBlocks<scalar_t> blocks = input_blocks<scalar_t>(inputs_2d);
+    acc_t* out = gemm.data_ptr<acc_t>();
+    at::parallel_for(0, rows, grain_rows(cols * in_total), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        acc_t* out_row = out + row * cols;
+        std::fill(out_row, out_row + cols, acc_t(0));
+        const acc_t* w_row = weight_t.data();
+        for (int64_t b = 0; b < blocks.count; ++b) {
+          const scalar_t* x = blocks.data[b] + row * blocks.stride_row[b];
+          for (int64_t k = 0; k < blocks.width[b]; ++k, w_row += cols) {
+            const acc_t xv = static_cast<acc_t>(x[k * blocks.stride_col[b]]);
+            for (int64_t n = 0; n < cols; ++n) out_row[n] += xv * w_row[n];
+          }
+        }
+      }
+    });
+  });
+  return gemm;
+}
+
+void direct_gemm_backward_cpu(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
+                              const at::Tensor& weight, const Geometry& g,
+                              const std::vector<at::Tensor>& grad_inputs_2d,
+                              const at::Tensor& grad_weight) {
+  const int64_t rows = g.rows, cols = g.cols, in_total = weight.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "fused_linear_backward_direct", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_preact.const_data_ptr<scalar_t>();
+    const int64_t gp_row = grad_preact.stride(0), gp_col = grad_preact.stride(1);
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const int64_t w_row = weight.stride(0), w_col = weight.stride(1);
+    const InputBlocks<scalar_t> blocks = input_blocks<scalar_t>(inputs_2d);
+
+    bool any_input = false;
+    for (const at::Tensor& grad : grad_inputs_2d) any_input |= grad.defined();
+    if (any_input) {
+      // grad_input[row, :] = sum_n grad_preact[row, n] * weight[n, :], all blocks in one row pass.
+      at::parallel_for(0, rows, grain_rows(cols * in_total), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(in_total);
+        for (int64_t row = begin; row < end; ++row) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t n = 0; n < cols; ++n) {
+            const acc_t gv = static_cast<acc_t>(gp[row * gp_row + n * gp_col]);
+            const scalar_t* w_n = w + n * w_row;
+            for (int64_t k = 0; k < in_total; ++k) acc[k] += gv * static_cast<acc_t>(w_n[k * w_col]);
+          }
+          int64_t offset = 0;
+          for (int64_t b = 0; b < blocks.count; ++b) {
+            if (grad_inputs_2d[b].defined()) {
+              scalar_t* dst = grad_inputs_2d[b].data_ptr<scalar_t>() + row * blocks.width[b];
+              for (int64_t k = 0; k < blocks.width[b]; ++k) {
+                dst[k] = static_cast<scalar_t>(acc[offset + k]);
+              }
+            }
+            offset += blocks.width[b];
+          }
+        }
+      });
+    }
+    if (grad_weight.defined()) {
+      // grad_weight[n, :] = sum_row grad_preact[row, n] * cat(inputs)[row, :]; rows summed in
+      // order, so the result does not depend on the thread count.
+      scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+      at::parallel_for(0, cols, grain_rows(rows * in_total), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(in_total);
+        for (int64_t n = begin; n < end; ++n) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t row = 0; row < rows; ++row) {
+            const acc_t gv = static_cast<acc_t>(gp[row * gp_row + n * gp_col]);
+            int64_t offset = 0;
+            for (int64_t b = 0; b < blocks.count; ++b) {
+              const scalar_t* x = blocks.data[b] + row * blocks.stride_row[b];
+              for (int64_t k = 0; k < blocks.width[b]; ++k) {
+                acc[offset + k] += gv * static_cast<acc_t>(x[k * blocks.stride_col[b]]);
+              }
+              offset += blocks.width[b];
+            }
+          }
+          for (int64_t k = 0; k < in_total; ++k) gw[n * in_total + k] = static_cast<scalar_t>(acc[k]);
+        }
+      });
+    }
+  });
 }
 
 }  // namespace fusedskip
