@@ -34,7 +34,8 @@ def git_commit() -> str:
                                 capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=root,
                            text=True, capture_output=True).stdout.strip()
     return commit + ("-dirty" if dirty else "")
 
