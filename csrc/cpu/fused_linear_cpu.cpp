@@ -114,8 +114,8 @@ TORCH_LIBRARY_IMPL(fusedskip, CPU, m) {
 // ---------------------------------------------------------------------------------------------
 // Small layers: the GEMMs as direct loops.
 //
-// At the widths of a skip-connection MLP every ATen GEMM call costs ~3 us of dispatch and BLAS
-// set-up, more than its arithmetic, and the concat form would make one per input. Below a work
+// At the widths of a skip-connection MLP an ATen GEMM call costs more in dispatch and BLAS
+// set-up than in arithmetic, and the concat form would make one per input. Below a work
 // threshold one pass computes all of x W^T, its K loop running over the inputs in turn (the
 // CPU counterpart of a fused mainloop), accumulating in opmath.
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one-command GPU check: build for this GPU, run the CUDA tests, compute-sanitizer on a small
+# workload, a quick fused-vs-eager benchmark; logs and results under $OUT (else
+# benchmarks/results/gpu-check-<date>/), a summary table last. Uses the python3 and torch already
+# on the machine; needs no network. Target: well under 8 minutes on an H100.
+#
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y-%m-%d)}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+declare -A STATUS
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]="rc=$rc $((SECONDS - start))s"
+  tail -n 5 "$OUT/$name.log"
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  nvcc --version | tail -n 2
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} | tee "$OUT/environment.txt"
+
+# 1. Build for the local GPU only (FUSEDSKIP_CUDA_ARCHS=native), registers/spills logged.
+step build 300 env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
+  $PY setup.py build_ext --inplace
+grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>/dev/null
+
+# 2. The CUDA tests (and the build checks), with a per-test timeout.
+step cuda_tests 240 $PY -m pytest tests/test_cuda.py tests/test_build.py -q -ra \
+  -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+
+# 3. compute-sanitizer on the smoke workload (racecheck matters once kernels share memory).
+step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/cuda_smoke.py
+
+# 4. Quick benchmark.
+step bench 120 $PY -m fusedskip.bench --quick --out "$OUT"
+
+echo
+echo "| step | result |"
+echo "|---|---|"
+for name in build cuda_tests memcheck racecheck bench; do
+  echo "| $name | ${STATUS[$name]:-not run} |"
+done | tee "$OUT/summary.md"
+grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -n 1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
