@@ -67,6 +67,39 @@ void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
 void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                            const at::Tensor& grad_preact, const at::Tensor& grad_bias);
 
+// Kernel parameters from tensors (host side, shared by the CPU and CUDA launchers).
+template <typename scalar_t, typename gemm_t>
+ForwardEpilogueParams<scalar_t, gemm_t> forward_epilogue_params(
+    const at::Tensor& gemm, const at::Tensor& out, const std::optional<at::Tensor>& bias,
+    const at::Tensor& residual, const at::Tensor& mask) {
+  ForwardEpilogueParams<scalar_t, gemm_t> p{};
+  p.gemm = gemm.const_data_ptr<gemm_t>();
+  p.out = out.data_ptr<scalar_t>();
+  p.bias = bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr;
+  p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+  p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
+  p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+  p.rows = out.size(0);
+  p.cols = out.size(1);
+  return p;
+}
+
+template <typename scalar_t>
+BackwardEpilogueParams<scalar_t> backward_epilogue_params(
+    const at::Tensor& grad_out, const at::Tensor& mask, const at::Tensor& grad_preact,
+    at::opmath_type<scalar_t>* bias_partials) {
+  BackwardEpilogueParams<scalar_t> p{};
+  p.grad_out = grad_out.const_data_ptr<scalar_t>();
+  p.grad_out_stride_row = grad_out.stride(0);
+  p.grad_out_stride_col = grad_out.stride(1);
+  p.mask = grad_preact.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
+  p.grad_preact = grad_preact.defined() ? grad_preact.data_ptr<scalar_t>() : nullptr;
+  p.bias_partials = bias_partials;
+  p.rows = grad_out.size(0);
+  p.cols = grad_out.size(1);
+  return p;
+}
+
 // Small CPU layers: x W^T (in opmath dtype) and the input / weight gradients as direct loops
 // instead of one BLAS call per input. grad_inputs_2d[i] undefined = not wanted, likewise
 // grad_weight; the defined ones are (rows, width_i) and (cols, in_features) contiguous.

@@ -37,15 +37,7 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
     auto run = [&]<typename gemm_t>() {
-      ForwardEpilogueParams<scalar_t, gemm_t> p{};
-      p.gemm = gemm.const_data_ptr<gemm_t>();
-      p.out = out.data_ptr<scalar_t>();
-      p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-      p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-      p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
-      p.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-      p.rows = rows;
-      p.cols = cols;
+      const auto p = forward_epilogue_params<scalar_t, gemm_t>(gemm, out, bias, residual, mask);
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
@@ -75,15 +67,8 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
                                   "fused_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardEpilogueParams<scalar_t> p{};
-    p.grad_out = grad_out.const_data_ptr<scalar_t>();
-    p.grad_out_stride_row = grad_out.stride(0);
-    p.grad_out_stride_col = grad_out.stride(1);
-    p.mask = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
-    p.grad_preact = relu ? grad_preact.data_ptr<scalar_t>() : nullptr;
-    p.bias_partials = has_bias ? partials.data_ptr<acc_t>() : nullptr;
-    p.rows = rows;
-    p.cols = cols;
+    const auto p = backward_epilogue_params<scalar_t>(grad_out, mask, grad_preact,
+                                                      has_bias ? partials.data_ptr<acc_t>() : nullptr);
     const int64_t units = row_blocks * mask_bytes_per_row(cols);
     if (units > 0) {
       FS_BOOL_SWITCH(relu, kRelu, [&] {
