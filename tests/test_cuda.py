@@ -158,3 +158,17 @@ def test_deterministic_bias_gradient():
 def test_mixed_devices_rejected():
     with pytest.raises(RuntimeError, match="input is on device cpu but weight is on cuda"):
         fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
+
+
+def test_output_over_two_to_the_31_elements():
+    """64-bit indexing: an output of 2^31 + 64 elements (bfloat16, 4 GiB) is right at both ends."""
+    rows, k, n = 2**31 // 64 + 1, 8, 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * rows * n * 2:
+        pytest.skip("not enough GPU memory for a 2^31-element output")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    out = fusedskip.linear_relu_residual(x, w)
+    for part in (slice(0, 1000), slice(rows - 1000, rows)):
+        ref = torch.relu(x[part].double() @ w.double().T)
+        assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
