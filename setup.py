@@ -95,9 +95,9 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     if os.environ.get("FUSEDSKIP_DEBUG", "0") not in ("", "0"):
-        cxx = ["-O0", "-g", "-Wall"]
+        cxx = ["-O0", "-g", "-std=c++20", "-Wall"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not cuda_home:
         print("fusedskip: building the CPU-only extension", file=sys.stderr)
@@ -108,7 +108,7 @@ def extensions():
     archs = os.environ.get("FUSEDSKIP_CUDA_ARCHS", "8.0;9.0a")
     print(f"fusedskip: building with CUDA from {cuda_home} for {archs}", file=sys.stderr)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-Xcompiler=-Wall", "-Xcompiler=-Wno-unused-function"] + arch_flags(archs)
     if os.environ.get("FUSEDSKIP_PTXAS_VERBOSE", "0") not in ("", "0"):
         nvcc.append("-Xptxas=-v")

@@ -195,6 +195,9 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   for (size_t i = 0; i < inputs.size(); ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
 
   at::Tensor gemm;
+  // Where the bias joins: inside the GEMM (ATen's addmm, as F.linear does: x W^T + b rounded
+  // once to the output dtype) or in the element-wise pass (when x W^T is kept in float32).
+  bool bias_in_gemm = false;
   if (use_direct_cpu_gemm(weight, g)) {
     gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
   } else {
@@ -204,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
     // accumulator in registers instead.)
     const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
                                                        weight.scalar_type() == at::kBFloat16);
+    bias_in_gemm = has_bias && !accumulate_fp32;
     int64_t offset = 0;
     for (size_t i = 0; i < inputs.size(); ++i) {
       at::Tensor x = inputs_2d[i];
@@ -213,10 +217,12 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
         x = x.to(at::kFloat);
         w_t = w_t.to(at::kFloat);
       }
-      if (i == 0) {
-        gemm = at::mm(x, w_t);
-      } else {
+      if (i > 0) {
         gemm.addmm_(x, w_t);
+      } else if (bias_in_gemm) {
+        gemm = at::addmm(*bias, x, w_t);
+      } else {
+        gemm = at::mm(x, w_t);
       }
       offset += g.widths[i];
     }
@@ -227,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   const auto mask_options = weight.options().dtype(at::kByte);
   at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
                          : at::empty({0}, mask_options);
-  if (relu || has_bias || has_residual) {
+  const bool epilogue_bias = has_bias && !bias_in_gemm;
+  if (relu || epilogue_bias || has_residual) {
     // The element-wise pass reads rows of unit stride (a copy only for column-strided views).
     at::Tensor residual_2d;
     if (has_residual) {
@@ -235,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
       if (residual_2d.stride(1) != 1) residual_2d = residual_2d.contiguous();
     }
     std::optional<at::Tensor> bias_contiguous;
-    if (has_bias) bias_contiguous = bias->contiguous();
+    if (epilogue_bias) bias_contiguous = bias->contiguous();
     forward_epilogue(gemm, out, bias_contiguous, residual_2d, relu ? mask : at::Tensor(), where);
   } else if (!gemm_is_out) {
     out.copy_(gemm);

@@ -16,10 +16,13 @@ SIZES = (1, 7, 63, 65, 127, 129, 1000)
 
 
 def poison_allocator():
-    """Fill memory the caching allocator will hand out next with NaN, so that an output element
-    the kernels never write shows up as NaN instead of a plausible stale value."""
-    block = torch.full((64 * 1024 * 1024,), float("nan"), device="cuda")
-    del block
+    """Fill memory the caching allocator will hand out next with 0xFF bytes (NaN in every float
+    dtype), in both of its pools (blocks up to 1 MiB come from a separate small pool), so an
+    output element the kernels never write shows up as NaN instead of a plausible stale value."""
+    blocks = [torch.full((64 * 1024 * 1024,), 255, dtype=torch.uint8, device="cuda")]
+    blocks += [torch.full((size,), 255, dtype=torch.uint8, device="cuda")
+               for size in (512, 4096, 65536, 512 * 1024) for _ in range(8)]
+    del blocks
 
 
 def check(sample, dtype):
@@ -76,16 +79,26 @@ def test_non_contiguous(layout):
 
 
 def test_non_default_stream():
-    sample = make_sample([64], 96, (300,), residual="add_relu", dtype=torch.float32, device="cuda")
-    expected = sample.call(fusedskip, *sample.tensors()).detach()
+    """The kernels run on the current stream: on a side stream, the input is rewritten after a
+    long sleep; a kernel launched on any other stream would read the old values."""
+    x = torch.randn(300, 64, device="cuda")
+    w = torch.randn(96, 64, device="cuda", requires_grad=True)
+    b = torch.randn(96, device="cuda", requires_grad=True)
+    r = torch.randn(300, 96, device="cuda")
+    new_x = torch.randn_like(x)
+    expected = fusedskip.reference.linear_relu_residual(new_x, w, b, r, order="add_relu")
+    expected_grads = torch.autograd.grad(expected.sum(), (w, b))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = sample.call(fusedskip, *sample.tensors())
-        grads = torch.autograd.grad(out.sum(), sample.tensors())
+        torch.cuda._sleep(50_000_000)  # ~tens of ms on the side stream only
+        x.copy_(new_x)
+        out = fusedskip.linear_relu_residual(x, w, b, r, order="add_relu")
+        grads = torch.autograd.grad(out.sum(), (w, b))
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(out, expected)
-    assert all(torch.isfinite(g).all() for g in grads)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
 
 
 def test_cuda_graph_capture_and_replay():
@@ -95,9 +108,9 @@ def test_cuda_graph_capture_and_replay():
     r = torch.randn(64, 48, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph
+    with torch.cuda.stream(stream):  # warm-up outside the graph, the same kernels as captured
         for _ in range(2):
-            fusedskip.linear_relu_residual(x, w, b, r).sum().backward()
+            fusedskip.linear_relu_residual(x, w, b, r, order="add_relu").sum().backward()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     w.grad = b.grad = None
