@@ -32,7 +32,7 @@ test: build
 	$(PY) -m pytest tests -q -ra
 
 bench: build
-	$(PY) -m fusedskip.bench --out benchmarks/results
+	$(PY) -m fusedskip.bench --model
 
 host-overhead: build
 	$(PY) benchmarks/host_overhead.py --out benchmarks/results

@@ -1,133 +1,669 @@
-"""Fused vs eager, forward and forward+backward, on whatever device is present.
+"""Benchmark: the fused layers against what a user would write instead, on whatever device is here.
 
-    python -m fusedskip.bench [--device cpu|cuda] [--dtype float32] [--quick] [--out DIR]
+    python -m fusedskip.bench                     # the standard sweep (smaller on CPU)
+    python -m fusedskip.bench --quick             # a smoke run
+    python -m fusedskip.bench --op concat2 --mode forward --sizes 8192x4096x4096
+    python -m fusedskip.bench --model             # training steps of two small models
+    python -m fusedskip.bench --plot DIR          # redraw the plots from DIR/rows.jsonl
 
-A short demonstration sweep: the seed MLP's widths (10-30) and a few larger layers, for
-linear+ReLU+residual and a two-input concat. Every fused result is checked against the reference
-before it is timed. Prints a table; with --out, writes the rows as JSON next to a markdown table.
+One row per (op, provider, mode, dtype, shape): p20/p50/p80 time, TFLOP/s, GB/s (each input
+read once, each output written once), fraction of the roofline (peaks measured on the device at
+the start of the run), speedup over eager, peak memory of forward+backward (GPU), and the device,
+versions and commit. Every provider's output is checked against the float64 reference before it
+is timed; a mismatch is recorded and the row is not timed. Results go to
+benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md, speedup.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.utils.benchmark as benchmark
+import torch.nn.functional as F
 
 import fusedskip
 from fusedskip import reference
 
-CPU_SHAPES = [(64, 10, 10), (4096, 30, 30), (4096, 256, 256), (1024, 1024, 1024)]
-CUDA_SHAPES = [(64, 10, 10), (65536, 30, 30), (8192, 1024, 1024), (8192, 4096, 4096)]
+# -------------------------------------------------------------------------------------------------
+# What is measured
+
+# op -> (number of concat inputs, ReLU, residual order or None)
+OPS = {
+    "relu_add": (1, True, "relu_add"),
+    "add_relu": (1, True, "add_relu"),
+    "linear_relu": (1, True, None),
+    "concat2": (2, False, None),
+    "concat2_relu": (2, True, None),
+    "concat4": (4, False, None),
+    "concat4_relu": (4, True, None),
+}
+MODES = ("forward", "forward+backward", "no_grad")
+CPU_PROVIDERS = ("fused", "eager", "compile")
+GPU_PROVIDERS = ("fused", "eager", "compile", "compile-max-autotune", "cublaslt", "gemm")
 
 
-def git_commit() -> str:
+def split_widths(k: int, parts: int) -> Tuple[int, ...]:
+    """Unequal widths summing to k (e.g. 4 parts of 1024 -> 128, 256, 256, 384)."""
+    if parts == 1:
+        return (k,)
+    weights = [1 + i for i in range(parts)] if parts > 2 else [1, 2]
+    total = sum(weights)
+    widths = [max(1, k * w // total) for w in weights]
+    widths[-1] = k - sum(widths[:-1])
+    return tuple(widths)
+
+
+def standard_sizes(device: str, quick: bool) -> List[Tuple[int, int, int]]:
+    """(M, K, N): the seed MLP's widths at small to large batches, mid-size layers, one large."""
+    if quick:
+        return [(64, 10, 10), (1024, 30, 30)]
+    if device == "cuda":
+        tiny = [(m, w, w) for m in (64, 1024, 65536) for w in (10, 30)]
+        mid = [(m, w, w) for m in (4096, 65536) for w in (256, 1024)]
+        return tiny + mid + [(8192, 4096, 4096)]
+    # CPU: a smaller sweep (every torch.compile graph costs seconds to build on two cores).
+    return [(64, 10, 10), (4096, 30, 30), (1024, 256, 256)]
+
+
+def parse_sizes(text: str) -> List[Tuple[int, int, int]]:
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*", item)
+        if not match:
+            raise SystemExit(f"--sizes: expected MxKxN[,MxKxN...], got {item!r}")
+        sizes.append(tuple(int(v) for v in match.groups()))
+    return sizes
+
+
+# -------------------------------------------------------------------------------------------------
+# Counting (unit-tested in tests/test_bench.py)
+
+
+def count_flops(m: int, k: int, n: int, mode: str) -> int:
+    """Forward: one GEMM, 2*M*K*N. Forward+backward: plus the input and weight gradients."""
+    return 2 * m * k * n * (3 if mode == "forward+backward" else 1)
+
+
+def count_bytes(m: int, k: int, n: int, mode: str, element: int, bias: bool = True,
+                residual: bool = False) -> int:
+    """The fewest bytes any implementation must move: each input read once, each output written
+    once. Forward reads x (M*K), W (N*K), b, r (M*N) and writes y (M*N). Backward reads the output
+    gradient, x and W, and writes dx, dW, db and dr."""
+    forward = (m * k + n * k + (n if bias else 0) + (m * n if residual else 0) + m * n) * element
+    if mode != "forward+backward":
+        return forward
+    backward = (m * n + m * k + n * k + m * k + n * k + (n if bias else 0)
+                + (m * n if residual else 0)) * element
+    return forward + backward
+
+
+def quantiles(times: Sequence[float]) -> Tuple[float, float, float]:
+    ordered = sorted(times)
+
+    def at(q):
+        position = q * (len(ordered) - 1)
+        low, high = math.floor(position), math.ceil(position)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return at(0.2), at(0.5), at(0.8)
+
+
+# -------------------------------------------------------------------------------------------------
+# Cases and providers
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    m: int
+    k: int
+    n: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def widths(self):
+        return split_widths(self.k, OPS[self.op][0])
+
+    def make_inputs(self, requires_grad: bool, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, scale=1.0):
+            t = torch.randn(*shape, generator=generator) * scale
+            return t.to(self.device, self.dtype).requires_grad_(requires_grad)
+
+        count, relu, order = OPS[self.op]
+        xs = [rand(self.m, w) for w in self.widths]
+        w = rand(self.n, self.k, scale=self.k ** -0.5)
+        b = rand(self.n)
+        r = rand(self.m, self.n) if order else None
+        return xs, w, b, r
+
+
+def eager_fn(op: str) -> Callable:
+    """The composition a user would write (the reference path)."""
+    count, relu, order = OPS[op]
+
+    def fn(xs, w, b, r):
+        if count == 1 and relu:
+            return reference.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
+        return reference.linear_concat(xs, w, b, activation="relu" if relu else None)
+
+    return fn
+
+
+def fused_fn(op: str) -> Callable:
+    count, relu, order = OPS[op]
+
+    def fn(xs, w, b, r):
+        if count == 1 and relu:
+            return fusedskip.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
+        return fusedskip.linear_concat(xs, w, b, activation="relu" if relu else None)
+
+    return fn
+
+
+def cublaslt_fn(op: str) -> Optional[Callable]:
+    """cuBLASLt's bias+ReLU epilogue through torch._addmm_activation (+ the residual after it):
+    the strongest unfused ATen path for relu(x W^T + b) (+ r). None where it does not apply."""
+    count, relu, order = OPS[op]
+    if not relu or order == "add_relu":
+        return None
+
+    def fn(xs, w, b, r):
+        x = xs[0] if count == 1 else torch.cat(xs, -1)
+        out = torch._addmm_activation(b, x, w.t())
+        return out if r is None else out + r
+
+    return fn
+
+
+def gemm_fn(op: str) -> Callable:
+    """GEMM alone on the same operands: the floor a fused epilogue should cost nothing over."""
+
+    def fn(xs, w, b, r):
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, -1)
+        return torch.mm(x, w.t())
+
+    return fn
+
+
+_compiled: Dict[Tuple[str, str], Callable] = {}
+
+
+def provider_fn(provider: str, op: str) -> Optional[Callable]:
+    if provider == "fused":
+        return fused_fn(op)
+    if provider == "eager":
+        return eager_fn(op)
+    if provider in ("compile", "compile-max-autotune"):
+        key = (provider, op)
+        if key not in _compiled:
+            mode = "max-autotune" if provider == "compile-max-autotune" else None
+            _compiled[key] = torch.compile(eager_fn(op), mode=mode, dynamic=False)
+        return _compiled[key]
+    if provider == "cublaslt":
+        return cublaslt_fn(op)
+    if provider == "gemm":
+        return gemm_fn(op)
+    raise SystemExit(f"unknown provider {provider!r}")
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def check(case: Case, provider: str, fn: Callable) -> float:
+    """Relative error of the provider's output against float64 (GEMM alone: against x W^T)."""
+    xs, w, b, r = case.make_inputs(requires_grad=False, seed=1)
+    with torch.no_grad():
+        out = fn(xs, w, b, r).double()
+        x64 = [x.double() for x in xs]
+        if provider == "gemm":
+            ref = torch.cat(x64, -1) @ w.double().t()
+        else:
+            ref = eager_fn(case.op)(x64, w.double(), b.double(),
+                                    None if r is None else r.double())
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# -------------------------------------------------------------------------------------------------
+# Timing
+
+
+def step_fn(fn: Callable, mode: str, args, grad: Optional[torch.Tensor]) -> Callable:
+    xs, w, b, r = args
+    if mode == "no_grad":
+        def run():
+            with torch.no_grad():
+                fn(xs, w, b, r)
+    elif mode == "forward":
+        def run():
+            fn(xs, w, b, r)
+    else:
+        tensors = [t for t in (*xs, w, b, r) if t is not None]
+
+        def run():
+            torch.autograd.grad(fn(xs, w, b, r), tensors, grad)
+    return run
+
+
+def time_cuda(steps: List[Callable], repeats: int) -> List[float]:
+    """CUDA events around each call, inputs rotated so small shapes do not run from cache."""
+    for run in steps:
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        steps[i % len(steps)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return times
+
+
+def time_cpu(steps: List[Callable], min_run_time: float) -> List[float]:
+    import torch.utils.benchmark as benchmark
+
+    rotate = {"i": 0}
+
+    def stmt():
+        steps[rotate["i"] % len(steps)]()
+        rotate["i"] += 1
+
+    measurement = benchmark.Timer("stmt()", globals={"stmt": stmt}).blocked_autorange(
+        min_run_time=min_run_time)
+    return [t * 1e6 for t in measurement.times]
+
+
+def peak_memory_mb(fn: Callable, args, grad) -> Optional[float]:
+    """Peak of torch.cuda.max_memory_allocated over one forward+backward, above what was
+    allocated before it (inputs and parameters excluded)."""
+    if not torch.cuda.is_available() or args[1].device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step_fn(fn, "forward+backward", args, grad)()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_peaks(device: str) -> Dict[str, float]:
+    """The device's matmul rate and copy bandwidth, measured once per run."""
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        src = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        mm_us = min(time_cuda([lambda: torch.mm(a, a)], 20))
+        copy_us = min(time_cuda([lambda: dst.copy_(src)], 20))
+        return {"tflops": 2 * 8192**3 / mm_us / 1e6, "gbps": 2 * src.nbytes / copy_us / 1e3}
+    a = torch.randn(1024, 1024)
+    src = torch.randn(2**25)
+    dst = torch.empty_like(src)
+    mm_us = min(time_cpu([lambda: torch.mm(a, a)], 0.3))
+    copy_us = min(time_cpu([lambda: dst.copy_(src)], 0.3))
+    return {"tflops": 2 * 1024**3 / mm_us / 1e6, "gbps": 2 * src.nbytes / copy_us / 1e3}
+
+
+# -------------------------------------------------------------------------------------------------
+# The run
+
+
+def environment(device: str) -> Dict[str, object]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                                 capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=root, text=True,
+                               capture_output=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=root,
-                           text=True, capture_output=True).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
+        commit = "unknown"
+    name = (torch.cuda.get_device_name() if device == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0], "commit": commit,
+            "date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count()}
 
 
-def make_case(op, rows, k, n, device, dtype):
-    def rand(*shape, grad=False):
-        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+class Progress:
+    """One line on stderr, rewritten: done/total, elapsed, what runs now."""
 
-    w, b = rand(n, k, grad=True), rand(n, grad=True)
-    if op == "relu_add":
-        x, r = rand(rows, k, grad=True), rand(rows, n)
-        return ((x, w, b, r),
-                lambda: fusedskip.linear_relu_residual(x, w, b, r),
-                lambda: reference.linear_relu_residual(x, w, b, r))
-    x1, x2 = rand(rows, k // 2, grad=True), rand(rows, k - k // 2, grad=True)
-    return ((x1, x2, w, b),
-            lambda: fusedskip.linear_concat([x1, x2], w, b),
-            lambda: reference.linear_concat([x1, x2], w, b))
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def update(self, what: str):
+        self.done += 1
+        bar = "#" * int(30 * self.done / self.total)
+        print(f"\r[{bar:<30s}] {self.done}/{self.total} {time.time() - self.start:5.0f}s "
+              f"{what[:60]:<60s}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        print(file=sys.stderr)
 
 
-def time_us(fn, mode, min_run_time):
-    if mode == "forward+backward":
-        def stmt():
-            fn().sum().backward()
+def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
+    dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+    sizes = parse_sizes(args.sizes) if args.sizes else standard_sizes(device, args.quick)
+    if args.op:
+        ops = args.op.split(",")
+    elif args.quick:
+        ops = ["relu_add", "concat2"]
     else:
-        stmt = fn
-    return benchmark.Timer("stmt()", globals={"stmt": stmt}).blocked_autorange(
-        min_run_time=min_run_time).median * 1e6
+        ops = list(OPS) if device == "cuda" else ["relu_add", "add_relu", "concat2_relu", "concat4"]
+    if args.mode:
+        modes = args.mode.split(",")
+    else:
+        modes = list(MODES) if device == "cuda" and not args.quick else ["forward",
+                                                                         "forward+backward"]
+    providers = args.providers.split(",") if args.providers else list(
+        GPU_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
+    for name, values, known in (("--op", ops, OPS), ("--mode", modes, MODES),
+                                ("--providers", providers, GPU_PROVIDERS)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise SystemExit(f"{name}: unknown {unknown}; choose from {list(known)}")
+
+    # Every (op, shape, mode) is its own graph; the default limit would silently fall back to
+    # eager after eight of them.
+    torch._dynamo.config.cache_size_limit = 4096
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+    peaks = measure_peaks(device)
+    print(f"peaks on {env['device_name']}: {peaks['tflops']:.1f} TFLOP/s matmul, "
+          f"{peaks['gbps']:.0f} GB/s copy", flush=True)
+    repeats = 30 if args.quick else 200
+    min_run_time = 0.05 if args.quick else 0.3
+    progress = Progress(len(dtypes) * len(sizes) * len(ops) * len(modes) * len(providers))
+    rows = []
+    for dtype, (m, k, n), op, mode in ((d, s, o, md) for d in dtypes for s in sizes
+                                        for o in ops for md in modes):
+        case = Case(op, m, max(k, OPS[op][0]), n, dtype, device)
+        count, relu, order = OPS[op]
+        element = torch.empty((), dtype=dtype).element_size()
+        # Enough input sets that one rotation is larger than the last-level cache.
+        one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)
+        sets = max(1, min(8, (64 << 20) // max(1, one_set))) if device == "cuda" else 1
+        arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
+                    for s in range(sets)]
+        grad = torch.randn(m, n, device=device, dtype=dtype)
+        eager_p50 = None
+        for provider in providers:
+            progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
+            fn = provider_fn(provider, op)
+            row = {"op": op, "provider": provider, "mode": mode, "dtype": str(dtype).split(".")[-1],
+                   "M": m, "K": list(case.widths), "N": n, **env,
+                   "flops": count_flops(m, case.k, n, mode),
+                   "bytes": count_bytes(m, case.k, n, mode, element,
+                                        residual=order is not None)}
+            if fn is None or (provider == "gemm" and mode != "forward"):
+                continue  # not a meaningful comparison for this op / mode
+            try:
+                err = check(case, provider, fn)
+            except Exception as error:  # e.g. a compile failure: recorded, not fatal
+                row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
+                rows.append(row)
+                continue
+            row["rel_err"] = err
+            if not err <= TOLERANCE[dtype]:
+                row["status"] = f"mismatch (relative error {err:.3g})"
+                rows.append(row)
+                continue
+            steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
+            times = time_cuda(steps, repeats) if device == "cuda" else time_cpu(steps, min_run_time)
+            p20, p50, p80 = quantiles(times)
+            row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
+                       tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
+            floor_us = max(row["flops"] / (peaks["tflops"] * 1e6), row["bytes"] / (peaks["gbps"] * 1e3))
+            row["roofline_fraction"] = floor_us / p50
+            if mode == "forward+backward":
+                row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
+            if provider == "eager":
+                eager_p50 = p50
+            rows.append(row)
+        for row in rows:
+            if (row["op"], row["mode"], row["M"], row["N"], row["dtype"]) == (
+                    op, mode, m, n, str(dtype).split(".")[-1]) and row.get("p50_us") and eager_p50:
+                row["speedup_vs_eager"] = eager_p50 / row["p50_us"]
+    progress.close()
+    return rows
 
 
-def main(argv=None):
+# -------------------------------------------------------------------------------------------------
+# Model level: training steps
+
+
+def residual_mlp(api, width: int, blocks: int):
+    layers = torch.nn.ModuleList(api.LinearReLUResidual(width, width) for _ in range(blocks))
+
+    class ResidualMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x, residual=x)
+            return x
+
+    return ResidualMLP()
+
+
+def unet_mlp(api, width: int):
+    class UNetMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.ModuleList(api.LinearReLUResidual(width, width) for _ in range(3))
+            self.up = torch.nn.ModuleList(api.ConcatLinear([width, width], width, activation="relu")
+                                          for _ in range(3))
+
+        def forward(self, x):
+            skips = []
+            for layer in self.down:
+                x = layer(x)
+                skips.append(x)
+            for layer, skip in zip(self.up, reversed(skips)):
+                x = layer(x, skip)
+            return x
+
+    return UNetMLP()
+
+
+def run_models(args, device: str, env) -> List[dict]:
+    dtype = getattr(torch, args.dtype.split(",")[0])
+    batch, width = (256, 64) if args.quick else ((8192, 1024) if device == "cuda" else (1024, 128))
+    rows = []
+    for model_name in ("residual_mlp16", "unet_mlp"):
+        for provider in ("fused", "eager", "compile"):
+            api = fusedskip if provider == "fused" else reference
+            torch.manual_seed(0)
+            model = (residual_mlp(api, width, 16) if model_name == "residual_mlp16"
+                     else unet_mlp(api, width)).to(device, dtype)
+            if provider == "compile":
+                model = torch.compile(model)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            x = torch.randn(batch, width, device=device, dtype=dtype)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                model(x).float().square().mean().backward()
+                opt.step()
+
+            steps = [step]
+            times = time_cuda(steps, 30 if args.quick else 100) if device == "cuda" else \
+                time_cpu(steps, 0.2 if args.quick else 1.0)
+            p20, p50, p80 = quantiles(times)
+            peak = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows.append({"model": model_name, "provider": provider, "batch": batch, "width": width,
+                         "dtype": str(dtype).split(".")[-1], "p20_us": p20, "p50_us": p50,
+                         "p80_us": p80, "peak_mem_mb": peak, **env})
+            print(f"{model_name:15s} {provider:8s} step {p50:10.1f} us"
+                  + (f"  peak {peak:8.1f} MiB" if peak is not None else ""), flush=True)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------
+# Output
+
+
+def write_rows(rows: List[dict], out_dir: str, stem: str = "rows"):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    keys = sorted({key for row in rows for key in row})
+    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    lines = ["| op | mode | dtype | M | K | N | provider | p50 µs | p20–p80 µs | TFLOP/s | GB/s | "
+             "roofline | vs eager | peak MiB | status |",
+             "|---|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("status") == "ok":
+            mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else ""
+            lines.append(
+                f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | {r['N']} | "
+                f"{r['provider']} | {r['p50_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | "
+                f"{r['tflops']:.3f} | {r['gbps']:.1f} | {r['roofline_fraction']:.3f} | "
+                f"{r.get('speedup_vs_eager', float('nan')):.2f} | {mem} | ok |")
+        else:
+            lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | "
+                         f"{r['N']} | {r['provider']} | | | | | | | | {r.get('status')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None):
+    """Speedup over eager against problem size (M*K*N), one line per provider, one panel per
+    (op, mode); with model rows, a second figure of training-step peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("speedup_vs_eager")]
+    panels = sorted({(r["op"], r["mode"]) for r in ok})
+    if panels:
+        cols = min(3, len(panels))
+        rows_n = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
+        for ax, (op, mode) in zip(axes.flat, panels):
+            for provider in sorted({r["provider"] for r in ok}):
+                points = sorted((r["M"] * sum(r["K"]) * r["N"], r["speedup_vs_eager"])
+                                for r in ok if (r["op"], r["mode"], r["provider"]) == (op, mode, provider))
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=provider)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_title(f"{op}, {mode}", fontsize=10)
+            ax.set_xlabel("M·K·N")
+            ax.set_ylabel("speedup over eager")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=8)
+        first = ok[0]
+        fig.suptitle(f"{first['device_name']}, {first['dtype']}, torch {first['torch']}, "
+                     f"commit {first['commit']}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    if model_rows:
+        mem = [r for r in model_rows if r.get("peak_mem_mb") is not None]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{r['model']}\n{r['provider']}" for r in (mem or model_rows)]
+        values = [r["peak_mem_mb"] if mem else r["p50_us"] for r in (mem or model_rows)]
+        ax.bar(range(len(values)), values)
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_ylabel("peak memory (MiB)" if mem else "training step (µs)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(os.path.dirname(path), "models.png"), dpi=110)
+        plt.close(fig)
+
+
+def read_jsonl(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if fusedskip.cuda_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--quick", action="store_true", help="two shapes, short timings")
-    parser.add_argument("--out", default=None, help="folder for the rows (JSON) and table (md)")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated; default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: two ops, two sizes")
+    parser.add_argument("--op", help=f"comma-separated from {list(OPS)}")
+    parser.add_argument("--mode", help=f"comma-separated from {list(MODES)}")
+    parser.add_argument("--providers", help=f"comma-separated from {list(GPU_PROVIDERS)}")
+    parser.add_argument("--sizes", help="MxKxN[,MxKxN...]")
+    parser.add_argument("--model", action="store_true", help="also time two models' training steps")
+    parser.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--plot", metavar="DIR", help="redraw DIR's plots from DIR/rows.jsonl")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
-    if args.quick:
-        shapes = shapes[:2]
-    min_run_time = 0.05 if args.quick else 0.3
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine())
+    if args.plot:
+        model_path = os.path.join(args.plot, "models.jsonl")
+        plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")), os.path.join(args.plot, "speedup.png"),
+             read_jsonl(model_path) if os.path.exists(model_path) else None)
+        print(f"redrew {args.plot}/speedup.png")
+        return 0
 
-    rows = []
-    total = len(shapes) * 2 * 2
-    print(f"fusedskip {fusedskip.__version__} on {name} ({device.type}), {dtype}, "
-          f"torch {torch.__version__}", flush=True)
-    header = f"{'op':9s} {'shape (M, K, N)':20s} {'mode':17s} {'eager µs':>10s} {'fused µs':>10s}  speedup"
-    print(header)
-    for op in ("relu_add", "concat2"):
-        for rows_, k, n in shapes:
-            tensors, fused, eager = make_case(op, rows_, k, n, device, dtype)
-            out, ref = fused(), eager()
-            err = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-            for mode in ("forward", "forward+backward"):
-                row = {"op": op, "M": rows_, "K": k, "N": n, "mode": mode, "dtype": str(dtype),
-                       "device": name, "rel_err": err, "correct": err <= tolerance}
-                if row["correct"]:
-                    row["eager_us"] = time_us(eager, mode, min_run_time)
-                    row["fused_us"] = time_us(fused, mode, min_run_time)
-                    row["speedup"] = row["eager_us"] / row["fused_us"]
-                    print(f"{op:9s} {str((rows_, k, n)):20s} {mode:17s} {row['eager_us']:10.1f} "
-                          f"{row['fused_us']:10.1f}  x{row['speedup']:.2f}   "
-                          f"[{len(rows) + 1}/{total}]", flush=True)
-                else:
-                    print(f"{op:9s} {str((rows_, k, n)):20s} {mode:17s} MISMATCH: relative "
-                          f"error {err:.3g} > {tolerance:g}, not timed", flush=True)
-                rows.append(row)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible to torch")
+    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    env = environment(device)
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+        f"{re.sub(r'[^A-Za-z0-9]+', '-', env['device_name']).strip('-').lower()}-{env['date']}")
+    print(f"fusedskip {fusedskip.__version__}, torch {env['torch']}, {env['device_name']}, "
+          f"commit {env['commit']} -> {out}", flush=True)
 
-    if args.out:
-        meta = {"device": name, "dtype": str(dtype), "torch": torch.__version__,
-                "cuda": torch.version.cuda, "python": sys.version.split()[0],
-                "commit": git_commit(), "date": datetime.date.today().isoformat()}
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"bench-{device.type}-{meta['date']}")
-        with open(path + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(path + ".md", "w") as f:
-            f.write(f"# fused vs eager on {name}\n\n{json.dumps(meta)}\n\n")
-            f.write("| op | M, K, N | mode | eager µs | fused µs | speedup |\n")
-            f.write("|---|---|---|---:|---:|---:|\n")
-            for r in rows:
-                if r["correct"]:
-                    f.write(f"| {r['op']} | {r['M']}, {r['K']}, {r['N']} | {r['mode']} | "
-                            f"{r['eager_us']:.1f} | {r['fused_us']:.1f} | {r['speedup']:.2f} |\n")
-        print(f"wrote {path}.json and .md")
-    return 0 if all(r["correct"] for r in rows) else 1
+    rows = run_sweep(args, device, env)
+    write_rows(rows, out)
+    table = markdown_table(rows)
+    model_rows = run_models(args, device, env) if args.model else None
+    if model_rows:
+        write_rows(model_rows, out, "models")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"# fusedskip benchmark: {env['device_name']}\n\n"
+                f"torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}, commit "
+                f"{env['commit']}, {env['date']}\n\n{table}\n")
+        if model_rows:
+            f.write("\n| model | provider | batch × width | p50 µs | peak MiB |\n|---|---|---|---:|---:|\n")
+            for r in model_rows:
+                mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else ""
+                f.write(f"| {r['model']} | {r['provider']} | {r['batch']} × {r['width']} | "
+                        f"{r['p50_us']:.1f} | {mem} |\n")
+    plot(rows, os.path.join(out, "speedup.png"), model_rows)
+    print(table)
+    print(f"wrote {out}/rows.jsonl, rows.csv, table.md, speedup.png")
+    bad = [r for r in rows if r.get("status") != "ok"]
+    return 1 if any(str(r.get("status", "")).startswith("mismatch") for r in bad) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The benchmark: counting, and a --quick run of the CLI on CPU (rows, correctness, plots)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fusedskip import bench
+
+
+def test_flop_counting():
+    assert bench.count_flops(64, 10, 20, "forward") == 2 * 64 * 10 * 20
+    assert bench.count_flops(64, 10, 20, "no_grad") == 2 * 64 * 10 * 20
+    assert bench.count_flops(64, 10, 20, "forward+backward") == 3 * 2 * 64 * 10 * 20
+
+
+def test_byte_counting():
+    m, k, n, e = 64, 10, 20, 2
+    forward = (m * k + n * k + n + m * n) * e  # x, W, b read; y written
+    assert bench.count_bytes(m, k, n, "forward", e) == forward
+    assert bench.count_bytes(m, k, n, "forward", e, residual=True) == forward + m * n * e
+    assert bench.count_bytes(m, k, n, "forward", e, bias=False) == forward - n * e
+    # backward: dy, x, W read; dx, dW, db written
+    backward = (m * n + m * k + n * k + m * k + n * k + n) * e
+    assert bench.count_bytes(m, k, n, "forward+backward", e) == forward + backward
+
+
+def test_quantiles_and_widths():
+    assert bench.quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (1.8, 3.0, 4.2)
+    for k, parts in ((10, 2), (1024, 4), (7, 4), (30, 1)):
+        widths = bench.split_widths(k, parts)
+        assert len(widths) == parts and sum(widths) == k and min(widths) >= 1
+        assert parts == 1 or len(set(widths)) > 1  # unequal widths
+
+
+def test_sizes_option():
+    assert bench.parse_sizes("64x10x10,8192x4096x4096") == [(64, 10, 10), (8192, 4096, 4096)]
+    with pytest.raises(SystemExit):
+        bench.parse_sizes("64x10")
+
+
+def test_quick_run_on_cpu(tmp_path):
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--model", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in rows} == {"fused", "eager", "compile"}
+    assert {r["op"] for r in rows} == {"relu_add", "concat2"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["rel_err"] <= bench.TOLERANCE[torch.float32]
+        assert 0 < row["p20_us"] <= row["p50_us"] <= row["p80_us"]
+        assert row["tflops"] > 0 and row["gbps"] > 0 and row["roofline_fraction"] > 0
+        assert row["speedup_vs_eager"] > 0
+        for key in ("device_name", "torch", "commit", "date"):
+            assert row[key]
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(r["speedup_vs_eager"] == 1.0 for r in eager)
+    for name in ("rows.csv", "table.md", "speedup.png", "models.jsonl", "models.png"):
+        assert (out / name).stat().st_size > 0, name
+    # --plot redraws from the saved rows
+    os.remove(out / "speedup.png")
+    assert bench.main(["--plot", str(out)]) == 0
+    assert (out / "speedup.png").stat().st_size > 0
+
+
+def test_mismatch_is_reported_not_timed(tmp_path, monkeypatch):
+    """A provider that returns a wrong answer gets a 'mismatch' row without timings."""
+    real = bench.fused_fn
+
+    def wrong(op):
+        fn = real(op)
+        return lambda *args: fn(*args) * 1.5
+
+    monkeypatch.setattr(bench, "fused_fn", wrong)
+    out = tmp_path / "results"
+    code = bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager",
+                       "--op", "relu_add", "--mode", "forward", "--sizes", "64x10x10",
+                       "--out", str(out)])
+    assert code == 1
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    fused = [r for r in rows if r["provider"] == "fused"]
+    assert fused and fused[0]["status"].startswith("mismatch") and "p50_us" not in fused[0]
