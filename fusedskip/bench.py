@@ -598,7 +598,7 @@ def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None):
         labels = [f"{r['model']}\n{r['provider']}" for r in (mem or model_rows)]
         values = [r["peak_mem_mb"] if mem else r["p50_us"] for r in (mem or model_rows)]
         ax.bar(range(len(values)), values)
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=25, ha="right")
         ax.set_ylabel("peak memory (MiB)" if mem else "training step (µs)")
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(path), "models.png"), dpi=110)
