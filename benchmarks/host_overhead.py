@@ -10,11 +10,9 @@ Writes <out>/host-overhead-<device>-<date>.json (+ .md) with versions and the co
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -22,19 +20,7 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 import fusedskip
-
-
-def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from fusedskip.bench import environment
 
 
 def cases(rows, width):
@@ -146,6 +132,7 @@ def main(argv=None):
         parts.append({"what": name, "us": round(us, 2)})
         print(f"{name:40s} {us:8.2f} us", flush=True)
 
+    env = environment("cpu")
     meta = {
         "what": f"host time per call, CPU, {args.rows}x{args.width}->{args.width}, "
                 f"{args.threads} thread(s), torch.utils.benchmark median, smallest of "
@@ -154,8 +141,8 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "commit": git_commit(),
-        "date": datetime.date.today().isoformat(),
+        "commit": env["commit"],
+        "date": env["date"],
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"host-overhead-cpu-{meta['date']}")

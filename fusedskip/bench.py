@@ -152,27 +152,24 @@ class Case:
         return xs, w, b, r
 
 
-def eager_fn(op: str) -> Callable:
-    """The composition a user would write (the reference path)."""
+def layer_fn(api, op: str) -> Callable:
+    """The op through `api`: fusedskip (fused) or fusedskip.reference (what a user would write)."""
     count, relu, order = OPS[op]
 
     def fn(xs, w, b, r):
         if count == 1 and relu:
-            return reference.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
-        return reference.linear_concat(xs, w, b, activation="relu" if relu else None)
+            return api.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
+        return api.linear_concat(xs, w, b, activation="relu" if relu else None)
 
     return fn
+
+
+def eager_fn(op: str) -> Callable:
+    return layer_fn(reference, op)
 
 
 def fused_fn(op: str) -> Callable:
-    count, relu, order = OPS[op]
-
-    def fn(xs, w, b, r):
-        if count == 1 and relu:
-            return fusedskip.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
-        return fusedskip.linear_concat(xs, w, b, activation="relu" if relu else None)
-
-    return fn
+    return layer_fn(fusedskip, op)
 
 
 def cublaslt_fn(op: str) -> Optional[Callable]:
