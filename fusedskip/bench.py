@@ -208,8 +208,10 @@ def provider_fn(provider: str, op: str) -> Optional[Callable]:
     if provider in ("compile", "compile-max-autotune"):
         key = (provider, op)
         if key not in _compiled:
+            # torch.compile's defaults, as a user gets them (automatic dynamic shapes: one graph
+            # per op and mode after the second size, not one per size).
             mode = "max-autotune" if provider == "compile-max-autotune" else None
-            _compiled[key] = torch.compile(eager_fn(op), mode=mode, dynamic=False)
+            _compiled[key] = torch.compile(eager_fn(op), mode=mode)
         return _compiled[key]
     if provider == "cublaslt":
         return cublaslt_fn(op)
@@ -368,8 +370,13 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
     else:
         modes = list(MODES) if device == "cuda" and not args.quick else ["forward",
                                                                          "forward+backward"]
-    providers = args.providers.split(",") if args.providers else list(
-        GPU_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
+    if args.providers:
+        providers = args.providers.split(",")
+    elif device == "cuda":
+        # max-autotune spends tens of seconds compiling each graph: not in a smoke run.
+        providers = [p for p in GPU_PROVIDERS if not (args.quick and p == "compile-max-autotune")]
+    else:
+        providers = list(CPU_PROVIDERS)
     for name, values, known in (("--op", ops, OPS), ("--mode", modes, MODES),
                                 ("--providers", providers, GPU_PROVIDERS)):
         unknown = [v for v in values if v not in known]
