@@ -1,0 +1,62 @@
+"""torch.autocast: the fused op casts like nn.Linear does (to the autocast dtype; float64 left
+alone) and matches the reference within the dtype's tolerance; gradients reach float32
+parameters."""
+
+import pytest
+import torch
+
+import fusedskip
+from conftest import CUDA, assert_close_rel
+
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def autocast_dtypes(device):
+    return [torch.bfloat16] if device == "cpu" else [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["relu_add", "add_relu", "concat", "concat_relu"])
+def test_autocast_matches_reference(device, form):
+    for dtype in autocast_dtypes(device):
+        torch.manual_seed(0)
+        x = torch.randn(33, 24, device=device)
+        w = torch.randn(20, 24, device=device, requires_grad=True)
+        b = torch.randn(20, device=device, requires_grad=True)
+        r = torch.randn(33, 20, device=device)
+        with torch.autocast(device, dtype=dtype):
+            if form in ("relu_add", "add_relu"):
+                out = fusedskip.linear_relu_residual(x, w, b, r, order=form)
+            else:
+                out = fusedskip.linear_concat([x[:, :7], x[:, 7:]], w, b,
+                                              activation="relu" if form == "concat_relu" else None)
+        assert out.dtype == dtype
+        # float64 reference from the values autocast hands the op (each cast to `dtype`)
+        x64, w64, b64, r64 = (t.detach().to(dtype).double() for t in (x, w, b, r))
+        pre = x64 @ w64.T + b64
+        if form == "relu_add":
+            ref = torch.relu(pre) + r64
+        elif form == "add_relu":
+            ref = torch.relu(pre + r64)
+        else:
+            ref = torch.relu(pre) if form == "concat_relu" else pre
+        assert_close_rel(out, ref, dtype, form)
+        out.float().sum().backward()
+        assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+        assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_only_under_autocast(device):
+    x = torch.randn(4, 6, device=device, dtype=torch.bfloat16)  # e.g. from an autocast layer
+    w = torch.randn(5, 6, device=device)
+    with pytest.raises(TypeError, match="input has dtype torch.bfloat16 but weight has dtype"):
+        fusedskip.linear_relu_residual(x, w)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert fusedskip.linear_relu_residual(x, w).dtype == torch.bfloat16
+
+
+def test_float64_is_left_alone():
+    x, w = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusedskip.linear_relu_residual(x, w).dtype == torch.float64
