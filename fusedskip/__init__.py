@@ -3,6 +3,7 @@
     linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu_add")
     linear_concat(inputs, weight, bias=None, *, activation=None)
     LinearReLUResidual, ConcatLinear          drop-in nn.Modules (nn.Linear's parameters)
+    fuse(model, example_inputs=...)           rewrite an existing model to use them
     fusedskip.reference                       the pure-PyTorch ground truth
 """
 
@@ -10,10 +11,11 @@ import torch
 
 from . import _ops, reference
 from .functional import linear_concat, linear_relu_residual
+from .fuse import FuseReport, fuse
 from .modules import ConcatLinear, LinearReLUResidual
 
 __all__ = ["linear_relu_residual", "linear_concat", "LinearReLUResidual", "ConcatLinear",
-           "reference", "cuda_available", "extension_loaded"]
+           "fuse", "FuseReport", "reference", "cuda_available", "extension_loaded"]
 __version__ = "0.1.0"
 
 

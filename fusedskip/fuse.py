@@ -1,0 +1,248 @@
+"""fuse(): rewrite an existing model to use the fused layers, sharing its parameters.
+
+A torch.fx pass over the model's graph finds
+
+  * ``Linear -> ReLU -> + residual``  (order="relu_add")
+  * ``Linear -> + residual -> ReLU``  (order="add_relu")
+  * ``Linear -> ReLU``
+  * ``torch.cat([...], -1) -> Linear`` (and a ReLU after it)
+
+with ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or ``.relu()``, and ``+`` / ``torch.add``,
+and replaces each with a LinearReLUResidual or ConcatLinear that holds the Linear's own weight and
+bias (no copies). A pattern is fused only where that is provably the same computation: the
+intermediate results have no other users, the residual has exactly the output's shape and dtype
+(no broadcasting), the concatenation runs along the last dim. Shapes come from ``example_inputs``;
+without them, the patterns that need a shape (residuals, concatenations) are reported as skipped.
+
+Code that FX cannot trace is left alone: the model comes back unchanged, and the report says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .modules import ConcatLinear, LinearReLUResidual
+from .reference import MAX_INPUTS
+
+__all__ = ["fuse", "FuseReport"]
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What fuse() did: `fused` holds (where, pattern, replacement), `skipped` (where, why)."""
+
+    fused: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    traced: bool = True
+
+    def __str__(self) -> str:
+        lines = [f"fusedskip.fuse: {len(self.fused)} fused, {len(self.skipped)} skipped"]
+        lines += [f"  fused   {where}: {pattern} -> {replacement}"
+                  for where, pattern, replacement in self.fused]
+        lines += [f"  skipped {where}: {why}" for where, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_relu(node: torch.fx.Node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target == "add" and len(node.args) == 2 \
+        and not node.kwargs
+
+
+def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear:
+        return modules[node.target]
+    return None
+
+
+def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _meta(node) -> Optional[Any]:
+    return node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+
+
+def _add_module(gm: torch.fx.GraphModule, base: str, module: nn.Module) -> str:
+    name, i = f"{base.replace('.', '_')}_fused", 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base.replace('.', '_')}_fused{i}"
+    gm.add_module(name, module)
+    return name
+
+
+def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, args,
+             base: str) -> str:
+    """Call `module` in place of the single-user chain first -> ... -> last."""
+    chain = [first]
+    while chain[-1] is not last:
+        chain.append(next(iter(chain[-1].users)))
+    name = _add_module(gm, base, module)
+    with gm.graph.inserting_before(last):  # every argument is defined before the chain's end
+        new = gm.graph.call_module(name, tuple(args))
+    new.meta.update(last.meta)
+    last.replace_all_uses_with(new)
+    for node in reversed(chain):
+        gm.graph.erase_node(node)
+    return name
+
+
+def _residual_of(add: torch.fx.Node, previous: torch.fx.Node):
+    other = add.args[1] if add.args[0] is previous else add.args[0]
+    return other if isinstance(other, torch.fx.Node) else None
+
+
+def _same_shape_and_dtype(a, b) -> Optional[str]:
+    meta_a, meta_b = _meta(a), _meta(b)
+    if meta_a is None or meta_b is None:
+        return "shapes unknown: pass example_inputs so the residual's shape can be checked"
+    if tuple(meta_a.shape) != tuple(meta_b.shape):
+        return (f"residual shape {tuple(meta_b.shape)} differs from the output's "
+                f"{tuple(meta_a.shape)} (broadcasting is not fused)")
+    if meta_a.dtype != meta_b.dtype:
+        return f"residual dtype {meta_b.dtype} differs from the output's {meta_a.dtype}"
+    return None
+
+
+def _fuse_linear_chains(gm, modules, report: FuseReport):
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False):
+            continue
+        linear = _linear(node, modules)
+        if linear is None or len(node.args) != 1 or node.kwargs:
+            continue
+        x = node.args[0]
+        if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is torch.cat:
+            continue  # the concat pass takes it
+        user = _only_user(node)
+        if user is None:
+            if len(node.users) > 1:
+                report.skipped.append((node.name, "the linear's output has several users"))
+            continue
+        relu = add = None
+        if _is_relu(user, modules):
+            relu = user
+            after = _only_user(relu)
+            if after is not None and _is_add(after) and _residual_of(after, relu) is not None:
+                add = after
+            order = "relu_add"
+        elif _is_add(user) and _residual_of(user, node) is not None:
+            add = user
+            after = _only_user(add)
+            if after is None or not _is_relu(after, modules):
+                continue  # linear + add without a ReLU: nothing to fuse
+            relu = after
+            order = "add_relu"
+        else:
+            continue
+        last = relu if order == "add_relu" or add is None else add
+        residual = _residual_of(add, relu if order == "relu_add" else node) if add else None
+        if residual is not None:
+            problem = _same_shape_and_dtype(last, residual)
+            if problem:
+                report.skipped.append((node.name, problem))
+                if order == "add_relu":
+                    continue
+                last, residual = relu, None  # still fuse Linear -> ReLU
+        fused = LinearReLUResidual.from_linear(linear, order=order)
+        pattern = ("Linear -> ReLU" if residual is None else
+                   "Linear -> ReLU -> add" if order == "relu_add" else "Linear -> add -> ReLU")
+        args = (x,) if residual is None else (x, residual)
+        name = _replace(gm, node, last, fused, args, node.target)
+        report.fused.append((node.name, pattern, f"{name} = {fused}"))
+
+
+def _fuse_concats(gm, modules, report: FuseReport):
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.cat:
+            continue
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        user = _only_user(node)
+        linear = _linear(user, modules) if user is not None else None
+        if linear is None or user.args != (node,):
+            continue
+        metas = [_meta(p) for p in parts] if isinstance(parts, (list, tuple)) else [None]
+        if any(m is None for m in metas):
+            report.skipped.append((user.name, "shapes unknown: pass example_inputs so the "
+                                              "concatenated widths can be read"))
+            continue
+        ndim = len(metas[0].shape)
+        if dim not in (-1, ndim - 1):
+            report.skipped.append((user.name, f"torch.cat along dim {dim}, not the last"))
+            continue
+        if not 1 <= len(parts) <= MAX_INPUTS:
+            report.skipped.append((user.name, f"{len(parts)} concatenated inputs (at most "
+                                              f"{MAX_INPUTS} are fused)"))
+            continue
+        if len({m.dtype for m in metas}) != 1:
+            report.skipped.append((user.name, "concatenated inputs of different dtypes"))
+            continue
+        widths = [int(m.shape[-1]) for m in metas]
+        relu = _only_user(user)
+        activation = "relu" if relu is not None and _is_relu(relu, modules) else None
+        fused = ConcatLinear.from_linear(linear, widths, activation=activation)
+        last = relu if activation else user
+        name = _replace(gm, node, last, fused, tuple(parts), user.target)
+        pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
+        report.fused.append((user.name, pattern, f"{name} = {fused}"))
+
+
+def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
+    """A copy of `model`'s graph using the fused layers, with `model`'s parameters (shared, not
+    copied); its `.fuse_report` says what was fused and what was skipped and why.
+
+    example_inputs: arguments of one forward call (a tuple); with them the residual and concat
+    patterns are checked against real shapes and fused. If FX cannot trace the model, `model`
+    itself is returned unchanged, with the reason in `model.fuse_report`."""
+    report = FuseReport()
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as error:  # anything FX raises: report it, never crash the caller
+        report.traced = False
+        report.skipped.append((type(model).__name__,
+                               f"not traceable by torch.fx ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200]}); model left unchanged"))
+        model.fuse_report = report
+        return model
+    if example_inputs is not None:
+        args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
+            else (example_inputs,)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*args)
+        except Exception as error:
+            report.skipped.append(("example_inputs", f"shape propagation failed "
+                                                     f"({type(error).__name__}: {error}); "
+                                                     "shape-dependent patterns skipped"))
+            for node in gm.graph.nodes:
+                node.meta.pop("tensor_meta", None)
+    modules = dict(gm.named_modules())
+    _fuse_concats(gm, modules, report)
+    modules = dict(gm.named_modules())
+    _fuse_linear_chains(gm, modules, report)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    gm.fuse_report = report
+    return gm

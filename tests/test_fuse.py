@@ -1,0 +1,173 @@
+"""fuse(): finds the patterns, shares parameters, leaves outputs and gradients unchanged, and
+skips (with a reason) what it cannot prove equal or cannot trace."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedskip
+
+
+class SeedMLP(nn.Module):
+    """The seed question's model written with plain PyTorch: linear4 reads cat(h2, h3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(30, 10), nn.Linear(10, 15)
+        self.linear3, self.linear4 = nn.Linear(15, 10), nn.Linear(25, 20)
+        self.linear5 = nn.Linear(20, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h1 = torch.relu(self.linear1(x))
+        h2 = self.act(self.linear2(h1))
+        h3 = F.relu(self.linear3(h2))
+        return self.linear5(torch.relu(self.linear4(torch.cat([h2, h3], -1))))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        y = torch.relu(self.inner(x)) + x          # relu_add
+        return torch.add(self.outer(y), y).relu()  # add_relu
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, width=16, blocks=3):
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+class UNetMLP(nn.Module):
+    def __init__(self, width=12):
+        super().__init__()
+        self.down1, self.down2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.up1, self.up2 = nn.Linear(2 * width, width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        d1 = torch.relu(self.down1(x))
+        d2 = torch.relu(self.down2(d1))
+        u1 = torch.relu(self.up1(torch.cat([d2, d1], dim=-1)))
+        return self.up2(torch.cat((u1, x), 1))
+
+
+def check_equal(model, x, fused):
+    for m in (model, fused):
+        for p in m.parameters():
+            p.grad = None
+    out, ref = fused(x), model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    ref.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make,patterns", [
+    (SeedMLP, ["Linear -> ReLU"] * 3 + ["cat -> Linear -> ReLU"]),
+    (ResidualMLP, ["Linear -> ReLU -> add", "Linear -> add -> ReLU"] * 3),
+    (UNetMLP, ["Linear -> ReLU"] * 2 + ["cat -> Linear -> ReLU", "cat -> Linear"]),
+])
+def test_fuses_standard_models(make, patterns):
+    torch.manual_seed(0)
+    model = make().double()
+    width = 30 if make is SeedMLP else 16 if make is ResidualMLP else 12
+    x = torch.randn(7, width, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    report = fused.fuse_report
+    assert sorted(p for _, p, _ in report.fused) == sorted(patterns), str(report)
+    assert not report.skipped, str(report)
+    kinds = (fusedskip.LinearReLUResidual, fusedskip.ConcatLinear)
+    assert sum(isinstance(m, kinds) for m in fused.modules()) == len(patterns)
+    # parameters are shared, not copied
+    model_params = {id(p) for p in model.parameters()}
+    assert {id(p) for p in fused.parameters()} <= model_params
+    check_equal(model, x, fused)
+
+
+def test_without_example_inputs_shape_patterns_are_skipped():
+    model = ResidualMLP().double()
+    fused = fusedskip.fuse(model)
+    report = fused.fuse_report
+    assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"] * 3
+    assert all("example_inputs" in why for _, why in report.skipped)
+    check_equal(model, torch.randn(3, 16, dtype=torch.float64), fused)
+
+
+def test_broadcast_residual_and_shared_outputs_are_not_fused():
+    class Awkward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.bias = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            pre = self.a(x)
+            y = torch.relu(pre) + self.bias      # broadcast residual: not fused
+            z = self.b(y)
+            return torch.relu(z) + z              # pre-activation used twice: not fused
+
+    model = Awkward().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    report = fused.fuse_report
+    assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"]
+    reasons = " ".join(why for _, why in report.skipped)
+    assert "broadcasting is not fused" in reasons and "several users" in reasons
+    check_equal(model, x, fused)
+
+
+def test_untraceable_model_comes_back_unchanged():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a tensor value: FX cannot trace it
+                return torch.relu(self.linear(x))
+            return x
+
+    model = DataDependent()
+    before = copy.deepcopy(model.state_dict())
+    out = fusedskip.fuse(model)
+    assert out is model
+    assert not out.fuse_report.traced and "not traceable" in str(out.fuse_report)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_fused_model_compiles_and_exports():
+    torch.manual_seed(0)
+    model = UNetMLP()
+    x = torch.randn(5, 12)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    exported = torch.export.export(fused, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_fuse_example_runs():
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "fuse_existing_model.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "4 fused, 0 skipped" in result.stdout
+    assert "outputs equal: True; parameters shared with the original: True" in result.stdout
