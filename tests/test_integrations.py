@@ -1,0 +1,127 @@
+"""The fused layers inside the tools models already use: torch.compile, DDP, CUDA graphs, FSDP2."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fusedskip
+from conftest import CUDA
+
+
+class SkipModel(nn.Module):
+    """Modules plus one functional call, so both entry points run under each integration."""
+
+    def __init__(self, width=12):
+        super().__init__()
+        self.block = fusedskip.LinearReLUResidual(width, width)
+        self.other = fusedskip.LinearReLUResidual(width, width, order="add_relu")
+        self.merge = fusedskip.ConcatLinear([width, width], width, activation="relu")
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = self.block(x, residual=x)
+        g = self.other(h, residual=x)
+        m = self.merge(h, g)
+        m = fusedskip.linear_relu_residual(m, self.merge.weight[:, :m.shape[-1]], None, m)
+        return self.head(m)
+
+
+def test_compile_of_modules_has_no_graph_breaks():
+    torch.manual_seed(0)
+    model = SkipModel()
+    x = torch.randn(6, 12, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(x), model(x)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world, port, x, y, state, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = SkipModel().double()
+        model.load_state_dict(state)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        half = x.shape[0] // world
+        part = slice(rank * half, (rank + 1) * half)
+        loss = nn.functional.mse_loss(ddp(x[part]), y[part])
+        loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_gloo_gradients_equal_single_process(tmp_path):
+    torch.manual_seed(0)
+    model = SkipModel().double()
+    x = torch.randn(16, 12, dtype=torch.float64)
+    y = torch.randn(16, 3, dtype=torch.float64)
+    nn.functional.mse_loss(model(x), y).backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    result = tmp_path / "grads.pt"
+    mp.spawn(ddp_worker, args=(2, free_port(), x, y, model.state_dict(), str(result)), nprocs=2,
+             join=True)
+    got = torch.load(result)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+def test_cuda_graphed_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = SkipModel().cuda()
+    reference = SkipModel().cuda()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(64, 12, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (x,))
+    for _ in range(3):
+        x_new = torch.randn(64, 12, device="cuda", requires_grad=True)
+        out = graphed(x_new)
+        out.square().sum().backward()
+        ref = reference(x_new.detach().requires_grad_())
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+            p.grad = q.grad = None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+def test_fsdp2_single_rank_runs():
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = SkipModel().cuda()
+        reference = SkipModel().cuda()
+        reference.load_state_dict(model.state_dict())
+        fully_shard(model)
+        x = torch.randn(32, 12, device="cuda")
+        out = model(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, reference(x))
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
