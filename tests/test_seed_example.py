@@ -2,6 +2,9 @@
 linear takes a skip from the second and third, by addition (ResNet-like) and by concatenation
 (UNet-like). Fused modules, the functional API and the reference must agree."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -10,40 +13,17 @@ import fusedskip
 from conftest import assert_close_rel
 
 
-class AddSkipMLP(nn.Module):
-    """h3 = relu(linear3(h2)) + h2: an add skip needs linear2's and linear3's widths to match."""
-
-    def __init__(self, api):
-        super().__init__()
-        self.linear1 = nn.Linear(30, 10)
-        self.linear2 = api.LinearReLUResidual(10, 10)
-        self.linear3 = api.LinearReLUResidual(10, 10)
-        self.linear4 = nn.Linear(10, 20)
-        self.linear5 = nn.Linear(20, 2)
-
-    def forward(self, x):
-        h1 = torch.relu(self.linear1(x))
-        h2 = self.linear2(h1)
-        h3 = self.linear3(h2, residual=h2)
-        return self.linear5(self.linear4(h3))
+def _load_example():
+    """The models of examples/skip_mlp.py: the README's answer is what the tests check."""
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "skip_mlp.py")
+    spec = importlib.util.spec_from_file_location("skip_mlp_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class ConcatSkipMLP(nn.Module):
-    """linear4 reads cat(h2, h3): its in_features are linear2's and linear3's widths, 15 + 10."""
-
-    def __init__(self, api):
-        super().__init__()
-        self.linear1 = nn.Linear(30, 10)
-        self.linear2 = api.LinearReLUResidual(10, 15)
-        self.linear3 = api.LinearReLUResidual(15, 10)
-        self.linear4 = api.ConcatLinear([15, 10], 20)
-        self.linear5 = nn.Linear(20, 2)
-
-    def forward(self, x):
-        h1 = torch.relu(self.linear1(x))
-        h2 = self.linear2(h1)
-        h3 = self.linear3(h2)
-        return self.linear5(self.linear4(h2, h3))
+_example = _load_example()
+AddSkipMLP, ConcatSkipMLP = _example.AddSkipMLP, _example.ConcatSkipMLP
 
 
 class FunctionalConcatSkipMLP(ConcatSkipMLP):
@@ -53,7 +33,8 @@ class FunctionalConcatSkipMLP(ConcatSkipMLP):
         h1 = torch.relu(self.linear1(x))
         h2 = fusedskip.linear_relu_residual(h1, self.linear2.weight, self.linear2.bias)
         h3 = fusedskip.linear_relu_residual(h2, self.linear3.weight, self.linear3.bias)
-        h4 = fusedskip.linear_concat([h2, h3], self.linear4.weight, self.linear4.bias)
+        h4 = fusedskip.linear_concat([h2, h3], self.linear4.weight, self.linear4.bias,
+                                     activation="relu")
         return self.linear5(h4)
 
 
@@ -62,7 +43,7 @@ class FunctionalAddSkipMLP(AddSkipMLP):
         h1 = torch.relu(self.linear1(x))
         h2 = fusedskip.linear_relu_residual(h1, self.linear2.weight, self.linear2.bias)
         h3 = fusedskip.linear_relu_residual(h2, self.linear3.weight, self.linear3.bias, h2)
-        return self.linear5(self.linear4(h3))
+        return self.linear5(torch.relu(self.linear4(h3)))
 
 
 def check(model_cls, ref_cls, dtype):
@@ -112,7 +93,6 @@ def test_seed_mlp_trains():
 
 def test_example_script_runs(tmp_path):
     """examples/skip_mlp.py trains both skips, fused and reference, and saves its plot."""
-    import os
     import subprocess
     import sys
 
