@@ -66,6 +66,10 @@ def ddp_worker(rank, world, port, x, y, state, result_path):
         loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+        # Both ranks done before either tears the group down (gloo aborts a process whose
+        # peer disappears mid-shutdown).
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
