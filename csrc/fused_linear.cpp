@@ -287,37 +287,35 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
 
   std::vector<at::Tensor> grad_inputs;
   grad_inputs.reserve(count);
+  std::vector<at::Tensor> inputs_2d;
+  inputs_2d.reserve(count);
+  for (size_t i = 0; i < count; ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
   at::Tensor grad_weight;
-  if (want_weight && count > 1) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
   if (use_direct_cpu_gemm(weight, g)) {
-    std::vector<at::Tensor> inputs_2d, grad_inputs_2d;
+    std::vector<at::Tensor> grad_inputs_2d;
     for (size_t i = 0; i < count; ++i) {
-      inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
       grad_inputs.push_back(output_mask.get(i) ? at::empty(inputs[i].sizes(), weight.options())
                                                : empty_placeholder(weight));
       grad_inputs_2d.push_back(output_mask.get(i) ? grad_inputs.back() : at::Tensor());
     }
-    if (want_weight && !grad_weight.defined()) {
+    if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
+    direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
+  } else {
+    if (want_weight && count > 1) {
       grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
     }
-    direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d,
-                             want_weight ? grad_weight : at::Tensor());
-  } else {
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
       grad_inputs.push_back(output_mask.get(i)
                                 ? as_shape(at::mm(grad_preact_2d, weight_block(weight, g, offset, i)),
                                            inputs[i].sizes())
                                 : empty_placeholder(weight));
-      if (want_weight) {
-        const at::Tensor x = as_2d(inputs[i], g.rows, g.widths[i]);
-        if (count == 1) {
-          grad_weight = at::mm(grad_preact_2d.t(), x);
-        } else {
-          // Straight into grad_weight's column block i: no per-input temporaries, no cat.
-          at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
-          at::mm_out(block, grad_preact_2d.t(), x);
-        }
+      if (want_weight && count == 1) {
+        grad_weight = at::mm(grad_preact_2d.t(), inputs_2d[i]);
+      } else if (want_weight) {
+        // Straight into grad_weight's column block i: no per-input temporaries, no cat.
+        at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
+        at::mm_out(block, grad_preact_2d.t(), inputs_2d[i]);
       }
       offset += g.widths[i];
     }
