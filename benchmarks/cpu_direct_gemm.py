@@ -1,5 +1,6 @@
 """Where the CPU kernel's direct loops stop beating one BLAS call per input: forward+backward of
-a two-input concat + ReLU, one thread, each implementation forced with FUSEDSKIP_CPU_GEMM.
+a two-input concat + ReLU, one thread, each implementation forced with FUSEDSKIP_BACKEND
+(gemm_epilogue = ATen GEMMs, "aten" below; native = the direct loops, "direct").
 
     python benchmarks/cpu_direct_gemm.py [--out benchmarks/results]
 
@@ -38,8 +39,8 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     times = {}
-    for mode in ("aten", "direct"):
-        env = dict(os.environ, FUSEDSKIP_CPU_GEMM=mode)
+    for mode, backend in (("aten", "gemm_epilogue"), ("direct", "native")):
+        env = dict(os.environ, FUSEDSKIP_BACKEND=backend)
         result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(SHAPES)], env=env,
                                 capture_output=True, text=True, check=True)
         times[mode] = json.loads(result.stdout.strip().splitlines()[-1])

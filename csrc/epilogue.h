@@ -50,12 +50,12 @@ FS_HOST_DEVICE bool relu_active(T preact) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: out = epilogue(x W^T) in place, plus the mask.
+// Forward: out = epilogue(x W^T), plus the mask.
 
-template <typename scalar_t, typename gemm_t = scalar_t>
+template <typename scalar_t>
 struct ForwardEpilogueParams {
-  const gemm_t* gemm;  // (rows, cols), row stride cols: x W^T; may be `out` itself
-  scalar_t* out;       // (rows, cols), row stride cols
+  scalar_t* out;  // (rows, cols), row stride out_stride_row, unit column stride
+  int64_t out_stride_row;
   const scalar_t* bias;      // (cols) contiguous, or nullptr
   const scalar_t* residual;  // (rows, cols), row stride residual_stride_row, or nullptr
   int64_t residual_stride_row;
@@ -64,15 +64,17 @@ struct ForwardEpilogueParams {
   int64_t cols;
 };
 
-// Columns [first_col, first_col + count) of one row, count <= 8. With kFull the count is 8 and
-// the loop has no bounds test: straight-line code the compiler vectorises.
+// Columns [first_col, first_col + count) of one row, count <= 8; `gemm` points at x W^T's
+// element (row, first_col), wherever it lives (global memory, a shared-memory tile, registers
+// spilled to a buffer). With kFull the count is 8 and the loop has no bounds test:
+// straight-line code the compiler vectorises.
 template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t,
           typename gemm_t>
-FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t, gemm_t>& p,
-                                             int64_t row, int64_t first_col, int count) {
+FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t>& p,
+                                             const gemm_t* gemm, int64_t row, int64_t first_col,
+                                             int count) {
   using acc_t = at::opmath_type<scalar_t>;
-  const gemm_t* gemm = p.gemm + row * p.cols + first_col;
-  scalar_t* out = p.out + row * p.cols + first_col;
+  scalar_t* out = p.out + row * p.out_stride_row + first_col;
   const scalar_t* bias = p.bias + first_col;
   const scalar_t* residual = p.residual + row * p.residual_stride_row + first_col;
   uint8_t bits = 0;
@@ -94,16 +96,18 @@ FS_UNROLL
 }
 
 // One row, the 8 columns of one mask byte: the unit of work of a CPU loop iteration and of a
-// CUDA thread. Everything is computed in opmath (float for half types), rounded once at the end.
+// CUDA thread, in the element-wise pass and in the native kernel's epilogue alike. Everything is
+// computed in opmath (float for half types), rounded once at the end. `gemm` points at x W^T's
+// element (row, 8 * byte).
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
-FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t, gemm_t>& p,
-                                          int64_t row, int64_t byte) {
+FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>& p,
+                                          const gemm_t* gemm, int64_t row, int64_t byte) {
   const int64_t first_col = byte * kMaskBitsPerByte;
   const int64_t left = p.cols - first_col;
   const uint8_t bits =
       left >= kMaskBitsPerByte
-          ? forward_epilogue_cols<kRelu, kResidual, kBias, true>(p, row, first_col, 8)
-          : forward_epilogue_cols<kRelu, kResidual, kBias, false>(p, row, first_col,
+          ? forward_epilogue_cols<kRelu, kResidual, kBias, true>(p, gemm, row, first_col, 8)
+          : forward_epilogue_cols<kRelu, kResidual, kBias, false>(p, gemm, row, first_col,
                                                                   static_cast<int>(left));
   if constexpr (kRelu) p.mask[row * mask_bytes_per_row(p.cols) + byte] = bits;
 }

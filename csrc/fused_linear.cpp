@@ -1,10 +1,14 @@
-// The fused linear op, device-generic part: argument checks, the GEMMs (ATen: MKL/oneDNN on CPU,
-// cuBLAS on CUDA) and a hand-off to the device's element-wise pass.
+// The fused linear op, device-generic part: argument checks, then one of three paths
+// (csrc/backend.cpp chooses): the native kernel (GEMM and epilogue in one launch), the CPU direct
+// loops, or the library GEMMs (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) followed by the device's
+// element-wise pass.
 //
 // The concat form never materialises cat(inputs): input i multiplies weight's column block i (a
 // strided view), accumulating into the one output; in backward each input's gradient and each
 // column block of the weight gradient are written in place.
 #include "fused_linear.h"
+
+#include "backend.h"
 
 #include <ostream>
 #include <string>
@@ -162,6 +166,28 @@ void backward_epilogue(const at::Tensor& grad_out, const at::Tensor& mask,
   backward_epilogue_cpu(grad_out, mask, grad_preact, grad_bias);
 }
 
+void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& residual_2d,
+                  const at::Tensor& out, const at::Tensor& mask, Residual where) {
+#ifdef FUSEDSKIP_WITH_CUDA
+  if (out.is_cuda()) return tile_forward_cuda(inputs_2d, weight, bias, residual_2d, out, mask, where);
+#endif
+  TORCH_CHECK(out.is_cpu(), "fusedskip: no native kernel for device ", out.device());
+  tile_forward_emulated(inputs_2d, weight, bias, residual_2d, out, mask, where);
+}
+
+void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
+                   const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
+                   const at::Tensor& grad_weight) {
+#ifdef FUSEDSKIP_WITH_CUDA
+  if (weight.is_cuda()) {
+    return tile_backward_cuda(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+  }
+#endif
+  TORCH_CHECK(weight.is_cpu(), "fusedskip: no native kernel for device ", weight.device());
+  tile_backward_emulated(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+}
+
 at::Tensor empty_placeholder(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // Views cost a dispatch each: at the small sizes that are launch-bound, skip the ones that would
@@ -172,6 +198,14 @@ at::Tensor as_2d(const at::Tensor& t, int64_t rows, int64_t cols) {
 
 at::Tensor as_shape(const at::Tensor& t, at::IntArrayRef shape) {
   return t.sizes().equals(shape) ? t : t.view(shape);
+}
+
+// The epilogues read the residual's rows with unit column stride (a copy only for
+// column-strided views).
+at::Tensor residual_rows(const std::optional<at::Tensor>& residual, const Geometry& g) {
+  if (!residual.has_value() || !residual->defined()) return at::Tensor();
+  at::Tensor residual_2d = as_2d(*residual, g.rows, g.cols);
+  return residual_2d.stride(1) == 1 ? residual_2d : residual_2d.contiguous();
 }
 
 // Column block i of weight: the whole weight when there is one input.
@@ -194,11 +228,24 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   inputs_2d.reserve(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
 
+  const auto mask_options = weight.options().dtype(at::kByte);
+  at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
+                         : at::empty({0}, mask_options);
+  const GemmPath path = choose_gemm_path(weight, g);
+  if (path == GemmPath::kTiles) {
+    at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
+    std::optional<at::Tensor> bias_contiguous;
+    if (has_bias) bias_contiguous = bias->contiguous();
+    tile_forward(inputs_2d, weight, bias_contiguous, residual_rows(residual, g), out,
+                 relu ? mask : at::Tensor(), where);
+    return {as_shape(out, g.out_shape), mask};
+  }
+
   at::Tensor gemm;
   // Where the bias joins: inside the GEMM (ATen's addmm, as F.linear does: x W^T + b rounded
   // once to the output dtype) or in the element-wise pass (when x W^T is kept in float32).
   bool bias_in_gemm = false;
-  if (use_direct_cpu_gemm(weight, g)) {
+  if (path == GemmPath::kCpuLoops) {
     gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
   } else {
     // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
@@ -230,20 +277,12 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   const bool gemm_is_out = gemm.scalar_type() == weight.scalar_type();
   at::Tensor out = gemm_is_out ? gemm : at::empty({g.rows, g.cols}, weight.options());
 
-  const auto mask_options = weight.options().dtype(at::kByte);
-  at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
-                         : at::empty({0}, mask_options);
   const bool epilogue_bias = has_bias && !bias_in_gemm;
   if (relu || epilogue_bias || has_residual) {
-    // The element-wise pass reads rows of unit stride (a copy only for column-strided views).
-    at::Tensor residual_2d;
-    if (has_residual) {
-      residual_2d = as_2d(*residual, g.rows, g.cols);
-      if (residual_2d.stride(1) != 1) residual_2d = residual_2d.contiguous();
-    }
     std::optional<at::Tensor> bias_contiguous;
     if (epilogue_bias) bias_contiguous = bias->contiguous();
-    forward_epilogue(gemm, out, bias_contiguous, residual_2d, relu ? mask : at::Tensor(), where);
+    forward_epilogue(gemm, out, bias_contiguous, residual_rows(residual, g),
+                     relu ? mask : at::Tensor(), where);
   } else if (!gemm_is_out) {
     out.copy_(gemm);
   }
@@ -291,15 +330,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   inputs_2d.reserve(count);
   for (size_t i = 0; i < count; ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
   at::Tensor grad_weight;
-  if (use_direct_cpu_gemm(weight, g)) {
+  const GemmPath path = choose_gemm_path(weight, g);
+  if (path == GemmPath::kCpuLoops || path == GemmPath::kTiles) {
+    // One pass writes every gradient into its own (rows, width_i) / (cols, in_features) tensor.
     std::vector<at::Tensor> grad_inputs_2d;
     for (size_t i = 0; i < count; ++i) {
-      grad_inputs.push_back(output_mask.get(i) ? at::empty(inputs[i].sizes(), weight.options())
-                                               : empty_placeholder(weight));
-      grad_inputs_2d.push_back(output_mask.get(i) ? grad_inputs.back() : at::Tensor());
+      const bool wanted = output_mask.get(i);
+      grad_inputs.push_back(wanted ? at::empty(inputs[i].sizes(), weight.options())
+                                   : empty_placeholder(weight));
+      grad_inputs_2d.push_back(wanted ? as_2d(grad_inputs.back(), g.rows, g.widths[i])
+                                      : at::Tensor());
     }
     if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-    direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
+    if (path == GemmPath::kTiles) {
+      tile_backward(grad_preact_2d, inputs_2d, weight, grad_inputs_2d, grad_weight);
+    } else {
+      direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
+    }
   } else {
     if (want_weight && count > 1) {
       grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());

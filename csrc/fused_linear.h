@@ -1,11 +1,13 @@
 // The fused linear op family: declarations shared by the op, its autograd and the device code.
 //
-//   schemas                 csrc/ops.cpp
-//   op (GEMMs, checks)      csrc/fused_linear.cpp      (device-generic, ATen GEMMs)
-//   CPU element-wise pass   csrc/cpu/epilogue_cpu.cpp
-//   CUDA element-wise pass  csrc/cuda/epilogue_cuda.cu
-//   autograd                csrc/autograd.cpp
-//   element-wise maths      csrc/epilogue.h
+//   schemas                    csrc/ops.cpp
+//   op (checks, paths)         csrc/fused_linear.cpp     (device-generic)
+//   which path per call        csrc/backend.cpp          (FUSEDSKIP_BACKEND)
+//   native kernel              csrc/tile_gemm.h (block body), csrc/tile_plan.h (launch plan),
+//                              csrc/cuda/tile_kernels.cu, csrc/cpu/tile_emulation.cpp
+//   element-wise passes        csrc/cpu/fused_linear_cpu.cpp, csrc/cuda/fused_linear_cuda.cu
+//   element-wise maths         csrc/epilogue.h
+//   autograd                   csrc/autograd.cpp
 #pragma once
 
 #include <optional>
@@ -67,14 +69,16 @@ void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
 void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                            const at::Tensor& grad_preact, const at::Tensor& grad_bias);
 
-// Kernel parameters from tensors (host side, shared by the CPU and CUDA launchers).
-template <typename scalar_t, typename gemm_t>
-ForwardEpilogueParams<scalar_t, gemm_t> forward_epilogue_params(
-    const at::Tensor& gemm, const at::Tensor& out, const std::optional<at::Tensor>& bias,
-    const at::Tensor& residual, const at::Tensor& mask) {
-  ForwardEpilogueParams<scalar_t, gemm_t> p{};
-  p.gemm = gemm.const_data_ptr<gemm_t>();
+// Kernel parameters from tensors (host side, shared by the CPU and CUDA launchers). `out` has
+// unit column stride.
+template <typename scalar_t>
+ForwardEpilogueParams<scalar_t> forward_epilogue_params(const at::Tensor& out,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& residual,
+                                                        const at::Tensor& mask) {
+  ForwardEpilogueParams<scalar_t> p{};
   p.out = out.data_ptr<scalar_t>();
+  p.out_stride_row = out.stride(0);
   p.bias = bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr;
   p.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   p.residual_stride_row = residual.defined() ? residual.stride(0) : 0;
@@ -103,7 +107,6 @@ BackwardEpilogueParams<scalar_t> backward_epilogue_params(
 // Small CPU layers: x W^T (in opmath dtype) and the input / weight gradients as direct loops
 // instead of one BLAS call per input. grad_inputs_2d[i] undefined = not wanted, likewise
 // grad_weight; the defined ones are (rows, width_i) and (cols, in_features) contiguous.
-bool use_direct_cpu_gemm(const at::Tensor& weight, const Geometry& g);
 at::Tensor direct_gemm_forward_cpu(const std::vector<at::Tensor>& inputs_2d,
                                    const at::Tensor& weight, const Geometry& g);
 void direct_gemm_backward_cpu(const at::Tensor& grad_preact,
@@ -111,7 +114,22 @@ void direct_gemm_backward_cpu(const at::Tensor& grad_preact,
                               const Geometry& g, const std::vector<at::Tensor>& grad_inputs_2d,
                               const at::Tensor& grad_weight);
 
+// The native kernel (csrc/tile_plan.h has the contracts) and its host emulation.
+void tile_forward_emulated(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& residual_2d,
+                           const at::Tensor& out, const at::Tensor& mask, Residual where);
+void tile_backward_emulated(const at::Tensor& grad_preact,
+                            const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                            const std::vector<at::Tensor>& grad_inputs_2d,
+                            const at::Tensor& grad_weight);
+
 #ifdef FUSEDSKIP_WITH_CUDA
+void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& residual_2d,
+                       const at::Tensor& out, const at::Tensor& mask, Residual where);
+void tile_backward_cuda(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
+                        const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
+                        const at::Tensor& grad_weight);
 void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
                            const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                            const at::Tensor& mask, Residual where);

@@ -1,5 +1,5 @@
 // The Python module fusedskip._C. Loading it registers the ops (static initialisers in the other
-// files); it also holds one function, the eager fast path of the functional API.
+// files); it also holds the eager fast path of the functional API and the backend switch.
 //
 // Why a fast path: calling torch.ops.fusedskip.fused_linear from Python converts every argument
 // to an IValue against the schema and goes through the boxed dispatcher, about 2 µs per call; at
@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "backend.h"
 #include "fused_linear.h"
 
 namespace fusedskip {
@@ -66,7 +67,23 @@ PyObject* fused_linear_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   END_HANDLE_TH_ERRORS
 }
 
+// _set_backend(name: str) / _get_backend() -> str: see csrc/backend.h.
+PyObject* set_backend_py(PyObject* /*module*/, PyObject* name) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(PyUnicode_Check(name), "fusedskip: backend must be a str, got ",
+                   Py_TYPE(name)->tp_name);
+  set_backend(PyUnicode_AsUTF8(name));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* get_backend_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(backend_name(current_backend()));
+}
+
 PyMethodDef methods[] = {
+    {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},
+    {"_get_backend", get_backend_py, METH_NOARGS, "The op's current backend."},
     {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear_py)),
      METH_FASTCALL, "Eager entry of fusedskip::fused_linear; returns the output only."},
     {nullptr, nullptr, 0, nullptr}};

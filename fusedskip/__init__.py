@@ -5,17 +5,20 @@
     LinearReLUResidual, ConcatLinear          drop-in nn.Modules (nn.Linear's parameters)
     fuse(model, example_inputs=...)           rewrite an existing model to use them
     fusedskip.reference                       the pure-PyTorch ground truth
+    set_backend / get_backend / use_backend   which implementation the fused op uses
 """
 
 import torch
 
 from . import _ops, reference
 from .functional import linear_concat, linear_relu_residual
+from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .fuse import FuseReport, fuse
 from .modules import ConcatLinear, LinearReLUResidual
 
 __all__ = ["linear_relu_residual", "linear_concat", "LinearReLUResidual", "ConcatLinear",
-           "fuse", "FuseReport", "reference", "cuda_available", "extension_loaded"]
+           "fuse", "FuseReport", "reference", "cuda_available", "extension_loaded",
+           "BACKENDS", "get_backend", "set_backend", "use_backend"]
 __version__ = "0.1.0"
 
 

@@ -17,6 +17,7 @@ benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md, speedup.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -52,6 +53,10 @@ OPS = {
 MODES = ("forward", "forward+backward", "no_grad")
 CPU_PROVIDERS = ("fused", "eager", "compile")
 GPU_PROVIDERS = ("fused", "eager", "compile", "compile-max-autotune", "cublaslt", "gemm")
+# The fused op with its backend forced (fusedskip.use_backend) instead of chosen per shape: the
+# measurements behind the choice (`--providers fused-native,fused-gemm_epilogue,gemm`).
+FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue")
+KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
 
 def split_widths(k: int, parts: int) -> Tuple[int, ...]:
@@ -201,7 +206,7 @@ _compiled: Dict[Tuple[str, str], Callable] = {}
 
 
 def provider_fn(provider: str, op: str) -> Optional[Callable]:
-    if provider == "fused":
+    if provider == "fused" or provider in FORCED_PROVIDERS:
         return fused_fn(op)
     if provider == "eager":
         return eager_fn(op)
@@ -378,7 +383,7 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
     else:
         providers = list(CPU_PROVIDERS)
     for name, values, known in (("--op", ops, OPS), ("--mode", modes, MODES),
-                                ("--providers", providers, GPU_PROVIDERS)):
+                                ("--providers", providers, KNOWN_PROVIDERS)):
         unknown = [v for v in values if v not in known]
         if unknown:
             raise SystemExit(f"{name}: unknown {unknown}; choose from {list(known)}")
@@ -417,26 +422,29 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                                         residual=order is not None)}
             if fn is None or (provider == "gemm" and mode != "forward"):
                 continue  # not a meaningful comparison for this op / mode
-            try:
-                err = check(case, provider, fn)
-            except Exception as error:  # e.g. a compile failure: recorded, not fatal
-                row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
-                rows.append(row)
-                continue
-            row["rel_err"] = err
-            if not err <= TOLERANCE[dtype]:
-                row["status"] = f"mismatch (relative error {err:.3g})"
-                rows.append(row)
-                continue
-            steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
-            times = time_cuda(steps, repeats) if device == "cuda" else time_cpu(steps, min_run_time)
+            forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
+            with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
+                try:
+                    err = check(case, provider, fn)
+                except Exception as error:  # e.g. a compile failure: recorded, not fatal
+                    row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
+                    rows.append(row)
+                    continue
+                row["rel_err"] = err
+                if not err <= TOLERANCE[dtype]:
+                    row["status"] = f"mismatch (relative error {err:.3g})"
+                    rows.append(row)
+                    continue
+                steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
+                times = (time_cuda(steps, repeats) if device == "cuda"
+                         else time_cpu(steps, min_run_time))
+                if mode == "forward+backward":
+                    row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
             p20, p50, p80 = quantiles(times)
             row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
                        tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
             floor_us = max(row["flops"] / (peaks["tflops"] * 1e6), row["bytes"] / (peaks["gbps"] * 1e3))
             row["roofline_fraction"] = floor_us / p50
-            if mode == "forward+backward":
-                row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
             if provider == "eager":
                 eager_p50 = p50
             rows.append(row)
@@ -622,7 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: two ops, two sizes")
     parser.add_argument("--op", help=f"comma-separated from {list(OPS)}")
     parser.add_argument("--mode", help=f"comma-separated from {list(MODES)}")
-    parser.add_argument("--providers", help=f"comma-separated from {list(GPU_PROVIDERS)}")
+    parser.add_argument("--providers", help=f"comma-separated from {list(KNOWN_PROVIDERS)}")
     parser.add_argument("--sizes", help="MxKxN[,MxKxN...]")
     parser.add_argument("--model", action="store_true", help="also time two models' training steps")
     parser.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>)")

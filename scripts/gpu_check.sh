@@ -48,15 +48,16 @@ grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>
 step cuda_tests 240 $PY -m pytest tests/test_cuda.py tests/test_build.py -q -ra \
   -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
-# 3. compute-sanitizer on the smoke workload. Caching off: an overrun inside a cached 2 MiB
-# block is invisible to memcheck. racecheck inspects shared memory only, which none of the
-# current kernels use; it runs so that it is already in place for the ones that will.
+# 3. compute-sanitizer on the smoke workload (both backends). Caching off: an overrun inside a
+# cached 2 MiB block is invisible to memcheck. racecheck: the native kernel's shared-memory tiles
+# (loads, tensor-core reads, the aliased accumulator tile the epilogue reads).
 step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/cuda_smoke.py
 
-# 4. Quick benchmark.
-step bench 120 $PY -m fusedskip.bench --quick --out "$OUT"
+# 4. Quick benchmark: auto, each backend forced, GEMM alone, eager.
+step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
+  --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
 
 echo
 echo "| step | result |"

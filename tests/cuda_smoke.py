@@ -2,8 +2,10 @@
 
 Forward and backward of every form (bias or not, residual none / relu_add / add_relu, concat of
 1-3 inputs with and without ReLU, non-contiguous inputs, an empty batch) in float32, bfloat16
-and float64, each checked against the float64 reference (conftest.check_against_reference), so a
-wrong result fails here too.
+and float64, through both CUDA backends (the native kernel: SIMT for float32 / float64, tensor
+cores for bfloat16; cuBLAS + the element-wise pass), plus the native kernel's TF32 path and its
+split-K weight gradient; each checked against the float64 reference
+(conftest.check_against_reference), so a wrong result fails here too.
 """
 
 import itertools
@@ -22,20 +24,38 @@ def main() -> int:
     assert fusedskip.cuda_available(), "needs a GPU and the CUDA kernels"
     torch.manual_seed(0)
     failures = cases = 0
-    for dtype, bias, residual, (widths, relu), rows, layout in itertools.product(
-            (torch.float32, torch.bfloat16, torch.float64), (True, False),
-            (None, "relu_add", "add_relu"), (([13], True), ([5, 8], False), ([1, 7, 9], True)),
-            (0, 3, 130), ("contiguous", "transposed")):
-        if residual is not None and len(widths) > 1:
-            continue
-        sample = make_sample(widths, 37, (rows,), bias=bias, residual=residual, relu=relu,
-                             layout=layout, dtype=dtype, device="cuda")
+
+    def run(sample, dtype, what):
+        nonlocal failures, cases
         cases += 1
         try:
             check_against_reference(sample, dtype)
         except AssertionError as error:
             failures += 1
-            print(f"MISMATCH {sample.name} {dtype}: {error}")
+            print(f"MISMATCH {what} {sample.name} {dtype}: {error}")
+
+    for backend, dtype, bias, residual, (widths, relu), rows, layout in itertools.product(
+            ("native", "gemm_epilogue"), (torch.float32, torch.bfloat16, torch.float64),
+            (True, False), (None, "relu_add", "add_relu"),
+            (([13], True), ([5, 8], False), ([1, 7, 9], True)), (0, 3, 130),
+            ("contiguous", "transposed")):
+        if residual is not None and len(widths) > 1:
+            continue
+        sample = make_sample(widths, 37, (rows,), bias=bias, residual=residual, relu=relu,
+                             layout=layout, dtype=dtype, device="cuda")
+        with fusedskip.use_backend(backend):
+            run(sample, dtype, backend)
+    with fusedskip.use_backend("native"):
+        # Split-K of the weight gradient (rows >> outputs), in both tensor-core dtypes.
+        for dtype in (torch.bfloat16, torch.float16):
+            run(make_sample([20, 45], 70, (1100,), dtype=dtype, device="cuda"), dtype, "split-K")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:  # conftest's float32 bound is 1e-5: TF32 is checked in tests/test_cuda.py instead
+            sample = make_sample([33], 65, (70,), residual="add_relu", dtype=torch.float32,
+                                 device="cuda")
+            sample.call(fusedskip, *sample.tensors()).sum().backward()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
     torch.cuda.synchronize()
     print(f"cuda_smoke: {cases} cases, {failures} mismatches")
     return 1 if failures else 0

@@ -1,4 +1,5 @@
-"""The CUDA kernels against the float64 reference. Skipped cleanly without a GPU."""
+"""The CUDA kernels against the float64 reference, through both CUDA backends (the native fused
+kernel and cuBLAS + the element-wise pass). Skipped cleanly without a GPU."""
 
 import itertools
 
@@ -25,6 +26,13 @@ def poison_allocator():
     del blocks
 
 
+@pytest.fixture(params=["native", "gemm_epilogue"])
+def backend(request):
+    """Runs a test once per CUDA backend (auto would pick by size and leave one path untested)."""
+    with fusedskip.use_backend(request.param):
+        yield request.param
+
+
 def check(sample, dtype):
     poison_allocator()
     check_against_reference(sample, dtype)
@@ -34,35 +42,35 @@ GRID = sample_grid(device="cuda") if CUDA else []
 
 
 @pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
-def test_gradcheck_float64(sample):
+def test_gradcheck_float64(sample, backend):
     fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
     assert torch.autograd.gradcheck(fn, sample.tensors())
     assert torch.autograd.gradgradcheck(fn, sample.tensors())
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_every_form_in_low_precision(dtype):
+def test_every_form_in_low_precision(dtype, backend):
     for sample in sample_grid(dtype=dtype, device="cuda"):
         check(sample, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 65, 129))))
-def test_tile_boundaries(rows, cols, dtype):
+def test_tile_boundaries(rows, cols, dtype, backend):
     for residual in (None, "relu_add", "add_relu"):
         sample = make_sample([33], cols, (rows,), residual=residual, dtype=dtype, device="cuda")
         check(sample, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_large_and_prime_sizes(dtype):
+def test_large_and_prime_sizes(dtype, backend):
     for rows, k, cols in ((4097, 1000, 129), (1000, 4097, 63), (129, 127, 4097)):
         check(make_sample([k], cols, (rows,), residual="add_relu", dtype=dtype,
                                             device="cuda"), dtype)
 
 
 @pytest.mark.parametrize("count", range(1, 9))
-def test_concat_one_to_eight_inputs(count):
+def test_concat_one_to_eight_inputs(count, backend):
     widths = [1, 3, 7, 13, 2, 5, 11, 9][:count]
     for dtype, relu in itertools.product(LOW_PRECISION, (False, True)):
         check(make_sample(widths, 65, (2, 63), relu=relu, dtype=dtype,
@@ -70,7 +78,7 @@ def test_concat_one_to_eight_inputs(count):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_non_contiguous(layout):
+def test_non_contiguous(layout, backend):
     for dtype in LOW_PRECISION:
         check(make_sample([5, 8], 33, (3, 7), layout=layout, dtype=dtype,
                                             device="cuda"), dtype)
@@ -78,7 +86,7 @@ def test_non_contiguous(layout):
                                             dtype=dtype, device="cuda"), dtype)
 
 
-def test_non_default_stream():
+def test_non_default_stream(backend):
     """The kernels run on the current stream: on a side stream, the input is rewritten after a
     long sleep; a kernel launched on any other stream would read the old values."""
     x = torch.randn(300, 64, device="cuda")
@@ -101,7 +109,7 @@ def test_non_default_stream():
         torch.testing.assert_close(g, e)
 
 
-def test_cuda_graph_capture_and_replay():
+def test_cuda_graph_capture_and_replay(backend):
     x = torch.randn(64, 32, device="cuda")
     w = torch.randn(48, 32, device="cuda", requires_grad=True)
     b = torch.randn(48, device="cuda", requires_grad=True)
@@ -128,7 +136,7 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(gb, rb)
 
 
-def test_compile_fullgraph_on_cuda():
+def test_compile_fullgraph_on_cuda(backend):
     model = torch.nn.Linear(32, 32).cuda()
 
     def fn(x):
@@ -140,7 +148,7 @@ def test_compile_fullgraph_on_cuda():
     torch.testing.assert_close(compiled(x), fn(x))
 
 
-def test_modules_on_cuda_match_reference_modules():
+def test_modules_on_cuda_match_reference_modules(backend):
     for dtype in LOW_PRECISION:
         torch.manual_seed(0)
         fused = fusedskip.ConcatLinear([15, 10], 20, activation="relu", device="cuda", dtype=dtype)
@@ -158,7 +166,7 @@ def test_modules_on_cuda_match_reference_modules():
         assert_close_rel(block(y, y), ref_block(y.double(), y.double()), dtype)
 
 
-def test_deterministic_bias_gradient():
+def test_deterministic_bias_gradient(backend):
     x = torch.randn(5000, 64, device="cuda")
     w = torch.randn(96, 64, device="cuda")
     b = torch.randn(96, device="cuda", requires_grad=True)
@@ -166,6 +174,42 @@ def test_deterministic_bias_gradient():
     runs = [torch.autograd.grad(fusedskip.linear_relu_residual(x, w, b), b, grad)[0]
             for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_split_k_weight_gradient_is_deterministic(backend):
+    """Many rows, few outputs: the native backward splits the weight gradient's K over slices
+    and sums them in a fixed order; the same bits on every run, and right."""
+    for dtype in LOW_PRECISION:
+        sample = make_sample([20, 45], 30, (65536,), relu=True, dtype=dtype, device="cuda")
+        check(sample, dtype)
+        runs = [torch.autograd.grad(sample.call(fusedskip, *sample.tensors()).sum(),
+                                    sample.weight)[0] for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_tf32_when_allowed(backend):
+    """float32 with TF32 allowed: tensor cores (native) / cuBLAS TF32, within TF32's bound."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for widths, rows in (([300], 1000), ([33, 65], 129)):
+            sample = make_sample(widths, 129, (rows,), relu=True, dtype=torch.float32,
+                                 device="cuda")
+            poison_allocator()
+            out = sample.call(fusedskip, *sample.tensors())
+            ref = sample.call(fusedskip.reference, *[t.detach().double() for t in sample.tensors()])
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err <= 1e-3, f"TF32 relative error {err:.3g} > 1e-3"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_auto_backend_picks_native_when_small_and_cublas_when_large():
+    """Both paths give the reference's result under auto, whichever it picks per size."""
+    for rows, k, n in ((64, 10, 10), (8192, 1024, 1024)):
+        sample = make_sample([k], n, (rows,), residual="relu_add", dtype=torch.bfloat16,
+                             device="cuda")
+        check(sample, torch.bfloat16)
 
 
 def test_mixed_devices_rejected():

@@ -1,8 +1,6 @@
 // CPU kernels: the element-wise passes of csrc/epilogue.h in one parallel sweep each, and the
 // op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -34,14 +32,16 @@ void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
   const int64_t bytes_per_row = mask_bytes_per_row(cols);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
     auto run = [&]<typename gemm_t>() {
-      const auto p = forward_epilogue_params<scalar_t, gemm_t>(gemm, out, bias, residual, mask);
+      const auto p = forward_epilogue_params<scalar_t>(out, bias, residual, mask);
+      const gemm_t* gemm_data = gemm.const_data_ptr<gemm_t>();
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
             at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
               for (int64_t row = begin; row < end; ++row) {
                 for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
-                  forward_epilogue_unit<kRelu, kResidual, kBias>(p, row, byte);
+                  forward_epilogue_unit<kRelu, kResidual, kBias>(
+                      p, gemm_data + row * cols + byte * kMaskBitsPerByte, row, byte);
                 }
               }
             });
@@ -101,31 +101,11 @@ TORCH_LIBRARY_IMPL(fusedskip, CPU, m) {
 //
 // At the widths of a skip-connection MLP an ATen GEMM call costs more in dispatch and BLAS
 // set-up than in arithmetic, and the concat form would make one per input. Below a work
-// threshold one pass computes all of x W^T, its K loop running over the inputs in turn (the
+// threshold (csrc/backend.cpp) one pass computes all of x W^T, its K loop running over the inputs in turn (the
 // CPU counterpart of a fused mainloop), accumulating in opmath.
 
 namespace fusedskip {
 namespace {
-
-// Multiply-adds below which the direct loops beat BLAS calls (measured: benchmarks/NOTES.md).
-constexpr int64_t kDirectGemmMaxWork = 1 << 15;
-
-enum class CpuGemm { kAuto, kAten, kDirect };
-
-// FUSEDSKIP_CPU_GEMM=aten|direct forces one implementation (tests run both).
-CpuGemm cpu_gemm_choice() {
-  static const CpuGemm choice = [] {
-    const char* value = std::getenv("FUSEDSKIP_CPU_GEMM");
-    if (value == nullptr || std::strcmp(value, "auto") == 0 || value[0] == '\0') {
-      return CpuGemm::kAuto;
-    }
-    if (std::strcmp(value, "aten") == 0) return CpuGemm::kAten;
-    if (std::strcmp(value, "direct") == 0) return CpuGemm::kDirect;
-    TORCH_WARN("fusedskip: FUSEDSKIP_CPU_GEMM=", value, " is not auto, aten or direct; using auto");
-    return CpuGemm::kAuto;
-  }();
-  return choice;
-}
 
 // Pointer and strides of each input viewed as (rows, width).
 template <typename scalar_t>
@@ -151,15 +131,6 @@ InputBlocks<scalar_t> input_blocks(const std::vector<at::Tensor>& inputs_2d) {
 }
 
 }  // namespace
-
-bool use_direct_cpu_gemm(const at::Tensor& weight, const Geometry& g) {
-  if (!weight.is_cpu()) return false;
-  switch (cpu_gemm_choice()) {
-    case CpuGemm::kAten: return false;
-    case CpuGemm::kDirect: return true;
-    default: return g.rows * g.cols * weight.size(1) <= kDirectGemmMaxWork;
-  }
-}
 
 at::Tensor direct_gemm_forward_cpu(const std::vector<at::Tensor>& inputs_2d,
                                    const at::Tensor& weight, const Geometry& g) {

@@ -6,14 +6,17 @@
 namespace fusedskip {
 
 // Unit = (row, mask byte): 8 output columns of one row.
+// `gemm` is x W^T, (rows, cols) contiguous.
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
-__global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t, gemm_t> p) {
+__global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t> p, const gemm_t* gemm) {
   const int64_t bytes_per_row = mask_bytes_per_row(p.cols);
   const int64_t units = p.rows * bytes_per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t unit = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; unit < units;
        unit += stride) {
-    forward_epilogue_unit<kRelu, kResidual, kBias>(p, unit / bytes_per_row, unit % bytes_per_row);
+    const int64_t row = unit / bytes_per_row, byte = unit % bytes_per_row;
+    forward_epilogue_unit<kRelu, kResidual, kBias>(
+        p, gemm + row * p.cols + byte * kMaskBitsPerByte, row, byte);
   }
 }
 

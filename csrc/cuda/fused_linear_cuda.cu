@@ -37,12 +37,12 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
     auto run = [&]<typename gemm_t>() {
-      const auto p = forward_epilogue_params<scalar_t, gemm_t>(gemm, out, bias, residual, mask);
+      const auto p = forward_epilogue_params<scalar_t>(out, bias, residual, mask);
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
             forward_epilogue_kernel<kRelu, kResidual, kBias>
-                <<<blocks_for(units), kThreads, 0, stream>>>(p);
+                <<<blocks_for(units), kThreads, 0, stream>>>(p, gemm.const_data_ptr<gemm_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });

@@ -1,0 +1,104 @@
+#include "backend.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include <c10/util/Exception.h>
+
+#include "tile_gemm.h"
+
+namespace fusedskip {
+namespace {
+
+constexpr const char* kNames[] = {"auto", "native", "gemm_epilogue", "cuda_emulation"};
+
+bool parse(const std::string& name, Backend* backend) {
+  for (int i = 0; i < 4; ++i) {
+    if (name == kNames[i]) {
+      *backend = static_cast<Backend>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+Backend from_environment() {
+  const char* value = std::getenv("FUSEDSKIP_BACKEND");
+  Backend backend = Backend::kAuto;
+  if (value != nullptr && value[0] != '\0' && !parse(value, &backend)) {
+    TORCH_WARN("fusedskip: FUSEDSKIP_BACKEND=", value,
+               " is not one of auto, native, gemm_epilogue, cuda_emulation; using auto");
+  }
+  return backend;
+}
+
+std::atomic<Backend>& selected() {
+  static std::atomic<Backend> backend{from_environment()};
+  return backend;
+}
+
+// CPU: direct loops below this many multiply-adds, BLAS above (measured on x86-64:
+// benchmarks/NOTES.md, "CPU: direct loops or BLAS").
+constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
+
+// CUDA: the native kernel below this many multiply-adds, cuBLAS + element-wise pass above.
+// PROVISIONAL: a model estimate, not yet a measurement. Below it a layer is launch-bound (one
+// kernel instead of cuBLAS + epilogue launches saves more than the native mainloop, which has no
+// software pipelining, loses to cuBLAS); the crossover must be measured on the GPU (`python -m
+// fusedskip.bench --providers fused,fused_native,fused_gemm_epilogue`) and this value replaced.
+constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 27;
+
+// The native kernel's grid: row tiles in x (up to 2^31 - 1), column tiles and slices in y and z
+// (up to 65535 each).
+bool tiles_fit(const Geometry& g) {
+  int64_t widest = g.cols;
+  for (int64_t width : g.widths) widest = std::max(widest, width);
+  return ceil_div(g.rows, kTileEdge) <= kTileMaxGridM &&
+         ceil_div(widest, kTileEdge) <= kTileMaxGridN;
+}
+
+GemmPath forced_tiles(Backend backend, const Geometry& g) {
+  TORCH_CHECK_VALUE(tiles_fit(g), "fusedskip: backend '", backend_name(backend),
+                    "' cannot run a layer of ", g.cols, " outputs over inputs of widths ",
+                    at::IntArrayRef(g.widths), " (at most ", kTileMaxGridN * kTileEdge,
+                    " each); use the 'auto' or 'gemm_epilogue' backend");
+  return GemmPath::kTiles;
+}
+
+}  // namespace
+
+Backend current_backend() { return selected().load(std::memory_order_relaxed); }
+
+void set_backend(const std::string& name) {
+  Backend backend;
+  TORCH_CHECK_VALUE(parse(name, &backend), "fusedskip: unknown backend '", name,
+                    "'; choose one of 'auto', 'native', 'gemm_epilogue', 'cuda_emulation'");
+  selected().store(backend, std::memory_order_relaxed);
+}
+
+const char* backend_name(Backend backend) { return kNames[static_cast<int>(backend)]; }
+
+GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
+  const Backend backend = current_backend();
+  const int64_t work = g.rows * g.cols * weight.size(1);
+  if (weight.is_cpu()) {
+    switch (backend) {
+      case Backend::kNative: return GemmPath::kCpuLoops;
+      case Backend::kGemmEpilogue: return GemmPath::kLibrary;
+      case Backend::kCudaEmulation: return forced_tiles(backend, g);
+      default: return work <= kCpuLoopsMaxWork ? GemmPath::kCpuLoops : GemmPath::kLibrary;
+    }
+  }
+  if (weight.is_cuda()) {
+    switch (backend) {
+      case Backend::kGemmEpilogue: return GemmPath::kLibrary;
+      case Backend::kNative:
+      case Backend::kCudaEmulation: return forced_tiles(backend, g);
+      default:
+        return work <= kCudaNativeMaxWork && tiles_fit(g) ? GemmPath::kTiles : GemmPath::kLibrary;
+    }
+  }
+  return GemmPath::kLibrary;
+}
+
+}  // namespace fusedskip

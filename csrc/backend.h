@@ -1,0 +1,36 @@
+// How the op computes x W^T and its epilogue: the one place that chooses, per call.
+//
+//   FUSEDSKIP_BACKEND (read at load) / fusedskip.set_backend(name) (at run time):
+//     auto            per shape, below (the default)
+//     native          CUDA: the native fused kernel (csrc/cuda/tile_kernels.cu);
+//                     CPU: the direct loops (csrc/cpu/fused_linear_cpu.cpp)
+//     gemm_epilogue   the library GEMM (cuBLAS / CPU BLAS through ATen) + one element-wise pass
+//     cuda_emulation  CPU tensors: the native CUDA kernel's own code run on the host, thread by
+//                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "fused_linear.h"
+
+namespace fusedskip {
+
+enum class Backend : int { kAuto = 0, kNative, kGemmEpilogue, kCudaEmulation };
+
+Backend current_backend();
+// Raises ValueError naming the choices for an unknown name.
+void set_backend(const std::string& name);
+const char* backend_name(Backend backend);
+
+enum class GemmPath {
+  kLibrary,   // ATen GEMM(s) + the element-wise pass
+  kCpuLoops,  // CPU direct loops + the element-wise pass
+  kTiles,     // the native kernel (on CUDA) or its host emulation (on CPU)
+};
+
+GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
+
+}  // namespace fusedskip

@@ -1,0 +1,286 @@
+// The native kernel's body: one tiled GEMM per thread block whose K loop runs over the concat
+// inputs one after another (the concatenation is never built), finished by the fused epilogue of
+// csrc/epilogue.h while the tile is still on chip.
+//
+// It is written once, as __host__ __device__ code against a small "block" interface:
+//
+//   block.for_each_thread(f)   f(thread) for every thread of the block
+//   block.for_each_worker(f)   f(worker, accumulator) for every unit that owns an accumulator
+//                              (a thread for the SIMT maths, a warp for tensor cores)
+//   block.sync()               __syncthreads()
+//
+// csrc/cuda/tile_kernels.cu runs it as a CUDA thread block; csrc/cpu/tile_emulation.cpp runs it on
+// the host, thread after thread between the syncs. The CPU tests (FUSEDSKIP_BACKEND=
+// cuda_emulation) therefore check this kernel's tiling, bounds, concat segments, split-K and
+// epilogue on every run, without a GPU. What they cannot check: the tensor-core instructions
+// themselves (the host stands in for them, csrc/cpu/tile_emulation.cpp) and races between threads
+// (compute-sanitizer racecheck, scripts/gpu_check.sh).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "epilogue.h"
+
+namespace fusedskip {
+
+// Forward: one problem of up to 8 segments (the inputs). Backward: up to 16 one-segment problems
+// (a gradient per input, a weight-gradient column block per input), run by one launch.
+constexpr int kTileForwardSegments = 8;
+constexpr int kTileBackwardProblems = 16;
+FS_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Every tile maths below covers kTileEdge x kTileEdge outputs per block.
+constexpr int kTileEdge = 64;
+// CUDA grid limits (x; y and z): the launcher's shapes must fit (csrc/backend.cpp checks first).
+constexpr int64_t kTileMaxGridM = (int64_t{1} << 31) - 1;
+constexpr int64_t kTileMaxGridN = 65535;
+
+// One K block of out = sum over segments of A (m, k) B (k, n), each operand read through its own
+// strides (any layout, any alignment: the loads are element-wise and bounds-checked).
+template <typename scalar_t>
+struct TileSegment {
+  const scalar_t* a;  // A(m, k) = a[m * a_stride_m + k * a_stride_k]
+  int64_t a_stride_m;
+  int64_t a_stride_k;
+  const scalar_t* b;  // B(k, n) = b[k * b_stride_k + n * b_stride_n]
+  int64_t b_stride_k;
+  int64_t b_stride_n;
+  int64_t k;
+};
+
+template <typename scalar_t, int kSegments>
+struct TileProblem {
+  TileSegment<scalar_t> segment[kSegments];
+  int num_segments;
+  int splits;            // split-K: grid slices sharing this problem, each over k_per_split of K
+  int64_t k_per_split;   // >= every segment's k when splits == 1
+  int64_t m;
+  int64_t n;
+  scalar_t* out;         // (m, n), row stride out_stride_m, unit column stride
+  int64_t out_stride_m;
+  // With splits > 1: slice s writes its float partial sums to partial + s * partial_stride_split
+  // (same row stride as out) and a second pass adds the slices up in order (deterministic).
+  at::opmath_type<scalar_t>* partial;
+  int64_t partial_stride_split;
+};
+
+template <typename scalar_t, int kSegments, int kProblems>
+struct TileParams {
+  TileProblem<scalar_t, kSegments> problem[kProblems];
+  int num_problems;
+  int first_slice[kProblems + 1];  // grid z -> problem: slices [first_slice[i], first_slice[i+1])
+  // The forward epilogue's operands (see ForwardEpilogueParams); backward problems store plainly.
+  const scalar_t* bias;
+  const scalar_t* residual;
+  int64_t residual_stride_row;
+  uint8_t* mask;
+};
+
+// Shared memory of one block: the A and B tiles of one K step, then (aliasing them, after a sync)
+// the accumulator tile the epilogue reads. Raw bytes: __shared__ variables cannot have
+// constructors, and at::Half has one.
+template <typename scalar_t, typename acc_t, int kBM, int kBN, int kBK, int kALd, int kBLd,
+          int kCLd>
+struct TileSmem {
+  static constexpr int kABytes = kBM * kALd * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kBBytes = kBK * kBLd * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kCBytes = kBM * kCLd * static_cast<int>(sizeof(acc_t));
+  static constexpr int kBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
+  // 128-byte alignment: tensor-core fragment loads need 32-byte aligned tile addresses.
+  alignas(128) unsigned char raw[kBytes];
+
+  FS_HOST_DEVICE scalar_t* a() { return reinterpret_cast<scalar_t*>(raw); }
+  FS_HOST_DEVICE scalar_t* b() { return reinterpret_cast<scalar_t*>(raw + kABytes); }
+  FS_HOST_DEVICE acc_t* c() { return reinterpret_cast<acc_t*>(raw); }
+  FS_HOST_DEVICE const scalar_t* a() const { return reinterpret_cast<const scalar_t*>(raw); }
+  FS_HOST_DEVICE const scalar_t* b() const {
+    return reinterpret_cast<const scalar_t*>(raw + kABytes);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SIMT maths (float32 without TF32, float64): 256 threads, a 64x64 tile, each thread a 4x4
+// sub-tile strided by 16 so that a warp's shared-memory reads hit distinct banks.
+
+template <typename scalar_t_>
+struct SimtMath {
+  using scalar_t = scalar_t_;
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kThreads = 256;
+  static constexpr int kBM = kTileEdge, kBN = kTileEdge, kBK = 16;
+  static constexpr int kALd = kBK + 1, kBLd = kBN, kCLd = kBN + 1;
+  static constexpr int kWorkers = kThreads;
+  static constexpr int kThreadsPerWorker = 1;
+  static constexpr int kSub = 4;      // sub-tile rows and columns per thread
+  static constexpr int kSpread = 16;  // threads per tile row / column
+  using Smem = TileSmem<scalar_t, acc_t, kBM, kBN, kBK, kALd, kBLd, kCLd>;
+  static_assert(kSub * kSpread == kBM && kSub * kSpread == kBN && kSpread * kSpread == kThreads);
+  struct Acc {
+    acc_t v[kSub][kSub];
+  };
+
+  FS_HOST_DEVICE static void zero(Acc& acc) {
+FS_UNROLL
+    for (int i = 0; i < kSub; ++i)
+FS_UNROLL
+      for (int j = 0; j < kSub; ++j) acc.v[i][j] = acc_t(0);
+  }
+
+  FS_HOST_DEVICE static void mma(const Smem& smem, Acc& acc, int thread) {
+    const int ty = thread / kSpread, tx = thread % kSpread;
+FS_UNROLL
+    for (int kk = 0; kk < kBK; ++kk) {
+      acc_t a[kSub], b[kSub];
+FS_UNROLL
+      for (int i = 0; i < kSub; ++i) a[i] = static_cast<acc_t>(smem.a()[(ty + kSpread * i) * kALd + kk]);
+FS_UNROLL
+      for (int j = 0; j < kSub; ++j) b[j] = static_cast<acc_t>(smem.b()[kk * kBLd + tx + kSpread * j]);
+FS_UNROLL
+      for (int i = 0; i < kSub; ++i)
+FS_UNROLL
+        for (int j = 0; j < kSub; ++j) acc.v[i][j] += a[i] * b[j];
+    }
+  }
+
+  FS_HOST_DEVICE static void store(Smem& smem, const Acc& acc, int thread) {
+    const int ty = thread / kSpread, tx = thread % kSpread;
+FS_UNROLL
+    for (int i = 0; i < kSub; ++i)
+FS_UNROLL
+      for (int j = 0; j < kSub; ++j) {
+        smem.c()[(ty + kSpread * i) * kCLd + tx + kSpread * j] = acc.v[i][j];
+      }
+  }
+};
+
+// Tensor-core tiling (float16 / bfloat16, and float32 as TF32): 4 warps in a 2x2 grid over a
+// 64x64 tile, each warp 2x2 fragments of 16x16, K steps of 32. The fragment maths themselves
+// differ between the GPU (WMMA, csrc/cuda/tile_kernels.cu) and the host stand-in
+// (csrc/cpu/tile_emulation.cpp); this is the part they share.
+template <typename scalar_t_>
+struct TensorCoreShape {
+  using scalar_t = scalar_t_;
+  using acc_t = float;
+  static constexpr bool kTf32 = sizeof(scalar_t) == 4;
+  static constexpr int kThreads = 128;
+  static constexpr int kBM = kTileEdge, kBN = kTileEdge, kBK = 32;
+  static constexpr int kFragM = 16, kFragN = 16, kFragK = kTf32 ? 8 : 16;
+  static constexpr int kWarpM = 32, kWarpN = 32;  // each warp: 2x2 fragments
+  static constexpr int kFragsM = kWarpM / kFragM, kFragsN = kWarpN / kFragN;
+  // Leading dims: multiples of 16 bytes (a WMMA requirement), padded off a multiple of 128 bytes
+  // to spread rows over the shared-memory banks.
+  static constexpr int kPad = kTf32 ? 4 : 8;
+  static constexpr int kALd = kBK + kPad, kBLd = kBN + kPad, kCLd = kBN + 4;
+  static constexpr int kWorkers = 4;
+  static constexpr int kThreadsPerWorker = 32;
+  using Smem = TileSmem<scalar_t, acc_t, kBM, kBN, kBK, kALd, kBLd, kCLd>;
+
+  // Top-left corner of a warp's 32x32 part of the tile.
+  FS_HOST_DEVICE static int warp_row(int warp) { return (warp / 2) * kWarpM; }
+  FS_HOST_DEVICE static int warp_col(int warp) { return (warp % 2) * kWarpN; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The block body.
+
+// Global -> shared copy of the A tile (kBM x kBK) of one K step; zeros outside the operand. The
+// element order follows the operand's contiguous dimension so neighbouring threads read
+// neighbouring addresses.
+template <class Math>
+FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem,
+                                const TileSegment<typename Math::scalar_t>& seg, int64_t m0,
+                                int64_t m_end, int64_t k0, int64_t k_end, int thread) {
+  using scalar_t = typename Math::scalar_t;
+  const bool m_fastest = seg.a_stride_m == 1 && seg.a_stride_k != 1;
+  for (int e = thread; e < Math::kBM * Math::kBK; e += Math::kThreads) {
+    const int mm = m_fastest ? e % Math::kBM : e / Math::kBK;
+    const int kk = m_fastest ? e / Math::kBM : e % Math::kBK;
+    const int64_t m = m0 + mm, k = k0 + kk;
+    smem.a()[mm * Math::kALd + kk] =
+        m < m_end && k < k_end ? seg.a[m * seg.a_stride_m + k * seg.a_stride_k] : scalar_t(0);
+  }
+}
+
+template <class Math>
+FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem,
+                                const TileSegment<typename Math::scalar_t>& seg, int64_t n0,
+                                int64_t n_end, int64_t k0, int64_t k_end, int thread) {
+  using scalar_t = typename Math::scalar_t;
+  const bool n_fastest = seg.b_stride_n == 1 && seg.b_stride_k != 1;
+  for (int e = thread; e < Math::kBK * Math::kBN; e += Math::kThreads) {
+    const int kk = n_fastest ? e / Math::kBN : e % Math::kBK;
+    const int nn = n_fastest ? e % Math::kBN : e / Math::kBK;
+    const int64_t k = k0 + kk, n = n0 + nn;
+    smem.b()[kk * Math::kBLd + nn] =
+        k < k_end && n < n_end ? seg.b[k * seg.b_stride_k + n * seg.b_stride_n] : scalar_t(0);
+  }
+}
+
+// Block (tile_m, tile_n, slice) of a launch over `p`. The grid covers the largest problem;
+// blocks past the edge of a smaller one return at once (before any sync, so the whole block does).
+template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params>
+FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t tile_m, int64_t tile_n, int slice,
+                                    typename Math::Smem& smem, Block& block) {
+  using scalar_t = typename Math::scalar_t;
+  using acc_t = typename Math::acc_t;
+  int index = 0;
+  while (index + 1 < p.num_problems && slice >= p.first_slice[index + 1]) ++index;
+  const auto& prob = p.problem[index];
+  const int split = slice - p.first_slice[index];
+  const int64_t m0 = tile_m * Math::kBM, n0 = tile_n * Math::kBN;
+  if (m0 >= prob.m || n0 >= prob.n) return;
+
+  block.for_each_worker([&](int, auto& acc) { Math::zero(acc); });
+  const int64_t k_begin = split * prob.k_per_split;
+  for (int s = 0; s < prob.num_segments; ++s) {
+    const TileSegment<scalar_t>& seg = prob.segment[s];
+    const int64_t k_end = seg.k < k_begin + prob.k_per_split ? seg.k : k_begin + prob.k_per_split;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += Math::kBK) {
+      block.for_each_thread([&](int thread) {
+        load_tile_a<Math>(smem, seg, m0, prob.m, k0, k_end, thread);
+        load_tile_b<Math>(smem, seg, n0, prob.n, k0, k_end, thread);
+      });
+      block.sync();
+      block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });
+      block.sync();  // the next loads (or the accumulator tile below) overwrite the tiles
+    }
+  }
+  block.for_each_worker([&](int worker, auto& acc) { Math::store(smem, acc, worker); });
+  block.sync();
+
+  // Epilogue: one unit = the 8 columns of one mask byte in one row, as in the element-wise pass.
+  constexpr int kBytesPerTileRow = Math::kBN / kMaskBitsPerByte;
+  block.for_each_thread([&](int thread) {
+    for (int unit = thread; unit < Math::kBM * kBytesPerTileRow; unit += Math::kThreads) {
+      const int r = unit / kBytesPerTileRow, byte = unit % kBytesPerTileRow;
+      const int64_t row = m0 + r, first_col = n0 + byte * kMaskBitsPerByte;
+      if (row >= prob.m || first_col >= prob.n) continue;
+      const acc_t* tile = smem.c() + r * Math::kCLd + byte * kMaskBitsPerByte;
+      if (prob.partial != nullptr) {
+        acc_t* dst = prob.partial + split * prob.partial_stride_split + row * prob.out_stride_m +
+                     first_col;
+        const int64_t count = prob.n - first_col < kMaskBitsPerByte ? prob.n - first_col
+                                                                    : kMaskBitsPerByte;
+        for (int64_t c = 0; c < count; ++c) dst[c] = tile[c];
+      } else {
+        const ForwardEpilogueParams<scalar_t> e{prob.out, prob.out_stride_m,   p.bias,
+                                                p.residual, p.residual_stride_row, p.mask,
+                                                prob.m,   prob.n};
+        forward_epilogue_unit<kRelu, kResidual, kBias>(e, tile, row,
+                                                       first_col / kMaskBitsPerByte);
+      }
+    }
+  });
+}
+
+// Second pass of split-K: out[i] = sum over slices of partial[s * stride_split + i], in order.
+template <typename scalar_t>
+FS_HOST_DEVICE void split_sum_unit(const at::opmath_type<scalar_t>* partial, int splits,
+                                   int64_t stride_split, int64_t i, scalar_t* out) {
+  at::opmath_type<scalar_t> sum = 0;
+  for (int s = 0; s < splits; ++s) sum += partial[s * stride_split + i];
+  out[i] = static_cast<scalar_t>(sum);
+}
+
+}  // namespace fusedskip

@@ -1,0 +1,49 @@
+"""Which implementation the fused op uses (see csrc/backend.h for the full story).
+
+    fusedskip.get_backend() -> str
+    fusedskip.set_backend(name)           process-wide; FUSEDSKIP_BACKEND sets it at import
+    with fusedskip.use_backend(name): ...
+
+Backends: ``auto`` (the default: per shape, the faster path), ``native`` (CUDA: the one-launch
+fused kernel; CPU: the direct loops), ``gemm_epilogue`` (the library GEMM, cuBLAS or CPU BLAS,
+then one fused element-wise pass), ``cuda_emulation`` (CPU tensors: the native CUDA kernel's own
+code run on the host, thread by thread; slow, it checks the GPU kernel without a GPU).
+The choice is read at each call, so it also applies inside compiled graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from . import _ops
+
+BACKENDS = ("auto", "native", "gemm_epilogue", "cuda_emulation")
+
+
+def _require_extension():
+    if not _ops.AVAILABLE:
+        raise RuntimeError("fusedskip: the compiled extension is not loaded, so there are no "
+                           f"backends to choose from (load error: {_ops.LOAD_ERROR})")
+
+
+def get_backend() -> str:
+    """The backend the fused op uses now."""
+    _require_extension()
+    return _ops._C._get_backend()
+
+
+def set_backend(name: str) -> None:
+    """Choose the fused op's backend for the whole process (one of ``BACKENDS``)."""
+    _require_extension()
+    _ops._C._set_backend(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("native"): ...`` -- the backend inside the block, restored after."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)

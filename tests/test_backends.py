@@ -1,0 +1,168 @@
+"""The backend switch, and every backend's results on CPU against the float64 reference.
+
+``cuda_emulation`` runs the native CUDA kernel's own block code on the host (csrc/tile_gemm.h,
+csrc/tile_plan.h): these tests are how its tiling, bounds, concat segments, split-K and epilogue
+are checked on every run without a GPU. It poisons every output with NaN before the blocks run,
+so an element the kernel fails to write fails the comparison."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedskip
+from conftest import (SEED, assert_close_rel, check_against_reference, ids, make_sample,
+                      sample_grid)
+
+pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
+
+CPU_BACKENDS = ("native", "gemm_epilogue", "cuda_emulation")
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def emulation():
+    with fusedskip.use_backend("cuda_emulation"):
+        yield
+
+
+def test_backend_switch_round_trip():
+    assert fusedskip.get_backend() == "auto"
+    for name in fusedskip.BACKENDS:
+        with fusedskip.use_backend(name):
+            assert fusedskip.get_backend() == name
+        assert fusedskip.get_backend() == "auto"
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*'auto', 'native'"):
+        fusedskip.set_backend("fast")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        fusedskip.set_backend(3)
+    assert fusedskip.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("value,expected,warns", [("gemm_epilogue", "gemm_epilogue", False),
+                                                  ("turbo", "auto", True)])
+def test_environment_variable(value, expected, warns):
+    code = ("import warnings; warnings.simplefilter('always'); import fusedskip; "
+            "print(fusedskip.get_backend())")
+    env = dict(os.environ, FUSEDSKIP_BACKEND=value)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == expected
+    assert ("FUSEDSKIP_BACKEND=turbo is not one of" in done.stderr) == warns
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_form_every_backend(backend, dtype):
+    with fusedskip.use_backend(backend):
+        for sample in sample_grid(dtype=dtype):
+            check_against_reference(sample, dtype)
+
+
+GRADCHECK = sample_grid(small=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sample", GRADCHECK, ids=ids(GRADCHECK))
+def test_gradcheck_every_backend(sample, backend):
+    fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
+    with fusedskip.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, sample.tensors())
+
+
+# Sizes on both sides of the 64-wide output tiles and of the 16 (SIMT) / 32 (tensor core) K steps.
+EDGES = (1, 63, 64, 65, 129)
+K_EDGES = (1, 15, 16, 17, 31, 32, 33)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_tile_edges(dtype, emulation):
+    generator = torch.Generator().manual_seed(SEED)
+    for rows, cols in itertools.product(EDGES, EDGES):
+        k = K_EDGES[(rows + cols) % len(K_EDGES)]
+        residual = (None, "relu_add", "add_relu")[(rows * cols) % 3]
+        sample = make_sample([k], cols, (rows,), residual=residual, dtype=dtype,
+                             generator=generator)
+        check_against_reference(sample, dtype)
+    for k in K_EDGES:
+        check_against_reference(make_sample([k], 65, (65,), dtype=dtype, generator=generator),
+                                dtype)
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+def test_emulated_concat_one_to_eight_inputs(count, emulation):
+    widths = [1, 33, 7, 13, 2, 65, 11, 9][:count]
+    generator = torch.Generator().manual_seed(SEED + count)
+    for dtype, relu in itertools.product(DTYPES, (False, True)):
+        check_against_reference(make_sample(widths, 70, (2, 37), relu=relu, dtype=dtype,
+                                            generator=generator), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_split_k_weight_gradient(dtype, emulation):
+    """Enough rows that the weight gradient's K is split over slices and summed in order."""
+    generator = torch.Generator().manual_seed(SEED)
+    for widths, residual in (([20], "relu_add"), ([5, 70], None)):
+        sample = make_sample(widths, 30, (1500,), residual=residual, dtype=dtype,
+                             generator=generator)
+        check_against_reference(sample, dtype)
+        # The same bits on every run: fixed slices, summed in a fixed order.
+        runs = []
+        for _ in range(2):
+            out = sample.call(fusedskip, *sample.tensors())
+            runs.append(torch.autograd.grad(out.sum(), sample.weight))
+        assert torch.equal(runs[0][0], runs[1][0])
+
+
+def test_emulated_tf32_follows_allow_tf32(emulation):
+    """float32 uses the tensor-core maths (TF32 operands) exactly when matmuls may use TF32."""
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(70, 300, generator=generator)
+    w = torch.randn(50, 300, generator=generator)
+    exact = x.double() @ w.double().T
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        full = fusedskip.linear_concat([x], w)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = fusedskip.linear_concat([x], w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    full_err = ((full.double() - exact).norm() / exact.norm()).item()
+    tf32_err = ((tf32.double() - exact).norm() / exact.norm()).item()
+    assert full_err <= 1e-6
+    assert 1e-5 < tf32_err <= 1e-3  # rounded operands, and only to TF32's precision
+
+
+def test_emulated_expanded_gradient_and_empty_shapes(emulation):
+    # d(sum)/d(out) arrives as an expanded tensor (stride 0): read through its strides.
+    sample = make_sample([9, 4], 70, (66,), relu=False)
+    out = sample.call(fusedskip, *sample.tensors())
+    grads = torch.autograd.grad(out.sum(), sample.tensors())
+    ref64 = [t.detach().double().requires_grad_() for t in sample.tensors()]
+    ref_grads = torch.autograd.grad(sample.call(fusedskip.reference, *ref64).sum(), ref64)
+    for g, rg in zip(grads, ref_grads):
+        assert_close_rel(g, rg, torch.float64, "expanded grad")
+    # No rows: empty output, zero weight gradient (every element still written).
+    sample = make_sample([3, 5], 6, (0,))
+    out = sample.call(fusedskip, *sample.tensors())
+    assert out.shape == (0, 6)
+    grad_w, grad_b = torch.autograd.grad(out.sum(), [sample.weight, sample.bias])
+    assert torch.equal(grad_w, torch.zeros_like(grad_w))
+    assert torch.equal(grad_b, torch.zeros_like(grad_b))
+    # A zero-width input among others.
+    check_against_reference(make_sample([0, 5], 7, (9,)), torch.float64)
+
+
+def test_forced_native_kernel_refuses_shapes_beyond_its_grid(emulation):
+    x = torch.randn(1, 1)
+    w = torch.randn(65535 * 64 + 1, 1)
+    with pytest.raises(ValueError, match="backend 'cuda_emulation' cannot run a layer"):
+        fusedskip.linear_concat([x], w)
