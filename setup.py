@@ -59,7 +59,8 @@ def pip_cuda_include_dirs():
 
 
 def arch_flags(spec):
-    """'8.0;9.0a' -> nvcc -gencode flags (SASS for each, plus PTX of the newest for the future)."""
+    """'8.0;9.0a' -> nvcc -gencode flags: SASS for each, plus PTX of the newest portable one (no
+    "a" suffix) so that newer GPUs than any listed can JIT-compile the kernels."""
     if spec.strip() == "native":
         import torch
 
@@ -69,11 +70,14 @@ def arch_flags(spec):
     archs = [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
     flags = []
     for arch in archs:
+        if float(arch.rstrip("a")) < 8.0:  # bfloat16 / TF32 tensor cores (WMMA) need sm_80
+            raise SystemExit(f"fusedskip: CUDA arch {arch} is not supported (sm_80 or newer); "
+                             "set FUSEDSKIP_CUDA_ARCHS, or FUSEDSKIP_FORCE_CPU=1 for a CPU build")
         number = arch.replace(".", "")
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-    newest = archs[-1].replace(".", "")
-    if not newest.endswith("a"):  # arch-specific ("a") targets have no forward-compatible PTX
-        flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    portable = [a.replace(".", "") for a in archs if not a.endswith("a")]
+    if portable:  # arch-specific ("a") targets have no forward-compatible PTX
+        flags.append(f"-gencode=arch=compute_{portable[-1]},code=compute_{portable[-1]}")
     return flags
 
 

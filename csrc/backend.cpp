@@ -38,7 +38,7 @@ std::atomic<Backend>& selected() {
 }
 
 // CPU: direct loops below this many multiply-adds, BLAS above (measured on x86-64:
-// benchmarks/NOTES.md, "CPU: direct loops or BLAS").
+// benchmarks/NOTES.md, "CPU: direct loops or ATen GEMMs").
 constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 
 // CUDA: the native kernel below this many multiply-adds, cuBLAS + element-wise pass above.
@@ -48,20 +48,22 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 // fusedskip.bench --providers fused,fused_native,fused_gemm_epilogue`) and this value replaced.
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 27;
 
-// The native kernel's grid: row tiles in x (up to 2^31 - 1), column tiles and slices in y and z
-// (up to 65535 each).
+// The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
+// tiles, each weight-gradient block's tiles times its split-K slices), must fit one launch.
 bool tiles_fit(const Geometry& g) {
-  int64_t widest = g.cols;
-  for (int64_t width : g.widths) widest = std::max(widest, width);
-  return ceil_div(g.rows, kTileEdge) <= kTileMaxGridM &&
-         ceil_div(widest, kTileEdge) <= kTileMaxGridN;
+  const int64_t row_tiles = ceil_div(g.rows, kTileEdge), col_tiles = ceil_div(g.cols, kTileEdge);
+  int64_t backward = 0;
+  for (int64_t width : g.widths) {
+    backward += (row_tiles + col_tiles * kTileMaxSplits) * ceil_div(width, kTileEdge);
+  }
+  return row_tiles * col_tiles <= kTileMaxBlocks && backward <= kTileMaxBlocks;
 }
 
 GemmPath forced_tiles(Backend backend, const Geometry& g) {
   TORCH_CHECK_VALUE(tiles_fit(g), "fusedskip: backend '", backend_name(backend),
-                    "' cannot run a layer of ", g.cols, " outputs over inputs of widths ",
-                    at::IntArrayRef(g.widths), " (at most ", kTileMaxGridN * kTileEdge,
-                    " each); use the 'auto' or 'gemm_epilogue' backend");
+                    "' cannot run a layer this large (", g.rows, " rows x ", g.cols,
+                    " outputs: more thread blocks than one launch holds); use the 'auto' or ",
+                    "'gemm_epilogue' backend");
   return GemmPath::kTiles;
 }
 

@@ -117,9 +117,12 @@ FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>&
 
 // The bias gradient is summed over fixed blocks of rows, then over the blocks in a fixed order:
 // the same bits on every run and for every thread count (no atomics, no thread-dependent split).
-constexpr int64_t kBiasRowsPerBlock = 128;
-FS_HOST_DEVICE int64_t bias_row_blocks(int64_t rows) {
-  return (rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock;
+// The block height is the device's: a CPU thread takes many rows; the GPU needs many units to
+// keep its memory busy (4096 x 1024 in blocks of 128 rows would be only 4096 threads).
+constexpr int64_t kCpuRowsPerBlock = 128;
+constexpr int64_t kCudaRowsPerBlock = 16;
+FS_HOST_DEVICE int64_t bias_row_blocks(int64_t rows, int64_t rows_per_block) {
+  return (rows + rows_per_block - 1) / rows_per_block;
 }
 
 template <typename scalar_t>
@@ -130,20 +133,21 @@ struct BackwardEpilogueParams {
   int64_t grad_out_stride_col;
   const uint8_t* mask;   // as in the forward; nullptr without ReLU
   scalar_t* grad_preact;  // (rows, cols) contiguous; written only with ReLU
-  acc_t* bias_partials;   // (bias_row_blocks(rows), cols) contiguous, or nullptr without bias
+  acc_t* bias_partials;   // (bias_row_blocks(rows, rows_per_block), cols) contiguous, or nullptr
   int64_t rows;
   int64_t cols;
+  int64_t rows_per_block;
 };
 
-// One block of kBiasRowsPerBlock rows, the 8 columns of one mask byte.
+// One block of rows_per_block rows, the 8 columns of one mask byte.
 template <bool kRelu, bool kBias, typename scalar_t>
 FS_HOST_DEVICE void backward_epilogue_unit(const BackwardEpilogueParams<scalar_t>& p,
                                            int64_t row_block, int64_t byte) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t first_col = byte * kMaskBitsPerByte;
-  const int64_t first_row = row_block * kBiasRowsPerBlock;
+  const int64_t first_row = row_block * p.rows_per_block;
   const int64_t end_row =
-      first_row + kBiasRowsPerBlock < p.rows ? first_row + kBiasRowsPerBlock : p.rows;
+      first_row + p.rows_per_block < p.rows ? first_row + p.rows_per_block : p.rows;
   const int64_t mask_row_bytes = mask_bytes_per_row(p.cols);
   acc_t sums[kMaskBitsPerByte] = {};
   for (int64_t row = first_row; row < end_row; ++row) {
@@ -173,7 +177,8 @@ FS_UNROLL
   }
 }
 
-// Second stage of the bias gradient: one column, blocks summed in order.
+// Second stage of the bias gradient on the CPU: one column, blocks summed in order. (The GPU
+// adds the same partials with a fixed-shape tree instead: csrc/cuda/epilogue_kernels.cuh.)
 template <typename scalar_t>
 FS_HOST_DEVICE void bias_grad_unit(const at::opmath_type<scalar_t>* bias_partials,
                                    int64_t row_blocks, int64_t cols, int64_t col,

@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   } else {
     // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
     // result is rounded once, as a single GEMM over the concatenation would round it. (Upcast
-    // operands: the ATen GEMMs of both devices take them; a fused mainloop would keep the
-    // accumulator in registers instead.)
+    // operands: the ATen GEMMs of both devices take them; the native kernel keeps its float32
+    // accumulator on chip instead.)
     const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
                                                        weight.scalar_type() == at::kBFloat16);
     bias_in_gemm = has_bias && !accumulate_fp32;

@@ -91,7 +91,7 @@ ForwardEpilogueParams<scalar_t> forward_epilogue_params(const at::Tensor& out,
 template <typename scalar_t>
 BackwardEpilogueParams<scalar_t> backward_epilogue_params(
     const at::Tensor& grad_out, const at::Tensor& mask, const at::Tensor& grad_preact,
-    at::opmath_type<scalar_t>* bias_partials) {
+    at::opmath_type<scalar_t>* bias_partials, int64_t rows_per_block) {
   BackwardEpilogueParams<scalar_t> p{};
   p.grad_out = grad_out.const_data_ptr<scalar_t>();
   p.grad_out_stride_row = grad_out.stride(0);
@@ -101,6 +101,7 @@ BackwardEpilogueParams<scalar_t> backward_epilogue_params(
   p.bias_partials = bias_partials;
   p.rows = grad_out.size(0);
   p.cols = grad_out.size(1);
+  p.rows_per_block = rows_per_block;
   return p;
 }
 

@@ -32,9 +32,11 @@ FS_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
 
 // Every tile maths below covers kTileEdge x kTileEdge outputs per block.
 constexpr int kTileEdge = 64;
-// CUDA grid limits (x; y and z): the launcher's shapes must fit (csrc/backend.cpp checks first).
-constexpr int64_t kTileMaxGridM = (int64_t{1} << 31) - 1;
-constexpr int64_t kTileMaxGridN = 65535;
+// A launch is a 1-D grid of blocks (every problem's tiles and slices in a row): at most the CUDA
+// limit of the grid's x dimension (csrc/backend.cpp checks before choosing the kernel).
+constexpr int64_t kTileMaxBlocks = (int64_t{1} << 31) - 1;
+// Split-K: at most this many slices per weight-gradient block.
+constexpr int64_t kTileMaxSplits = 64;
 
 // One K block of out = sum over segments of A (m, k) B (k, n), each operand read through its own
 // strides (any layout, any alignment: the loads are element-wise and bounds-checked).
@@ -53,10 +55,12 @@ template <typename scalar_t, int kSegments>
 struct TileProblem {
   TileSegment<scalar_t> segment[kSegments];
   int num_segments;
-  int splits;            // split-K: grid slices sharing this problem, each over k_per_split of K
+  int splits;            // split-K: slices sharing this problem, each over k_per_split of K
   int64_t k_per_split;   // >= every segment's k when splits == 1
   int64_t m;
   int64_t n;
+  int64_t tiles_m;       // ceil(m / kTileEdge), ceil(n / kTileEdge)
+  int64_t tiles_n;
   scalar_t* out;         // (m, n), row stride out_stride_m, unit column stride
   int64_t out_stride_m;
   // With splits > 1: slice s writes its float partial sums to partial + s * partial_stride_split
@@ -69,7 +73,9 @@ template <typename scalar_t, int kSegments, int kProblems>
 struct TileParams {
   TileProblem<scalar_t, kSegments> problem[kProblems];
   int num_problems;
-  int first_slice[kProblems + 1];  // grid z -> problem: slices [first_slice[i], first_slice[i+1])
+  // Problem i owns blocks [first_block[i], first_block[i + 1]): tiles_m * tiles_n * splits of
+  // them, row tiles fastest (neighbouring blocks share a B column tile, which stays in L2).
+  int64_t first_block[kProblems + 1];
   // The forward epilogue's operands (see ForwardEpilogueParams); backward problems store plainly.
   const scalar_t* bias;
   const scalar_t* residual;
@@ -109,7 +115,9 @@ struct SimtMath {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kThreads = 256;
   static constexpr int kBM = kTileEdge, kBN = kTileEdge, kBK = 16;
-  static constexpr int kALd = kBK + 1, kBLd = kBN, kCLd = kBN + 1;
+  // kBLd odd: the forward's B (weight) is k-contiguous, so a warp's tile stores walk k; with an
+  // even leading dim they would land in a few banks.
+  static constexpr int kALd = kBK + 1, kBLd = kBN + 1, kCLd = kBN + 1;
   static constexpr int kWorkers = kThreads;
   static constexpr int kThreadsPerWorker = 1;
   static constexpr int kSub = 4;      // sub-tile rows and columns per thread
@@ -217,19 +225,21 @@ FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem,
   }
 }
 
-// Block (tile_m, tile_n, slice) of a launch over `p`. The grid covers the largest problem;
-// blocks past the edge of a smaller one return at once (before any sync, so the whole block does).
+// Block `block_index` of a launch over `p`.
 template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params>
-FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t tile_m, int64_t tile_n, int slice,
+FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
                                     typename Math::Smem& smem, Block& block) {
   using scalar_t = typename Math::scalar_t;
   using acc_t = typename Math::acc_t;
+  static_assert(Math::kBM == kTileEdge && Math::kBN == kTileEdge);
   int index = 0;
-  while (index + 1 < p.num_problems && slice >= p.first_slice[index + 1]) ++index;
+  while (index + 1 < p.num_problems && block_index >= p.first_block[index + 1]) ++index;
   const auto& prob = p.problem[index];
-  const int split = slice - p.first_slice[index];
+  const int64_t local = block_index - p.first_block[index];
+  const int64_t tile_m = local % prob.tiles_m;
+  const int64_t tile_n = (local / prob.tiles_m) % prob.tiles_n;
+  const int64_t split = local / (prob.tiles_m * prob.tiles_n);
   const int64_t m0 = tile_m * Math::kBM, n0 = tile_n * Math::kBN;
-  if (m0 >= prob.m || n0 >= prob.n) return;
 
   block.for_each_worker([&](int, auto& acc) { Math::zero(acc); });
   const int64_t k_begin = split * prob.k_per_split;

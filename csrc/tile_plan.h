@@ -8,7 +8,7 @@
 //   template <typename scalar_t> using TensorCoreMath = ...;   the fragment maths
 //   static int multiprocessors();                              sizes split-K
 //   template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
-//   static void run_tiles(const Params&, int64_t grid_m, int64_t grid_n, int slices);
+//   static void run_tiles(const Params&, int64_t blocks);   blocks 0 .. blocks-1 of the 1-D grid
 //   template <typename scalar_t>
 //   static void split_sum(const acc_t* partial, int splits, int64_t stride, int64_t count,
 //                         scalar_t* out);
@@ -29,6 +29,9 @@
 #include "tile_gemm.h"
 
 namespace fusedskip {
+
+static_assert(kTileForwardSegments >= kMaxInputs && kTileBackwardProblems >= 2 * kMaxInputs,
+              "the native kernel's parameter blocks must hold every input of the concat form");
 
 // Tensor cores for float16 / bfloat16, and for float32 when TF32 is allowed for matmuls
 // (torch.backends.cuda.matmul.allow_tf32, as cuBLAS reads it); SIMT otherwise.
@@ -77,11 +80,13 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
     problem.k_per_split = k_max;
     problem.m = rows;
     problem.n = cols;
+    problem.tiles_m = ceil_div(rows, kTileEdge);
+    problem.tiles_n = ceil_div(cols, kTileEdge);
     problem.out = out.data_ptr<scalar_t>();
     problem.out_stride_m = out.stride(0);
     p.num_problems = 1;
-    p.first_slice[0] = 0;
-    p.first_slice[1] = 1;
+    p.first_block[0] = 0;
+    p.first_block[1] = problem.tiles_m * problem.tiles_n;
     p.bias = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
     p.residual = residual_2d.defined() ? residual_2d.const_data_ptr<scalar_t>() : nullptr;
     p.residual_stride_row = residual_2d.defined() ? residual_2d.stride(0) : 0;
@@ -94,8 +99,7 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
-            Executor::template run_tiles<Math, kRelu, kResidual, kBias>(
-                p, ceil_div(rows, Math::kBM), ceil_div(cols, Math::kBN), 1);
+            Executor::template run_tiles<Math, kRelu, kResidual, kBias>(p, p.first_block[1]);
           });
         });
       });
@@ -104,9 +108,8 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
 }
 
 // Split-K of the weight gradient (K = rows, often large while the output is small): slices of at
-// least this many rows, at most this many slices.
+// least this many rows, at most kTileMaxSplits (csrc/tile_gemm.h) of them.
 constexpr int64_t kTileMinRowsPerSplit = 256;
-constexpr int64_t kTileMaxSplits = 64;
 
 // The GEMMs of the backward in one launch: grad_inputs_2d[i] = grad_preact W_i (where defined,
 // (rows, width_i) contiguous) and grad_weight[:, block i] = grad_preact^T inputs_2d[i] (when
@@ -128,7 +131,7 @@ void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>&
       if (grad_weight.defined() && rows > 0) {
         int64_t weight_tiles = 0;
         for (const at::Tensor& x : inputs_2d) {
-          weight_tiles += ceil_div(cols, Math::kBM) * ceil_div(x.size(1), Math::kBN);
+          weight_tiles += ceil_div(cols, kTileEdge) * ceil_div(x.size(1), kTileEdge);
         }
         const int64_t wanted = ceil_div(2 * Executor::multiprocessors(), std::max<int64_t>(weight_tiles, 1));
         const int64_t most = std::min(kTileMaxSplits, std::max<int64_t>(1, rows / kTileMinRowsPerSplit));
@@ -154,8 +157,8 @@ void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>&
       TileParams<scalar_t, 1, kTileBackwardProblems> p{};
       const scalar_t* w = weight.const_data_ptr<scalar_t>();
       const scalar_t* g = grad_preact.const_data_ptr<scalar_t>();
-      int problems = 0, slices = 0;
-      int64_t grid_m = 0, grid_n = 0;
+      int problems = 0;
+      int64_t blocks = 0;
       auto add = [&](const TileSegment<scalar_t>& segment, int64_t m, int64_t n, scalar_t* out,
                      int64_t out_stride_m, int64_t problem_splits, int64_t problem_k_per_split,
                      acc_t* problem_partial) {
@@ -166,14 +169,14 @@ void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>&
         problem.k_per_split = problem_k_per_split;
         problem.m = m;
         problem.n = n;
+        problem.tiles_m = ceil_div(m, kTileEdge);
+        problem.tiles_n = ceil_div(n, kTileEdge);
         problem.out = out;
         problem.out_stride_m = out_stride_m;
         problem.partial = problem_partial;
         problem.partial_stride_split = cols * in_total;
-        p.first_slice[problems] = slices;
-        slices += static_cast<int>(problem_splits);
-        grid_m = std::max(grid_m, ceil_div(m, Math::kBM));
-        grid_n = std::max(grid_n, ceil_div(n, Math::kBN));
+        p.first_block[problems] = blocks;
+        blocks += problem.tiles_m * problem.tiles_n * problem_splits;
         ++problems;
       };
       int64_t offset = 0;
@@ -197,9 +200,9 @@ void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>&
         offset += width;
       }
       p.num_problems = problems;
-      p.first_slice[problems] = slices;
-      if (problems == 0 || grid_m == 0 || grid_n == 0) return;
-      Executor::template run_tiles<Math, false, Residual::kNone, false>(p, grid_m, grid_n, slices);
+      p.first_block[problems] = blocks;
+      if (blocks == 0) return;
+      Executor::template run_tiles<Math, false, Residual::kNone, false>(p, blocks);
       if (splits > 1) {
         Executor::template split_sum<scalar_t>(partial.const_data_ptr<acc_t>(),
                                                static_cast<int>(splits), cols * in_total,

@@ -57,7 +57,7 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                            const at::Tensor& grad_preact, const at::Tensor& grad_bias) {
   const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
   const int64_t bytes_per_row = mask_bytes_per_row(cols);
-  const int64_t row_blocks = bias_row_blocks(rows);
+  const int64_t row_blocks = bias_row_blocks(rows, kCpuRowsPerBlock);
   const bool relu = grad_preact.defined();
   const bool has_bias = grad_bias.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
@@ -65,10 +65,11 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> partials(has_bias ? row_blocks * cols : 0);
     const auto p = backward_epilogue_params<scalar_t>(grad_out, mask, grad_preact,
-                                                      has_bias ? partials.data() : nullptr);
+                                                      has_bias ? partials.data() : nullptr,
+                                                      kCpuRowsPerBlock);
     FS_BOOL_SWITCH(relu, kRelu, [&] {
       FS_BOOL_SWITCH(has_bias, kBias, [&] {
-        const int64_t grain = grain_rows(kBiasRowsPerBlock * cols);
+        const int64_t grain = grain_rows(kCpuRowsPerBlock * cols);
         at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
           for (int64_t block = begin; block < end; ++block) {
             for (int64_t byte = 0; byte < bytes_per_row; ++byte) {

@@ -91,18 +91,13 @@ struct HostExecutor {
   static constexpr bool kPoison = true;
 
   template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
-  static void run_tiles(const Params& p, int64_t grid_m, int64_t grid_n, int slices) {
-    TORCH_INTERNAL_ASSERT(grid_m <= kTileMaxGridM && grid_n <= kTileMaxGridN &&
-                          slices <= kTileMaxGridN);
-    const int64_t blocks = grid_m * grid_n * slices;
+  static void run_tiles(const Params& p, int64_t blocks) {
+    TORCH_INTERNAL_ASSERT(blocks <= kTileMaxBlocks);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       auto smem = std::make_unique<typename Math::Smem>();
       auto block = std::make_unique<HostBlock<Math>>();
       for (int64_t index = begin; index < end; ++index) {
-        const int64_t tile_m = index % grid_m;
-        const int64_t tile_n = (index / grid_m) % grid_n;
-        const int slice = static_cast<int>(index / (grid_m * grid_n));
-        tile_gemm_block<Math, kRelu, kResidual, kBias>(p, tile_m, tile_n, slice, *smem, *block);
+        tile_gemm_block<Math, kRelu, kResidual, kBias>(p, index, *smem, *block);
       }
     });
   }

@@ -56,7 +56,7 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                             const at::Tensor& grad_preact, const at::Tensor& grad_bias) {
   const c10::cuda::CUDAGuard device_guard(grad_out.device());
   const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
-  const int64_t row_blocks = bias_row_blocks(rows);
+  const int64_t row_blocks = bias_row_blocks(rows, kCudaRowsPerBlock);
   const bool relu = grad_preact.defined();
   const bool has_bias = grad_bias.defined();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -68,7 +68,8 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                                   "fused_linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = backward_epilogue_params<scalar_t>(grad_out, mask, grad_preact,
-                                                      has_bias ? partials.data_ptr<acc_t>() : nullptr);
+                                                      has_bias ? partials.data_ptr<acc_t>() : nullptr,
+                                                      kCudaRowsPerBlock);
     const int64_t units = row_blocks * mask_bytes_per_row(cols);
     if (units > 0) {
       FS_BOOL_SWITCH(relu, kRelu, [&] {
@@ -79,7 +80,10 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
       });
     }
     if (has_bias && cols > 0) {
-      bias_grad_kernel<scalar_t><<<blocks_for(cols), kThreads, 0, stream>>>(
+      const int64_t max_blocks =
+          static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+      const auto blocks = static_cast<unsigned int>(std::min(cols, max_blocks));
+      bias_grad_kernel<scalar_t><<<blocks, kBiasGradThreads, 0, stream>>>(
           p.bias_partials, row_blocks, cols, grad_bias.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

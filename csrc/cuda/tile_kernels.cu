@@ -137,8 +137,7 @@ __global__ void __launch_bounds__(Math::kThreads)
     tile_gemm_kernel(const __grid_constant__ Params p) {
   __shared__ typename Math::Smem smem;
   DeviceBlock<Math> block;
-  tile_gemm_block<Math, kRelu, kResidual, kBias>(p, blockIdx.x, blockIdx.y,
-                                                 static_cast<int>(blockIdx.z), smem, block);
+  tile_gemm_block<Math, kRelu, kResidual, kBias>(p, blockIdx.x, smem, block);
 }
 
 template <typename scalar_t>
@@ -161,14 +160,11 @@ struct CudaExecutor {
   static constexpr bool kPoison = false;  // the CUDA tests poison the allocator instead
 
   template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
-  static void run_tiles(const Params& p, int64_t grid_m, int64_t grid_n, int slices) {
-    // csrc/backend.cpp routes shapes that exceed the grid limits to the GEMM + epilogue path.
-    TORCH_INTERNAL_ASSERT(grid_m <= kTileMaxGridM && grid_n <= kTileMaxGridN &&
-                          slices <= kTileMaxGridN);
-    const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_n),
-                    static_cast<unsigned>(slices));
+  static void run_tiles(const Params& p, int64_t blocks) {
+    // csrc/backend.cpp routes shapes beyond the grid's limit to the GEMM + epilogue path.
+    TORCH_INTERNAL_ASSERT(blocks <= kTileMaxBlocks);
     tile_gemm_kernel<Math, kRelu, kResidual, kBias, Params>
-        <<<grid, Math::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+        <<<static_cast<unsigned>(blocks), Math::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
