@@ -49,10 +49,11 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 27;
 
 // The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
-// tiles, each weight-gradient block's tiles times its split-K slices), must fit one launch.
+// tiles; each weight-gradient block's and the bias gradient's tiles times their split-K slices),
+// must fit one launch.
 bool tiles_fit(const Geometry& g) {
   const int64_t row_tiles = ceil_div(g.rows, kTileEdge), col_tiles = ceil_div(g.cols, kTileEdge);
-  int64_t backward = 0;
+  int64_t backward = col_tiles * kTileMaxSplits;
   for (int64_t width : g.widths) {
     backward += (row_tiles + col_tiles * kTileMaxSplits) * ceil_div(width, kTileEdge);
   }

@@ -35,6 +35,11 @@ FS_HOST_DEVICE int64_t mask_bytes_per_row(int64_t cols) {
   return (cols + kMaskBitsPerByte - 1) / kMaskBitsPerByte;
 }
 
+// Bit `col` of mask row `row`: whether the ReLU let the output through.
+FS_HOST_DEVICE bool mask_bit(const uint8_t* mask, int64_t row_bytes, int64_t row, int64_t col) {
+  return (mask[row * row_bytes + col / kMaskBitsPerByte] >> (col % kMaskBitsPerByte)) & 1;
+}
+
 // torch.relu's semantics: NaN stays NaN. (`v > 0 ? v : 0` would turn NaN into 0, as cuBLASLt's
 // ReLU epilogue does.)
 template <typename T>

@@ -176,16 +176,19 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
   tile_forward_emulated(inputs_2d, weight, bias, residual_2d, out, mask, where);
 }
 
-void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
-                   const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
-                   const at::Tensor& grad_weight) {
+void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
+                   const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                   const std::vector<at::Tensor>& grad_inputs_2d, const at::Tensor& grad_weight,
+                   const at::Tensor& grad_bias) {
 #ifdef FUSEDSKIP_WITH_CUDA
   if (weight.is_cuda()) {
-    return tile_backward_cuda(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+    return tile_backward_cuda(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
+                              grad_bias);
   }
 #endif
   TORCH_CHECK(weight.is_cpu(), "fusedskip: no native kernel for device ", weight.device());
-  tile_backward_emulated(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+  tile_backward_emulated(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
+                         grad_bias);
 }
 
 at::Tensor empty_placeholder(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -317,11 +320,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   const bool want_preact = output_mask.get(count + 2);
 
   const at::Tensor grad_out_2d = as_2d(grad_output, g.rows, g.cols);
+  const GemmPath path = choose_gemm_path(weight, g);
+  // The native kernel reads grad_output through the mask and sums the bias gradient itself: the
+  // whole backward in one launch. Only when the pre-activation gradient is itself an output
+  // (the residual of add_relu needs it) is it written out first, by the element-wise pass.
+  const bool tiles_take_mask = path == GemmPath::kTiles && !(relu && want_preact);
+  const bool preact_written = relu && !tiles_take_mask;
   const at::Tensor grad_preact_2d =
-      relu ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;
+      preact_written ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;
   const at::Tensor grad_bias = want_bias ? at::empty({g.cols}, weight.options()) : at::Tensor();
-  if (relu || want_bias) {
-    backward_epilogue(grad_out_2d, mask, relu ? grad_preact_2d : at::Tensor(), grad_bias);
+  if (!tiles_take_mask && (relu || want_bias)) {
+    backward_epilogue(grad_out_2d, mask, preact_written ? grad_preact_2d : at::Tensor(),
+                      grad_bias);
   }
 
   std::vector<at::Tensor> grad_inputs;
@@ -330,7 +340,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   inputs_2d.reserve(count);
   for (size_t i = 0; i < count; ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
   at::Tensor grad_weight;
-  const GemmPath path = choose_gemm_path(weight, g);
   if (path == GemmPath::kCpuLoops || path == GemmPath::kTiles) {
     // One pass writes every gradient into its own (rows, width_i) / (cols, in_features) tensor.
     std::vector<at::Tensor> grad_inputs_2d;
@@ -342,8 +351,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
                                       : at::Tensor());
     }
     if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-    if (path == GemmPath::kTiles) {
-      tile_backward(grad_preact_2d, inputs_2d, weight, grad_inputs_2d, grad_weight);
+    if (tiles_take_mask) {
+      tile_backward(grad_out_2d, relu ? mask : at::Tensor(), inputs_2d, weight, grad_inputs_2d,
+                    grad_weight, grad_bias);
+    } else if (path == GemmPath::kTiles) {
+      tile_backward(grad_preact_2d, at::Tensor(), inputs_2d, weight, grad_inputs_2d, grad_weight,
+                    at::Tensor());
     } else {
       direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
     }

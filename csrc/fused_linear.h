@@ -119,18 +119,19 @@ void direct_gemm_backward_cpu(const at::Tensor& grad_preact,
 void tile_forward_emulated(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& residual_2d,
                            const at::Tensor& out, const at::Tensor& mask, Residual where);
-void tile_backward_emulated(const at::Tensor& grad_preact,
+void tile_backward_emulated(const at::Tensor& grad_out, const at::Tensor& mask,
                             const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                             const std::vector<at::Tensor>& grad_inputs_2d,
-                            const at::Tensor& grad_weight);
+                            const at::Tensor& grad_weight, const at::Tensor& grad_bias);
 
 #ifdef FUSEDSKIP_WITH_CUDA
 void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& residual_2d,
                        const at::Tensor& out, const at::Tensor& mask, Residual where);
-void tile_backward_cuda(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
-                        const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
-                        const at::Tensor& grad_weight);
+void tile_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
+                        const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                        const std::vector<at::Tensor>& grad_inputs_2d,
+                        const at::Tensor& grad_weight, const at::Tensor& grad_bias);
 void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
                            const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                            const at::Tensor& mask, Residual where);

@@ -24,10 +24,11 @@
 
 namespace fusedskip {
 
-// Forward: one problem of up to 8 segments (the inputs). Backward: up to 16 one-segment problems
-// (a gradient per input, a weight-gradient column block per input), run by one launch.
+// Forward: one problem of up to 8 segments (the inputs). Backward: up to 17 one-segment problems
+// (a gradient per input, a weight-gradient column block per input, the bias gradient), run by
+// one launch.
 constexpr int kTileForwardSegments = 8;
-constexpr int kTileBackwardProblems = 16;
+constexpr int kTileBackwardProblems = 17;
 FS_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Every tile maths below covers kTileEdge x kTileEdge outputs per block.
@@ -38,17 +39,29 @@ constexpr int64_t kTileMaxBlocks = (int64_t{1} << 31) - 1;
 // Split-K: at most this many slices per weight-gradient block.
 constexpr int64_t kTileMaxSplits = 64;
 
+// Which operand of a backward segment is the output gradient G (rows, cols), read through the
+// ReLU mask (G's element (r, c) counts only where mask bit (r, c) is set), and how it is indexed.
+enum class MaskedOperand : int {
+  kNone = 0,
+  kA,            // A(m, k) = G[m, k]      (input gradients: G W)
+  kATransposed,  // A(m, k) = G[k, m]      (weight gradient: G^T X)
+  kB,            // B(k, n) = G[k, n]      (bias gradient: 1^T G)
+};
+
 // One K block of out = sum over segments of A (m, k) B (k, n), each operand read through its own
 // strides (any layout, any alignment: the loads are element-wise and bounds-checked).
 template <typename scalar_t>
 struct TileSegment {
-  const scalar_t* a;  // A(m, k) = a[m * a_stride_m + k * a_stride_k]
+  const scalar_t* a;  // A(m, k) = a[m * a_stride_m + k * a_stride_k]; nullptr: A is all ones
   int64_t a_stride_m;
   int64_t a_stride_k;
   const scalar_t* b;  // B(k, n) = b[k * b_stride_k + n * b_stride_n]
   int64_t b_stride_k;
   int64_t b_stride_n;
   int64_t k;
+  const uint8_t* mask;  // the ReLU mask (rows, mask_row_bytes), read for mask_on
+  int64_t mask_row_bytes;
+  MaskedOperand mask_on;
 };
 
 template <typename scalar_t, int kSegments>
@@ -69,8 +82,11 @@ struct TileProblem {
   int64_t partial_stride_split;
 };
 
-template <typename scalar_t, int kSegments, int kProblems>
+// kGradient: the backward's launch, whose loaders may read an operand through the ReLU mask or
+// stand a row of ones in for A (the forward's instantiations compile without those tests).
+template <typename scalar_t, int kSegments, int kProblems, bool kGradient>
 struct TileParams {
+  static constexpr bool kReadsGradient = kGradient;
   TileProblem<scalar_t, kSegments> problem[kProblems];
   int num_problems;
   // Problem i owns blocks [first_block[i], first_block[i + 1]): tiles_m * tiles_n * splits of
@@ -195,7 +211,7 @@ struct TensorCoreShape {
 // Global -> shared copy of the A tile (kBM x kBK) of one K step; zeros outside the operand. The
 // element order follows the operand's contiguous dimension so neighbouring threads read
 // neighbouring addresses.
-template <class Math>
+template <class Math, bool kGradient>
 FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem,
                                 const TileSegment<typename Math::scalar_t>& seg, int64_t m0,
                                 int64_t m_end, int64_t k0, int64_t k_end, int thread) {
@@ -205,12 +221,25 @@ FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem,
     const int mm = m_fastest ? e % Math::kBM : e / Math::kBK;
     const int kk = m_fastest ? e / Math::kBM : e % Math::kBK;
     const int64_t m = m0 + mm, k = k0 + kk;
-    smem.a()[mm * Math::kALd + kk] =
-        m < m_end && k < k_end ? seg.a[m * seg.a_stride_m + k * seg.a_stride_k] : scalar_t(0);
+    scalar_t value(0);
+    if (m < m_end && k < k_end) {
+      if constexpr (kGradient) {
+        value = seg.a == nullptr ? scalar_t(1) : seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
+        // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0.
+        if ((seg.mask_on == MaskedOperand::kA && !mask_bit(seg.mask, seg.mask_row_bytes, m, k)) ||
+            (seg.mask_on == MaskedOperand::kATransposed &&
+             !mask_bit(seg.mask, seg.mask_row_bytes, k, m))) {
+          value = scalar_t(0);
+        }
+      } else {
+        value = seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
+      }
+    }
+    smem.a()[mm * Math::kALd + kk] = value;
   }
 }
 
-template <class Math>
+template <class Math, bool kGradient>
 FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem,
                                 const TileSegment<typename Math::scalar_t>& seg, int64_t n0,
                                 int64_t n_end, int64_t k0, int64_t k_end, int thread) {
@@ -220,8 +249,16 @@ FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem,
     const int kk = n_fastest ? e / Math::kBN : e % Math::kBK;
     const int nn = n_fastest ? e % Math::kBN : e / Math::kBK;
     const int64_t k = k0 + kk, n = n0 + nn;
-    smem.b()[kk * Math::kBLd + nn] =
-        k < k_end && n < n_end ? seg.b[k * seg.b_stride_k + n * seg.b_stride_n] : scalar_t(0);
+    scalar_t value(0);
+    if (k < k_end && n < n_end) {
+      value = seg.b[k * seg.b_stride_k + n * seg.b_stride_n];
+      if constexpr (kGradient) {
+        if (seg.mask_on == MaskedOperand::kB && !mask_bit(seg.mask, seg.mask_row_bytes, k, n)) {
+          value = scalar_t(0);
+        }
+      }
+    }
+    smem.b()[kk * Math::kBLd + nn] = value;
   }
 }
 
@@ -248,8 +285,8 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
     const int64_t k_end = seg.k < k_begin + prob.k_per_split ? seg.k : k_begin + prob.k_per_split;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += Math::kBK) {
       block.for_each_thread([&](int thread) {
-        load_tile_a<Math>(smem, seg, m0, prob.m, k0, k_end, thread);
-        load_tile_b<Math>(smem, seg, n0, prob.n, k0, k_end, thread);
+        load_tile_a<Math, Params::kReadsGradient>(smem, seg, m0, prob.m, k0, k_end, thread);
+        load_tile_b<Math, Params::kReadsGradient>(smem, seg, n0, prob.n, k0, k_end, thread);
       });
       block.sync();
       block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });
@@ -284,13 +321,29 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   });
 }
 
-// Second pass of split-K: out[i] = sum over slices of partial[s * stride_split + i], in order.
+// Second pass of split-K: every element's slices summed in order (deterministic). A slice's
+// partial sums lie in one slab of stride_split elements: count_first of them for `first` (the
+// weight gradient), then count_second for `second` (the bias gradient).
 template <typename scalar_t>
-FS_HOST_DEVICE void split_sum_unit(const at::opmath_type<scalar_t>* partial, int splits,
-                                   int64_t stride_split, int64_t i, scalar_t* out) {
+struct SplitSumParams {
+  const at::opmath_type<scalar_t>* partial;
+  int splits;
+  int64_t stride_split;
+  scalar_t* first;
+  int64_t count_first;
+  scalar_t* second;
+  int64_t count_second;
+};
+
+template <typename scalar_t>
+FS_HOST_DEVICE void split_sum_unit(const SplitSumParams<scalar_t>& p, int64_t i) {
   at::opmath_type<scalar_t> sum = 0;
-  for (int s = 0; s < splits; ++s) sum += partial[s * stride_split + i];
-  out[i] = static_cast<scalar_t>(sum);
+  for (int s = 0; s < p.splits; ++s) sum += p.partial[s * p.stride_split + i];
+  if (i < p.count_first) {
+    p.first[i] = static_cast<scalar_t>(sum);
+  } else {
+    p.second[i - p.count_first] = static_cast<scalar_t>(sum);
+  }
 }
 
 }  // namespace fusedskip

@@ -10,8 +10,7 @@
 //   template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
 //   static void run_tiles(const Params&, int64_t blocks);   blocks 0 .. blocks-1 of the 1-D grid
 //   template <typename scalar_t>
-//   static void split_sum(const acc_t* partial, int splits, int64_t stride, int64_t count,
-//                         scalar_t* out);
+//   static void split_sum(const SplitSumParams<scalar_t>&);
 //   static constexpr bool kPoison;   fill outputs and workspaces with NaN before the blocks run,
 //                                    so that an element no block writes fails the tests
 #pragma once
@@ -30,7 +29,7 @@
 
 namespace fusedskip {
 
-static_assert(kTileForwardSegments >= kMaxInputs && kTileBackwardProblems >= 2 * kMaxInputs,
+static_assert(kTileForwardSegments >= kMaxInputs && kTileBackwardProblems >= 2 * kMaxInputs + 1,
               "the native kernel's parameter blocks must hold every input of the concat form");
 
 // Tensor cores for float16 / bfloat16, and for float32 when TF32 is allowed for matmuls
@@ -62,16 +61,23 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
   const bool has_bias = bias.has_value() && bias->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "fused_linear_native", [&] {
-    TileParams<scalar_t, kTileForwardSegments, 1> p{};
+    TileParams<scalar_t, kTileForwardSegments, 1, false> p{};
     TileProblem<scalar_t, kTileForwardSegments>& problem = p.problem[0];
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     int64_t offset = 0, k_max = 1;
     for (size_t i = 0; i < inputs_2d.size(); ++i) {
       const at::Tensor& x = inputs_2d[i];
       // B(k, n) = weight[n, offset + k]: column block i of weight, read transposed in place.
-      problem.segment[i] = {x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                            w + offset * weight.stride(1), weight.stride(1), weight.stride(0),
-                            x.size(1)};
+      problem.segment[i] = {.a = x.const_data_ptr<scalar_t>(),
+                            .a_stride_m = x.stride(0),
+                            .a_stride_k = x.stride(1),
+                            .b = w + offset * weight.stride(1),
+                            .b_stride_k = weight.stride(1),
+                            .b_stride_n = weight.stride(0),
+                            .k = x.size(1),
+                            .mask = nullptr,
+                            .mask_row_bytes = 0,
+                            .mask_on = MaskedOperand::kNone};
       offset += x.size(1);
       k_max = std::max(k_max, x.size(1));
     }
@@ -111,102 +117,146 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
 // least this many rows, at most kTileMaxSplits (csrc/tile_gemm.h) of them.
 constexpr int64_t kTileMinRowsPerSplit = 256;
 
-// The GEMMs of the backward in one launch: grad_inputs_2d[i] = grad_preact W_i (where defined,
-// (rows, width_i) contiguous) and grad_weight[:, block i] = grad_preact^T inputs_2d[i] (when
-// defined, (cols, in_features) contiguous). grad_preact may have any strides.
+// The whole backward in one launch: grad_inputs_2d[i] = G W_i (where defined, (rows, width_i)
+// contiguous), grad_weight[:, block i] = G^T inputs_2d[i] (when defined, (cols, in_features)
+// contiguous) and grad_bias = 1^T G (when defined), with G = grad_out (any strides) read through
+// the ReLU `mask` where that is defined, else as it is.
 template <class Executor>
-void tile_backward(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
-                   const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
-                   const at::Tensor& grad_weight) {
-  const int64_t rows = grad_preact.size(0), cols = grad_preact.size(1);
+void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
+                   const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                   const std::vector<at::Tensor>& grad_inputs_2d, const at::Tensor& grad_weight,
+                   const at::Tensor& grad_bias) {
+  const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
   const int64_t in_total = weight.size(1);
-  const size_t count = inputs_2d.size();
+  const uint8_t* mask_data = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
+  const int64_t mask_row_bytes = mask_bytes_per_row(cols);
+  auto masked = [&](MaskedOperand operand) {
+    return mask.defined() ? operand : MaskedOperand::kNone;
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "fused_linear_backward_native", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_tile_math<Executor, scalar_t>([&]<class Math>() {
-      // Enough slices of the weight gradient's K (rows) to give every multiprocessor two blocks.
+      // The weight and bias gradients sum over the rows (their K): split it into enough slices
+      // to give every multiprocessor two blocks.
       int64_t splits = 1;
       int64_t k_per_split = std::max<int64_t>(rows, 1);
-      if (grad_weight.defined() && rows > 0) {
-        int64_t weight_tiles = 0;
-        for (const at::Tensor& x : inputs_2d) {
-          weight_tiles += ceil_div(cols, kTileEdge) * ceil_div(x.size(1), kTileEdge);
+      if ((grad_weight.defined() || grad_bias.defined()) && rows > 0) {
+        int64_t row_sum_tiles = grad_bias.defined() ? ceil_div(cols, kTileEdge) : 0;
+        if (grad_weight.defined()) {
+          for (const at::Tensor& x : inputs_2d) {
+            row_sum_tiles += ceil_div(cols, kTileEdge) * ceil_div(x.size(1), kTileEdge);
+          }
         }
-        const int64_t wanted = ceil_div(2 * Executor::multiprocessors(), std::max<int64_t>(weight_tiles, 1));
-        const int64_t most = std::min(kTileMaxSplits, std::max<int64_t>(1, rows / kTileMinRowsPerSplit));
+        const int64_t wanted =
+            ceil_div(2 * Executor::multiprocessors(), std::max<int64_t>(row_sum_tiles, 1));
+        const int64_t most =
+            std::min(kTileMaxSplits, std::max<int64_t>(1, rows / kTileMinRowsPerSplit));
         splits = std::clamp<int64_t>(wanted, 1, most);
         if (splits > 1) {
           k_per_split = ceil_div(ceil_div(rows, splits), Math::kBK) * Math::kBK;
           splits = ceil_div(rows, k_per_split);
         }
       }
+      // Split partial sums, one slab per slice: the weight gradient, then the bias gradient.
+      const int64_t weight_count = grad_weight.defined() ? cols * in_total : 0;
+      const int64_t bias_count = grad_bias.defined() ? cols : 0;
       const at::Tensor partial =
-          splits > 1 ? at::empty({splits, cols, in_total},
+          splits > 1 ? at::empty({splits, weight_count + bias_count},
                                  weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
                      : at::Tensor();
       if constexpr (Executor::kPoison) {
         const double nan = std::numeric_limits<double>::quiet_NaN();
-        if (partial.defined()) partial.fill_(nan);
-        if (grad_weight.defined()) grad_weight.fill_(nan);
+        for (const at::Tensor& t : {partial, grad_weight, grad_bias}) {
+          if (t.defined()) t.fill_(nan);
+        }
         for (const at::Tensor& grad : grad_inputs_2d) {
           if (grad.defined()) grad.fill_(nan);
         }
       }
 
-      TileParams<scalar_t, 1, kTileBackwardProblems> p{};
+      TileParams<scalar_t, 1, kTileBackwardProblems, true> p{};
       const scalar_t* w = weight.const_data_ptr<scalar_t>();
-      const scalar_t* g = grad_preact.const_data_ptr<scalar_t>();
+      const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+      acc_t* partial_data = splits > 1 ? partial.data_ptr<acc_t>() : nullptr;
       int problems = 0;
       int64_t blocks = 0;
       auto add = [&](const TileSegment<scalar_t>& segment, int64_t m, int64_t n, scalar_t* out,
-                     int64_t out_stride_m, int64_t problem_splits, int64_t problem_k_per_split,
-                     acc_t* problem_partial) {
+                     int64_t out_stride_m, bool sums_rows, int64_t partial_offset) {
         TileProblem<scalar_t, 1>& problem = p.problem[problems];
         problem.segment[0] = segment;
         problem.num_segments = 1;
-        problem.splits = static_cast<int>(problem_splits);
-        problem.k_per_split = problem_k_per_split;
+        problem.splits = sums_rows ? static_cast<int>(splits) : 1;
+        problem.k_per_split = sums_rows ? k_per_split : std::max<int64_t>(segment.k, 1);
         problem.m = m;
         problem.n = n;
         problem.tiles_m = ceil_div(m, kTileEdge);
         problem.tiles_n = ceil_div(n, kTileEdge);
         problem.out = out;
         problem.out_stride_m = out_stride_m;
-        problem.partial = problem_partial;
-        problem.partial_stride_split = cols * in_total;
+        problem.partial = sums_rows && partial_data ? partial_data + partial_offset : nullptr;
+        problem.partial_stride_split = weight_count + bias_count;
         p.first_block[problems] = blocks;
-        blocks += problem.tiles_m * problem.tiles_n * problem_splits;
+        blocks += problem.tiles_m * problem.tiles_n * problem.splits;
         ++problems;
       };
       int64_t offset = 0;
-      for (size_t i = 0; i < count; ++i) {
+      for (size_t i = 0; i < inputs_2d.size(); ++i) {
         const at::Tensor& x = inputs_2d[i];
         const int64_t width = x.size(1);
         if (grad_inputs_2d[i].defined()) {
-          // A = grad_preact (rows, cols); B(k, n) = weight[k, offset + n].
-          add({g, grad_preact.stride(0), grad_preact.stride(1), w + offset * weight.stride(1),
-               weight.stride(0), weight.stride(1), cols},
-              rows, width, grad_inputs_2d[i].data_ptr<scalar_t>(), width, 1,
-              std::max<int64_t>(cols, 1), nullptr);
+          // A = G (rows, cols); B(k, n) = weight[k, offset + n].
+          add({.a = g,
+               .a_stride_m = grad_out.stride(0),
+               .a_stride_k = grad_out.stride(1),
+               .b = w + offset * weight.stride(1),
+               .b_stride_k = weight.stride(0),
+               .b_stride_n = weight.stride(1),
+               .k = cols,
+               .mask = mask_data,
+               .mask_row_bytes = mask_row_bytes,
+               .mask_on = masked(MaskedOperand::kA)},
+              rows, width, grad_inputs_2d[i].data_ptr<scalar_t>(), width, false, 0);
         }
         if (grad_weight.defined()) {
-          // A(m, k) = grad_preact[k, m] (its transpose); B = inputs[i] (rows, width).
-          add({g, grad_preact.stride(1), grad_preact.stride(0), x.const_data_ptr<scalar_t>(),
-               x.stride(0), x.stride(1), rows},
-              cols, width, grad_weight.data_ptr<scalar_t>() + offset, in_total, splits,
-              k_per_split, splits > 1 ? partial.data_ptr<acc_t>() + offset : nullptr);
+          // A(m, k) = G[k, m] (its transpose); B = inputs[i] (rows, width).
+          add({.a = g,
+               .a_stride_m = grad_out.stride(1),
+               .a_stride_k = grad_out.stride(0),
+               .b = x.const_data_ptr<scalar_t>(),
+               .b_stride_k = x.stride(0),
+               .b_stride_n = x.stride(1),
+               .k = rows,
+               .mask = mask_data,
+               .mask_row_bytes = mask_row_bytes,
+               .mask_on = masked(MaskedOperand::kATransposed)},
+              cols, width, grad_weight.data_ptr<scalar_t>() + offset, in_total, true, offset);
         }
         offset += width;
+      }
+      if (grad_bias.defined()) {
+        // A = a row of ones (1, rows); B = G.
+        add({.a = nullptr,
+             .a_stride_m = 0,
+             .a_stride_k = 0,
+             .b = g,
+             .b_stride_k = grad_out.stride(0),
+             .b_stride_n = grad_out.stride(1),
+             .k = rows,
+             .mask = mask_data,
+             .mask_row_bytes = mask_row_bytes,
+             .mask_on = masked(MaskedOperand::kB)},
+            1, cols, grad_bias.data_ptr<scalar_t>(), cols, true, weight_count);
       }
       p.num_problems = problems;
       p.first_block[problems] = blocks;
       if (blocks == 0) return;
       Executor::template run_tiles<Math, false, Residual::kNone, false>(p, blocks);
       if (splits > 1) {
-        Executor::template split_sum<scalar_t>(partial.const_data_ptr<acc_t>(),
-                                               static_cast<int>(splits), cols * in_total,
-                                               cols * in_total, grad_weight.data_ptr<scalar_t>());
+        Executor::template split_sum<scalar_t>(SplitSumParams<scalar_t>{
+            partial.const_data_ptr<acc_t>(), static_cast<int>(splits), weight_count + bias_count,
+            grad_weight.defined() ? grad_weight.data_ptr<scalar_t>() : nullptr, weight_count,
+            grad_bias.defined() ? grad_bias.data_ptr<scalar_t>() : nullptr, bias_count});
       }
     });
   });

@@ -103,9 +103,8 @@ struct HostExecutor {
   }
 
   template <typename scalar_t>
-  static void split_sum(const at::opmath_type<scalar_t>* partial, int splits,
-                        int64_t stride_split, int64_t count, scalar_t* out) {
-    for (int64_t i = 0; i < count; ++i) split_sum_unit(partial, splits, stride_split, i, out);
+  static void split_sum(const SplitSumParams<scalar_t>& p) {
+    for (int64_t i = 0; i < p.count_first + p.count_second; ++i) split_sum_unit(p, i);
   }
 };
 
@@ -117,11 +116,12 @@ void tile_forward_emulated(const std::vector<at::Tensor>& inputs_2d, const at::T
   tile_forward<HostExecutor>(inputs_2d, weight, bias, residual_2d, out, mask, where);
 }
 
-void tile_backward_emulated(const at::Tensor& grad_preact,
+void tile_backward_emulated(const at::Tensor& grad_out, const at::Tensor& mask,
                             const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                             const std::vector<at::Tensor>& grad_inputs_2d,
-                            const at::Tensor& grad_weight) {
-  tile_backward<HostExecutor>(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+                            const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+  tile_backward<HostExecutor>(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
+                              grad_bias);
 }
 
 }  // namespace fusedskip

@@ -141,12 +141,12 @@ __global__ void __launch_bounds__(Math::kThreads)
 }
 
 template <typename scalar_t>
-__global__ void split_sum_kernel(const at::opmath_type<scalar_t>* partial, int splits,
-                                 int64_t stride_split, int64_t count, scalar_t* out) {
+__global__ void split_sum_kernel(const SplitSumParams<scalar_t> p) {
+  const int64_t count = p.count_first + p.count_second;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += stride) {
-    split_sum_unit(partial, splits, stride_split, i, out);
+    split_sum_unit(p, i);
   }
 }
 
@@ -169,14 +169,13 @@ struct CudaExecutor {
   }
 
   template <typename scalar_t>
-  static void split_sum(const at::opmath_type<scalar_t>* partial, int splits,
-                        int64_t stride_split, int64_t count, scalar_t* out) {
+  static void split_sum(const SplitSumParams<scalar_t>& p) {
     constexpr int kThreads = 256;
+    const int64_t count = p.count_first + p.count_second;
     const int64_t max_blocks = static_cast<int64_t>(multiprocessors()) * 8;
     const auto blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min(ceil_div(count, kThreads), max_blocks)));
-    split_sum_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        partial, splits, stride_split, count, out);
+    split_sum_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -190,11 +189,13 @@ void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tenso
   tile_forward<CudaExecutor>(inputs_2d, weight, bias, residual_2d, out, mask, where);
 }
 
-void tile_backward_cuda(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
-                        const at::Tensor& weight, const std::vector<at::Tensor>& grad_inputs_2d,
-                        const at::Tensor& grad_weight) {
+void tile_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
+                        const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
+                        const std::vector<at::Tensor>& grad_inputs_2d,
+                        const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
   const c10::cuda::CUDAGuard device_guard(weight.device());
-  tile_backward<CudaExecutor>(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight);
+  tile_backward<CudaExecutor>(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
+                              grad_bias);
 }
 
 }  // namespace fusedskip
