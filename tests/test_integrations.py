@@ -1,7 +1,9 @@
 """The fused layers inside the tools models already use: torch.compile, DDP, CUDA graphs, FSDP2."""
 
 import os
+import queue
 import socket
+import time
 
 import pytest
 import torch
@@ -52,26 +54,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ddp_worker(rank, world, port, x, y, state, result_path):
+def ddp_worker(rank, world, port, x, y, state, result_path, done):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = SkipModel().double()
-        model.load_state_dict(state)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        half = x.shape[0] // world
-        part = slice(rank * half, (rank + 1) * half)
-        loss = nn.functional.mse_loss(ddp(x[part]), y[part])
-        loss.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
-        # Both ranks done before either tears the group down (gloo aborts a process whose
-        # peer disappears mid-shutdown).
-        dist.barrier()
-        del ddp
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = SkipModel().double()
+    model.load_state_dict(state)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    half = x.shape[0] // world
+    part = slice(rank * half, (rank + 1) * half)
+    loss = nn.functional.mse_loss(ddp(x[part]), y[part])
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+    dist.barrier()
+    done.put(rank)
+    time.sleep(600)  # the test ends both ranks at once (see below)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -83,8 +81,31 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     nn.functional.mse_loss(model(x), y).backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
     result = tmp_path / "grads.pt"
-    mp.spawn(ddp_worker, args=(2, free_port(), x, y, model.state_dict(), str(result)), nprocs=2,
-             join=True)
+    context = mp.get_context("spawn")
+    done = context.Queue()
+    args = (2, free_port(), x, y, model.state_dict(), str(result), done)
+    ranks = [context.Process(target=ddp_worker, args=(rank, *args)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        finished = set()
+        deadline = time.monotonic() + 300
+        while len(finished) < 2:
+            exited = {rank: p.exitcode for rank, p in enumerate(ranks) if p.exitcode is not None}
+            assert not exited, f"DDP rank(s) exited before finishing their step: {exited}"
+            assert time.monotonic() < deadline, f"DDP ranks did not finish; done: {finished}"
+            try:
+                finished.add(done.get(timeout=1))
+            except queue.Empty:
+                pass
+    finally:
+        # Both ranks are killed together once both are past the step and the barrier. Tearing a
+        # gloo group down one process at a time can abort the other (gloo throws in its I/O
+        # thread when a connection closes under it): a crash of gloo's, not of the step.
+        for process in ranks:
+            process.kill()
+        for process in ranks:
+            process.join()
     got = torch.load(result)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-12)
