@@ -69,6 +69,21 @@ struct ForwardEpilogueParams {
   int64_t cols;
 };
 
+// One output element, in opmath: x W^T, + bias, + residual (before the ReLU), ReLU (setting
+// `active`, the mask bit), + residual (after it). Every epilogue of every device computes its
+// elements through this function, so the order of the adds and the NaN handling are one.
+template <bool kRelu, Residual kResidual, bool kBias, typename acc_t>
+FS_HOST_DEVICE acc_t epilogue_value(acc_t value, acc_t bias, acc_t residual, bool& active) {
+  if constexpr (kBias) value += bias;
+  if constexpr (kResidual == Residual::kBeforeRelu) value += residual;
+  if constexpr (kRelu) {
+    active = relu_active(value);
+    value = relu(value);
+  }
+  if constexpr (kResidual == Residual::kAfterRelu) value += residual;
+  return value;
+}
+
 // Columns [first_col, first_col + count) of one row, count <= 8; `gemm` points at x W^T's
 // element (row, first_col), wherever it lives (global memory, a shared-memory tile, registers
 // spilled to a buffer). With kFull the count is 8 and the loop has no bounds test:
@@ -86,14 +101,11 @@ FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_
 FS_UNROLL
   for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
     if (kFull || bit < count) {
-      acc_t value = static_cast<acc_t>(gemm[bit]);
-      if constexpr (kBias) value += static_cast<acc_t>(bias[bit]);
-      if constexpr (kResidual == Residual::kBeforeRelu) value += static_cast<acc_t>(residual[bit]);
-      if constexpr (kRelu) {
-        bits |= static_cast<uint8_t>(relu_active(value)) << bit;
-        value = relu(value);
-      }
-      if constexpr (kResidual == Residual::kAfterRelu) value += static_cast<acc_t>(residual[bit]);
+      bool active = false;
+      const acc_t value = epilogue_value<kRelu, kResidual, kBias>(
+          static_cast<acc_t>(gemm[bit]), kBias ? static_cast<acc_t>(bias[bit]) : acc_t(0),
+          kResidual != Residual::kNone ? static_cast<acc_t>(residual[bit]) : acc_t(0), active);
+      if constexpr (kRelu) bits |= static_cast<uint8_t>(active) << bit;
       out[bit] = static_cast<scalar_t>(value);
     }
   }
