@@ -14,6 +14,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 namespace fusedskip {
@@ -324,7 +325,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   // The native kernel reads grad_output through the mask and sums the bias gradient itself: the
   // whole backward in one launch. Only when the pre-activation gradient is itself an output
   // (the residual of add_relu needs it) is it written out first, by the element-wise pass.
-  const bool tiles_take_mask = path == GemmPath::kTiles && !(relu && want_preact);
+  // Not with TF32 either: the bias gradient would then be summed from TF32-rounded operands
+  // (relative error ~1e-4), where torch sums it in full float32.
+  const bool tf32 = weight.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  const bool tiles_take_mask = path == GemmPath::kTiles && !(relu && want_preact) && !tf32;
   const bool preact_written = relu && !tiles_take_mask;
   const at::Tensor grad_preact_2d =
       preact_written ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;

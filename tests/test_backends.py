@@ -188,3 +188,18 @@ def test_emulated_backward_of_each_gradient_alone(wanted, emulation):
         expected = torch.autograd.grad(ref_out, [ref64[i] for i in names[wanted]], grad)
         for g, e in zip(got, expected):
             assert_close_rel(g, e, torch.float64, f"{wanted} at {rows} rows")
+
+
+def test_emulated_bias_gradient_in_full_float32_under_tf32(emulation):
+    """TF32 rounds the GEMM operands; the bias gradient (a plain sum) stays float32, as torch's."""
+    x = torch.randn(1024, 16)
+    w = torch.randn(8, 16)
+    b = torch.zeros(8, requires_grad=True)
+    grad = torch.full((1024, 8), 1 + 2.0**-12)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        (got,) = torch.autograd.grad(fusedskip.linear_concat([x], w, b), b, grad)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert torch.equal(got, grad.sum(0))
