@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 
 #include <c10/util/Exception.h>
 
@@ -13,7 +14,7 @@ namespace {
 constexpr const char* kNames[] = {"auto", "native", "gemm_epilogue", "cuda_emulation"};
 
 bool parse(const std::string& name, Backend* backend) {
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < static_cast<int>(std::size(kNames)); ++i) {
     if (name == kNames[i]) {
       *backend = static_cast<Backend>(i);
       return true;
@@ -44,8 +45,8 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 // CUDA: the native kernel below this many multiply-adds, cuBLAS + element-wise pass above.
 // PROVISIONAL: a model estimate, not yet a measurement. Below it a layer is launch-bound (one
 // kernel instead of cuBLAS + epilogue launches saves more than the native mainloop, which has no
-// software pipelining, loses to cuBLAS); the crossover must be measured on the GPU (`python -m
-// fusedskip.bench --providers fused,fused_native,fused_gemm_epilogue`) and this value replaced.
+// software pipelining, loses to cuBLAS); the crossover must be measured on the GPU (`bash
+// scripts/gpu_tune.sh`: providers fused-native and fused-gemm_epilogue) and this value replaced.
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 27;
 
 // The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
