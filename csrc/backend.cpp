@@ -42,12 +42,12 @@ std::atomic<Backend>& selected() {
 // benchmarks/NOTES.md, "CPU: direct loops or ATen GEMMs").
 constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 
-// CUDA: the native kernel below this many multiply-adds, cuBLAS + element-wise pass above.
-// PROVISIONAL: a model estimate, not yet a measurement. Below it a layer is launch-bound (one
-// kernel instead of cuBLAS + epilogue launches saves more than the native mainloop, which has no
-// software pipelining, loses to cuBLAS); the crossover must be measured on the GPU (`bash
-// scripts/gpu_tune.sh`: providers fused-native and fused-gemm_epilogue) and this value replaced.
-constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 27;
+// CUDA: the native kernel up to this many multiply-adds, cuBLAS + element-wise pass above.
+// Measured on an H200 (bf16, benchmarks/NOTES.md "Native or cuBLAS"): the native kernel was
+// faster at every size up to 4096x256x256 = 2^28 (forward 61 vs 75 us there, forward+backward
+// 349 vs 449), and 4-15x slower from 2^32 up, where its mainloop (no software pipelining,
+// element-wise bounds-checked loads) runs at ~22 TFLOP/s against cuBLAS's hundreds.
+constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 28;
 
 // The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
 // tiles; each weight-gradient block's and the bias gradient's tiles times their split-K slices),

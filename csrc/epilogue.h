@@ -35,6 +35,22 @@ FS_HOST_DEVICE int64_t mask_bytes_per_row(int64_t cols) {
   return (cols + kMaskBitsPerByte - 1) / kMaskBitsPerByte;
 }
 
+// The 8 columns of one mask byte as whole 16-byte words: the element-wise passes load and store
+// a unit this way when every unit is 8 whole columns on 16-byte boundaries (checked by the
+// caller), one wide access instead of 8 narrow ones.
+template <typename T>
+struct alignas(16) Pack8 {
+  T v[kMaskBitsPerByte];
+};
+template <typename T>
+FS_HOST_DEVICE Pack8<T> load_pack8(const T* from) {
+  return *reinterpret_cast<const Pack8<T>*>(from);
+}
+template <typename T>
+FS_HOST_DEVICE void store_pack8(T* to, const Pack8<T>& pack) {
+  *reinterpret_cast<Pack8<T>*>(to) = pack;
+}
+
 // Bit `col` of mask row `row`: whether the ReLU let the output through.
 FS_HOST_DEVICE bool mask_bit(const uint8_t* mask, int64_t row_bytes, int64_t row, int64_t col) {
   return (mask[row * row_bytes + col / kMaskBitsPerByte] >> (col % kMaskBitsPerByte)) & 1;
@@ -156,8 +172,10 @@ struct BackwardEpilogueParams {
   int64_t rows_per_block;
 };
 
-// One block of rows_per_block rows, the 8 columns of one mask byte.
-template <bool kRelu, bool kBias, typename scalar_t>
+// One block of rows_per_block rows, the 8 columns of one mask byte. kVec: grad_out has unit
+// column stride, every unit is 8 whole columns and every row of grad_out and grad_preact starts
+// on a 16-byte boundary (the caller checks), so each row's 8 gradients move as whole words.
+template <bool kRelu, bool kBias, bool kVec, typename scalar_t>
 FS_HOST_DEVICE void backward_epilogue_unit(const BackwardEpilogueParams<scalar_t>& p,
                                            int64_t row_block, int64_t byte) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -171,19 +189,26 @@ FS_HOST_DEVICE void backward_epilogue_unit(const BackwardEpilogueParams<scalar_t
     uint8_t bits = 0xff;
     if constexpr (kRelu) bits = p.mask[row * mask_row_bytes + byte];
     const scalar_t* grad_row = p.grad_out + row * p.grad_out_stride_row;
+    Pack8<scalar_t> grads;
+    if constexpr (kVec) grads = load_pack8(grad_row + first_col);
 FS_UNROLL
     for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
       const int64_t col = first_col + bit;
-      if (col < p.cols) {
-        scalar_t grad = grad_row[col * p.grad_out_stride_col];
+      if (kVec || col < p.cols) {
+        scalar_t grad = kVec ? grads.v[bit] : grad_row[col * p.grad_out_stride_col];
         if constexpr (kRelu) {
           // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0.
           grad = ((bits >> bit) & 1) ? grad : scalar_t(0);
-          p.grad_preact[row * p.cols + col] = grad;
+          if constexpr (kVec) {
+            grads.v[bit] = grad;
+          } else {
+            p.grad_preact[row * p.cols + col] = grad;
+          }
         }
         if constexpr (kBias) sums[bit] += static_cast<acc_t>(grad);
       }
     }
+    if constexpr (kRelu && kVec) store_pack8(p.grad_preact + row * p.cols + first_col, grads);
   }
   if constexpr (kBias) {
 FS_UNROLL
@@ -192,6 +217,17 @@ FS_UNROLL
       if (col < p.cols) p.bias_partials[row_block * p.cols + col] = sums[bit];
     }
   }
+}
+
+// Whether backward_epilogue_unit may take its kVec form for these tensors.
+template <typename scalar_t>
+FS_HOST_DEVICE bool backward_epilogue_vectorizable(const BackwardEpilogueParams<scalar_t>& p) {
+  const auto aligned = [](const void* ptr) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  };
+  return p.cols % kMaskBitsPerByte == 0 && p.grad_out_stride_col == 1 &&
+         p.grad_out_stride_row % kMaskBitsPerByte == 0 && aligned(p.grad_out) &&
+         (p.grad_preact == nullptr || aligned(p.grad_preact));
 }
 
 // Second stage of the bias gradient on the CPU: one column, blocks summed in order. (The GPU

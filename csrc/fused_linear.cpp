@@ -3,9 +3,10 @@
 // loops, or the library GEMMs (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) followed by the device's
 // element-wise pass.
 //
-// The concat form never materialises cat(inputs): input i multiplies weight's column block i (a
-// strided view), accumulating into the one output; in backward each input's gradient and each
-// column block of the weight gradient are written in place.
+// The concat form: the native kernel and the CPU loops never materialise cat(inputs) (input i
+// multiplies weight's column block i, accumulating on chip / in registers; in backward each
+// input's gradient and each weight-gradient column block is written in place). The library path
+// does build it, transiently, for one GEMM over it: see concat_for_gemm.
 #include "fused_linear.h"
 
 #include "backend.h"
@@ -212,9 +213,13 @@ at::Tensor residual_rows(const std::optional<at::Tensor>& residual, const Geomet
   return residual_2d.stride(1) == 1 ? residual_2d : residual_2d.contiguous();
 }
 
-// Column block i of weight: the whole weight when there is one input.
-at::Tensor weight_block(const at::Tensor& weight, const Geometry& g, int64_t offset, size_t i) {
-  return g.widths.size() == 1 ? weight : weight.narrow(1, offset, g.widths[i]);
+// The library GEMMs take several inputs as one: cat(inputs) (a copy, one pass over the inputs;
+// freed when the GEMM is done, never saved for backward). One GEMM per input would instead
+// either round each block's product (half types accumulating in the output dtype) or need
+// float32 copies of the operands, and cuBLAS runs blocks of odd width far below its speed
+// (measured on an H200: benchmarks/NOTES.md, "Concat on the cuBLAS path").
+at::Tensor concat_for_gemm(const std::vector<at::Tensor>& inputs_2d) {
+  return inputs_2d.size() == 1 ? inputs_2d[0] : at::cat(inputs_2d, 1);
 }
 
 }  // namespace
@@ -252,31 +257,9 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   if (path == GemmPath::kCpuLoops) {
     gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
   } else {
-    // Several inputs in half / bfloat16: accumulate the blocks' products in float32, so the
-    // result is rounded once, as a single GEMM over the concatenation would round it. (Upcast
-    // operands: the ATen GEMMs of both devices take them; the native kernel keeps its float32
-    // accumulator on chip instead.)
-    const bool accumulate_fp32 = inputs.size() > 1 && (weight.scalar_type() == at::kHalf ||
-                                                       weight.scalar_type() == at::kBFloat16);
-    bias_in_gemm = has_bias && !accumulate_fp32;
-    int64_t offset = 0;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      at::Tensor x = inputs_2d[i];
-      // Column block i of weight, transposed: a strided view the GEMM reads with its leading dim.
-      at::Tensor w_t = weight_block(weight, g, offset, i).t();
-      if (accumulate_fp32) {
-        x = x.to(at::kFloat);
-        w_t = w_t.to(at::kFloat);
-      }
-      if (i > 0) {
-        gemm.addmm_(x, w_t);
-      } else if (bias_in_gemm) {
-        gemm = at::addmm(*bias, x, w_t);
-      } else {
-        gemm = at::mm(x, w_t);
-      }
-      offset += g.widths[i];
-    }
+    const at::Tensor x = concat_for_gemm(inputs_2d);
+    bias_in_gemm = has_bias;
+    gemm = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   }
   const bool gemm_is_out = gemm.scalar_type() == weight.scalar_type();
   at::Tensor out = gemm_is_out ? gemm : at::empty({g.rows, g.cols}, weight.options());
@@ -365,24 +348,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
       direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
     }
   } else {
-    if (want_weight && count > 1) {
-      grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-    }
+    // One GEMM for all the input gradients and one for the whole weight gradient, as for the
+    // forward (concat_for_gemm); the input gradients are then split off into their own tensors.
+    bool want_any_input = false;
+    for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
+    const at::Tensor grad_all = want_any_input ? at::mm(grad_preact_2d, weight) : at::Tensor();
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
-      grad_inputs.push_back(output_mask.get(i)
-                                ? as_shape(at::mm(grad_preact_2d, weight_block(weight, g, offset, i)),
-                                           inputs[i].sizes())
-                                : empty_placeholder(weight));
-      if (want_weight && count == 1) {
-        grad_weight = at::mm(grad_preact_2d.t(), inputs_2d[i]);
-      } else if (want_weight) {
-        // Straight into grad_weight's column block i: no per-input temporaries, no cat.
-        at::Tensor block = grad_weight.narrow(1, offset, g.widths[i]);
-        at::mm_out(block, grad_preact_2d.t(), inputs_2d[i]);
+      at::Tensor grad_input = empty_placeholder(weight);
+      if (output_mask.get(i)) {
+        grad_input = count == 1 ? grad_all : grad_all.narrow(1, offset, g.widths[i]).contiguous();
+        grad_input = as_shape(grad_input, inputs[i].sizes());
       }
+      grad_inputs.push_back(std::move(grad_input));
       offset += g.widths[i];
     }
+    if (want_weight) grad_weight = at::mm(grad_preact_2d.t(), concat_for_gemm(inputs_2d));
   }
   return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
           want_bias ? grad_bias : empty_placeholder(weight),

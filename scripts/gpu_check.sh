@@ -8,6 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+# The sanitizer steps run tests/cuda_smoke.py as a script: the package must import from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # A build that silently fell back to CPU-only would skip every CUDA test: make that a failure.
 export FUSEDSKIP_EXPECT_CUDA_BUILD=1
 OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y-%m-%d)}"

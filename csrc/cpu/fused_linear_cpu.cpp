@@ -127,13 +127,15 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
                                                       kCpuRowsPerBlock);
     FS_BOOL_SWITCH(relu, kRelu, [&] {
       FS_BOOL_SWITCH(has_bias, kBias, [&] {
-        const int64_t grain = grain_rows(kCpuRowsPerBlock * cols);
-        at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
-          for (int64_t block = begin; block < end; ++block) {
-            for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
-              backward_epilogue_unit<kRelu, kBias>(p, block, byte);
+        FS_BOOL_SWITCH(backward_epilogue_vectorizable(p), kVec, [&] {
+          const int64_t grain = grain_rows(kCpuRowsPerBlock * cols);
+          at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+            for (int64_t block = begin; block < end; ++block) {
+              for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
+                backward_epilogue_unit<kRelu, kBias, kVec>(p, block, byte);
+              }
             }
-          }
+          });
         });
       });
     });

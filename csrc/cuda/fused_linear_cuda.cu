@@ -35,20 +35,28 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
   const int64_t units = rows * mask_bytes_per_row(cols);
   if (units == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The library path's GEMM writes the output dtype (csrc/fused_linear.cpp); only the CPU loops
+  // hand over a float32 x W^T.
+  TORCH_INTERNAL_ASSERT(gemm.scalar_type() == out.scalar_type() && gemm.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
-    auto run = [&]<typename gemm_t>() {
-      const auto p = forward_epilogue_params<scalar_t>(out, bias, residual, mask);
-      FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
-        FS_RESIDUAL_SWITCH(where, kResidual, [&] {
-          FS_BOOL_SWITCH(has_bias, kBias, [&] {
-            forward_epilogue_kernel<kRelu, kResidual, kBias>
-                <<<blocks_for(units), kThreads, 0, stream>>>(p, gemm.const_data_ptr<gemm_t>());
+    const auto p = forward_epilogue_params<scalar_t>(out, bias, residual, mask);
+    const scalar_t* gemm_data = gemm.const_data_ptr<scalar_t>();
+    const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    const bool vec = cols % kMaskBitsPerByte == 0 && aligned(gemm_data) && aligned(p.out) &&
+                     p.out_stride_row % kMaskBitsPerByte == 0 && (!has_bias || aligned(p.bias)) &&
+                     (!residual.defined() ||
+                      (aligned(p.residual) && p.residual_stride_row % kMaskBitsPerByte == 0));
+    FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
+      FS_RESIDUAL_SWITCH(where, kResidual, [&] {
+        FS_BOOL_SWITCH(has_bias, kBias, [&] {
+          FS_BOOL_SWITCH(vec, kVec, [&] {
+            forward_epilogue_kernel<kRelu, kResidual, kBias, kVec>
+                <<<blocks_for(units), kThreads, 0, stream>>>(p, gemm_data);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
       });
-    };
-    FS_GEMM_TYPE_SWITCH(gemm.scalar_type(), scalar_t, run);
+    });
   });
 }
 
@@ -74,8 +82,11 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
     if (units > 0) {
       FS_BOOL_SWITCH(relu, kRelu, [&] {
         FS_BOOL_SWITCH(has_bias, kBias, [&] {
-          backward_epilogue_kernel<kRelu, kBias><<<blocks_for(units), kThreads, 0, stream>>>(p);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          FS_BOOL_SWITCH(backward_epilogue_vectorizable(p), kVec, [&] {
+            backward_epilogue_kernel<kRelu, kBias, kVec>
+                <<<blocks_for(units), kThreads, 0, stream>>>(p);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     }
