@@ -57,7 +57,9 @@ fi
 # A hung kernel fails its own test (pytest-timeout, where installed) instead of the whole step.
 TIMEOUT_ARGS=()
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 60)
-step cuda_tests 240 $PY -m pytest tests/test_cuda.py tests/test_build.py -q -ra \
+# Every test marked `cuda` (tests/conftest.py: CUDA_MARKS / requires_cuda), in whichever file,
+# and the build checks. The rest of the suite is CPU-only and runs in CI.
+step cuda_tests 240 $PY -m pytest tests -m "cuda or build" -q -ra \
   -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" "${TIMEOUT_ARGS[@]}"
 
 # 3. compute-sanitizer on the smoke workload (both backends). Caching off: an overrun inside a

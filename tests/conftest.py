@@ -20,7 +20,17 @@ REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torc
 SEED = int(os.environ.get("FUSEDSKIP_TEST_SEED", random.randrange(2**31)))
 
 CUDA = torch.cuda.is_available() and fusedskip.cuda_available()
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+# Every test that needs a GPU carries the `cuda` marker (scripts/gpu_check.sh runs `-m cuda`) and
+# skips cleanly without one: `pytestmark = CUDA_MARKS` in a module, `@requires_cuda` on a test,
+# `pytest.param("cuda", marks=CUDA_MARKS)` on a parameter.
+CUDA_MARKS = [pytest.mark.cuda,
+              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")]
+
+
+def requires_cuda(test):
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def pytest_report_header(config):

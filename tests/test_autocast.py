@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import CUDA, assert_close_rel
+from conftest import CUDA_MARKS, assert_close_rel
 
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 def autocast_dtypes(device):

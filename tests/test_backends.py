@@ -77,6 +77,26 @@ def test_gradcheck_every_backend(sample, backend):
         assert torch.autograd.gradcheck(fn, sample.tensors())
 
 
+# Output widths of whole mask bytes (multiples of 8) on 16-byte boundaries: the element-wise
+# passes move each unit's 8 values as whole words there (csrc/epilogue.h, Pack8); a sliced
+# residual or gradient next to them must take the element-by-element form.
+WHOLE_WORD_COLS = (8, 64, 136)
+
+
+@pytest.mark.parametrize("backend", ("native", "gemm_epilogue"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_element_wise_passes_in_whole_words(backend, dtype):
+    generator = torch.Generator().manual_seed(SEED)
+    with fusedskip.use_backend(backend):
+        for cols, residual, layout in itertools.product(
+                WHOLE_WORD_COLS, (None, "relu_add", "add_relu"), ("contiguous", "sliced")):
+            sample = make_sample([19], cols, (37,), residual=residual, layout=layout, dtype=dtype,
+                                 generator=generator)
+            check_against_reference(sample, dtype)
+        check_against_reference(make_sample([24, 40], 64, (3, 11), dtype=dtype,
+                                             generator=generator), dtype)
+
+
 # Sizes on both sides of the 64-wide output tiles and of the 16 (SIMT) / 32 (tensor core) K steps.
 EDGES = (1, 63, 64, 65, 129)
 K_EDGES = (1, 15, 16, 17, 31, 32, 33)

@@ -9,6 +9,8 @@ import torch
 
 import fusedskip
 
+pytestmark = pytest.mark.build
+
 
 def test_extension_loaded():
     assert fusedskip.extension_loaded(), fusedskip._ops.LOAD_ERROR

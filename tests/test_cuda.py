@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (CUDA, assert_close_rel, check_against_reference, ids, make_sample,
-                      requires_cuda, sample_grid)
+from conftest import (CUDA, CUDA_MARKS, assert_close_rel, check_against_reference, ids,
+                      make_sample, sample_grid)
 
-pytestmark = [pytest.mark.cuda, requires_cuda]
+pytestmark = CUDA_MARKS
 
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 7, 63, 65, 127, 129, 1000)
@@ -55,7 +55,8 @@ def test_every_form_in_low_precision(dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 65, 129))))
+# 64: a tile edge, and whole mask bytes on 16-byte boundaries (the element-wise passes' wide form).
+@pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 64, 65, 129))))
 def test_tile_boundaries(rows, cols, dtype, backend):
     for residual in (None, "relu_add", "add_relu"):
         sample = make_sample([33], cols, (rows,), residual=residual, dtype=dtype, device="cuda")

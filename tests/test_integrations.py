@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fusedskip
-from conftest import CUDA
+from conftest import requires_cuda
 
 
 class SkipModel(nn.Module):
@@ -111,7 +111,7 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+@requires_cuda
 def test_cuda_graphed_training_step_matches_eager():
     torch.manual_seed(0)
     model = SkipModel().cuda()
@@ -131,7 +131,7 @@ def test_cuda_graphed_training_step_matches_eager():
             p.grad = q.grad = None
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+@requires_cuda
 def test_fsdp2_single_rank_runs():
     from torch.distributed.fsdp import fully_shard
 

@@ -4,12 +4,11 @@ reference. Bounded for the default suite; FUSEDSKIP_FUZZ_EXAMPLES=N runs a longe
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CUDA, Sample, check_against_reference, strided_like
+from conftest import Sample, check_against_reference, requires_cuda, strided_like
 
 EXAMPLES = int(os.environ.get("FUSEDSKIP_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
@@ -58,8 +57,7 @@ def test_random_calls_match_reference_cpu(case):
     check_against_reference(sample, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+@requires_cuda
 @FUZZ
 @given(samples(device="cuda"))
 def test_random_calls_match_reference_cuda(case):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import CUDA, assert_close_rel
+from conftest import assert_close_rel, requires_cuda
 
 
 def run_step(seed, device="cpu"):
@@ -49,7 +49,7 @@ def test_threads_give_serial_results():
                 assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+@requires_cuda
 def test_cuda_streams_give_serial_results():
     serial = {seed: run_step(seed, "cuda") for seed in range(4)}
     streams = [torch.cuda.Stream() for _ in range(4)]
@@ -108,7 +108,7 @@ def test_no_growth_over_iterations():
     assert live_tensors() <= before
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+@requires_cuda
 def test_cuda_memory_flat_and_oom_recovers():
     x = torch.randn(1024, 256, device="cuda", requires_grad=True)
     w = torch.randn(256, 256, device="cuda", requires_grad=True)
