@@ -7,7 +7,8 @@
 #include "fused_linear.h"
 
 TORCH_LIBRARY(fusedskip, m) {
-  // y = epilogue(cat(inputs, -1) @ weight.T), the cat never built:
+  // y = epilogue(cat(inputs, -1) @ weight.T), the cat never saved (csrc/fused_linear.cpp says
+  // where it is built at all):
   //   bias added when given; residual added after the ReLU (relu_add) or before it
   //   (residual_before_relu, add_relu); relu_mask packs !(pre-activation <= 0) 8 columns per byte,
   //   shape (rows, ceil(out_features / 8)) with rows = prod(leading dims); empty without ReLU.
