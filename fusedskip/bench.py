@@ -32,7 +32,6 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import fusedskip
 from fusedskip import reference
@@ -517,8 +516,16 @@ def run_models(args, device: str, env) -> List[dict]:
                 opt.step()
 
             steps = [step]
-            times = time_cuda(steps, 30 if args.quick else 100) if device == "cuda" else \
-                time_cpu(steps, 0.2 if args.quick else 1.0)
+            try:
+                times = time_cuda(steps, 30 if args.quick else 100) if device == "cuda" else \
+                    time_cpu(steps, 0.2 if args.quick else 1.0)
+            except Exception as error:  # e.g. torch.compile unable to build: recorded, not fatal
+                rows.append({"model": model_name, "provider": provider, "batch": batch,
+                             "width": width, "dtype": str(dtype).split(".")[-1],
+                             "status": f"error: {type(error).__name__}: {str(error)[:200]}",
+                             **env})
+                print(f"{model_name:15s} {provider:8s} {rows[-1]['status']}", flush=True)
+                continue
             p20, p50, p80 = quantiles(times)
             peak = None
             if device == "cuda":
@@ -529,8 +536,8 @@ def run_models(args, device: str, env) -> List[dict]:
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             rows.append({"model": model_name, "provider": provider, "batch": batch, "width": width,
-                         "dtype": str(dtype).split(".")[-1], "p20_us": p20, "p50_us": p50,
-                         "p80_us": p80, "peak_mem_mb": peak, **env})
+                         "dtype": str(dtype).split(".")[-1], "status": "ok", "p20_us": p20,
+                         "p50_us": p50, "p80_us": p80, "peak_mem_mb": peak, **env})
             print(f"{model_name:15s} {provider:8s} step {p50:10.1f} us"
                   + (f"  peak {peak:8.1f} MiB" if peak is not None else ""), flush=True)
     return rows
@@ -604,11 +611,12 @@ def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None):
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-    if model_rows:
-        mem = [r for r in model_rows if r.get("peak_mem_mb") is not None]
+    timed = [r for r in model_rows or [] if r.get("status", "ok") == "ok"]
+    if timed:
+        mem = [r for r in timed if r.get("peak_mem_mb") is not None]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        labels = [f"{r['model']}\n{r['provider']}" for r in (mem or model_rows)]
-        values = [r["peak_mem_mb"] if mem else r["p50_us"] for r in (mem or model_rows)]
+        labels = [f"{r['model']}\n{r['provider']}" for r in (mem or timed)]
+        values = [r["peak_mem_mb"] if mem else r["p50_us"] for r in (mem or timed)]
         ax.bar(range(len(values)), values)
         ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=25, ha="right")
         ax.set_ylabel("peak memory (MiB)" if mem else "training step (µs)")
@@ -668,6 +676,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if model_rows:
             f.write("\n| model | provider | batch × width | p50 µs | peak MiB |\n|---|---|---|---:|---:|\n")
             for r in model_rows:
+                if r.get("status", "ok") != "ok":
+                    f.write(f"| {r['model']} | {r['provider']} | {r['batch']} × {r['width']} | "
+                            f"{r['status']} | |\n")
+                    continue
                 mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else ""
                 f.write(f"| {r['model']} | {r['provider']} | {r['batch']} × {r['width']} | "
                         f"{r['p50_us']:.1f} | {mem} |\n")

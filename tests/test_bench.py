@@ -81,3 +81,33 @@ def test_mismatch_is_reported_not_timed(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     fused = [r for r in rows if r["provider"] == "fused"]
     assert fused and fused[0]["status"].startswith("mismatch") and "p50_us" not in fused[0]
+
+
+def test_compile_failure_is_recorded_not_fatal(tmp_path, monkeypatch):
+    """Where torch.compile cannot build (no compiler, no Python headers), its rows and its model
+    rows say why, and the other providers are still timed."""
+    class Broken(torch.nn.Module):  # what torch.compile returns, failing at its first call
+        def __init__(self, original):
+            super().__init__()
+            self.original = original if isinstance(original, torch.nn.Module) else None
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+    def broken_compile(model, **kwargs):
+        return Broken(model)
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(bench, "_compiled", {})
+    out = tmp_path / "results"
+    code = bench.main(["--quick", "--device", "cpu", "--model", "--op", "relu_add",
+                       "--mode", "forward", "--sizes", "64x10x10", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    models = [json.loads(line) for line in (out / "models.jsonl").read_text().splitlines()]
+    for group in (rows, models):
+        compiled = [r for r in group if r["provider"] == "compile"]
+        others = [r for r in group if r["provider"] != "compile"]
+        assert compiled and all("no C++ compiler" in r["status"] for r in compiled)
+        assert others and all(r["status"] == "ok" and r["p50_us"] > 0 for r in others)
+    assert "no C++ compiler" in (out / "table.md").read_text()
