@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
-# The GPU performance run: the standard sweep against the peers, then the tuning sweep behind
-# csrc/backend.cpp's native-vs-cuBLAS threshold (each backend forced, on a ladder of sizes).
+# The GPU performance run: the standard sweep against the peers, torch.compile max-autotune on a
+# few sizes, then the tuning sweep behind csrc/backend.cpp's native-vs-cuBLAS threshold (each
+# backend forced, on a ladder of sizes). Each step has its own limit, 11.5 minutes in all: where
+# one call may run 10, give SWEEPS one or two steps per call.
 # Rows, tables and plots under $OUT (else benchmarks/results/gpu-tune-<date>/); a compact table
 # of the tuning sweep last. Needs the extension built for this GPU (scripts/gpu_check.sh does).
 #
-#   bash scripts/gpu_tune.sh            # both sweeps
-#   SWEEPS=tune bash scripts/gpu_tune.sh  # only the tuning ladder
+#   bash scripts/gpu_tune.sh                      # all three, bfloat16
+#   SWEEPS=tune bash scripts/gpu_tune.sh          # only the tuning ladder
+#   DTYPES=float16 SWEEPS=standard bash scripts/gpu_tune.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results/gpu-tune-$(date +%Y-%m-%d)}"
 PY="${PYTHON:-python3}"
-SWEEPS="${SWEEPS:-standard tune}"
+SWEEPS="${SWEEPS:-standard autotune tune}"
+DTYPES="${DTYPES:-bfloat16}"  # DTYPES=bfloat16,float16 for both (about twice the time)
 mkdir -p "$OUT"
 status=0
 
 if [[ " $SWEEPS " == *" standard "* ]]; then
-  echo "=== standard sweep (bfloat16, float16; forward, forward+backward)"
-  timeout 420 $PY -m fusedskip.bench --dtype bfloat16,float16 --mode forward,forward+backward \
-    --providers fused,eager,compile-max-autotune,gemm --out "$OUT/standard" \
+  # The standard sizes (fusedskip/bench.py standard_sizes), the add form and concat of 2 and 4.
+  echo "=== standard sweep ($DTYPES; forward, forward+backward)"
+  timeout 300 $PY -m fusedskip.bench --dtype "$DTYPES" --mode forward,forward+backward \
+    --op relu_add,concat2,concat4 --providers fused,eager,compile,gemm --out "$OUT/standard" \
     > "$OUT/standard.log" 2>&1 || status=1
   tail -n 3 "$OUT/standard.log"
 fi
 
+if [[ " $SWEEPS " == *" autotune "* ]]; then
+  # max-autotune spends tens of seconds per graph: a few sizes, forward only.
+  echo "=== torch.compile(mode='max-autotune'), forward"
+  timeout 240 $PY -m fusedskip.bench --dtype "$DTYPES" --mode forward --op relu_add,concat2 \
+    --sizes 64x30x30,4096x1024x1024,8192x4096x4096 --providers fused,compile-max-autotune,eager \
+    --out "$OUT/autotune" > "$OUT/autotune.log" 2>&1 || status=1
+  tail -n 3 "$OUT/autotune.log"
+fi
+
 if [[ " $SWEEPS " == *" tune "* ]]; then
-  # Square layers from launch-bound to GEMM-bound, and the seed's narrow layers at large batch:
-  # where fused-native stops beating fused-gemm_epilogue is the threshold (multiply-adds M*K*N).
-  SIZES="64x64x64,1024x64x64,1024x256x256,4096x256x256,4096x512x512,8192x512x512"
-  SIZES+=",4096x1024x1024,8192x1024x1024,16384x1024x1024,65536x30x30,65536x256x256"
+  # Each backend forced on a ladder of sizes around the threshold in csrc/backend.cpp (2^28
+  # multiply-adds, measured on an H200): where fused-native stops beating fused-gemm_epilogue.
+  SIZES="65536x30x30,4096x256x256,16384x128x128,8192x256x256,2048x512x512,4096x512x512"
   echo "=== tuning sweep: native vs gemm_epilogue"
-  timeout 300 $PY -m fusedskip.bench --dtype bfloat16 --mode forward,forward+backward \
+  timeout 150 $PY -m fusedskip.bench --dtype bfloat16 --mode forward,forward+backward \
     --op relu_add,concat2 --sizes "$SIZES" \
     --providers fused-native,fused-gemm_epilogue,gemm --out "$OUT/tune" \
     > "$OUT/tune.log" 2>&1 || status=1
