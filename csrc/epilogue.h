@@ -50,6 +50,9 @@ template <typename T>
 FS_HOST_DEVICE void store_pack8(T* to, const Pack8<T>& pack) {
   *reinterpret_cast<Pack8<T>*>(to) = pack;
 }
+FS_HOST_DEVICE bool aligned_for_pack8(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % alignof(Pack8<uint8_t>) == 0;
+}
 
 // Bit `col` of mask row `row`: whether the ReLU let the output through.
 FS_HOST_DEVICE bool mask_bit(const uint8_t* mask, int64_t row_bytes, int64_t row, int64_t col) {
@@ -145,6 +148,19 @@ FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>&
   if constexpr (kRelu) p.mask[row * mask_bytes_per_row(p.cols) + byte] = bits;
 }
 
+// Whether a pass over these tensors may move each unit as whole 16-byte words (Pack8): every
+// unit is 8 whole columns, and every row of x W^T (`gemm`, contiguous), out and the residual,
+// and the bias, starts on a 16-byte boundary.
+template <typename scalar_t>
+FS_HOST_DEVICE bool forward_epilogue_vectorizable(const ForwardEpilogueParams<scalar_t>& p,
+                                                  const scalar_t* gemm) {
+  return p.cols % kMaskBitsPerByte == 0 && aligned_for_pack8(gemm) && aligned_for_pack8(p.out) &&
+         p.out_stride_row % kMaskBitsPerByte == 0 &&
+         (p.bias == nullptr || aligned_for_pack8(p.bias)) &&
+         (p.residual == nullptr ||
+          (aligned_for_pack8(p.residual) && p.residual_stride_row % kMaskBitsPerByte == 0));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward: grad_preact = grad_out masked by the ReLU, and the bias gradient's partial sums.
 
@@ -222,12 +238,9 @@ FS_UNROLL
 // Whether backward_epilogue_unit may take its kVec form for these tensors.
 template <typename scalar_t>
 FS_HOST_DEVICE bool backward_epilogue_vectorizable(const BackwardEpilogueParams<scalar_t>& p) {
-  const auto aligned = [](const void* ptr) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-  };
   return p.cols % kMaskBitsPerByte == 0 && p.grad_out_stride_col == 1 &&
-         p.grad_out_stride_row % kMaskBitsPerByte == 0 && aligned(p.grad_out) &&
-         (p.grad_preact == nullptr || aligned(p.grad_preact));
+         p.grad_out_stride_row % kMaskBitsPerByte == 0 && aligned_for_pack8(p.grad_out) &&
+         (p.grad_preact == nullptr || aligned_for_pack8(p.grad_preact));
 }
 
 // Second stage of the bias gradient on the CPU: one column, blocks summed in order. (The GPU

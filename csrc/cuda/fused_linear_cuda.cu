@@ -41,15 +41,10 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_linear", [&] {
     const auto p = forward_epilogue_params<scalar_t>(out, bias, residual, mask);
     const scalar_t* gemm_data = gemm.const_data_ptr<scalar_t>();
-    const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    const bool vec = cols % kMaskBitsPerByte == 0 && aligned(gemm_data) && aligned(p.out) &&
-                     p.out_stride_row % kMaskBitsPerByte == 0 && (!has_bias || aligned(p.bias)) &&
-                     (!residual.defined() ||
-                      (aligned(p.residual) && p.residual_stride_row % kMaskBitsPerByte == 0));
     FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
       FS_RESIDUAL_SWITCH(where, kResidual, [&] {
         FS_BOOL_SWITCH(has_bias, kBias, [&] {
-          FS_BOOL_SWITCH(vec, kVec, [&] {
+          FS_BOOL_SWITCH(forward_epilogue_vectorizable(p, gemm_data), kVec, [&] {
             forward_epilogue_kernel<kRelu, kResidual, kBias, kVec>
                 <<<blocks_for(units), kThreads, 0, stream>>>(p, gemm_data);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
