@@ -5,12 +5,14 @@
 //
 // The concat form: the native kernel and the CPU loops never materialise cat(inputs) (input i
 // multiplies weight's column block i, accumulating on chip / in registers; in backward each
-// input's gradient and each weight-gradient column block is written in place). The library path
-// does build it, transiently, for one GEMM over it: see concat_for_gemm.
+// input's gradient and each weight-gradient column block is written in place). The library
+// path's forward builds it, transiently, for one GEMM over it (concat_for_gemm); its backward runs
+// one GEMM per block where the blocks are aligned (gemm_blocks_in_place), else the same.
 #include "fused_linear.h"
 
 #include "backend.h"
 
+#include <cstdint>
 #include <ostream>
 #include <string>
 
@@ -222,6 +224,28 @@ at::Tensor concat_for_gemm(const std::vector<at::Tensor>& inputs_2d) {
   return inputs_2d.size() == 1 ? inputs_2d[0] : at::cat(inputs_2d, 1);
 }
 
+// The backward needs neither that cat nor the copies that split one input-gradient GEMM into
+// the inputs' gradients where one GEMM per input runs at full speed: where every operand block
+// (each input, each column block of weight and of its gradient) starts on a 16-byte boundary
+// and its rows are whole 16-byte words apart (cuBLAS's fast kernels need that), and every block
+// is at least kMinGemmBlockWidth wide (narrower ones make memory-bound GEMMs, each rereading
+// the whole output gradient). One GEMM per block also sums in full: no extra rounding.
+constexpr int64_t kMinGemmBlockWidth = 64;
+
+bool gemm_blocks_in_place(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight) {
+  const int64_t item = static_cast<int64_t>(weight.element_size());
+  const auto words = [item](int64_t elements) { return elements * item % 16 == 0; };
+  const auto word_aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  if (weight.stride(1) != 1 || !words(weight.stride(0)) || !word_aligned(weight)) return false;
+  for (const at::Tensor& x : inputs_2d) {
+    if (x.size(1) < kMinGemmBlockWidth || !words(x.size(1))) return false;
+    if (x.stride(1) != 1 || !words(x.stride(0)) || !word_aligned(x)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at::Tensor& weight,
@@ -347,6 +371,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
     } else {
       direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
     }
+  } else if (inputs_2d.size() == 1 || gemm_blocks_in_place(inputs_2d, weight)) {
+    // Each input's gradient from its own GEMM, each weight-gradient column block written in
+    // place by its own.
+    if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      const at::Tensor weight_block = count == 1 ? weight : weight.narrow(1, offset, g.widths[i]);
+      grad_inputs.push_back(output_mask.get(i)
+                                ? as_shape(at::mm(grad_preact_2d, weight_block), inputs[i].sizes())
+                                : empty_placeholder(weight));
+      if (want_weight) {
+        at::Tensor grad_weight_block =
+            count == 1 ? grad_weight : grad_weight.narrow(1, offset, g.widths[i]);
+        at::mm_out(grad_weight_block, grad_preact_2d.t(), inputs_2d[i]);
+      }
+      offset += g.widths[i];
+    }
   } else {
     // One GEMM for all the input gradients and one for the whole weight gradient, as for the
     // forward (concat_for_gemm); the input gradients are then split off into their own tensors.
@@ -355,12 +396,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
     const at::Tensor grad_all = want_any_input ? at::mm(grad_preact_2d, weight) : at::Tensor();
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
-      at::Tensor grad_input = empty_placeholder(weight);
-      if (output_mask.get(i)) {
-        grad_input = count == 1 ? grad_all : grad_all.narrow(1, offset, g.widths[i]).contiguous();
-        grad_input = as_shape(grad_input, inputs[i].sizes());
-      }
-      grad_inputs.push_back(std::move(grad_input));
+      grad_inputs.push_back(
+          output_mask.get(i)
+              ? as_shape(grad_all.narrow(1, offset, g.widths[i]).contiguous(), inputs[i].sizes())
+              : empty_placeholder(weight));
       offset += g.widths[i];
     }
     if (want_weight) grad_weight = at::mm(grad_preact_2d.t(), concat_for_gemm(inputs_2d));

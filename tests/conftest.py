@@ -65,6 +65,10 @@ def strided_like(t: torch.Tensor, how: str) -> torch.Tensor:
         wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
         wide[..., 1::2] = t.detach()
         out = wide[..., 1::2]
+    elif how == "offset":  # unit column stride, but starting one element into a wider buffer
+        wide = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        wide[..., 1:] = t.detach()
+        out = wide[..., 1:]
     else:
         raise ValueError(how)
     assert torch.equal(out, t.detach())

@@ -97,6 +97,26 @@ def test_element_wise_passes_in_whole_words(backend, dtype):
                                              generator=generator), dtype)
 
 
+# Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
+# per block there, writing each input's gradient and each weight-gradient column block in place
+# (gemm_blocks_in_place, csrc/fused_linear.cpp). A block off a word boundary (the "offset" and
+# "sliced" layouts) sends the call back to one GEMM over the concatenation.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_library_backward_one_gemm_per_aligned_block(dtype):
+    generator = torch.Generator().manual_seed(SEED)
+    with fusedskip.use_backend("gemm_epilogue"):
+        for (widths, relu), layout in itertools.product(
+                (([64, 136], True), ([72, 64, 96], False), ([64, 128, 64, 256], True)),
+                ("contiguous", "offset", "sliced")):
+            sample = make_sample(widths, 40, (3, 11), relu=relu, layout=layout, dtype=dtype,
+                                 generator=generator)
+            check_against_reference(sample, dtype)
+        if dtype == torch.float64:
+            sample = make_sample([64, 66], 5, (3,), generator=generator)
+            fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, sample.tensors())
+
+
 # Sizes on both sides of the 64-wide output tiles and of the 16 (SIMT) / 32 (tensor core) K steps.
 EDGES = (1, 63, 64, 65, 129)
 K_EDGES = (1, 15, 16, 17, 31, 32, 33)

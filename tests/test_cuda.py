@@ -78,6 +78,17 @@ def test_concat_one_to_eight_inputs(count, backend):
                                             device="cuda"), dtype)
 
 
+# Blocks >= 64 wide on 16-byte boundaries: cuBLAS's backward runs one GEMM per block, straight into
+# each gradient ("offset" falls back to one GEMM over the concatenation).
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+def test_concat_aligned_blocks(layout, backend):
+    for dtype in LOW_PRECISION:
+        check(make_sample([64, 136, 72], 40, (3, 67), layout=layout, dtype=dtype, device="cuda"),
+              dtype)
+    sample = make_sample([64, 66], 9, (5,), layout=layout, device="cuda")
+    assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
+
+
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_non_contiguous(layout, backend):
     for dtype in LOW_PRECISION:
