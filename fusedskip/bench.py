@@ -59,12 +59,18 @@ KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
 
 def split_widths(k: int, parts: int) -> Tuple[int, ...]:
-    """Unequal widths summing to k (e.g. 4 parts of 1024 -> 128, 256, 256, 384)."""
+    """Unequal widths summing to k (4 parts of 1024 -> 96, 200, 304, 424; 2 of 30 -> 10, 20).
+
+    Where every part can be 64 or more, each is a multiple of 8, as the layers of real models
+    are (the GEMM libraries' fast kernels need 16-byte aligned blocks); the seed's tiny widths
+    stay odd."""
     if parts == 1:
         return (k,)
     weights = [1 + i for i in range(parts)] if parts > 2 else [1, 2]
     total = sum(weights)
     widths = [max(1, k * w // total) for w in weights]
+    if k % 8 == 0 and min(widths) >= 64:
+        widths = [w - w % 8 for w in widths]
     widths[-1] = k - sum(widths[:-1])
     return tuple(widths)
 

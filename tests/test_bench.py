@@ -32,6 +32,9 @@ def test_quantiles_and_widths():
         widths = bench.split_widths(k, parts)
         assert len(widths) == parts and sum(widths) == k and min(widths) >= 1
         assert parts == 1 or len(set(widths)) > 1  # unequal widths
+    assert bench.split_widths(1024, 4) == (96, 200, 304, 424)  # whole 16-byte words
+    assert bench.split_widths(4096, 2) == (1360, 2736)
+    assert bench.split_widths(30, 2) == (10, 20)
 
 
 def test_sizes_option():
