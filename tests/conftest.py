@@ -19,6 +19,15 @@ REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torc
 # Random inputs are redrawn every run; the seed is printed in the header to replay a failure.
 SEED = int(os.environ.get("FUSEDSKIP_TEST_SEED", random.randrange(2**31)))
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_env() -> dict:
+    """The environment for a script run in a subprocess: this checkout first on PYTHONPATH, so
+    the package imports from here also where it was built in place and never installed."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=CHECKOUT + (os.pathsep + path if path else ""))
+
 CUDA = torch.cuda.is_available() and fusedskip.cuda_available()
 # Every test that needs a GPU carries the `cuda` marker (scripts/gpu_check.sh runs `-m cuda`) and
 # skips cleanly without one: `pytestmark = CUDA_MARKS` in a module, `@requires_cuda` on a test,

@@ -167,7 +167,10 @@ def test_fuse_example_runs():
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "fuse_existing_model.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    from conftest import checkout_env
+
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                            env=checkout_env())
     assert result.returncode == 0, result.stderr
     assert "4 fused, 0 skipped" in result.stdout
     assert "outputs equal: True; parameters shared with the original: True" in result.stdout

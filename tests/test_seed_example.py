@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fusedskip
-from conftest import assert_close_rel
+from conftest import assert_close_rel, checkout_env
 
 
 def _load_example():
@@ -99,7 +99,8 @@ def test_example_script_runs(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "skip_mlp.py")
     out = tmp_path / "curves.png"
     result = subprocess.run([sys.executable, script, "--steps", "20", "--device", "cpu",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+                             "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            env=checkout_env())
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "ms/step" in line]
     assert len(lines) == 4
