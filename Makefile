@@ -19,6 +19,9 @@ $(DEPS): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt
+	# CUTLASS's C++ headers, for the `cutlass` backend's sm_90a GEMM (the package's Python side
+	# and its dependencies are not needed: --no-deps).
+	$(PIP) install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
 	touch $@
 
 # --no-build-isolation: build against the torch in .venv (isolation would fetch a second one).

@@ -5,6 +5,8 @@ Environment knobs:
   FUSEDSKIP_FORCE_CPU=1          build without CUDA even where it could be built
   FUSEDSKIP_CUDA_ARCHS="8.0;9.0a" compute capabilities to compile for; "native" = the local GPU
   CUDA_HOME                      toolkit root, when the one found from nvcc is not the right one
+  CUTLASS_PATH                   a CUTLASS checkout, for its headers (else the nvidia-cutlass
+                                 pip package's; without either, no `cutlass` backend)
   MAX_JOBS                       parallel compile jobs (ninja)
 """
 
@@ -58,16 +60,34 @@ def pip_cuda_include_dirs():
     return found
 
 
-def arch_flags(spec):
-    """'8.0;9.0a' -> nvcc -gencode flags: SASS for each, plus PTX of the newest portable one (no
-    "a" suffix) so that newer GPUs than any listed can JIT-compile the kernels."""
+def cutlass_include_dir():
+    """CUTLASS 3 headers (cutlass/ and cute/): $CUTLASS_PATH/include, else those the
+    nvidia-cutlass pip package ships (`pip install --no-deps nvidia-cutlass`), else None."""
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(os.path.join(os.environ["CUTLASS_PATH"], "include"))
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    candidates += [os.path.join(root, "cutlass_library", "source", "include") for root in roots]
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cutlass", "cutlass.h")) and os.path.isfile(
+                os.path.join(path, "cute", "tensor.hpp")):
+            return os.path.realpath(path)
+    return None
+
+
+def resolve_archs(spec):
+    """'8.0;9.0a' -> ['8.0', '9.0a']; 'native' -> the local GPU's (with 'a' from sm_90 on)."""
     if spec.strip() == "native":
         import torch
 
         major, minor = torch.cuda.get_device_capability()
-        suffix = "a" if major >= 9 else ""
-        spec = f"{major}.{minor}{suffix}"
-    archs = [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
+        spec = f"{major}.{minor}{'a' if major >= 9 else ''}"
+    return [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
+
+
+def arch_flags(archs):
+    """['8.0', '9.0a'] -> nvcc -gencode flags: SASS for each, plus PTX of the newest portable one (no
+    "a" suffix) so that newer GPUs than any listed can JIT-compile the kernels."""
     flags = []
     for arch in archs:
         if float(arch.rstrip("a")) < 8.0:  # bfloat16 / TF32 tensor cores (WMMA) need sm_80
@@ -109,16 +129,26 @@ def extensions():
                              extra_compile_args={"cxx": cxx + ["-fopenmp"]},
                              extra_link_args=["-fopenmp"])]
 
-    archs = os.environ.get("FUSEDSKIP_CUDA_ARCHS", "8.0;9.0a")
+    archs = resolve_archs(os.environ.get("FUSEDSKIP_CUDA_ARCHS", "8.0;9.0a"))
     print(f"fusedskip: building with CUDA from {cuda_home} for {archs}", file=sys.stderr)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-Xcompiler=-Wall", "-Xcompiler=-Wno-unused-function"] + arch_flags(archs)
     if os.environ.get("FUSEDSKIP_PTXAS_VERBOSE", "0") not in ("", "0"):
         nvcc.append("-Xptxas=-v")
+    macros = [("FUSEDSKIP_WITH_CUDA", "1")]
+    cutlass = cutlass_include_dir()
+    # The CUTLASS GEMM (csrc/cuda/fused_gemm_sm90.cu) is Hopper code: only worth building for 9.0a.
+    if cutlass and "9.0a" in archs:
+        print(f"fusedskip: with the CUTLASS sm_90a GEMM (headers: {cutlass})", file=sys.stderr)
+        include_dirs.append(cutlass)
+        macros.append(("FUSEDSKIP_WITH_CUTLASS", "1"))
+    elif "9.0a" in archs:
+        print("fusedskip: no CUTLASS headers found (pip install --no-deps nvidia-cutlass): "
+              "building without the `cutlass` backend", file=sys.stderr)
     return [CUDAExtension("fusedskip._C", sources,
                           include_dirs=include_dirs + pip_cuda_include_dirs(),
-                          define_macros=[("FUSEDSKIP_WITH_CUDA", "1")],
+                          define_macros=macros,
                           extra_compile_args={"cxx": cxx + ["-fopenmp"], "nvcc": nvcc},
                           extra_link_args=["-fopenmp"])]
 

@@ -11,7 +11,7 @@
 namespace fusedskip {
 namespace {
 
-constexpr const char* kNames[] = {"auto", "native", "gemm_epilogue", "cuda_emulation"};
+constexpr const char* kNames[] = {"auto", "native", "gemm_epilogue", "cuda_emulation", "cutlass"};
 
 bool parse(const std::string& name, Backend* backend) {
   for (int i = 0; i < static_cast<int>(std::size(kNames)); ++i) {
@@ -28,7 +28,7 @@ Backend from_environment() {
   Backend backend = Backend::kAuto;
   if (value != nullptr && value[0] != '\0' && !parse(value, &backend)) {
     TORCH_WARN("fusedskip: FUSEDSKIP_BACKEND=", value,
-               " is not one of auto, native, gemm_epilogue, cuda_emulation; using auto");
+               " is not one of auto, native, gemm_epilogue, cuda_emulation, cutlass; using auto");
   }
   return backend;
 }
@@ -76,11 +76,28 @@ Backend current_backend() { return selected().load(std::memory_order_relaxed); }
 void set_backend(const std::string& name) {
   Backend backend;
   TORCH_CHECK_VALUE(parse(name, &backend), "fusedskip: unknown backend '", name,
-                    "'; choose one of 'auto', 'native', 'gemm_epilogue', 'cuda_emulation'");
+                    "'; choose one of 'auto', 'native', 'gemm_epilogue', 'cuda_emulation', ",
+                    "'cutlass'");
   selected().store(backend, std::memory_order_relaxed);
 }
 
 const char* backend_name(Backend backend) { return kNames[static_cast<int>(backend)]; }
+
+namespace {
+std::atomic<int64_t> fused_gemm_launch_count{0};
+}  // namespace
+
+bool fused_gemm_built() {
+#ifdef FUSEDSKIP_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t fused_gemm_launches() { return fused_gemm_launch_count.load(std::memory_order_relaxed); }
+
+void count_fused_gemm_launch() { fused_gemm_launch_count.fetch_add(1, std::memory_order_relaxed); }
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   const Backend backend = current_backend();
@@ -88,7 +105,8 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   if (weight.is_cpu()) {
     switch (backend) {
       case Backend::kNative: return GemmPath::kCpuLoops;
-      case Backend::kGemmEpilogue: return GemmPath::kLibrary;
+      case Backend::kGemmEpilogue:
+      case Backend::kCutlass: return GemmPath::kLibrary;
       case Backend::kCudaEmulation: return forced_tiles(backend, g);
       default: return work <= kCpuLoopsMaxWork ? GemmPath::kCpuLoops : GemmPath::kLibrary;
     }
@@ -96,6 +114,7 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   if (weight.is_cuda()) {
     switch (backend) {
       case Backend::kGemmEpilogue: return GemmPath::kLibrary;
+      case Backend::kCutlass: return GemmPath::kFusedGemm;
       case Backend::kNative:
       case Backend::kCudaEmulation: return forced_tiles(backend, g);
       default:

@@ -7,6 +7,9 @@
 //     gemm_epilogue   the library GEMM (cuBLAS / CPU BLAS through ATen) + one element-wise pass
 //     cuda_emulation  CPU tensors: the native CUDA kernel's own code run on the host, thread by
 //                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
+//     cutlass         CUDA: the forward's GEMM, bias, ReLU + mask and residual in one CUTLASS
+//                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu), where it applies; elsewhere,
+//                     and for the backward, gemm_epilogue. Not chosen by auto until measured.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +21,7 @@
 
 namespace fusedskip {
 
-enum class Backend : int { kAuto = 0, kNative, kGemmEpilogue, kCudaEmulation };
+enum class Backend : int { kAuto = 0, kNative, kGemmEpilogue, kCudaEmulation, kCutlass };
 
 Backend current_backend();
 // Raises ValueError naming the choices for an unknown name.
@@ -29,8 +32,15 @@ enum class GemmPath {
   kLibrary,   // ATen GEMM(s) + the element-wise pass
   kCpuLoops,  // CPU direct loops + the element-wise pass
   kTiles,     // the native kernel (on CUDA) or its host emulation (on CPU)
+  kFusedGemm, // CUDA: the CUTLASS GEMM with the epilogue inside, else as kLibrary
 };
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
+
+// Whether the CUTLASS GEMM was compiled in (CUTLASS headers found, sm_90a among the archs), and
+// how many times it has run in this process (tests check that it did).
+bool fused_gemm_built();
+int64_t fused_gemm_launches();
+void count_fused_gemm_launch();
 
 }  // namespace fusedskip

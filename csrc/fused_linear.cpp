@@ -282,6 +282,14 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
     gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
   } else {
     const at::Tensor x = concat_for_gemm(inputs_2d);
+#ifdef FUSEDSKIP_WITH_CUDA
+    if (path == GemmPath::kFusedGemm && relu) {
+      at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
+      if (fused_gemm_forward_cuda(x, weight, bias, residual_rows(residual, g), out, mask, where)) {
+        return {as_shape(out, g.out_shape), mask};
+      }
+    }
+#endif
     bias_in_gemm = has_bias;
     gemm = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   }

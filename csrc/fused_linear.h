@@ -137,6 +137,13 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
                            const at::Tensor& mask, Residual where);
 void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                             const at::Tensor& grad_preact, const at::Tensor& grad_bias);
+// The `cutlass` backend's forward (csrc/cuda/fused_gemm_sm90.cu): x (rows, in_features) W^T with
+// bias, ReLU + mask and the residual inside one sm_90a GEMM, written to out (rows, cols). Returns
+// false, having done nothing, where that kernel does not apply (not built, not an sm_90 GPU, no
+// ReLU, float32/64, sizes or alignment TMA cannot take); the caller then takes the cuBLAS path.
+bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                             const at::Tensor& out, const at::Tensor& mask, Residual where);
 #endif
 
 }  // namespace fusedskip

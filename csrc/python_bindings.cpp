@@ -81,7 +81,19 @@ PyObject* get_backend_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyUnicode_FromString(backend_name(current_backend()));
 }
 
+PyObject* fused_gemm_built_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(fused_gemm_built());
+}
+
+PyObject* fused_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(fused_gemm_launches());
+}
+
 PyMethodDef methods[] = {
+    {"_fused_gemm_built", fused_gemm_built_py, METH_NOARGS,
+     "Whether the `cutlass` backend's sm_90a GEMM was compiled in."},
+    {"_fused_gemm_launches", fused_gemm_launches_py, METH_NOARGS,
+     "How many times the `cutlass` backend's GEMM has run in this process."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},
     {"_get_backend", get_backend_py, METH_NOARGS, "The op's current backend."},
     {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear_py)),

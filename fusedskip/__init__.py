@@ -12,13 +12,13 @@ import torch
 
 from . import _ops, reference
 from .functional import linear_concat, linear_relu_residual
-from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .backends import BACKENDS, cutlass_built, get_backend, set_backend, use_backend
 from .fuse import FuseReport, fuse
 from .modules import ConcatLinear, LinearReLUResidual
 
 __all__ = ["linear_relu_residual", "linear_concat", "LinearReLUResidual", "ConcatLinear",
            "fuse", "FuseReport", "reference", "cuda_available", "extension_loaded",
-           "BACKENDS", "get_backend", "set_backend", "use_backend"]
+           "BACKENDS", "cutlass_built", "get_backend", "set_backend", "use_backend"]
 __version__ = "0.1.0"
 
 

@@ -7,7 +7,10 @@
 Backends: ``auto`` (the default: per shape, the faster path), ``native`` (CUDA: the one-launch
 fused kernel; CPU: the direct loops), ``gemm_epilogue`` (the library GEMM, cuBLAS or CPU BLAS,
 then one fused element-wise pass), ``cuda_emulation`` (CPU tensors: the native CUDA kernel's own
-code run on the host, thread by thread; slow, it checks the GPU kernel without a GPU).
+code run on the host, thread by thread; slow, it checks the GPU kernel without a GPU),
+``cutlass`` (CUDA, forward with ReLU: the GEMM, bias, ReLU mask and residual in one CUTLASS
+kernel on an sm_90 GPU, where the build has it (``cutlass_built()``) and the shapes allow;
+``gemm_epilogue`` everywhere else, and for the backward).
 The choice is read at each call, so it also applies inside compiled graphs.
 """
 
@@ -17,7 +20,7 @@ import contextlib
 
 from . import _ops
 
-BACKENDS = ("auto", "native", "gemm_epilogue", "cuda_emulation")
+BACKENDS = ("auto", "native", "gemm_epilogue", "cuda_emulation", "cutlass")
 
 
 def _require_extension():
@@ -36,6 +39,12 @@ def set_backend(name: str) -> None:
     """Choose the fused op's backend for the whole process (one of ``BACKENDS``)."""
     _require_extension()
     _ops._C._set_backend(name)
+
+
+def cutlass_built() -> bool:
+    """True when the ``cutlass`` backend's sm_90a GEMM was compiled into the extension (the
+    build found CUTLASS headers: ``pip install --no-deps nvidia-cutlass``)."""
+    return _ops.AVAILABLE and _ops._C._fused_gemm_built()
 
 
 @contextlib.contextmanager

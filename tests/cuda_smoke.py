@@ -4,7 +4,8 @@ Forward and backward of every form (bias or not, residual none / relu_add / add_
 1-3 inputs with and without ReLU, non-contiguous inputs, an empty batch) in float32, bfloat16
 and float64, through both CUDA backends (the native kernel: SIMT for float32 / float64, tensor
 cores for bfloat16; cuBLAS + the element-wise pass), plus the native kernel's TF32 path and its
-split-K weight gradient; each checked against the float64 reference
+split-K weight gradient, and on an sm_90 GPU the `cutlass` backend's GEMM (bf16 / fp16, every
+ReLU form, partial tiles); each checked against the float64 reference
 (conftest.check_against_reference), so a wrong result fails here too.
 """
 
@@ -20,7 +21,7 @@ import fusedskip  # noqa: E402
 from conftest import check_against_reference, make_sample  # noqa: E402
 
 
-def main(backends=("native", "gemm_epilogue")) -> int:
+def main(backends=("native", "gemm_epilogue", "cutlass")) -> int:
     assert fusedskip.cuda_available(), "needs a GPU and the CUDA kernels"
     torch.manual_seed(0)
     failures = cases = 0
@@ -34,8 +35,9 @@ def main(backends=("native", "gemm_epilogue")) -> int:
             failures += 1
             print(f"MISMATCH {what} {sample.name} {dtype}: {error}")
 
+    grid_backends = [b for b in backends if b != "cutlass"]
     for backend, dtype, bias, residual, (widths, relu), rows, layout in itertools.product(
-            backends, (torch.float32, torch.bfloat16, torch.float64),
+            grid_backends, (torch.float32, torch.bfloat16, torch.float64),
             (True, False), (None, "relu_add", "add_relu"),
             (([13], True), ([5, 8], False), ([1, 7, 9], True), ([24], True)), (0, 3, 130),
             ("contiguous", "transposed")):
@@ -60,6 +62,16 @@ def main(backends=("native", "gemm_epilogue")) -> int:
                 sample.call(fusedskip, *sample.tensors()).sum().backward()
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = False
+    if "cutlass" in backends and fusedskip.cutlass_built() and \
+            torch.cuda.get_device_capability() == (9, 0):
+        # The CUTLASS GEMM with its epilogue (sm_90 only): each form, partial tiles in M and N.
+        with fusedskip.use_backend("cutlass"):
+            for dtype, bias, residual, (rows, k, cols) in itertools.product(
+                    (torch.bfloat16, torch.float16), (True, False),
+                    (None, "relu_add", "add_relu"), ((1, 64, 128), (130, 264, 384))):
+                sample = make_sample([k], cols, (rows,), bias=bias, residual=residual,
+                                     dtype=dtype, device="cuda")
+                run(sample, dtype, "cutlass")
     torch.cuda.synchronize()
     print(f"cuda_smoke: {cases} cases, {failures} mismatches")
     return 1 if failures else 0
@@ -68,4 +80,4 @@ def main(backends=("native", "gemm_epilogue")) -> int:
 if __name__ == "__main__":
     # Optional arguments pick the backends (racecheck needs only the native kernel's shared
     # memory; cuBLAS's own kernels are not ours to check).
-    sys.exit(main(tuple(sys.argv[1:]) or ("native", "gemm_epilogue")))
+    sys.exit(main(tuple(sys.argv[1:]) or ("native", "gemm_epilogue", "cutlass")))

@@ -66,6 +66,15 @@ def test_every_form_every_backend(backend, dtype):
             check_against_reference(sample, dtype)
 
 
+def test_cutlass_backend_on_cpu_tensors_is_gemm_epilogue():
+    """`cutlass` is a CUDA kernel: CPU tensors take the library path, every form still right."""
+    before = fusedskip._ops._C._fused_gemm_launches()
+    with fusedskip.use_backend("cutlass"):
+        for sample in sample_grid(dtype=torch.float32):
+            check_against_reference(sample, torch.float32)
+    assert fusedskip._ops._C._fused_gemm_launches() == before
+
+
 GRADCHECK = sample_grid(small=True)
 
 

@@ -23,6 +23,13 @@ def test_cuda_kernels_were_compiled():
     assert fusedskip._ops.HAS_CUDA_KERNELS
 
 
+@pytest.mark.skipif(os.environ.get("FUSEDSKIP_EXPECT_CUTLASS") != "1",
+                    reason="set FUSEDSKIP_EXPECT_CUTLASS=1 where CUTLASS's headers are installed")
+def test_cutlass_gemm_was_compiled():
+    """CI installs nvidia-cutlass (make setup): the sm_90a GEMM must then be in the build."""
+    assert fusedskip.cutlass_built()
+
+
 def test_cuda_available_needs_a_gpu():
     assert fusedskip.cuda_available() == (fusedskip._ops.HAS_CUDA_KERNELS
                                           and torch.cuda.is_available())

@@ -241,3 +241,84 @@ def test_output_over_two_to_the_31_elements():
     for part in (slice(0, 1000), slice(rows - 1000, rows)):
         ref = torch.relu(x[part].double() @ w.double().T)
         assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
+
+
+# The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM (csrc/cuda/fused_gemm_sm90.cu).
+# Its kernel runs only on an sm_90 GPU and only where the build found CUTLASS; each test checks
+# through the launch counter that it did run (or, for the shapes it leaves to cuBLAS, that it did
+# not), so a silent fall-back cannot pass for it.
+def cutlass_gpu() -> bool:
+    return CUDA and fusedskip.cutlass_built() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_cutlass_gpu = pytest.mark.skipif(not cutlass_gpu(),
+                                       reason="needs the CUTLASS build and an sm_90 GPU")
+
+
+def cutlass_launches() -> int:
+    return fusedskip._ops._C._fused_gemm_launches()
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("residual", (None, "relu_add", "add_relu"))
+def test_cutlass_every_relu_form(dtype, residual):
+    # Edges of its 128x256x64 tiles in every dimension; bias and none; a concat (one GEMM over
+    # the cat); leading batch dims.
+    cases = (([8], 128, (1,), True), ([264], 384, (1000,), True), ([1024], 256, (4097,), False),
+             ([64], 640, (3, 43), True), ([64, 200], 256, (300,), True))
+    with fusedskip.use_backend("cutlass"):
+        for widths, cols, leading, bias in cases:
+            if residual is not None and len(widths) > 1:
+                continue
+            before = cutlass_launches()
+            check(make_sample(widths, cols, leading, bias=bias, residual=residual, dtype=dtype,
+                              device="cuda"), dtype)
+            assert cutlass_launches() > before, f"{widths} -> {cols}: the CUTLASS GEMM did not run"
+
+
+@needs_cutlass_gpu
+def test_cutlass_leaves_other_shapes_to_cublas():
+    """Shapes TMA or the mask rows cannot take run the gemm_epilogue path, and are right."""
+    with fusedskip.use_backend("cutlass"):
+        for sample, dtype in (
+                (make_sample([64], 100, (50,), dtype=torch.bfloat16, device="cuda"),  # cols % 128
+                 torch.bfloat16),
+                (make_sample([63], 128, (50,), dtype=torch.bfloat16, device="cuda"),  # K % 8
+                 torch.bfloat16),
+                (make_sample([64], 128, (50,), layout="offset", residual="relu_add",
+                             dtype=torch.float16, device="cuda"), torch.float16),  # off 16 bytes
+                (make_sample([64], 128, (50,), dtype=torch.float32, device="cuda"),
+                 torch.float32),
+                (make_sample([64, 64], 128, (50,), relu=False, dtype=torch.bfloat16,
+                             device="cuda"), torch.bfloat16)):  # no ReLU: nothing to fuse
+            before = cutlass_launches()
+            check(sample, dtype)
+            assert cutlass_launches() == before, sample.name
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("order", ["relu_add", "add_relu"])
+def test_cutlass_nan_and_zero_preactivation_like_torch(order):
+    """CUTLASS's own ReLU maps NaN to 0 and lets gradient through where the pre-activation is
+    exactly 0; the op's clamp must not: NaN stays NaN, and a zero row gets no gradient."""
+    dtype = torch.bfloat16
+    x = torch.randn(256, 64, device="cuda", dtype=dtype)
+    w = torch.randn(128, 64, device="cuda", dtype=dtype)
+    r = torch.randn(256, 128, device="cuda", dtype=dtype)
+    x[3], r[3] = 0, 0         # pre-activation exactly 0 (no bias): no gradient through the ReLU
+    x[5, 7] = float("nan")    # a NaN row
+    for t in (x, w, r):
+        t.requires_grad_()
+    with fusedskip.use_backend("cutlass"):
+        before = cutlass_launches()
+        out = fusedskip.linear_relu_residual(x, w, None, r, order=order)
+        assert cutlass_launches() > before
+    ref = fusedskip.reference.linear_relu_residual(*[t.double() for t in (x, w)], None,
+                                                   r.double(), order=order)
+    assert torch.isnan(out[5]).all(), "relu(NaN) must stay NaN"
+    keep = torch.ones(256, dtype=torch.bool, device="cuda")
+    keep[5] = False
+    assert_close_rel(out[keep], ref[keep], dtype)
+    grad_x, = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(grad_x[3], torch.zeros_like(grad_x[3]))
