@@ -54,7 +54,8 @@ CPU_PROVIDERS = ("fused", "eager", "compile")
 GPU_PROVIDERS = ("fused", "eager", "compile", "compile-max-autotune", "cublaslt", "gemm")
 # The fused op with its backend forced (fusedskip.use_backend) instead of chosen per shape: the
 # measurements behind the choice (`--providers fused-native,fused-gemm_epilogue,gemm`).
-FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue")
+# fused-cutlass runs its sm_90 GEMM only where it applies (csrc/cuda/fused_gemm_sm90.cu).
+FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue", "fused-cutlass")
 KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
 

@@ -34,6 +34,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   nvcc --version | tail -n 2
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  $PY -c "import fusedskip; print('fusedskip cutlass backend built:', fusedskip.cutlass_built())" 2>&1
 } | tee "$OUT/environment.txt"
 
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -72,17 +73,22 @@ step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tes
 # 4. Quick benchmark: auto, each backend forced, GEMM alone, eager.
 step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
   --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
+# 5. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
+# bring the fused op within 10% of the GEMM alone.
+step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 \
+  --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
+  --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
 echo
 echo "| step | result |"
 echo "|---|---|"
-for name in build cuda_tests memcheck racecheck bench; do
+for name in build cuda_tests memcheck racecheck bench bench_large; do
   echo "| $name | ${STATUS[$name]:-not run} |"
 done | tee "$OUT/summary.md"
 grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -n 1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
 failed=0
-for name in build cuda_tests memcheck racecheck bench; do
+for name in build cuda_tests memcheck racecheck bench bench_large; do
   case "${STATUS[$name]:-rc=none}" in rc=0\ *) ;; *) failed=1 ;; esac
 done
 exit $failed
