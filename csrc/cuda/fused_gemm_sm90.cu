@@ -67,11 +67,13 @@ struct CutlassType<at::Half> { using type = cutlass::half_t; };
 template <>
 struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
-// One kernel per (dtype, residual position). 128x256x64 tiles, two consumer warpgroups, clusters
-// of 2 along M: the usual shape of a large bf16 GEMM on the H100.
+// One kernel per (dtype, residual position). 128x128x64 tiles, two consumer warpgroups, clusters
+// of 2 along M. 128x256 tiles spilled ~3 KB of registers per
+// thread with this epilogue (ptxas -v); 128x128 spills nothing
+// (benchmarks/results/ptxas-cutlass-sm90a-2026-11-26.txt).
 template <typename Element, Residual kWhere>
 struct FusedGemm {
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = Shape<_128, _128, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   static constexpr int kAlign = 16 / sizeof(Element);
