@@ -15,12 +15,12 @@ JOBS   ?= $(shell nproc)
 
 setup: $(DEPS)
 
+# nvidia-cutlass: CUTLASS's C++ headers, for the `cutlass` backend's sm_90a GEMM (its Python side
+# and that side's dependencies are not needed, hence --no-deps).
 $(DEPS): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt
-	# CUTLASS's C++ headers, for the `cutlass` backend's sm_90a GEMM (the package's Python side
-	# and its dependencies are not needed: --no-deps).
 	$(PIP) install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
 	touch $@
 
