@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU performance run: the standard sweep against the peers, torch.compile max-autotune on a
 # few sizes, then the tuning sweep behind csrc/backend.cpp's native-vs-cuBLAS threshold (each
-# backend forced, on a ladder of sizes). Each step has its own limit, 11.5 minutes in all: where
+# backend forced, on a ladder of sizes; with the `cutlass` backend where the build has it). Each
+# step has its own limit, about 12 minutes in all: where
 # one call may run 10, give SWEEPS one or two steps per call.
 # Rows, tables and plots under $OUT (else benchmarks/results/gpu-tune-<date>/); a compact table
 # of the tuning sweep last. Needs the extension built for this GPU (scripts/gpu_check.sh does).
@@ -41,10 +42,11 @@ if [[ " $SWEEPS " == *" tune "* ]]; then
   # Each backend forced on a ladder of sizes around the threshold in csrc/backend.cpp (2^28
   # multiply-adds, measured on an H200): where fused-native stops beating fused-gemm_epilogue.
   SIZES="65536x30x30,4096x256x256,16384x128x128,8192x256x256,2048x512x512,4096x512x512"
-  echo "=== tuning sweep: native vs gemm_epilogue"
-  timeout 150 $PY -m fusedskip.bench --dtype bfloat16 --mode forward,forward+backward \
+  # fused-cutlass (sm_90, out_features a multiple of 128) is where auto could go next.
+  echo "=== tuning sweep: native vs gemm_epilogue vs cutlass"
+  timeout 200 $PY -m fusedskip.bench --dtype bfloat16 --mode forward,forward+backward \
     --op relu_add,concat2 --sizes "$SIZES" \
-    --providers fused-native,fused-gemm_epilogue,gemm --out "$OUT/tune" \
+    --providers fused-native,fused-gemm_epilogue,fused-cutlass,gemm --out "$OUT/tune" \
     > "$OUT/tune.log" 2>&1 || status=1
   $PY - "$OUT/tune/rows.jsonl" <<'PYEOF'
 import collections, json, sys
@@ -53,13 +55,15 @@ times = collections.defaultdict(dict)
 for r in rows:
     if r.get("status") == "ok":
         times[(r["op"], r["mode"], r["M"], sum(r["K"]), r["N"])][r["provider"]] = r["p50_us"]
-print("| op | mode | M*K*N | native µs | gemm_epilogue µs | native / gemm_epilogue |")
-print("|---|---|---:|---:|---:|---:|")
+print("| op | mode | M*K*N | native µs | gemm_epilogue µs | cutlass µs | gemm µs | native / gemm_epilogue |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for (op, mode, m, k, n), t in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] * kv[0][3] * kv[0][4])):
     a, b = t.get("fused-native"), t.get("fused-gemm_epilogue")
+    c, g = t.get("fused-cutlass"), t.get("gemm")
     ratio = f"{a / b:.2f}" if a and b else "-"
     fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
-    print(f"| {op} | {mode} | {m}x{k}x{n} = {m * k * n:.2e} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    print(f"| {op} | {mode} | {m}x{k}x{n} = {m * k * n:.2e} | {fmt(a)} | {fmt(b)} | {fmt(c)} | "
+          f"{fmt(g)} | {ratio} |")
 PYEOF
 fi
 exit $status
