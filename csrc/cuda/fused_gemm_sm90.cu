@@ -4,29 +4,31 @@
 // that pass alone cost ~15% of the GEMM at 8192x4096x4096).
 //
 // The epilogue is a visitor tree evaluated on the accumulators in registers:
-//   relu_add   out = relu(acc + bias) + residual      mask = acc + bias > 0
-//   add_relu   out = relu(acc + bias + residual)      mask = acc + bias + residual > 0
-//   relu       out = relu(acc + bias)                 mask = acc + bias > 0
-// in float32, rounded once to the output dtype. The mask bits land in the op's own mask layout
-// (8 columns per byte, row-major, csrc/epilogue.h): CUTLASS's 1-bit aux store writes bit n of
-// row m at bit offset m * row_bits + n, least significant bit first, as mask_bit reads it.
+//   relu_add   out = relu(acc + bias) + residual      mask = relu_active(acc + bias)
+//   add_relu   out = relu(acc + bias + residual)      mask = relu_active(acc + bias + residual)
+//   relu       out = relu(acc + bias)                 mask = relu_active(acc + bias)
+// in float32, rounded once to the output dtype. The ReLU is CUTLASS's NaN-propagating clamp to
+// [0, inf] (its own ReLU maps NaN to 0), and the mask bit is csrc/epilogue.h's relu_active, the
+// test torch's backward makes, computed by ReluMaskStore below.
 //
-// The ReLU is a clamp to [smallest denormal, +inf]: CUTLASS's ReLU maps NaN to 0 and sets the
-// mask bit where the pre-activation is 0 (it tests relu(z) == z); torch keeps NaN and its
-// backward passes no gradient at 0. The clamp keeps NaN (it propagates NaN, and NaN == NaN is
-// false, so no mask bit), and for any z <= 0 it returns the smallest denormal, which differs from
-// z, so the bit is set exactly where z > 0. That denormal is 2^-149, below half of the smallest
-// bfloat16 / float16 denormal, so it rounds to 0 in the output; added to a residual r first, it
-// leaves r unchanged. (This needs denormals kept: no --use_fast_math / ftz in this build.)
+// Why a mask node of our own: CUTLASS's 1-bit aux store sets the bit where relu(z) == z (so at
+// z == 0 too, where torch passes no gradient) and, because each thread holds only 2 adjacent
+// columns of the accumulator tile, writes the bits one lane at a time with a byte
+// read-modify-write each. ReluMaskStore instead merges each thread's bits per 32-bit word of the
+// op's mask layout (8 columns per byte, row-major, least significant bit first) and ORs each
+// word into the mask, which is zeroed first, with one atomic per word.
 //
 // Where it applies (fused_gemm_forward_cuda says false otherwise, and the caller takes the
 // cuBLAS + element-wise path): an sm_90 GPU, float16 / bfloat16, ReLU, out_features a multiple of
-// 128 (whole 16-byte mask rows, and no mask byte shared by two tiles), in_features a multiple of
-// 8, every operand on 16-byte boundaries with unit column stride (what TMA needs).
+// 128 (mask rows of whole 32-bit words, tiles of whole words), in_features a multiple of 8,
+// every operand on 16-byte boundaries with unit column stride and rows that do not overlap (what
+// TMA needs).
 #ifdef FUSEDSKIP_WITH_CUTLASS
 // CuTe's device-side asserts are calls to __assert_fail: a call inside the mainloop makes ptxas
-// serialize the wgmma pipeline (warning C7510), so they are compiled out here.
-#ifndef NDEBUG
+// serialize the wgmma pipeline (warning C7510), so they are compiled out of the device passes.
+// The host pass keeps its asserts (a TMA descriptor CUTLASS fails to encode then stops loudly
+// instead of launching a kernel with a broken one).
+#if defined(__CUDA_ARCH__) && !defined(NDEBUG)
 #define NDEBUG
 #endif
 // CUTLASS's Blackwell collectives, included by its builders, capture `this` implicitly in
@@ -51,12 +53,15 @@
 #include <limits>
 
 #include "backend.h"
+#include "dispatch.h"
 #include "fused_linear.h"
 
 namespace fusedskip {
-namespace {
 
 #ifdef FUSEDSKIP_WITH_CUTLASS
+// A named namespace, not an anonymous one: the sm_80 pass compiles these templates into empty
+// kernels, and nvcc warns about internal-linkage members that nothing then calls.
+namespace sm90 {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
@@ -66,6 +71,124 @@ template <>
 struct CutlassType<at::Half> { using type = cutlass::half_t; };
 template <>
 struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+
+// An epilogue node that passes its input (the pre-activation) through and sets, for each element
+// where relu_active holds, bit n of row m at bit m * row_bits + n of the mask. Each thread merges
+// the bits it sets into the last few 32-bit words it touched (in the wgmma layout a thread holds 8
+// of a word's 32 columns) and ORs a word into global memory when it leaves that small cache, so
+// the mask costs a fraction of an atomic per element, whatever the register layout. Rows and
+// columns past the problem's edges set nothing.
+struct ReluMaskStore {
+  static constexpr int kSlots = 4;
+
+  struct SharedStorage {};
+  struct Arguments {
+    uint32_t* mask = nullptr;  // zeroed before the launch
+    int64_t row_bits = 0;      // bits per mask row (8 x its bytes)
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
+                                                  void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.mask != nullptr && args.row_bits % 32 == 0;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE ReluMaskStore() {}
+  CUTLASS_HOST_DEVICE ReluMaskStore(Params const& params, SharedStorage const&)
+      : params_ptr(&params) {}
+
+  Params const* params_ptr = nullptr;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
+    return fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CoordTensor, class ProblemShapeMNL>
+  struct ConsumerStoreCallbacks : fusion::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CoordTensor&& coords, ProblemShapeMNL shape,
+                                          Params const* params)
+        : coords(cute::forward<CoordTensor>(coords)), shape(shape), params(params) {}
+
+    CoordTensor coords;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) -> (m, n, l) of each register value
+    ProblemShapeMNL shape;
+    Params const* params;
+    uint32_t* words[kSlots] = {};
+    uint32_t bits[kSlots] = {};
+
+    CUTLASS_DEVICE void flush(int slot) {
+      if (bits[slot] != 0) atomicOr(words[slot], bits[slot]);
+    }
+
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
+        cutlass::Array<ElementInput, FragmentSize> const& preact) {
+      Tensor coords_mn = coords(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) {
+        const auto c = coords_mn(epi_v * FragmentSize + i);
+        if (!elem_less(c, shape) || !relu_active(preact[i])) continue;
+        const int64_t bit = static_cast<int64_t>(get<0>(c)) * params->row_bits + get<1>(c);
+        uint32_t* const word = params->mask + bit / 32;
+        const uint32_t one = 1u << (bit % 32);
+        bool merged = false;
+        CUTLASS_PRAGMA_UNROLL
+        for (int slot = 0; slot < kSlots; ++slot) {
+          if (!merged && words[slot] == word) {
+            bits[slot] |= one;
+            merged = true;
+          }
+        }
+        if (!merged) {  // the oldest word leaves the cache
+          flush(kSlots - 1);
+          CUTLASS_PRAGMA_UNROLL
+          for (int slot = kSlots - 1; slot > 0; --slot) {
+            words[slot] = words[slot - 1];
+            bits[slot] = bits[slot - 1];
+          }
+          words[0] = word;
+          bits[0] = one;
+        }
+      }
+      return preact;
+    }
+
+    CUTLASS_DEVICE void end() {
+      CUTLASS_PRAGMA_UNROLL
+      for (int slot = 0; slot < kSlots; ++slot) flush(slot);
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto shape = make_shape(M, N, L);
+    Tensor coords = fusion::sm90_partition_for_epilogue<ReferenceSrc>(
+        make_identity_tensor(shape), args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile,
+        args.tiled_copy, args.thread_idx);
+    return ConsumerStoreCallbacks<decltype(coords), decltype(shape)>(cute::move(coords), shape,
+                                                                    params_ptr);
+  }
+};
 
 // One kernel per (dtype, residual position). 128x128x64 tiles, two consumer warpgroups, clusters
 // of 2 along M. 128x256 tiles spilled ~3 KB of registers per
@@ -87,14 +210,10 @@ struct FusedGemm {
   template <class... Children>
   using Add = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
                               Children...>;
-  // Only the 1-bit form of CUTLASS's aux store is used (its ReLU specialisation writes the bits
-  // from registers); the staging parameters of the general store do not apply.
-  using MaskStore = fusion::Sm90AuxStore<0, void, cutlass::uint1b_t, kRound, RowMajorStride, void,
-                                         void, 128>;
   template <class Preact, class Out>
   using ReluWithMask = fusion::Sm90EVT<
       fusion::Sm90Compute<cutlass::epilogue::thread::Clamp, Out, float, kRound>,
-      fusion::Sm90EVT<MaskStore, Preact>>;
+      fusion::Sm90EVT<ReluMaskStore, Preact>>;
 
   using Preact = std::conditional_t<kWhere == Residual::kBeforeRelu,
                                     Add<Add<Acc, Bias>, Residual_>, Add<Acc, Bias>>;
@@ -121,18 +240,18 @@ struct FusedGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   // Arguments of the tree, nested as the tree is: {children..., node's own}.
-  static typename Tree::Arguments tree_arguments(const Element* bias, cutlass::uint1b_t* mask,
+  static typename Tree::Arguments tree_arguments(const Element* bias, uint32_t* mask,
                                                  int64_t mask_row_bits) {
     const typename Bias::Arguments bias_args{bias, Element(0), {}};
-    const typename cutlass::epilogue::thread::Clamp<float>::Arguments clamp{
-        std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::infinity()};
-    const RowMajorStride mask_stride{mask_row_bits, _1{}, 0};
+    const typename cutlass::epilogue::thread::Clamp<float>::Arguments relu{
+        0.0f, std::numeric_limits<float>::infinity()};
+    const ReluMaskStore::Arguments mask_args{mask, mask_row_bits};
     if constexpr (kWhere == Residual::kBeforeRelu) {
-      return {{{{{}, bias_args, {}}, {}, {}}, {mask, mask_stride}}, clamp};
+      return {{{{{}, bias_args, {}}, {}, {}}, mask_args}, relu};
     } else if constexpr (kWhere == Residual::kAfterRelu) {
-      return {{{{{}, bias_args, {}}, {mask, mask_stride}}, clamp}, {}, {}};
+      return {{{{{}, bias_args, {}}, mask_args}, relu}, {}, {}};
     } else {
-      return {{{{}, bias_args, {}}, {mask, mask_stride}}, clamp};
+      return {{{{}, bias_args, {}}, mask_args}, relu};
     }
   }
 
@@ -156,7 +275,7 @@ struct FusedGemm {
         cutlass::gemm::GemmUniversalMode::kGemm,
         {rows, cols, depth, 1},
         {ptr(x), stride_x, ptr(weight), stride_w},
-        {tree_arguments(ptr(bias), reinterpret_cast<cutlass::uint1b_t*>(mask.data_ptr()),
+        {tree_arguments(ptr(bias), reinterpret_cast<uint32_t*>(mask.data_ptr()),
                         mask.stride(0) * 8),
          ptr(residual), stride_r, ptr(out), stride_out},
         hw};
@@ -165,6 +284,7 @@ struct FusedGemm {
     const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
                                            x.options().dtype(at::kByte));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    mask.zero_();  // ReluMaskStore ORs the set bits in
     TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS GEMM could not be set up");
     TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
@@ -174,12 +294,18 @@ struct FusedGemm {
     return true;
   }
 };
+}  // namespace sm90
 #endif  // FUSEDSKIP_WITH_CUTLASS
 
+namespace {
+
+// What TMA needs of an operand: a 16-byte aligned start, unit column stride, rows a whole number
+// of 16-byte words apart and not overlapping (an expanded tensor's zero row stride is refused).
 bool on_words(const at::Tensor& t) {
   const int64_t item = static_cast<int64_t>(t.element_size());
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(-1) == 1 &&
-         (t.dim() < 2 || t.stride(0) * item % 16 == 0);
+         (t.dim() < 2 || (t.stride(0) * item % 16 == 0 &&
+                          (t.size(0) == 1 || t.stride(0) >= t.size(1))));
 }
 
 }  // namespace
@@ -207,19 +333,10 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   }
   bool ran = false;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "fused_gemm_sm90", [&] {
-    using Element = typename CutlassType<scalar_t>::type;
-    switch (where) {
-      case Residual::kNone:
-        ran = FusedGemm<Element, Residual::kNone>::run(x, weight, bias_t, residual, out, mask);
-        break;
-      case Residual::kAfterRelu:
-        ran = FusedGemm<Element, Residual::kAfterRelu>::run(x, weight, bias_t, residual, out, mask);
-        break;
-      case Residual::kBeforeRelu:
-        ran = FusedGemm<Element, Residual::kBeforeRelu>::run(x, weight, bias_t, residual, out,
-                                                              mask);
-        break;
-    }
+    using Element = typename sm90::CutlassType<scalar_t>::type;
+    FS_RESIDUAL_SWITCH(where, kWhere, [&] {
+      ran = sm90::FusedGemm<Element, kWhere>::run(x, weight, bias_t, residual, out, mask);
+    });
   });
   return ran;
 #else
