@@ -45,6 +45,8 @@ fi
 # 1. Build for the local GPU only (FUSEDSKIP_CUDA_ARCHS=native), registers/spills logged.
 # FUSEDSKIP_PREBUILT=1 uses an extension already built for this python/torch/GPU (e.g. made on
 # another machine with the same versions and carried along) and only checks that it loads.
+# Where this machine has no network, the `cutlass` backend comes only that way: build it where
+# `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an H100/H200).
 if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
   step build 60 $PY -c "import fusedskip, sys; print('prebuilt', fusedskip._C.__file__); \
 sys.exit(0 if fusedskip.cuda_available() else 1)"
