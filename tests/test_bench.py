@@ -67,6 +67,18 @@ def test_quick_run_on_cpu(tmp_path):
     assert (out / "speedup.png").stat().st_size > 0
 
 
+def test_cutlass_row_says_when_its_kernel_does_not_apply(tmp_path):
+    """fused-cutlass on a CPU (or a shape its kernel leaves to cuBLAS) is not timed under its name."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused-cutlass,eager",
+                       "--op", "relu_add", "--mode", "forward", "--sizes", "64x16x128",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    cutlass = [r for r in rows if r["provider"] == "fused-cutlass"]
+    assert len(cutlass) == 1 and cutlass[0]["status"].startswith("n/a") and "p50_us" not in cutlass[0]
+    assert [r["status"] for r in rows if r["provider"] == "eager"] == ["ok"]
+
+
 def test_mismatch_is_reported_not_timed(tmp_path, monkeypatch):
     """A provider that returns a wrong answer gets a 'mismatch' row without timings."""
     real = bench.fused_fn
