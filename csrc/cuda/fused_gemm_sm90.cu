@@ -79,7 +79,9 @@ struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 // the mask costs a fraction of an atomic per element, whatever the register layout. Rows and
 // columns past the problem's edges set nothing.
 struct ReluMaskStore {
-  static constexpr int kSlots = 4;
+  // Any number of slots gives the same bits. Two suffice for the layout this kernel gets (each
+  // visit hands a thread 16 values from 2 rows of one 32-column epilogue subtile).
+  static constexpr int kSlots = 2;
 
   struct SharedStorage {};
   struct Arguments {
@@ -94,8 +96,9 @@ struct ReluMaskStore {
     return args;
   }
   template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.mask != nullptr && args.row_bits % 32 == 0;
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    return args.mask != nullptr && args.row_bits % 32 == 0 &&
+           args.row_bits >= static_cast<int64_t>(get<1>(problem_shape));
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -147,9 +150,9 @@ struct ReluMaskStore {
       for (int i = 0; i < FragmentSize; ++i) {
         const auto c = coords_mn(epi_v * FragmentSize + i);
         if (!elem_less(c, shape) || !relu_active(preact[i])) continue;
-        const int64_t bit = static_cast<int64_t>(get<0>(c)) * params->row_bits + get<1>(c);
-        uint32_t* const word = params->mask + bit / 32;
-        const uint32_t one = 1u << (bit % 32);
+        const uint64_t bit = static_cast<uint64_t>(get<0>(c)) * params->row_bits + get<1>(c);
+        uint32_t* const word = params->mask + (bit >> 5);
+        const uint32_t one = 1u << (bit & 31);
         bool merged = false;
         CUTLASS_PRAGMA_UNROLL
         for (int slot = 0; slot < kSlots; ++slot) {
@@ -318,8 +321,9 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (!mask.defined() || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
   const int64_t rows = x.size(0), cols = weight.size(0), depth = x.size(1);
   const int64_t int_max = std::numeric_limits<int>::max();
-  if (rows == 0 || rows > int_max || cols % 128 != 0 || cols > int_max || depth % 8 != 0 ||
-      depth == 0 || depth > int_max) {
+  // CUTLASS's tile coordinates are ints: keep the last tile's rows from wrapping.
+  if (rows == 0 || rows > int_max - 128 || cols % 128 != 0 || cols > int_max - 128 ||
+      depth == 0 || depth % 8 != 0 || depth > int_max) {
     return false;
   }
   const c10::cuda::CUDAGuard device_guard(weight.device());
