@@ -12,7 +12,6 @@
 
 #include "backend.h"
 
-#include <cstdint>
 #include <ostream>
 #include <string>
 
@@ -234,14 +233,11 @@ constexpr int64_t kMinGemmBlockWidth = 64;
 
 bool gemm_blocks_in_place(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight) {
   const int64_t item = static_cast<int64_t>(weight.element_size());
-  const auto words = [item](int64_t elements) { return elements * item % 16 == 0; };
-  const auto word_aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
-  if (weight.stride(1) != 1 || !words(weight.stride(0)) || !word_aligned(weight)) return false;
+  if (!on_16_byte_words(weight)) return false;
   for (const at::Tensor& x : inputs_2d) {
-    if (x.size(1) < kMinGemmBlockWidth || !words(x.size(1))) return false;
-    if (x.stride(1) != 1 || !words(x.stride(0)) || !word_aligned(x)) return false;
+    // The width sets where each weight block starts and its gradient's row length.
+    if (x.size(1) < kMinGemmBlockWidth || x.size(1) * item % 16 != 0) return false;
+    if (!on_16_byte_words(x)) return false;
   }
   return true;
 }

@@ -10,6 +10,7 @@
 //   autograd                   csrc/autograd.cpp
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -33,6 +34,15 @@ struct Geometry {
   c10::SmallVector<int64_t, kMaxInputs> widths;  // last dim of each input
   c10::SmallVector<int64_t, 6> out_shape;        // leading dims + (out_features,)
 };
+
+// An operand the GEMM libraries' fast paths (cuBLAS's aligned kernels, TMA) take as it is: it
+// starts on a 16-byte boundary, has unit stride in its last dim, and (2-D) its rows are a whole
+// number of 16-byte words apart.
+inline bool on_16_byte_words(const at::Tensor& t) {
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(-1) == 1 &&
+         (t.dim() < 2 || t.stride(0) * item % 16 == 0);
+}
 
 // Raises ValueError / TypeError / RuntimeError naming the offending argument.
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,

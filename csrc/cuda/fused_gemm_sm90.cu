@@ -194,16 +194,14 @@ struct ReluMaskStore {
 };
 
 // One kernel per (dtype, residual position). 128x128x64 tiles, two consumer warpgroups, clusters
-// of 2 along M. 128x256 tiles spilled ~3 KB of registers per
-// thread with this epilogue (ptxas -v); 128x128 spills nothing
-// (benchmarks/results/ptxas-cutlass-sm90a-2026-11-26.txt).
+// of 2 along M. 128x256 tiles spilled ~3 KB of registers per thread with this epilogue (ptxas -v);
+// 128x128 spills nothing (benchmarks/results/ptxas-cutlass-sm90a-2026-11-26.txt).
 template <typename Element, Residual kWhere>
 struct FusedGemm {
   using TileShape = Shape<_128, _128, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   static constexpr int kAlign = 16 / sizeof(Element);
-  using RowMajorStride = Stride<int64_t, _1, int64_t>;
 
   // Leaves and nodes of the visitor tree.
   using Acc = fusion::Sm90AccFetch;
@@ -302,13 +300,11 @@ struct FusedGemm {
 
 namespace {
 
-// What TMA needs of an operand: a 16-byte aligned start, unit column stride, rows a whole number
-// of 16-byte words apart and not overlapping (an expanded tensor's zero row stride is refused).
+// What TMA needs of an operand: on 16-byte words, and (2-D) rows that do not overlap (an
+// expanded tensor's zero row stride is refused).
 bool on_words(const at::Tensor& t) {
-  const int64_t item = static_cast<int64_t>(t.element_size());
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(-1) == 1 &&
-         (t.dim() < 2 || (t.stride(0) * item % 16 == 0 &&
-                          (t.size(0) == 1 || t.stride(0) >= t.size(1))));
+  return on_16_byte_words(t) &&
+         (t.dim() < 2 || t.size(0) == 1 || t.stride(0) >= t.size(1));
 }
 
 }  // namespace
@@ -331,8 +327,8 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (device->major != 9 || device->minor != 0) return false;  // sm_90a code runs on sm_90 only
   const at::Tensor bias_t = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   if (!on_words(x) || !on_words(weight) || !on_words(out) || !mask.is_contiguous() ||
-      mask.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(mask.data_ptr()) % 16 != 0 ||
-      (bias_t.defined() && !on_words(bias_t)) || (residual.defined() && !on_words(residual))) {
+      !on_16_byte_words(mask) || (bias_t.defined() && !on_words(bias_t)) ||
+      (residual.defined() && !on_words(residual))) {
     return false;
   }
   bool ran = false;
