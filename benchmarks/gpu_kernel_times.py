@@ -1,0 +1,126 @@
+"""Where a call's time goes on the GPU: for each provider, the device time of every kernel it
+launches (torch.profiler), the time per call when calls queue back to back (what a training step
+sees), and the host time per call. Separates a slow kernel from a slow launch path, which the
+benchmark's per-call timing (fusedskip.bench) cannot.
+
+    python benchmarks/gpu_kernel_times.py --op relu_add --sizes 8192x4096x4096 \
+        --providers fused-cutlass,fused-gemm_epilogue,gemm [--dtype bfloat16] [--out DIR]
+
+Prints a table; with --out also writes kernel-times-<date>.md there with versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import time
+
+import torch
+
+import fusedskip
+from fusedskip.bench import (FORCED_PROVIDERS, OPS, Case, environment, parse_sizes,
+                             provider_fn, step_fn)
+
+
+def short(name: str, width: int = 70) -> str:
+    """Kernel names from templates run to kilobytes: keep the head, which says what it is."""
+    name = name.replace("void ", "")
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def measure(case: Case, provider: str, mode: str, calls: int):
+    fn = provider_fn(provider, case.op)
+    if fn is None:
+        return None
+    forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
+    with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
+        args = case.make_inputs(requires_grad=mode != "no_grad")
+        grad = None
+        if mode == "forward+backward":
+            with torch.no_grad():
+                grad = torch.randn_like(fn(*args))
+        run = step_fn(fn, mode, args, grad)
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        host_us = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        queued_us = (time.perf_counter() - start) / calls * 1e6
+
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(calls):
+                run()
+            torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:  # older torch
+            device_us = event.self_cuda_time_total
+        if device_us > 0:
+            kernels.append((short(event.key), event.count / calls, device_us / calls))
+    kernels.sort(key=lambda k: -k[2])
+    return host_us, queued_us, kernels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", default="relu_add", choices=list(OPS))
+    parser.add_argument("--sizes", default="8192x4096x4096", help="MxKxN[,MxKxN...]")
+    parser.add_argument("--providers", default="fused-cutlass,fused-gemm_epilogue,gemm")
+    parser.add_argument("--mode", default="forward",
+                        choices=["no_grad", "forward", "forward+backward"])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--once", action="store_true",
+                        help="only one call per provider and size, no timing: for running under "
+                             "ncu (whose counters and torch.profiler's cannot be read together)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_kernel_times: needs a CUDA GPU")
+    if args.once:
+        for m, k, n in parse_sizes(args.sizes):
+            case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
+            for provider in args.providers.split(","):
+                forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
+                with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
+                    fn = provider_fn(provider, case.op)
+                    fn(*case.make_inputs(requires_grad=args.mode != "no_grad"))
+        torch.cuda.synchronize()
+        return 0
+
+    lines = []
+    for m, k, n in parse_sizes(args.sizes):
+        case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
+        for provider in args.providers.split(","):
+            result = measure(case, provider, args.mode, args.calls)
+            if result is None:
+                continue
+            host_us, queued_us, kernels = result
+            total = sum(k[2] for k in kernels)
+            lines.append(f"\n### {args.op} {args.mode} {args.dtype} {m}x{k}x{n}: {provider}\n")
+            lines.append(f"host {host_us:.1f} µs/call, queued {queued_us:.1f} µs/call, "
+                         f"kernels {total:.1f} µs/call\n")
+            lines.append("| kernel | launches/call | µs/call |\n|---|---:|---:|")
+            lines += [f"| `{name}` | {count:.0f} | {us:.1f} |" for name, count, us in kernels]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        env = environment("cuda")
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"kernel-times-{datetime.date.today()}.md")
+        with open(path, "a") as f:
+            f.write(f"# Kernel times\n\n{env}\n{text}\n")
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
