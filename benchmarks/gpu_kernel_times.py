@@ -7,6 +7,8 @@ benchmark's per-call timing (fusedskip.bench) cannot.
         --providers fused-cutlass,fused-gemm_epilogue,gemm [--dtype bfloat16] [--out DIR]
 
 Prints a table; with --out also writes kernel-times-<date>.md there with versions and commit.
+Under ncu, with --once: `ncu -k regex:"device_kernel|nvjet" ...` (every CUTLASS kernel is a
+`cutlass::device_kernel`, and ncu matches the bare function name).
 """
 
 from __future__ import annotations
