@@ -12,6 +12,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # A build that silently fell back to CPU-only would skip every CUDA test: make that a failure.
 export FUSEDSKIP_EXPECT_CUDA_BUILD=1
+OUT_GIVEN="${OUT:+1}"
 OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y-%m-%d)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -81,16 +82,26 @@ step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 
   --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
   --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
+# 6. Device time per kernel (no host time) for the large relu_add layer, each path.
+step kernel_times 90 $PY benchmarks/gpu_kernel_times.py --op relu_add \
+  --sizes 4096x1024x1024,8192x4096x4096 --out "$OUT" \
+  --providers fused,fused-cutlass,fused-gemm_epilogue,gemm
+
 echo
 echo "| step | result |"
 echo "|---|---|"
-for name in build cuda_tests memcheck racecheck bench bench_large; do
+for name in build cuda_tests memcheck racecheck bench bench_large kernel_times; do
   echo "| $name | ${STATUS[$name]:-not run} |"
 done | tee "$OUT/summary.md"
 grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -n 1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
+# Given an $OUT (a device runner's), everything also goes into one file beside it, for a runner
+# that brings back only a few files.
+if [[ -n "$OUT_GIVEN" ]]; then
+  tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all of it: $OUT.tgz"
+fi
 failed=0
-for name in build cuda_tests memcheck racecheck bench bench_large; do
+for name in build cuda_tests memcheck racecheck bench bench_large kernel_times; do
   case "${STATUS[$name]:-rc=none}" in rc=0\ *) ;; *) failed=1 ;; esac
 done
 exit $failed
