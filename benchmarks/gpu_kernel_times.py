@@ -14,16 +14,14 @@ Under ncu, with --once: `ncu -k regex:"device_kernel|nvjet" ...` (every CUTLASS 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import time
 
 import torch
 
-import fusedskip
-from fusedskip.bench import (FORCED_PROVIDERS, OPS, Case, environment, parse_sizes,
-                             provider_fn, step_fn)
+from fusedskip.bench import (OPS, Case, environment, parse_sizes, provider_backend, provider_fn,
+                             step_fn)
 
 
 def short(name: str, width: int = 70) -> str:
@@ -36,8 +34,7 @@ def measure(case: Case, provider: str, mode: str, calls: int):
     fn = provider_fn(provider, case.op)
     if fn is None:
         return None
-    forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
-    with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
+    with provider_backend(provider):
         args = case.make_inputs(requires_grad=mode != "no_grad")
         grad = None
         if mode == "forward+backward":
@@ -91,10 +88,9 @@ def main() -> int:
         for m, k, n in parse_sizes(args.sizes):
             case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
             for provider in args.providers.split(","):
-                forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
-                with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
-                    fn = provider_fn(provider, case.op)
-                    fn(*case.make_inputs(requires_grad=args.mode != "no_grad"))
+                with provider_backend(provider):
+                    provider_fn(provider, case.op)(
+                        *case.make_inputs(requires_grad=args.mode != "no_grad"))
         torch.cuda.synchronize()
         return 0
 

@@ -59,6 +59,13 @@ FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue", "fused-cutlass")
 KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
 
+def provider_backend(provider: str):
+    """The context a provider's calls run in: its backend forced, or left to `auto`."""
+    if provider in FORCED_PROVIDERS:
+        return fusedskip.use_backend(provider.split("-", 1)[1])
+    return contextlib.nullcontext()
+
+
 def cutlass_launches() -> int:
     """How many times the `cutlass` backend's GEMM has run (0 without the extension)."""
     return fusedskip._ops._C._fused_gemm_launches() if fusedskip.extension_loaded() else 0
@@ -433,8 +440,7 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                                         residual=order is not None)}
             if fn is None or (provider == "gemm" and mode != "forward"):
                 continue  # not a meaningful comparison for this op / mode
-            forced = provider.split("-", 1)[1] if provider in FORCED_PROVIDERS else None
-            with fusedskip.use_backend(forced) if forced else contextlib.nullcontext():
+            with provider_backend(provider):
                 launches = cutlass_launches()
                 try:
                     err = check(case, provider, fn)
