@@ -43,4 +43,9 @@ bool fused_gemm_built();
 int64_t fused_gemm_launches();
 void count_fused_gemm_launch();
 
+// Empty where the CUTLASS GEMM's mask store meets the register layout it assumes, checked on the
+// host for every instantiated kernel (csrc/cuda/fused_gemm_sm90.cu); else what is wrong. Only in
+// CUDA builds.
+std::string fused_gemm_mask_layout_error();
+
 }  // namespace fusedskip

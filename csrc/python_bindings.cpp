@@ -89,11 +89,22 @@ PyObject* fused_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(fused_gemm_launches());
 }
 
+PyObject* fused_gemm_mask_layout_error_py(PyObject* /*module*/, PyObject* /*unused*/) {
+#ifdef FUSEDSKIP_WITH_CUDA
+  const std::string error = fused_gemm_mask_layout_error();
+#else
+  const std::string error = "the CUTLASS GEMM is not in this build";
+#endif
+  return PyUnicode_FromStringAndSize(error.data(), static_cast<Py_ssize_t>(error.size()));
+}
+
 PyMethodDef methods[] = {
     {"_fused_gemm_built", fused_gemm_built_py, METH_NOARGS,
      "Whether the `cutlass` backend's sm_90a GEMM was compiled in."},
     {"_fused_gemm_launches", fused_gemm_launches_py, METH_NOARGS,
      "How many times the `cutlass` backend's GEMM has run in this process."},
+    {"_fused_gemm_mask_layout_error", fused_gemm_mask_layout_error_py, METH_NOARGS,
+     "Empty where the CUTLASS GEMM's mask store meets the register layout it assumes."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},
     {"_get_backend", get_backend_py, METH_NOARGS, "The op's current backend."},
     {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear_py)),

@@ -30,6 +30,15 @@ def test_cutlass_gemm_was_compiled():
     assert fusedskip.cutlass_built()
 
 
+@pytest.mark.skipif(not fusedskip.cutlass_built(), reason="the CUTLASS GEMM is not in this build")
+def test_cutlass_mask_store_matches_the_register_layout():
+    """The CUTLASS GEMM's mask store builds each 32-bit mask word from a warp's ballots, assuming
+    where each register value of the epilogue sits (csrc/cuda/fused_gemm_sm90.cu). The check runs
+    on the host, over the partition the kernel makes, for every instantiated kernel: no GPU
+    needed."""
+    assert fusedskip._ops._C._fused_gemm_mask_layout_error() == ""
+
+
 def test_cuda_available_needs_a_gpu():
     assert fusedskip.cuda_available() == (fusedskip._ops.HAS_CUDA_KERNELS
                                           and torch.cuda.is_available())

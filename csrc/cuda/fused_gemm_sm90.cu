@@ -14,9 +14,9 @@
 // Why a mask node of our own: CUTLASS's 1-bit aux store sets the bit where relu(z) == z (so at
 // z == 0 too, where torch passes no gradient) and, because each thread holds only 2 adjacent
 // columns of the accumulator tile, writes the bits one lane at a time with a byte
-// read-modify-write each. ReluMaskStore instead merges each thread's bits per 32-bit word of the
-// op's mask layout (8 columns per byte, row-major, least significant bit first) and ORs each
-// word into the mask, which is zeroed first, with one atomic per word.
+// read-modify-write each. ReluMaskStore instead gathers a warp's bits with one ballot per
+// register value and stores each 32-bit word of the op's mask layout (8 columns per byte,
+// row-major, least significant bit first) once, with a plain store.
 //
 // Where it applies (fused_gemm_forward_cuda says false otherwise, and the caller takes the
 // cuBLAS + element-wise path): an sm_90 GPU, float16 / bfloat16, ReLU, out_features a multiple of
@@ -51,6 +51,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "backend.h"
 #include "dispatch.h"
@@ -72,21 +74,51 @@ struct CutlassType<at::Half> { using type = cutlass::half_t; };
 template <>
 struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
-// An epilogue node that passes its input (the pre-activation) through and sets, for each element
-// where relu_active holds, bit n of row m at bit m * row_bits + n of the mask. Each thread merges
-// the bits it sets into the last few 32-bit words it touched (in the wgmma layout a thread holds 8
-// of a word's 32 columns) and ORs a word into global memory when it leaves that small cache, so
-// the mask costs a fraction of an atomic per element, whatever the register layout. Rows and
-// columns past the problem's edges set nothing.
-struct ReluMaskStore {
-  // Any number of slots gives the same bits. Two suffice for the layout this kernel gets (each
-  // visit hands a thread 16 values from 2 rows of one 32-column epilogue subtile).
-  static constexpr int kSlots = 2;
+// The mask bits of one warp's share of an epilogue subtile, from its ballots. In the wgmma
+// accumulator layout, as the epilogue hands it to a visitor (FragmentSize 16: one call per
+// 128x32 subtile), warp w holds rows 16w..16w+15 of the subtile and lane l holds, for each of its
+// 16 values k, the element at
+//   row  l / 4 + 8 * bit1(k)
+//   col  2 * (l % 4) + bit0(k) + 8 * (k / 4)
+// so value k's ballot over the warp is 32 bits of 8 rows x 4 even-or-odd columns, lane l's bit
+// at 4 * (l / 4) + l % 4. Lane t < 16 builds the 32-bit mask word (the subtile's 32 columns, bit
+// n = column n) of the warp's row t % 8 + 8 * (t / 8): from each of the 8 ballots of its row half,
+// the nibble of its row, its bits spread to every other column. fused_gemm_mask_layout_error()
+// checks this layout on the host for every instantiated kernel (tests/test_build.py).
+constexpr int kMaskValuesPerSubtile = 16;
+constexpr int kMaskWordLanes = 16;
 
+CUTLASS_HOST_DEVICE uint32_t mask_word_from_ballots(const uint32_t (&ballot)[kMaskValuesPerSubtile],
+                                                    int lane) {
+  const int half = lane / 8, quad_row = lane % 8;
+  uint32_t word = 0;
+  CUTLASS_PRAGMA_UNROLL
+  for (int group = 0; group < 4; ++group) {  // 8-column groups: bits 2-3 of the value index
+    CUTLASS_PRAGMA_UNROLL
+    for (int odd = 0; odd < 2; ++odd) {  // even or odd column: bit 0
+      // Both halves' ballots by constant index, then a select: a runtime index would put the
+      // ballots in local memory.
+      const uint32_t both[2] = {ballot[odd | group << 2], ballot[odd | 2 | group << 2]};
+      uint32_t bits = ((half ? both[1] : both[0]) >> (4 * quad_row)) & 0xfu;
+      bits = (bits | bits << 2) & 0x33u;  // bit c to bit 2c
+      bits = (bits | bits << 1) & 0x55u;
+      word |= bits << (8 * group + odd);
+    }
+  }
+  return word;
+}
+
+// An epilogue node that passes its input (the pre-activation) through and writes the mask:
+// bit n of row m is at bit m * row_bits + n, set where relu_active holds. Per subtile, one
+// ballot per value and one plain 32-bit store per row: every word of the mask is written once,
+// by the warp that holds its row and columns (out_features is a multiple of 128, so tiles hold
+// whole words), with no atomics and nothing to zero first. Rows past the problem's edge are not
+// stored.
+struct ReluMaskStore {
   struct SharedStorage {};
   struct Arguments {
-    uint32_t* mask = nullptr;  // zeroed before the launch
-    int64_t row_bits = 0;      // bits per mask row (8 x its bytes)
+    uint32_t* mask = nullptr;
+    int64_t row_bits = 0;  // bits per mask row (8 x its bytes)
   };
   using Params = Arguments;
 
@@ -98,7 +130,7 @@ struct ReluMaskStore {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     return args.mask != nullptr && args.row_bits % 32 == 0 &&
-           args.row_bits >= static_cast<int64_t>(get<1>(problem_shape));
+           args.row_bits == static_cast<int64_t>(get<1>(problem_shape));
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -134,50 +166,30 @@ struct ReluMaskStore {
     CoordTensor coords;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) -> (m, n, l) of each register value
     ProblemShapeMNL shape;
     Params const* params;
-    uint32_t* words[kSlots] = {};
-    uint32_t bits[kSlots] = {};
-
-    CUTLASS_DEVICE void flush(int slot) {
-      if (bits[slot] != 0) atomicOr(words[slot], bits[slot]);
-    }
 
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
-        cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int epi_m, int epi_n,
         cutlass::Array<ElementInput, FragmentSize> const& preact) {
       Tensor coords_mn = coords(_, _, _, epi_m, epi_n);
+      static_assert(FragmentSize == kMaskValuesPerSubtile &&
+                        decltype(size(coords_mn))::value == kMaskValuesPerSubtile,
+                    "ReluMaskStore assumes one visit per 128x32 subtile, 16 values per thread");
+      uint32_t ballot[kMaskValuesPerSubtile];
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) {
-        const auto c = coords_mn(epi_v * FragmentSize + i);
-        if (!elem_less(c, shape) || !relu_active(preact[i])) continue;
-        const uint64_t bit = static_cast<uint64_t>(get<0>(c)) * params->row_bits + get<1>(c);
-        uint32_t* const word = params->mask + (bit >> 5);
-        const uint32_t one = 1u << (bit & 31);
-        bool merged = false;
-        CUTLASS_PRAGMA_UNROLL
-        for (int slot = 0; slot < kSlots; ++slot) {
-          if (!merged && words[slot] == word) {
-            bits[slot] |= one;
-            merged = true;
-          }
-        }
-        if (!merged) {  // the oldest word leaves the cache
-          flush(kSlots - 1);
-          CUTLASS_PRAGMA_UNROLL
-          for (int slot = kSlots - 1; slot > 0; --slot) {
-            words[slot] = words[slot - 1];
-            bits[slot] = bits[slot - 1];
-          }
-          words[0] = word;
-          bits[0] = one;
-        }
+      for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
+        ballot[k] = __ballot_sync(0xffffffffu, relu_active(preact[k]));
+      }
+      // Lane 0's first value is the top-left corner of the warp's share of the subtile.
+      const auto corner = coords_mn(0);
+      const int lane = static_cast<int>(threadIdx.x % 32);
+      const int64_t row = __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0) +
+                          lane % 8 + 8 * (lane / 8);
+      const int64_t col = __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0);
+      if (lane < kMaskWordLanes && row < static_cast<int64_t>(get<0>(shape))) {
+        params->mask[(row * params->row_bits + col) / 32] = mask_word_from_ballots(ballot, lane);
       }
       return preact;
-    }
-
-    CUTLASS_DEVICE void end() {
-      CUTLASS_PRAGMA_UNROLL
-      for (int slot = 0; slot < kSlots; ++slot) flush(slot);
     }
   };
 
@@ -194,10 +206,10 @@ struct ReluMaskStore {
 };
 
 // One kernel per (dtype, residual position). 128x128x64 tiles, two consumer warpgroups, clusters
-// of 2 along M. 128x256 tiles spilled ~3 KB of registers per thread with this epilogue (ptxas -v);
-// 128x128 spills nothing (benchmarks/results/ptxas-cutlass-sm90a-2026-11-26.txt).
+// of 2 along M: the fastest of the configurations measured (benchmarks/NOTES.md).
 template <typename Element, Residual kWhere>
 struct FusedGemm {
+  using ElementOut = Element;
   using TileShape = Shape<_128, _128, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
@@ -285,7 +297,6 @@ struct FusedGemm {
     const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
                                            x.options().dtype(at::kByte));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    mask.zero_();  // ReluMaskStore ORs the set bits in
     TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS GEMM could not be set up");
     TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
@@ -295,6 +306,85 @@ struct FusedGemm {
     return true;
   }
 };
+
+// ReluMaskStore's layout assumption, checked on the host against the partition the kernel itself
+// makes (the epilogue's register-to-shared copy, built as CUTLASS's collective builds it). A
+// problem of two row tiles, the second partial, and two column tiles; a pseudo-random mask
+// pattern; each warp's ballots emulated from its lanes' coordinates. Every word built as the
+// kernel builds it must hold the pattern's bits of the row and columns it is stored to, and every
+// word of the mask must be stored exactly once. Lane = thread index % 32 in the kernel too: the
+// consumer threads start at a warp boundary.
+template <typename Gemm>
+std::string mask_layout_error(const char* name) {
+  using Epilogue = typename Gemm::Epilogue;
+  using TiledMma = typename Gemm::Mainloop::TiledMma;
+  using TileShape = typename Gemm::TileShape;
+  const auto tiled_copy =
+      make_tiled_copy_S(Copy_Atom<typename Epilogue::CopyOpR2S, typename Gemm::ElementOut>{},
+                        make_tiled_copy_C_atom(typename Epilogue::CopyAtomC{}, TiledMma{}));
+  constexpr int kThreads = decltype(size(TiledMma{}))::value;
+  constexpr int kTileM = decltype(size<0>(TileShape{}))::value;
+  constexpr int kTileN = decltype(size<1>(TileShape{}))::value;
+  const int rows = kTileM + kTileM / 2 + 8, cols = 2 * kTileN;
+  const auto pattern = [](int64_t row, int64_t col) -> uint32_t {
+    return ((row * 7919 + col * 104729 + (row * col) / 7) % 5) < 2;
+  };
+  const auto fail = [&](const std::string& what) { return std::string(name) + ": " + what; };
+  std::vector<int> stores(static_cast<size_t>(rows) * cols / 32, 0);
+  const auto shape = make_shape(rows, cols, 1);
+  const auto coords_of = [&](int tile_m, int tile_n, int thread) {
+    return fusion::sm90_partition_for_epilogue<true>(
+        make_identity_tensor(shape), TileShape{}, make_coord(tile_m, tile_n, 0, 0),
+        typename Epilogue::EpilogueTile{}, tiled_copy, thread);
+  };
+  using Coords = decltype(coords_of(0, 0, 0));
+  for (int tile_m = 0; tile_m * kTileM < rows; ++tile_m) {
+    for (int tile_n = 0; tile_n * kTileN < cols; ++tile_n) {
+      for (int warp = 0; warp < kThreads / 32; ++warp) {
+        std::vector<Coords> lanes;
+        for (int lane = 0; lane < 32; ++lane) lanes.push_back(coords_of(tile_m, tile_n, 32 * warp + lane));
+        for (int epi_m = 0; epi_m < size<3>(lanes[0]); ++epi_m) {
+          for (int epi_n = 0; epi_n < size<4>(lanes[0]); ++epi_n) {
+            if (size(lanes[0](_, _, _, epi_m, epi_n)) != kMaskValuesPerSubtile) {
+              return fail("a subtile holds " + std::to_string(size(lanes[0](_, _, _, epi_m, epi_n))) +
+                          " values per thread");
+            }
+            uint32_t ballot[kMaskValuesPerSubtile] = {};
+            for (int lane = 0; lane < 32; ++lane) {
+              for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
+                const auto c = lanes[lane](_, _, _, epi_m, epi_n)(k);
+                ballot[k] |= pattern(get<0>(c), get<1>(c)) << lane;
+              }
+            }
+            const auto corner = lanes[0](_, _, _, epi_m, epi_n)(0);
+            for (int lane = 0; lane < kMaskWordLanes; ++lane) {
+              const int64_t row = get<0>(corner) + lane % 8 + 8 * (lane / 8);
+              const int64_t col = get<1>(corner);
+              if (row >= rows) continue;
+              if (col % 32 != 0 || col + 32 > cols) {
+                return fail("a mask word would start at column " + std::to_string(col));
+              }
+              uint32_t expected = 0;
+              for (int n = 0; n < 32; ++n) expected |= pattern(row, col + n) << n;
+              if (mask_word_from_ballots(ballot, lane) != expected) {
+                return fail("the word of row " + std::to_string(row) + ", columns " +
+                            std::to_string(col) + "+ holds other bits than its elements'");
+              }
+              ++stores[(row * cols + col) / 32];
+            }
+          }
+        }
+      }
+    }
+  }
+  for (size_t word = 0; word < stores.size(); ++word) {
+    if (stores[word] != 1) {
+      return fail("mask word " + std::to_string(word) + " is stored " +
+                  std::to_string(stores[word]) + " times");
+    }
+  }
+  return {};
+}
 }  // namespace sm90
 #endif  // FUSEDSKIP_WITH_CUTLASS
 
@@ -308,6 +398,25 @@ bool on_words(const at::Tensor& t) {
 }
 
 }  // namespace
+
+std::string fused_gemm_mask_layout_error() {
+#ifdef FUSEDSKIP_WITH_CUTLASS
+  using Bf16 = cutlass::bfloat16_t;
+  using Half = cutlass::half_t;
+  for (const std::string& error :
+       {sm90::mask_layout_error<sm90::FusedGemm<Bf16, Residual::kNone>>("bfloat16, relu"),
+        sm90::mask_layout_error<sm90::FusedGemm<Bf16, Residual::kAfterRelu>>("bfloat16, relu_add"),
+        sm90::mask_layout_error<sm90::FusedGemm<Bf16, Residual::kBeforeRelu>>("bfloat16, add_relu"),
+        sm90::mask_layout_error<sm90::FusedGemm<Half, Residual::kNone>>("float16, relu"),
+        sm90::mask_layout_error<sm90::FusedGemm<Half, Residual::kAfterRelu>>("float16, relu_add"),
+        sm90::mask_layout_error<sm90::FusedGemm<Half, Residual::kBeforeRelu>>("float16, add_relu")}) {
+    if (!error.empty()) return error;
+  }
+  return {};
+#else
+  return "the CUTLASS GEMM is not in this build";
+#endif
+}
 
 bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& residual,
