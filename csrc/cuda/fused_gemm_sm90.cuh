@@ -1,0 +1,397 @@
+// The `cutlass` backend's kernel: the templates behind csrc/cuda/fused_gemm_sm90.cu (its
+// launcher; that file says what the kernel computes and where it applies). A header so that
+// benchmarks/cutlass_configs/ can instantiate the same kernel at other tile and cluster shapes.
+#pragma once
+
+#ifdef FUSEDSKIP_WITH_CUTLASS
+// CuTe's device-side asserts are calls to __assert_fail: a call inside the mainloop makes ptxas
+// serialize the wgmma pipeline (warning C7510), so they are compiled out of the device passes.
+// The host pass keeps its asserts (a TMA descriptor CUTLASS fails to encode then stops loudly
+// instead of launching a kernel with a broken one).
+#if defined(__CUDA_ARCH__) && !defined(NDEBUG)
+#define NDEBUG
+#endif
+// CUTLASS's Blackwell collectives, included by its builders, capture `this` implicitly in
+// lambdas, which C++20 deprecates (nvcc warning 2908); they are never instantiated here.
+#pragma nv_diag_suppress 2908
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
+#include <cutlass/epilogue/thread/activation.h>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/numeric_types.h>
+#pragma nv_diag_default 2908
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "epilogue.h"
+
+namespace fusedskip {
+// A named namespace, not an anonymous one: the sm_80 pass compiles these templates into empty
+// kernels, and nvcc warns about internal-linkage members that nothing then calls.
+namespace sm90 {
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+template <typename T>
+struct CutlassType;
+template <>
+struct CutlassType<at::Half> { using type = cutlass::half_t; };
+template <>
+struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+
+// The mask bits of one warp's share of an epilogue subtile, from its ballots. In the wgmma
+// accumulator layout, as the epilogue hands it to a visitor (FragmentSize 16: one call per
+// 128x32 subtile), warp w holds rows 16w..16w+15 of the subtile and lane l holds, for each of its
+// 16 values k, the element at
+//   row  l / 4 + 8 * bit1(k)
+//   col  2 * (l % 4) + bit0(k) + 8 * (k / 4)
+// so value k's ballot over the warp is 32 bits of 8 rows x 4 even-or-odd columns, lane l's bit
+// at 4 * (l / 4) + l % 4. Lane t < 16 builds the 32-bit mask word (the subtile's 32 columns, bit
+// n = column n) of the warp's row t % 8 + 8 * (t / 8): from each of the 8 ballots of its row half,
+// the nibble of its row, its bits spread to every other column. fused_gemm_mask_layout_error()
+// checks this layout on the host for every instantiated kernel (tests/test_build.py).
+constexpr int kMaskValuesPerSubtile = 16;
+constexpr int kMaskWordLanes = 16;
+
+CUTLASS_HOST_DEVICE uint32_t mask_word_from_ballots(const uint32_t (&ballot)[kMaskValuesPerSubtile],
+                                                    int lane) {
+  const int half = lane / 8, quad_row = lane % 8;
+  uint32_t word = 0;
+  CUTLASS_PRAGMA_UNROLL
+  for (int group = 0; group < 4; ++group) {  // 8-column groups: bits 2-3 of the value index
+    CUTLASS_PRAGMA_UNROLL
+    for (int odd = 0; odd < 2; ++odd) {  // even or odd column: bit 0
+      // Both halves' ballots by constant index, then a select: a runtime index would put the
+      // ballots in local memory.
+      const uint32_t both[2] = {ballot[odd | group << 2], ballot[odd | 2 | group << 2]};
+      uint32_t bits = ((half ? both[1] : both[0]) >> (4 * quad_row)) & 0xfu;
+      bits = (bits | bits << 2) & 0x33u;  // bit c to bit 2c
+      bits = (bits | bits << 1) & 0x55u;
+      word |= bits << (8 * group + odd);
+    }
+  }
+  return word;
+}
+
+// An epilogue node that passes its input (the pre-activation) through and writes the mask:
+// bit n of row m is at bit m * row_bits + n, set where relu_active holds. Per subtile, one
+// ballot per value and one plain 32-bit store per row: every word of the mask is written once,
+// by the warp that holds its row and columns (out_features is a multiple of 128, so tiles hold
+// whole words), with no atomics and nothing to zero first. Rows past the problem's edge are not
+// stored.
+struct ReluMaskStore {
+  struct SharedStorage {};
+  struct Arguments {
+    uint32_t* mask = nullptr;
+    int64_t row_bits = 0;  // bits per mask row (8 x its bytes)
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
+                                                  void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    return args.mask != nullptr && args.row_bits % 32 == 0 &&
+           args.row_bits == static_cast<int64_t>(get<1>(problem_shape));
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE ReluMaskStore() {}
+  CUTLASS_HOST_DEVICE ReluMaskStore(Params const& params, SharedStorage const&)
+      : params_ptr(&params) {}
+
+  Params const* params_ptr = nullptr;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
+    return fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CoordTensor, class ProblemShapeMNL>
+  struct ConsumerStoreCallbacks : fusion::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CoordTensor&& coords, ProblemShapeMNL shape,
+                                          Params const* params)
+        : coords(cute::forward<CoordTensor>(coords)), shape(shape), params(params) {}
+
+    CoordTensor coords;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) -> (m, n, l) of each register value
+    ProblemShapeMNL shape;
+    Params const* params;
+
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int epi_m, int epi_n,
+        cutlass::Array<ElementInput, FragmentSize> const& preact) {
+      Tensor coords_mn = coords(_, _, _, epi_m, epi_n);
+      static_assert(FragmentSize == kMaskValuesPerSubtile &&
+                        decltype(size(coords_mn))::value == kMaskValuesPerSubtile,
+                    "ReluMaskStore assumes one visit per 128x32 subtile, 16 values per thread");
+      uint32_t ballot[kMaskValuesPerSubtile];
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
+        ballot[k] = __ballot_sync(0xffffffffu, relu_active(preact[k]));
+      }
+      // Lane 0's first value is the top-left corner of the warp's share of the subtile.
+      const auto corner = coords_mn(0);
+      const int lane = static_cast<int>(threadIdx.x % 32);
+      const int64_t row = __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0) +
+                          lane % 8 + 8 * (lane / 8);
+      const int64_t col = __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0);
+      if (lane < kMaskWordLanes && row < static_cast<int64_t>(get<0>(shape))) {
+        params->mask[(row * params->row_bits + col) / 32] = mask_word_from_ballots(ballot, lane);
+      }
+      return preact;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto shape = make_shape(M, N, L);
+    Tensor coords = fusion::sm90_partition_for_epilogue<ReferenceSrc>(
+        make_identity_tensor(shape), args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile,
+        args.tiled_copy, args.thread_idx);
+    return ConsumerStoreCallbacks<decltype(coords), decltype(shape)>(cute::move(coords), shape,
+                                                                    params_ptr);
+  }
+};
+
+// A kernel configuration: tile and cluster shapes, K step 64, two consumer warpgroups sharing
+// each tile (the cooperative schedule) and a persistent grid. The library's is 128x128 with
+// clusters of 2 along M, the fastest measured (benchmarks/NOTES.md);
+// benchmarks/cutlass_configs/ times others.
+template <int kTileM, int kTileN, int kClusterM, int kClusterN>
+struct CooperativeConfig {
+  using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
+  using ClusterShape = Shape<Int<kClusterM>, Int<kClusterN>, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+using LibraryConfig = CooperativeConfig<128, 128, 2, 1>;
+
+// A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
+// (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
+// (ElementC; void where the tree reads none).
+template <typename Element, typename Config, typename Tree, typename ElementC>
+struct TreeGemm {
+  using TileShape = typename Config::TileShape;
+  using ClusterShape = typename Config::ClusterShape;
+  static constexpr int kAlign = 16 / sizeof(Element);
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC,
+      cutlass::layout::RowMajor, kAlign, Element, cutlass::layout::RowMajor, kAlign,
+      typename Config::EpilogueSchedule, Tree>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor,
+      kAlign, Element, cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      typename Config::KernelSchedule>::CollectiveOp;
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  // False where CUTLASS cannot take these operands (nothing launched).
+  static bool run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& source,
+                  const at::Tensor& out, const typename Tree::Arguments& tree_args) {
+    const int rows = static_cast<int>(x.size(0)), cols = static_cast<int>(weight.size(0));
+    const int depth = static_cast<int>(x.size(1));
+    const auto ptr = [](const at::Tensor& t) {
+      return t.defined() ? reinterpret_cast<Element*>(t.data_ptr()) : nullptr;
+    };
+    typename Kernel::StrideA stride_x{x.stride(0), _1{}, 0};
+    typename Kernel::StrideB stride_w{weight.stride(0), _1{}, 0};
+    typename Kernel::StrideC stride_source{};
+    if constexpr (!std::is_void_v<ElementC>) stride_source = {source.stride(0), _1{}, 0};
+    typename Kernel::StrideD stride_out{out.stride(0), _1{}, 0};
+
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = x.get_device();
+    hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                  {rows, cols, depth, 1},
+                                  {ptr(x), stride_x, ptr(weight), stride_w},
+                                  {tree_args, ptr(source), stride_source, ptr(out), stride_out},
+                                  hw};
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                           x.options().dtype(at::kByte));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
+                "fusedskip: the CUTLASS GEMM could not be set up");
+    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
+                "fusedskip: the CUTLASS GEMM failed to launch");
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+};
+
+// The fused linear layer: one kernel per (dtype, residual position, configuration).
+template <typename Element, Residual kWhere, typename Config = LibraryConfig>
+struct FusedGemm {
+  using ElementOut = Element;
+  using TileShape = typename Config::TileShape;
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+  static constexpr int kAlign = 16 / sizeof(Element);
+
+  // Leaves and nodes of the visitor tree.
+  using Acc = fusion::Sm90AccFetch;
+  using Bias = fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>,
+                                        kAlign>;
+  using Residual_ = fusion::Sm90SrcFetch<Element>;
+  template <class... Children>
+  using Add = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
+                              Children...>;
+  template <class Preact, class Out>
+  using ReluWithMask = fusion::Sm90EVT<
+      fusion::Sm90Compute<cutlass::epilogue::thread::Clamp, Out, float, kRound>,
+      fusion::Sm90EVT<ReluMaskStore, Preact>>;
+
+  using Preact = std::conditional_t<kWhere == Residual::kBeforeRelu,
+                                    Add<Add<Acc, Bias>, Residual_>, Add<Acc, Bias>>;
+  using Tree = std::conditional_t<
+      kWhere == Residual::kAfterRelu,
+      fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, Element, float, kRound>,
+                      ReluWithMask<Preact, float>, Residual_>,
+      ReluWithMask<Preact, Element>>;
+  using Types = TreeGemm<Element, Config, Tree,
+                         std::conditional_t<kWhere == Residual::kNone, void, Element>>;
+  using Epilogue = typename Types::Epilogue;
+  using Mainloop = typename Types::Mainloop;
+
+  // Arguments of the tree, nested as the tree is: {children..., node's own}.
+  static typename Tree::Arguments tree_arguments(const Element* bias, uint32_t* mask,
+                                                 int64_t mask_row_bits) {
+    const typename Bias::Arguments bias_args{bias, Element(0), {}};
+    const typename cutlass::epilogue::thread::Clamp<float>::Arguments relu{
+        0.0f, std::numeric_limits<float>::infinity()};
+    const ReluMaskStore::Arguments mask_args{mask, mask_row_bits};
+    if constexpr (kWhere == Residual::kBeforeRelu) {
+      return {{{{{}, bias_args, {}}, {}, {}}, mask_args}, relu};
+    } else if constexpr (kWhere == Residual::kAfterRelu) {
+      return {{{{{}, bias_args, {}}, mask_args}, relu}, {}, {}};
+    } else {
+      return {{{{}, bias_args, {}}, mask_args}, relu};
+    }
+  }
+
+  static bool run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask) {
+    const Element* bias_ptr =
+        bias.defined() ? reinterpret_cast<const Element*>(bias.data_ptr()) : nullptr;
+    return Types::run(x, weight, residual, out,
+                      tree_arguments(bias_ptr, reinterpret_cast<uint32_t*>(mask.data_ptr()),
+                                     mask.stride(0) * 8));
+  }
+};
+
+// ReluMaskStore's layout assumption, checked on the host against the partition the kernel itself
+// makes (the epilogue's register-to-shared copy, built as CUTLASS's collective builds it). A
+// problem of two row tiles, the second partial, and two column tiles; a pseudo-random mask
+// pattern; each warp's ballots emulated from its lanes' coordinates. Every word built as the
+// kernel builds it must hold the pattern's bits of the row and columns it is stored to, and every
+// word of the mask must be stored exactly once. Lane = thread index % 32 in the kernel too: the
+// consumer threads start at a warp boundary.
+template <typename Gemm>
+std::string mask_layout_error(const char* name) {
+  using Epilogue = typename Gemm::Epilogue;
+  using TiledMma = typename Gemm::Mainloop::TiledMma;
+  using TileShape = typename Gemm::TileShape;
+  const auto tiled_copy =
+      make_tiled_copy_S(Copy_Atom<typename Epilogue::CopyOpR2S, typename Gemm::ElementOut>{},
+                        make_tiled_copy_C_atom(typename Epilogue::CopyAtomC{}, TiledMma{}));
+  constexpr int kThreads = decltype(size(TiledMma{}))::value;
+  constexpr int kTileM = decltype(size<0>(TileShape{}))::value;
+  constexpr int kTileN = decltype(size<1>(TileShape{}))::value;
+  const int rows = kTileM + kTileM / 2 + 8, cols = 2 * kTileN;
+  const auto pattern = [](int64_t row, int64_t col) -> uint32_t {
+    return ((row * 7919 + col * 104729 + (row * col) / 7) % 5) < 2;
+  };
+  const auto fail = [&](const std::string& what) { return std::string(name) + ": " + what; };
+  std::vector<int> stores(static_cast<size_t>(rows) * cols / 32, 0);
+  const auto shape = make_shape(rows, cols, 1);
+  const auto coords_of = [&](int tile_m, int tile_n, int thread) {
+    return fusion::sm90_partition_for_epilogue<true>(
+        make_identity_tensor(shape), TileShape{}, make_coord(tile_m, tile_n, 0, 0),
+        typename Epilogue::EpilogueTile{}, tiled_copy, thread);
+  };
+  using Coords = decltype(coords_of(0, 0, 0));
+  for (int tile_m = 0; tile_m * kTileM < rows; ++tile_m) {
+    for (int tile_n = 0; tile_n * kTileN < cols; ++tile_n) {
+      for (int warp = 0; warp < kThreads / 32; ++warp) {
+        std::vector<Coords> lanes;
+        for (int lane = 0; lane < 32; ++lane) lanes.push_back(coords_of(tile_m, tile_n, 32 * warp + lane));
+        for (int epi_m = 0; epi_m < size<3>(lanes[0]); ++epi_m) {
+          for (int epi_n = 0; epi_n < size<4>(lanes[0]); ++epi_n) {
+            if (size(lanes[0](_, _, _, epi_m, epi_n)) != kMaskValuesPerSubtile) {
+              return fail("a subtile holds " + std::to_string(size(lanes[0](_, _, _, epi_m, epi_n))) +
+                          " values per thread");
+            }
+            uint32_t ballot[kMaskValuesPerSubtile] = {};
+            for (int lane = 0; lane < 32; ++lane) {
+              for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
+                const auto c = lanes[lane](_, _, _, epi_m, epi_n)(k);
+                ballot[k] |= pattern(get<0>(c), get<1>(c)) << lane;
+              }
+            }
+            const auto corner = lanes[0](_, _, _, epi_m, epi_n)(0);
+            for (int lane = 0; lane < kMaskWordLanes; ++lane) {
+              const int64_t row = get<0>(corner) + lane % 8 + 8 * (lane / 8);
+              const int64_t col = get<1>(corner);
+              if (row >= rows) continue;
+              if (col % 32 != 0 || col + 32 > cols) {
+                return fail("a mask word would start at column " + std::to_string(col));
+              }
+              uint32_t expected = 0;
+              for (int n = 0; n < 32; ++n) expected |= pattern(row, col + n) << n;
+              if (mask_word_from_ballots(ballot, lane) != expected) {
+                return fail("the word of row " + std::to_string(row) + ", columns " +
+                            std::to_string(col) + "+ holds other bits than its elements'");
+              }
+              ++stores[(row * cols + col) / 32];
+            }
+          }
+        }
+      }
+    }
+  }
+  for (size_t word = 0; word < stores.size(); ++word) {
+    if (stores[word] != 1) {
+      return fail("mask word " + std::to_string(word) + " is stored " +
+                  std::to_string(stores[word]) + " times");
+    }
+  }
+  return {};
+}
+}  // namespace sm90
+}  // namespace fusedskip
+#endif  // FUSEDSKIP_WITH_CUTLASS
