@@ -85,12 +85,23 @@ CUTLASS_HOST_DEVICE uint32_t mask_word_from_ballots(const uint32_t (&ballot)[kMa
   return word;
 }
 
+// Where lane `lane` stores the word it built: its index among the mask's 32-bit words, or -1
+// for none (lanes 16-31; words past the problem's edges). (row0, col0): the warp's corner, lane
+// 0's first value; `rows` x `cols` the problem, `row_bits` the bits per mask row.
+CUTLASS_HOST_DEVICE int64_t mask_word_index(int64_t row0, int64_t col0, int lane, int64_t rows,
+                                            int64_t cols, int64_t row_bits) {
+  const int64_t row = row0 + lane % 8 + 8 * (lane / 8);
+  if (lane >= kMaskWordLanes || row >= rows || col0 >= cols) return -1;
+  return (row * row_bits + col0) / 32;
+}
+
 // An epilogue node that passes its input (the pre-activation) through and writes the mask:
 // bit n of row m is at bit m * row_bits + n, set where relu_active holds. Per subtile, one
 // ballot per value and one plain 32-bit store per row: every word of the mask is written once,
-// by the warp that holds its row and columns (out_features is a multiple of 128, so tiles hold
-// whole words), with no atomics and nothing to zero first. Rows past the problem's edge are not
-// stored.
+// by the warp that holds its row and columns (out_features is a multiple of 128, so a word never
+// straddles the problem's edge), with no atomics and nothing to zero first. Words past the
+// problem's edges (the last row tile's, and with tiles wider than 128 the last column tile's)
+// are not stored.
 struct ReluMaskStore {
   struct SharedStorage {};
   struct Arguments {
@@ -160,12 +171,11 @@ struct ReluMaskStore {
       // Lane 0's first value is the top-left corner of the warp's share of the subtile.
       const auto corner = coords_mn(0);
       const int lane = static_cast<int>(threadIdx.x % 32);
-      const int64_t row = __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0) +
-                          lane % 8 + 8 * (lane / 8);
-      const int64_t col = __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0);
-      if (lane < kMaskWordLanes && row < static_cast<int64_t>(get<0>(shape))) {
-        params->mask[(row * params->row_bits + col) / 32] = mask_word_from_ballots(ballot, lane);
-      }
+      const int64_t word = mask_word_index(
+          __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0),
+          __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0), lane, get<0>(shape),
+          get<1>(shape), params->row_bits);
+      if (word >= 0) params->mask[word] = mask_word_from_ballots(ballot, lane);
       return preact;
     }
   };
@@ -316,7 +326,8 @@ struct FusedGemm {
 
 // ReluMaskStore's layout assumption, checked on the host against the partition the kernel itself
 // makes (the epilogue's register-to-shared copy, built as CUTLASS's collective builds it). A
-// problem of two row tiles, the second partial, and two column tiles; a pseudo-random mask
+// problem whose last row tile is partial (and last column tile too, for tiles wider than 128),
+// plus one tile past each edge, as a cluster's rounding can launch; a pseudo-random mask
 // pattern; each warp's ballots emulated from its lanes' coordinates. Every word built as the
 // kernel builds it must hold the pattern's bits of the row and columns it is stored to, and every
 // word of the mask must be stored exactly once. Lane = thread index % 32 in the kernel too: the
@@ -332,7 +343,9 @@ std::string mask_layout_error(const char* name) {
   constexpr int kThreads = decltype(size(TiledMma{}))::value;
   constexpr int kTileM = decltype(size<0>(TileShape{}))::value;
   constexpr int kTileN = decltype(size<1>(TileShape{}))::value;
-  const int rows = kTileM + kTileM / 2 + 8, cols = 2 * kTileN;
+  // Rows end inside the second row tile; columns inside the second column tile where tiles are
+  // wider than 128 (out_features is only a multiple of 128).
+  const int rows = kTileM + kTileM / 2 + 8, cols = kTileN + 128;
   const auto pattern = [](int64_t row, int64_t col) -> uint32_t {
     return ((row * 7919 + col * 104729 + (row * col) / 7) % 5) < 2;
   };
@@ -345,8 +358,8 @@ std::string mask_layout_error(const char* name) {
         typename Epilogue::EpilogueTile{}, tiled_copy, thread);
   };
   using Coords = decltype(coords_of(0, 0, 0));
-  for (int tile_m = 0; tile_m * kTileM < rows; ++tile_m) {
-    for (int tile_n = 0; tile_n * kTileN < cols; ++tile_n) {
+  for (int tile_m = 0; tile_m * kTileM < rows + kTileM; ++tile_m) {
+    for (int tile_n = 0; tile_n * kTileN < cols + kTileN; ++tile_n) {
       for (int warp = 0; warp < kThreads / 32; ++warp) {
         std::vector<Coords> lanes;
         for (int lane = 0; lane < 32; ++lane) lanes.push_back(coords_of(tile_m, tile_n, 32 * warp + lane));
@@ -364,20 +377,21 @@ std::string mask_layout_error(const char* name) {
               }
             }
             const auto corner = lanes[0](_, _, _, epi_m, epi_n)(0);
-            for (int lane = 0; lane < kMaskWordLanes; ++lane) {
-              const int64_t row = get<0>(corner) + lane % 8 + 8 * (lane / 8);
-              const int64_t col = get<1>(corner);
-              if (row >= rows) continue;
-              if (col % 32 != 0 || col + 32 > cols) {
-                return fail("a mask word would start at column " + std::to_string(col));
+            for (int lane = 0; lane < 32; ++lane) {
+              const int64_t word =
+                  mask_word_index(get<0>(corner), get<1>(corner), lane, rows, cols, cols);
+              if (word < 0) continue;
+              if (word >= static_cast<int64_t>(stores.size())) {
+                return fail("lane " + std::to_string(lane) + " would store past the mask");
               }
+              const int64_t row = word * 32 / cols, col = word * 32 % cols;
               uint32_t expected = 0;
               for (int n = 0; n < 32; ++n) expected |= pattern(row, col + n) << n;
               if (mask_word_from_ballots(ballot, lane) != expected) {
                 return fail("the word of row " + std::to_string(row) + ", columns " +
                             std::to_string(col) + "+ holds other bits than its elements'");
               }
-              ++stores[(row * cols + col) / 32];
+              ++stores[word];
             }
           }
         }
