@@ -7,6 +7,8 @@ Environment knobs:
   CUDA_HOME                      toolkit root, when the one found from nvcc is not the right one
   CUTLASS_PATH                   a CUTLASS checkout, for its headers (else the nvidia-cutlass
                                  pip package's; without either, no `cutlass` backend)
+  FUSEDSKIP_CUTLASS_CONFIGS=1    also build fusedskip._cutlass_configs, the `cutlass` kernel at
+                                 several tile shapes, for benchmarks/cutlass_configs.py
   MAX_JOBS                       parallel compile jobs (ninja)
 """
 
@@ -146,11 +148,24 @@ def extensions():
     elif "9.0a" in archs:
         print("fusedskip: no CUTLASS headers found (pip install --no-deps nvidia-cutlass): "
               "building without the `cutlass` backend", file=sys.stderr)
-    return [CUDAExtension("fusedskip._C", sources,
-                          include_dirs=include_dirs + pip_cuda_include_dirs(),
-                          define_macros=macros,
-                          extra_compile_args={"cxx": cxx + ["-fopenmp"], "nvcc": nvcc},
-                          extra_link_args=["-fopenmp"])]
+    built = [CUDAExtension("fusedskip._C", sources,
+                           include_dirs=include_dirs + pip_cuda_include_dirs(),
+                           define_macros=macros,
+                           extra_compile_args={"cxx": cxx + ["-fopenmp"], "nvcc": nvcc},
+                           extra_link_args=["-fopenmp"])]
+    if os.environ.get("FUSEDSKIP_CUTLASS_CONFIGS", "0") not in ("", "0"):
+        if not cutlass or "9.0a" not in archs:
+            raise SystemExit("fusedskip: FUSEDSKIP_CUTLASS_CONFIGS needs CUTLASS's headers and 9.0a "
+                             "among FUSEDSKIP_CUDA_ARCHS")
+        folder = os.path.join("benchmarks", "cutlass_configs")
+        built.append(CUDAExtension(
+            "fusedskip._cutlass_configs",
+            sorted(glob.glob(os.path.join(folder, "*.cpp")) + glob.glob(os.path.join(folder, "*.cu"))),
+            include_dirs=include_dirs + [os.path.join(ROOT, folder)] + pip_cuda_include_dirs(),
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": [f for f in nvcc if not f.startswith("-gencode")]
+                                + arch_flags(["9.0a"])}))
+    return built
 
 
 def main():

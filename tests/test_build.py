@@ -39,6 +39,17 @@ def test_cutlass_mask_store_matches_the_register_layout():
     assert fusedskip._ops._C._fused_gemm_mask_layout_error() == ""
 
 
+def test_cutlass_configs_mask_layout():
+    """The same check for every configuration benchmarks/cutlass_configs.py times, where the
+    build has them (FUSEDSKIP_CUTLASS_CONFIGS=1)."""
+    configs = pytest.importorskip("fusedskip._cutlass_configs",
+                                  reason="built only with FUSEDSKIP_CUTLASS_CONFIGS=1")
+    names = configs.names()
+    assert len(names) == 5
+    for name in names:
+        assert configs.mask_layout_error(name) == "", name
+
+
 def test_cuda_available_needs_a_gpu():
     assert fusedskip.cuda_available() == (fusedskip._ops.HAS_CUDA_KERNELS
                                           and torch.cuda.is_available())

@@ -1,0 +1,185 @@
+"""The `cutlass` backend's kernel at several tile and cluster shapes, against cuBLAS.
+
+For each configuration: the fused relu_add layer (bias, ReLU, 1-bit mask and residual inside the
+GEMM's epilogue) and the same mainloop with an epilogue that only converts the accumulators,
+beside torch.mm (cuBLAS, the GEMM alone) and the library's two forward paths (cuBLAS + the
+element-wise pass, and the `cutlass` backend). It answers two questions the large-size bar turns
+on (benchmarks/NOTES.md, "The epilogue inside the GEMM"): does any configuration's mainloop match
+cuBLAS, and what does the fused epilogue add to it.
+
+Every configuration is first checked against the library's cuBLAS path, bit for bit, on integer
+inputs whose sums are exact (a NaN row too); one that differs is reported and not timed.
+
+Needs an sm_90 GPU and fusedskip._cutlass_configs, which a build with FUSEDSKIP_CUTLASS_CONFIGS=1
+adds (setup.py):
+
+    FUSEDSKIP_CUTLASS_CONFIGS=1 pip install --no-build-isolation -e .
+    python benchmarks/cutlass_configs.py [--sizes 8192x4096x4096,4096x1024x1024] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import fusedskip
+from fusedskip.bench import environment, parse_sizes
+
+DTYPE = torch.bfloat16
+
+
+def load():
+    try:
+        from fusedskip import _cutlass_configs
+    except ImportError as error:
+        raise SystemExit("cutlass_configs: fusedskip._cutlass_configs is not built; rebuild with "
+                         f"FUSEDSKIP_CUTLASS_CONFIGS=1 ({error})")
+    return _cutlass_configs
+
+
+def library(backend: str, x, w, b, r):
+    with fusedskip.use_backend(backend):
+        return torch.ops.fusedskip.fused_linear([x], w, b, r, True, False)
+
+
+def integer_operands(m: int, k: int, n: int, density: float):
+    """Values in {-1, 0, 1}, sparse enough that every pre-activation is an integer of magnitude
+    at most 256: exact in float32 and in bfloat16, so every path's result is the same bits."""
+    def ints(*shape, p=1.0):
+        values = torch.randint(-1, 2, shape, device="cuda")
+        keep = torch.rand(shape, device="cuda") < p
+        return (values * keep).to(DTYPE)
+
+    x, w = ints(m, k, p=density), ints(n, k)
+    b, r = ints(n), ints(m, n)
+    x[m // 3, 5] = float("nan")  # a NaN row: NaN out, every bit set
+    return x, w, b, r
+
+
+def check(configs, name: str, m: int, k: int, n: int) -> str:
+    """Empty where the configuration's output and mask equal the cuBLAS path's and its plain
+    GEMM equals torch.mm; else what differs."""
+    x, w, b, r = integer_operands(m, k, n, density=min(1.0, 128 / k))
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
+    mask = torch.full((m, n // 8), 0xA5, device="cuda", dtype=torch.uint8)
+    if not configs.relu_add(name, x, w, b, r, out, mask):
+        return "the fused kernel does not take this shape"
+    ref_out, ref_mask = library("gemm_epilogue", x, w, b, r)
+    if not torch.equal(mask, ref_mask):
+        return f"mask differs from the cuBLAS path's in {(mask != ref_mask).sum().item()} bytes"
+    if not torch.equal(out.isnan(), ref_out.isnan()) or not torch.equal(
+            out.nan_to_num(), ref_out.nan_to_num()):
+        return "output differs from the cuBLAS path's"
+    plain = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
+    if not configs.gemm(name, x, w, plain):
+        return "the plain GEMM does not take this shape"
+    if not torch.equal(plain.nan_to_num(), (x @ w.T).nan_to_num()):
+        return "plain GEMM differs from torch.mm"
+    return ""
+
+
+def time_per_call(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
+    """(queued, kernels) µs per call: over `calls` back-to-back launches between two events (what
+    a training step sees), and the device time of the kernels they ran (torch.profiler; without
+    host time, which at the smaller sizes can exceed a kernel's)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    queued = start.elapsed_time(end) * 1e3 / calls
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device = sum(getattr(event, "self_device_time_total", 0) for event in prof.key_averages())
+    return queued, device / calls
+
+
+def measure(configs, names: List[str], m: int, k: int, n: int, calls: int,
+            rounds: int) -> List[dict]:
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+    w = torch.randn(n, k, device="cuda", dtype=DTYPE) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=DTYPE)
+    r = torch.randn(m, n, device="cuda", dtype=DTYPE)
+    out = torch.empty(m, n, device="cuda", dtype=DTYPE)
+    mask = torch.empty(m, n // 8, device="cuda", dtype=torch.uint8)
+    op = torch.ops.fusedskip.fused_linear
+    # label -> (the library backend it runs under, or None; the call)
+    providers: Dict[str, Tuple[Optional[str], Callable[[], object]]] = {
+        "torch.mm (cuBLAS, GEMM alone)": (None, lambda: torch.mm(x, w.T, out=out)),
+        "library: cuBLAS + pass (gemm_epilogue)": (
+            "gemm_epilogue", lambda: op([x], w, b, r, True, False)),
+        "library: cutlass backend": ("cutlass", lambda: op([x], w, b, r, True, False)),
+    }
+    for name in names:
+        providers[f"{name}: fused relu_add"] = (
+            None, lambda name=name: configs.relu_add(name, x, w, b, r, out, mask))
+        providers[f"{name}: GEMM alone"] = (None, lambda name=name: configs.gemm(name, x, w, out))
+    best = {label: (float("inf"), float("inf")) for label in providers}
+    for _ in range(rounds):  # providers interleaved, so that clocks and heat even out
+        for label, (backend, fn) in providers.items():
+            with fusedskip.use_backend(backend) if backend else contextlib.nullcontext():
+                queued, kernels = time_per_call(fn, calls)
+            best[label] = (min(best[label][0], queued), min(best[label][1], kernels))
+    mm = best["torch.mm (cuBLAS, GEMM alone)"][1]
+    return [{"size": f"{m}x{k}x{n}", "provider": label, "queued_us": queued,
+             "kernels_us": kernels, "vs_mm": kernels / mm,
+             "tflops": 2 * m * k * n / kernels / 1e6}
+            for label, (queued, kernels) in best.items()]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8192x4096x4096,4096x1024x1024",
+                        help="MxKxN[,MxKxN...]: N a multiple of 128, K of 8")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    configs = load()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit("cutlass_configs: needs an sm_90 GPU (H100 / H200)")
+    torch.manual_seed(0)
+
+    lines = ["| configuration | mask layout (host) | bit-exact vs cuBLAS path |", "|---|---|---|"]
+    names = []
+    for name in configs.names():
+        layout = configs.mask_layout_error(name) or "ok"
+        exact = check(configs, name, 300, 64, 384) or check(configs, name, 2048, 4096, 1024) or "ok"
+        lines.append(f"| {name} | {layout} | {exact} |")
+        if layout == "ok" and exact == "ok":
+            names.append(name)
+    rows = []
+    for m, k, n in parse_sizes(args.sizes):
+        rows += measure(configs, names, m, k, n, args.calls, args.rounds)
+    lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | queued µs/call |",
+              "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['size']} | {row['provider']} | {row['kernels_us']:.1f} | "
+              f"{row['vs_mm']:.3f} | {row['tflops']:.0f} | {row['queued_us']:.1f} |"
+              for row in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        env = environment("cuda")
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"cutlass-configs-{datetime.date.today()}.md")
+        with open(path, "a") as f:
+            f.write(f"# The cutlass kernel's configurations, relu_add bfloat16\n\n{env}\n\n"
+                    f"Per call: the device time of its kernels (torch.profiler) and the time of "
+                    f"{args.calls} back-to-back calls between two events; each the best of "
+                    f"{args.rounds} interleaved rounds.\n\n{text}\n")
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

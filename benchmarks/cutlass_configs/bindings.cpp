@@ -1,0 +1,78 @@
+// fusedskip._cutlass_configs: the `cutlass` backend's kernel at several tile and cluster shapes,
+// for benchmarks/cutlass_configs.py. Built only on request (FUSEDSKIP_CUTLASS_CONFIGS=1; see
+// setup.py); the library itself uses one configuration (csrc/cuda/fused_gemm_sm90.cuh).
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "configs.h"
+
+namespace fusedskip::configs {
+Entry tile_128x128_cluster_2x1();
+Entry tile_128x256_cluster_2x1();
+Entry tile_128x256_cluster_1x2();
+Entry tile_256x128_cluster_2x1();
+Entry tile_256x128_cluster_1x2();
+
+namespace {
+const std::vector<Entry>& entries() {
+  static const std::vector<Entry> all = {tile_128x128_cluster_2x1(), tile_128x256_cluster_2x1(),
+                                         tile_128x256_cluster_1x2(), tile_256x128_cluster_2x1(),
+                                         tile_256x128_cluster_1x2()};
+  return all;
+}
+
+const Entry& find(const std::string& name) {
+  for (const Entry& entry : entries()) {
+    if (entry.name == name) {
+      TORCH_CHECK(entry.fused != nullptr, "fusedskip: built without CUTLASS: no ", name);
+      return entry;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "fusedskip: no configuration named '", name, "'");
+}
+
+// What TMA and the kernels need; the benchmark makes its operands this way.
+void check(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
+                        t.is_contiguous(),
+                    "fusedskip: ", what, " must be a contiguous 2-D bfloat16 CUDA tensor");
+}
+}  // namespace
+}  // namespace fusedskip::configs
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace fusedskip::configs;
+  m.def("names", [] {
+    std::vector<std::string> names;
+    for (const Entry& entry : entries()) names.push_back(entry.name);
+    return names;
+  }, "The configurations, the library's first.");
+  m.def("mask_layout_error", [](const std::string& name) { return find(name).mask_layout_error(); },
+        "Empty where the mask store's register layout assumption holds (a host check).");
+  m.def("relu_add", [](const std::string& name, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& out,
+                       const at::Tensor& mask) {
+    const Entry& entry = find(name);
+    for (const auto& [t, what] : {std::pair{x, "x"}, {weight, "weight"}, {residual, "residual"},
+                                  {out, "out"}}) {
+      check(t, what);
+    }
+    TORCH_CHECK_VALUE(!bias.defined() || (bias.is_cuda() && bias.scalar_type() == at::kBFloat16 &&
+                                           bias.dim() == 1 && bias.size(0) == weight.size(0) &&
+                                           bias.is_contiguous()),
+                      "fusedskip: bias must be a contiguous bfloat16 CUDA tensor (out_features,)");
+    TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.is_contiguous() &&
+                          mask.size(0) == x.size(0) && mask.size(1) * 8 == weight.size(0),
+                      "fusedskip: mask must be contiguous uint8 (rows, out_features / 8)");
+    return entry.fused(x, weight, bias, residual, out, mask);
+  }, "relu(x W^T + bias) + residual into out, and its mask; false where it does not apply.");
+  m.def("gemm", [](const std::string& name, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& out) {
+    const Entry& entry = find(name);
+    check(x, "x");
+    check(weight, "weight");
+    check(out, "out");
+    return entry.plain(x, weight, out);
+  }, "x W^T into out with the same mainloop and no fusion; false where it does not apply.");
+}

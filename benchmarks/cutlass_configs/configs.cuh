@@ -1,0 +1,46 @@
+// One configuration of the `cutlass` backend's kernel (csrc/cuda/fused_gemm_sm90.cuh) for
+// benchmarks/cutlass_configs.py: the fused relu_add layer in bfloat16, and the same mainloop with
+// an epilogue that only converts the accumulators (the floor any epilogue starts from). Each
+// configuration is its own .cu file so that they compile in parallel.
+#pragma once
+
+#include "configs.h"
+
+#ifdef FUSEDSKIP_WITH_CUTLASS
+#include "cuda/fused_gemm_sm90.cuh"
+#endif
+
+namespace fusedskip::configs {
+
+#ifdef FUSEDSKIP_WITH_CUTLASS
+template <typename Config>
+struct Kernels {
+  using Element = cutlass::bfloat16_t;
+  using Fused = sm90::FusedGemm<Element, Residual::kAfterRelu, Config>;
+  using Convert = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::Identity, Element, float,
+                                             cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90AccFetch>;
+  using Plain = sm90::TreeGemm<Element, Config, Convert, void>;
+
+  static bool fused(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                    const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask) {
+    return Fused::run(x, weight, bias, residual, out, mask);
+  }
+  static bool plain(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
+    return Plain::run(x, weight, at::Tensor(), out, {});
+  }
+  static std::string mask_layout_error() { return sm90::mask_layout_error<Fused>("relu_add"); }
+};
+
+#define FUSEDSKIP_CONFIG(NAME, M, N, CM, CN)                                        \
+  Entry NAME() {                                                                     \
+    using K = Kernels<sm90::CooperativeConfig<M, N, CM, CN>>;                        \
+    return {#M "x" #N " cluster " #CM "x" #CN, &K::fused, &K::plain, &K::mask_layout_error}; \
+  }
+#else
+#define FUSEDSKIP_CONFIG(NAME, M, N, CM, CN) \
+  Entry NAME() { return {#M "x" #N " cluster " #CM "x" #CN, nullptr, nullptr, nullptr}; }
+#endif
+
+}  // namespace fusedskip::configs

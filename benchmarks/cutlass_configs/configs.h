@@ -1,0 +1,23 @@
+// A configuration of the `cutlass` backend's kernel, as benchmarks/cutlass_configs.py sees it:
+// its name and entry points. configs.cuh makes one from a tile and cluster shape.
+#pragma once
+
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+namespace fusedskip::configs {
+
+struct Entry {
+  std::string name;
+  // relu_add, bfloat16: out = relu(x W^T + bias) + residual, mask as the op's. False where the
+  // kernel does not take these operands.
+  bool (*fused)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask);
+  // out = x W^T, bfloat16.
+  bool (*plain)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out);
+  // Empty where the mask store's layout assumption holds for this configuration.
+  std::string (*mask_layout_error)();
+};
+
+}  // namespace fusedskip::configs
