@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import fusedskip
-from fusedskip.bench import environment, parse_sizes
+from fusedskip.bench import append_markdown, parse_sizes
 
 DTYPE = torch.bfloat16
 
@@ -169,14 +167,11 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        env = environment("cuda")
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"cutlass-configs-{datetime.date.today()}.md")
-        with open(path, "a") as f:
-            f.write(f"# The cutlass kernel's configurations, relu_add bfloat16\n\n{env}\n\n"
-                    f"Per call: the device time of its kernels (torch.profiler) and the time of "
-                    f"{args.calls} back-to-back calls between two events; each the best of "
-                    f"{args.rounds} interleaved rounds.\n\n{text}\n")
+        path = append_markdown(
+            args.out, "cutlass-configs", "The cutlass kernel's configurations, relu_add bfloat16",
+            f"Per call: the device time of its kernels (torch.profiler) and the time of "
+            f"{args.calls} back-to-back calls between two events; each the best of "
+            f"{args.rounds} interleaved rounds.\n\n{text}")
         print("wrote", path)
     return 0
 

@@ -14,14 +14,12 @@ Under ncu, with --once: `ncu -k regex:"device_kernel|nvjet" ...` (every CUTLASS 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 
 import torch
 
-from fusedskip.bench import (OPS, Case, environment, parse_sizes, provider_backend, provider_fn,
-                             step_fn)
+from fusedskip.bench import (OPS, Case, append_markdown, parse_sizes, provider_backend,
+                             provider_fn, step_fn)
 
 
 def short(name: str, width: int = 70) -> str:
@@ -111,12 +109,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        env = environment("cuda")
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"kernel-times-{datetime.date.today()}.md")
-        with open(path, "a") as f:
-            f.write(f"# Kernel times\n\n{env}\n{text}\n")
-        print("wrote", path)
+        print("wrote", append_markdown(args.out, "kernel-times", "Kernel times", text))
     return 0
 
 

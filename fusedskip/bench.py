@@ -363,6 +363,16 @@ def environment(device: str) -> Dict[str, object]:
             "date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count()}
 
 
+def append_markdown(out_dir: str, stem: str, title: str, body: str, device: str = "cuda") -> str:
+    """Appends `body` under `title` and this run's environment (device, versions, commit) to
+    <out_dir>/<stem>-<date>.md, for the benchmark scripts in benchmarks/; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}-{datetime.date.today()}.md")
+    with open(path, "a") as f:
+        f.write(f"# {title}\n\n{environment(device)}\n\n{body}\n")
+    return path
+
+
 class Progress:
     """One line on stderr, rewritten: done/total, elapsed, what runs now."""
 

@@ -43,6 +43,16 @@ def test_sizes_option():
         bench.parse_sizes("64x10")
 
 
+def test_append_markdown_keeps_earlier_runs(tmp_path):
+    """The benchmark scripts append each run with the environment it ran in."""
+    first = bench.append_markdown(str(tmp_path), "times", "Run one", "| a |", device="cpu")
+    second = bench.append_markdown(str(tmp_path), "times", "Run two", "| b |", device="cpu")
+    assert first == second and os.path.basename(first).startswith("times-")
+    text = open(first).read()
+    assert text.index("# Run one") < text.index("| a |") < text.index("# Run two") < text.index("| b |")
+    assert text.count("'commit'") == 2 and torch.__version__ in text
+
+
 def test_quick_run_on_cpu(tmp_path):
     out = tmp_path / "results"
     assert bench.main(["--quick", "--device", "cpu", "--model", "--out", str(out)]) == 0
