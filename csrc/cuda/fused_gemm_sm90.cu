@@ -31,7 +31,6 @@
 
 #include <limits>
 #include <string>
-#include <vector>
 
 #include "backend.h"
 #include "dispatch.h"
