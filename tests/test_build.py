@@ -45,7 +45,7 @@ def test_cutlass_configs_mask_layout():
     configs = pytest.importorskip("fusedskip._cutlass_configs",
                                   reason="built only with FUSEDSKIP_CUTLASS_CONFIGS=1")
     names = configs.names()
-    assert len(names) == 5
+    assert len(names) == 7
     for name in names:
         assert configs.mask_layout_error(name) == "", name
 

@@ -8,17 +8,25 @@
 #include "configs.h"
 
 namespace fusedskip::configs {
-Entry tile_128x128_cluster_2x1();
-Entry tile_128x256_cluster_2x1();
-Entry tile_128x256_cluster_1x2();
-Entry tile_256x128_cluster_2x1();
-Entry tile_256x128_cluster_1x2();
+Entry cooperative_128x128_cluster_2x1();
+Entry cooperative_128x256_cluster_2x1();
+Entry cooperative_128x256_cluster_1x2();
+Entry cooperative_256x128_cluster_2x1();
+Entry cooperative_256x128_cluster_1x2();
+Entry pingpong_128x128_cluster_2x1();
+Entry pingpong_64x256_cluster_1x2();
 
 namespace {
 const std::vector<Entry>& entries() {
-  static const std::vector<Entry> all = {tile_128x128_cluster_2x1(), tile_128x256_cluster_2x1(),
-                                         tile_128x256_cluster_1x2(), tile_256x128_cluster_2x1(),
-                                         tile_256x128_cluster_1x2()};
+  static const std::vector<Entry> all = {
+      cooperative_128x128_cluster_2x1(),
+      cooperative_128x256_cluster_2x1(),
+      cooperative_128x256_cluster_1x2(),
+      cooperative_256x128_cluster_2x1(),
+      cooperative_256x128_cluster_1x2(),
+      pingpong_128x128_cluster_2x1(),
+      pingpong_64x256_cluster_1x2(),
+  };
   return all;
 }
 

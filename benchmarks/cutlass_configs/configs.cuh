@@ -33,14 +33,18 @@ struct Kernels {
   static std::string mask_layout_error() { return sm90::mask_layout_error<Fused>("relu_add"); }
 };
 
-#define FUSEDSKIP_CONFIG(NAME, M, N, CM, CN)                                        \
-  Entry NAME() {                                                                     \
-    using K = Kernels<sm90::CooperativeConfig<M, N, CM, CN>>;                        \
-    return {#M "x" #N " cluster " #CM "x" #CN, &K::fused, &K::plain, &K::mask_layout_error}; \
+// SCHEDULE: Cooperative or Pingpong (csrc/cuda/fused_gemm_sm90.cuh).
+#define FUSEDSKIP_CONFIG(NAME, SCHEDULE, M, N, CM, CN)                          \
+  Entry NAME() {                                                               \
+    using K = Kernels<sm90::SCHEDULE##Config<M, N, CM, CN>>;                   \
+    return {#SCHEDULE " " #M "x" #N " cluster " #CM "x" #CN, &K::fused, &K::plain, \
+            &K::mask_layout_error};                                            \
   }
 #else
-#define FUSEDSKIP_CONFIG(NAME, M, N, CM, CN) \
-  Entry NAME() { return {#M "x" #N " cluster " #CM "x" #CN, nullptr, nullptr, nullptr}; }
+#define FUSEDSKIP_CONFIG(NAME, SCHEDULE, M, N, CM, CN)                               \
+  Entry NAME() {                                                                    \
+    return {#SCHEDULE " " #M "x" #N " cluster " #CM "x" #CN, nullptr, nullptr, nullptr}; \
+  }
 #endif
 
 }  // namespace fusedskip::configs

@@ -205,6 +205,16 @@ struct CooperativeConfig {
 };
 using LibraryConfig = CooperativeConfig<128, 128, 2, 1>;
 
+// The same, but each consumer warpgroup takes whole tiles in turn (the ping-pong schedule), so
+// that one's epilogue runs while the other's mainloop does.
+template <int kTileM, int kTileN, int kClusterM, int kClusterN>
+struct PingpongConfig {
+  using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
+  using ClusterShape = Shape<Int<kClusterM>, Int<kClusterN>, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
+
 // A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
 // (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
 // (ElementC; void where the tree reads none).

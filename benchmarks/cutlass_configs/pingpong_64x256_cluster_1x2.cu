@@ -1,4 +1,4 @@
 #include "configs.cuh"
 namespace fusedskip::configs {
-FUSEDSKIP_CONFIG(tile_128x256_cluster_2x1, 128, 256, 2, 1)
+FUSEDSKIP_CONFIG(pingpong_64x256_cluster_1x2, Pingpong, 64, 256, 1, 2)
 }  // namespace fusedskip::configs

@@ -1,4 +1,4 @@
 #include "configs.cuh"
 namespace fusedskip::configs {
-FUSEDSKIP_CONFIG(tile_256x128_cluster_2x1, 256, 128, 2, 1)
+FUSEDSKIP_CONFIG(cooperative_128x128_cluster_2x1, Cooperative, 128, 128, 2, 1)
 }  // namespace fusedskip::configs

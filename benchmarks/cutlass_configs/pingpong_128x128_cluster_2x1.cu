@@ -1,4 +1,4 @@
 #include "configs.cuh"
 namespace fusedskip::configs {
-FUSEDSKIP_CONFIG(tile_256x128_cluster_1x2, 256, 128, 1, 2)
+FUSEDSKIP_CONFIG(pingpong_128x128_cluster_2x1, Pingpong, 128, 128, 2, 1)
 }  // namespace fusedskip::configs
