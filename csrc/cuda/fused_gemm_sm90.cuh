@@ -192,28 +192,28 @@ struct ReluMaskStore {
   }
 };
 
-// A kernel configuration: tile and cluster shapes, K step 64, two consumer warpgroups sharing
-// each tile (the cooperative schedule) and a persistent grid. The library's is 128x128 with
-// clusters of 2 along M, the fastest measured (benchmarks/NOTES.md);
-// benchmarks/cutlass_configs/ times others.
-template <int kTileM, int kTileN, int kClusterM, int kClusterN>
-struct CooperativeConfig {
+// A kernel configuration: tile and cluster shapes (K step 64), mainloop and epilogue schedules,
+// on a persistent grid. Cooperative: two consumer warpgroups share each tile. Ping-pong: each
+// takes whole tiles in turn, so that one's epilogue runs while the other's mainloop does. The
+// library's is cooperative 128x128 with clusters of 2 along M, the fastest measured
+// (benchmarks/NOTES.md); benchmarks/cutlass_configs/ times others.
+template <int kTileM, int kTileN, int kClusterM, int kClusterN, class Kernel, class Epilogue>
+struct KernelConfig {
   using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
   using ClusterShape = Shape<Int<kClusterM>, Int<kClusterN>, _1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using KernelSchedule = Kernel;
+  using EpilogueSchedule = Epilogue;
 };
+template <int kTileM, int kTileN, int kClusterM, int kClusterN>
+using CooperativeConfig =
+    KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
+                 cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
+template <int kTileM, int kTileN, int kClusterM, int kClusterN>
+using PingpongConfig = KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
+                                    cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                    cutlass::epilogue::TmaWarpSpecialized>;
 using LibraryConfig = CooperativeConfig<128, 128, 2, 1>;
-
-// The same, but each consumer warpgroup takes whole tiles in turn (the ping-pong schedule), so
-// that one's epilogue runs while the other's mainloop does.
-template <int kTileM, int kTileN, int kClusterM, int kClusterN>
-struct PingpongConfig {
-  using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
-  using ClusterShape = Shape<Int<kClusterM>, Int<kClusterN>, _1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-};
 
 // A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
 // (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
