@@ -53,7 +53,8 @@ struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
 // The mask bits of one warp's share of an epilogue subtile, from its ballots. In the wgmma
 // accumulator layout, as the epilogue hands it to a visitor (FragmentSize 16: one call per
-// 128x32 subtile), warp w holds rows 16w..16w+15 of the subtile and lane l holds, for each of its
+// subtile, 128x32 for the cooperative schedule, 64x32 for ping-pong), warp w holds rows
+// 16w..16w+15 of the subtile and lane l holds, for each of its
 // 16 values k, the element at
 //   row  l / 4 + 8 * bit1(k)
 //   col  2 * (l % 4) + bit0(k) + 8 * (k / 4)
@@ -162,7 +163,7 @@ struct ReluMaskStore {
       Tensor coords_mn = coords(_, _, _, epi_m, epi_n);
       static_assert(FragmentSize == kMaskValuesPerSubtile &&
                         decltype(size(coords_mn))::value == kMaskValuesPerSubtile,
-                    "ReluMaskStore assumes one visit per 128x32 subtile, 16 values per thread");
+                    "ReluMaskStore assumes one visit per subtile, 16 values per thread");
       uint32_t ballot[kMaskValuesPerSubtile];
       CUTLASS_PRAGMA_UNROLL
       for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
