@@ -156,16 +156,17 @@ def main() -> int:
         lines.append(f"| {name} | {layout} | {exact} |")
         if layout == "ok" and exact == "ok":
             names.append(name)
-    rows = []
-    for m, k, n in parse_sizes(args.sizes):
-        rows += measure(configs, names, m, k, n, args.calls, args.rounds)
+    # Printed as it goes, so that a run cut short by a time limit still leaves what it measured.
+    print("\n".join(lines), flush=True)
     lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | queued µs/call |",
               "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {row['size']} | {row['provider']} | {row['kernels_us']:.1f} | "
-              f"{row['vs_mm']:.3f} | {row['tflops']:.0f} | {row['queued_us']:.1f} |"
-              for row in rows]
+    print("\n".join(lines[-3:]), flush=True)
+    for m, k, n in parse_sizes(args.sizes):
+        for row in measure(configs, names, m, k, n, args.calls, args.rounds):
+            lines.append(f"| {row['size']} | {row['provider']} | {row['kernels_us']:.1f} | "
+                         f"{row['vs_mm']:.3f} | {row['tflops']:.0f} | {row['queued_us']:.1f} |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines)
-    print(text)
     if args.out:
         path = append_markdown(
             args.out, "cutlass-configs", "The cutlass kernel's configurations, relu_add bfloat16",
