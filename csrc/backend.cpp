@@ -118,7 +118,12 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
       case Backend::kNative:
       case Backend::kCudaEmulation: return forced_tiles(backend, g);
       default:
-        return work <= kCudaNativeMaxWork && tiles_fit(g) ? GemmPath::kTiles : GemmPath::kLibrary;
+        // Above the native kernel's range, the CUTLASS GEMM with the epilogue inside where it
+        // applies (it hands every other shape, and the backward, to the library path): on an
+        // H100 it beat cuBLAS + the pass at 4096x1024x1024 (18.1 vs 19.8 us) and 8192x4096x4096
+        // (381.8 vs 408.0; benchmarks/NOTES.md, "Which CUTLASS configuration").
+        if (work <= kCudaNativeMaxWork && tiles_fit(g)) return GemmPath::kTiles;
+        return fused_gemm_built() ? GemmPath::kFusedGemm : GemmPath::kLibrary;
     }
   }
   return GemmPath::kLibrary;

@@ -1,7 +1,8 @@
 // How the op computes x W^T and its epilogue: the one place that chooses, per call.
 //
 //   FUSEDSKIP_BACKEND (read at load) / fusedskip.set_backend(name) (at run time):
-//     auto            per shape, below (the default)
+//     auto            per shape, below (the default): on CUDA the native kernel for small
+//                     layers; above, cutlass where it applies, else gemm_epilogue
 //     native          CUDA: the native fused kernel (csrc/cuda/tile_kernels.cu);
 //                     CPU: the direct loops (csrc/cpu/fused_linear_cpu.cpp)
 //     gemm_epilogue   the library GEMM (cuBLAS / CPU BLAS through ATen) + one element-wise pass
@@ -9,7 +10,7 @@
 //                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
 //     cutlass         CUDA: the forward's GEMM, bias, ReLU + mask and residual in one CUTLASS
 //                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu), where it applies; elsewhere,
-//                     and for the backward, gemm_epilogue. Not chosen by auto until measured.
+//                     and for the backward, gemm_epilogue
 #pragma once
 
 #include <cstdint>

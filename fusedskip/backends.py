@@ -4,7 +4,8 @@
     fusedskip.set_backend(name)           process-wide; FUSEDSKIP_BACKEND sets it at import
     with fusedskip.use_backend(name): ...
 
-Backends: ``auto`` (the default: per shape, the faster path), ``native`` (CUDA: the one-launch
+Backends: ``auto`` (the default: per shape, the faster path measured: on CUDA ``native`` for
+small layers, above them ``cutlass`` where it applies, else ``gemm_epilogue``), ``native`` (CUDA: the one-launch
 fused kernel; CPU: the direct loops), ``gemm_epilogue`` (the library GEMM, cuBLAS or CPU BLAS,
 then one fused element-wise pass), ``cuda_emulation`` (CPU tensors: the native CUDA kernel's own
 code run on the host, thread by thread; slow, it checks the GPU kernel without a GPU),

@@ -263,7 +263,7 @@ def cutlass_launches() -> int:
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("residual", (None, "relu_add", "add_relu"))
 def test_cutlass_every_relu_form(dtype, residual):
-    # Edges of its 128x128x64 tiles in every dimension; bias and none; a concat (one GEMM over
+    # Edges of its 128x256x64 tiles in every dimension (and of 128-column halves); bias and none; a concat (one GEMM over
     # the cat); leading batch dims.
     cases = (([8], 128, (1,), True), ([264], 384, (1000,), True), ([1024], 256, (4097,), False),
              ([64], 640, (3, 43), True), ([64, 200], 256, (300,), True))
@@ -329,3 +329,20 @@ def test_cutlass_mask_and_output_equal_the_cublas_path(residual):
     assert torch.isnan(out[7]).all() and torch.equal(mask[7], torch.full_like(mask[7], 255))
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(mask, mask_ref)
+
+
+@needs_cutlass_gpu
+def test_auto_takes_cutlass_above_the_native_range():
+    """`auto` runs the CUTLASS GEMM for a large layer it applies to (faster there than cuBLAS +
+    the pass, benchmarks/NOTES.md) and not for a small one (the native kernel's) or one it does
+    not apply to; each still right."""
+    assert fusedskip.get_backend() == "auto"
+    for widths, cols, rows, relu, expect in (([1024], 1024, 4096, True, True),
+                                             ([30], 30, 64, True, False),
+                                             ([1024], 1000, 4096, True, False),  # cols % 128
+                                             ([1024], 1024, 4096, False, False)):
+        sample = make_sample(widths, cols, (rows,), relu=relu, residual="relu_add",
+                             dtype=torch.bfloat16, device="cuda")
+        before = cutlass_launches()
+        check(sample, torch.bfloat16)
+        assert (cutlass_launches() > before) == expect, sample.name
