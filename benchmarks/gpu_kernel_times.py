@@ -22,10 +22,12 @@ from fusedskip.bench import (OPS, Case, append_markdown, parse_sizes, provider_b
                              provider_fn, step_fn)
 
 
-def short(name: str, width: int = 70) -> str:
-    """Kernel names from templates run to kilobytes: keep the head, which says what it is."""
+def short(name: str, head: int = 50, tail: int = 45) -> str:
+    """Kernel names from templates run to kilobytes: keep the head, which says what it is, and
+    the tail, which tells apart instantiations of one template (the native kernel's forward and
+    backward differ only in their last template arguments)."""
     name = name.replace("void ", "")
-    return name if len(name) <= width else name[:width - 1] + "…"
+    return name if len(name) <= head + tail + 1 else name[:head] + "…" + name[-tail:]
 
 
 def measure(case: Case, provider: str, mode: str, calls: int):
