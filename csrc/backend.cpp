@@ -49,6 +49,14 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 // element-wise bounds-checked loads) runs at ~22 TFLOP/s against cuBLAS's hundreds.
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 28;
 
+// CUDA: the CUTLASS GEMM with the epilogue inside (where it applies) from this many
+// multiply-adds, cuBLAS + the element-wise pass between the two thresholds. Measured on an H100
+// (bf16 relu_add forward, device time; results/h100-2026-11-27/5-library-128x256): cuBLAS + pass
+// was faster at 4096x512x512 = 2^30 (9.2 against 12.5 us: 64 tiles of 128x256 leave half the
+// SMs idle), the CUTLASS GEMM from 8192x512x512 = 2^31 up (13.2 against 15.0; 18.5 against 19.8
+// at 2^32; 378.3 against 409.7 at 8192x4096x4096).
+constexpr int64_t kCudaFusedGemmMinWork = int64_t{1} << 31;
+
 // The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
 // tiles; each weight-gradient block's and the bias gradient's tiles times their split-K slices),
 // must fit one launch.
@@ -118,12 +126,11 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
       case Backend::kNative:
       case Backend::kCudaEmulation: return forced_tiles(backend, g);
       default:
-        // Above the native kernel's range, the CUTLASS GEMM with the epilogue inside where it
-        // applies (it hands every other shape, and the backward, to the library path): on an
-        // H100 it beat cuBLAS + the pass at 4096x1024x1024 (18.1 vs 19.8 us) and 8192x4096x4096
-        // (381.8 vs 408.0; benchmarks/NOTES.md, "Which CUTLASS configuration").
+        // The CUTLASS GEMM hands the shapes it does not apply to, and the backward, to the
+        // library path.
         if (work <= kCudaNativeMaxWork && tiles_fit(g)) return GemmPath::kTiles;
-        return fused_gemm_built() ? GemmPath::kFusedGemm : GemmPath::kLibrary;
+        return work >= kCudaFusedGemmMinWork && fused_gemm_built() ? GemmPath::kFusedGemm
+                                                                   : GemmPath::kLibrary;
     }
   }
   return GemmPath::kLibrary;

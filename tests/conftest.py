@@ -141,6 +141,9 @@ def make_sample(widths, out_features, leading, *, bias=True, residual=None, relu
     weight = (rand(out_features, sum(widths)) / max(1, sum(widths)) ** 0.5)
     weight.requires_grad_(requires_grad)
     b = rand(out_features).requires_grad_(requires_grad) if bias else None
+    if residual is not None and not relu:
+        # Sample.call goes through the public API, whose residual forms always have a ReLU.
+        raise ValueError("make_sample: a residual needs relu=True")
     r = None
     if residual is not None:
         r = strided_like(rand(*leading, out_features), layout).requires_grad_(requires_grad)

@@ -334,15 +334,18 @@ def test_cutlass_mask_and_output_equal_the_cublas_path(residual):
 @needs_cutlass_gpu
 def test_auto_takes_cutlass_above_the_native_range():
     """`auto` runs the CUTLASS GEMM for a large layer it applies to (faster there than cuBLAS +
-    the pass, benchmarks/NOTES.md) and not for a small one (the native kernel's) or one it does
-    not apply to; each still right."""
+    the pass, csrc/backend.cpp) and not for a smaller one (the native kernel's, or cuBLAS's
+    between the thresholds) or one it does not apply to; each still right."""
     assert fusedskip.get_backend() == "auto"
-    for widths, cols, rows, relu, expect in (([1024], 1024, 4096, True, True),
-                                             ([30], 30, 64, True, False),
-                                             ([1024], 1000, 4096, True, False),  # cols % 128
-                                             ([1024], 1024, 4096, False, False)):
-        sample = make_sample(widths, cols, (rows,), relu=relu, residual="relu_add",
-                             dtype=torch.bfloat16, device="cuda")
+    for widths, cols, rows, residual, expect in (
+            ([1024], 1024, 4096, "relu_add", True),
+            ([512], 512, 8192, "add_relu", True),  # 2^31 multiply-adds: the threshold
+            ([512], 512, 4096, "relu_add", False),  # 2^30: cuBLAS + the pass
+            ([30], 30, 64, "relu_add", False),  # the native kernel
+            ([1024], 1000, 4096, "relu_add", False),  # cols % 128
+            ([512, 512], 1024, 4096, None, True)):  # a concat: one GEMM over the cat
+        sample = make_sample(widths, cols, (rows,), residual=residual, dtype=torch.bfloat16,
+                             device="cuda")
         before = cutlass_launches()
         check(sample, torch.bfloat16)
         assert (cutlass_launches() > before) == expect, sample.name
