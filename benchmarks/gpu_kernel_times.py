@@ -88,9 +88,14 @@ def main() -> int:
         for m, k, n in parse_sizes(args.sizes):
             case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
             for provider in args.providers.split(","):
+                fn = provider_fn(provider, case.op)
                 with provider_backend(provider):
-                    provider_fn(provider, case.op)(
-                        *case.make_inputs(requires_grad=args.mode != "no_grad"))
+                    inputs = case.make_inputs(requires_grad=args.mode != "no_grad")
+                    grad = None
+                    if args.mode == "forward+backward":  # one untimed forward, for the shape
+                        with torch.no_grad():
+                            grad = torch.ones_like(fn(*inputs))
+                    step_fn(fn, args.mode, inputs, grad)()
         torch.cuda.synchronize()
         return 0
 
