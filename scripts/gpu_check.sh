@@ -79,7 +79,7 @@ step cuda_tests 240 $PY -m pytest tests -m "cuda or build" -q -ra \
 # 3. compute-sanitizer on the smoke workload (both backends). Caching off: an overrun inside a
 # cached 2 MiB block is invisible to memcheck. racecheck: the native kernel's shared-memory tiles
 # (loads, tensor-core reads, the aliased accumulator tile the epilogue reads).
-step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+step memcheck 210 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/cuda_smoke.py native
 
