@@ -1,0 +1,4 @@
+O=$OUT/r; mkdir -p $O; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FUSEDSKIP_EXPECT_CUDA_BUILD=1 FUSEDSKIP_EXPECT_CUTLASS=1
+timeout 100 python3 -m pytest tests -m "cuda or build" -q -ra -p no:cacheprovider > $O/cuda_tests.log 2>&1; echo tests rc=$?; tail -n 4 $O/cuda_tests.log
+timeout 60 ncu -k regex:tile_gemm --launch-skip 0 --launch-count 3 --section LaunchStats --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis python3 benchmarks/gpu_kernel_times.py --once --op relu_add --mode forward+backward --sizes 65536x30x30 --providers fused > $O/ncu_narrow.log 2>&1; echo ncu rc=$?
+grep -E "tile_gemm|Duration|Grid Size|Block Size|Registers|Achieved Occupancy|Theoretical Occupancy|Stall|Memory Throughput|Compute \(SM\)|Waves|L1/TEX Hit|DRAM Throughput|Shared Memory Config|Dynamic Shared|Static Shared" $O/ncu_narrow.log | cut -c1-140 | head -70
