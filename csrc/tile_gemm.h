@@ -36,8 +36,9 @@ constexpr int kTileEdge = 64;
 // A launch is a 1-D grid of blocks (every problem's tiles and slices in a row): at most the CUDA
 // limit of the grid's x dimension (csrc/backend.cpp checks before choosing the kernel).
 constexpr int64_t kTileMaxBlocks = (int64_t{1} << 31) - 1;
-// Split-K: at most this many slices per weight-gradient block.
-constexpr int64_t kTileMaxSplits = 64;
+// Split-K: at most this many slices per weight-gradient block (65536 rows at the 256 per slice
+// that csrc/tile_plan.h keeps as a floor).
+constexpr int64_t kTileMaxSplits = 256;
 
 // Which operand of a backward segment is the output gradient G (rows, cols), read through the
 // ReLU mask (G's element (r, c) counts only where mask bit (r, c) is set), and how it is indexed.

@@ -114,8 +114,13 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
 }
 
 // Split-K of the weight gradient (K = rows, often large while the output is small): slices of at
-// least this many rows, at most kTileMaxSplits (csrc/tile_gemm.h) of them.
+// least this many rows, at most kTileMaxSplits (csrc/tile_gemm.h) of them, as many as give every
+// multiprocessor kTileSplitBlocksPerSm of the row-summing blocks. Why 4 and not 2: at 65536x30x30
+// two per SM (64 slices of 1024 rows) left the backward at 11% achieved occupancy against 50%
+// possible, ~128 blocks of 4 warps each walking 32 K steps after the other blocks had finished
+// (ncu on an H200, benchmarks/results/h200-2026-11-27). Not yet timed at 4.
 constexpr int64_t kTileMinRowsPerSplit = 256;
+constexpr int64_t kTileSplitBlocksPerSm = 4;
 
 // The whole backward in one launch: grad_inputs_2d[i] = G W_i (where defined, (rows, width_i)
 // contiguous), grad_weight[:, block i] = G^T inputs_2d[i] (when defined, (cols, in_features)
@@ -138,7 +143,7 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
     using acc_t = at::opmath_type<scalar_t>;
     with_tile_math<Executor, scalar_t>([&]<class Math>() {
       // The weight and bias gradients sum over the rows (their K): split it into enough slices
-      // to give every multiprocessor two blocks.
+      // to give every multiprocessor kTileSplitBlocksPerSm blocks.
       int64_t splits = 1;
       int64_t k_per_split = std::max<int64_t>(rows, 1);
       if ((grad_weight.defined() || grad_bias.defined()) && rows > 0) {
@@ -149,7 +154,8 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
           }
         }
         const int64_t wanted =
-            ceil_div(2 * Executor::multiprocessors(), std::max<int64_t>(row_sum_tiles, 1));
+            ceil_div(kTileSplitBlocksPerSm * Executor::multiprocessors(),
+                     std::max<int64_t>(row_sum_tiles, 1));
         const int64_t most =
             std::min(kTileMaxSplits, std::max<int64_t>(1, rows / kTileMinRowsPerSplit));
         splits = std::clamp<int64_t>(wanted, 1, most);
