@@ -10,6 +10,11 @@ cuBLAS, and what does the fused epilogue add to it.
 Every configuration is first checked against the library's cuBLAS path, bit for bit, on integer
 inputs whose sums are exact (a NaN row too); one that differs is reported and not timed.
 
+Then, at the first size, the two fastest configurations again under every tile order the
+persistent scheduler offers (swizzle 1/2/4/8 x raster heuristic/along M/along N): the order
+decides which operand tiles the tiles in flight share in L2, which a mainloop that trails
+cuBLAS by a few percent may be losing there.
+
 Needs an sm_90 GPU and fusedskip._cutlass_configs, which a build with FUSEDSKIP_CUTLASS_CONFIGS=1
 adds (setup.py):
 
@@ -59,13 +64,19 @@ def integer_operands(m: int, k: int, n: int, density: float):
     return x, w, b, r
 
 
-def check(configs, name: str, m: int, k: int, n: int) -> str:
+ORDERS = [(swizzle, raster) for swizzle in (1, 2, 4, 8)
+          for raster in ("heuristic", "along_m", "along_n")]
+
+
+def check(configs, name: str, m: int, k: int, n: int, swizzle: int = 1,
+          raster: str = "heuristic") -> str:
     """Empty where the configuration's output and mask equal the cuBLAS path's and its plain
     GEMM equals torch.mm; else what differs."""
+    order = dict(swizzle=swizzle, raster=raster)
     x, w, b, r = integer_operands(m, k, n, density=min(1.0, 128 / k))
     out = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
     mask = torch.full((m, n // 8), 0xA5, device="cuda", dtype=torch.uint8)
-    if not configs.relu_add(name, x, w, b, r, out, mask):
+    if not configs.relu_add(name, x, w, b, r, out, mask, **order):
         return "the fused kernel does not take this shape"
     ref_out, ref_mask = library("gemm_epilogue", x, w, b, r)
     if not torch.equal(mask, ref_mask):
@@ -74,7 +85,7 @@ def check(configs, name: str, m: int, k: int, n: int) -> str:
             out.nan_to_num(), ref_out.nan_to_num()):
         return "output differs from the cuBLAS path's"
     plain = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
-    if not configs.gemm(name, x, w, plain):
+    if not configs.gemm(name, x, w, plain, **order):
         return "the plain GEMM does not take this shape"
     if not torch.equal(plain.nan_to_num(), (x @ w.T).nan_to_num()):
         return "plain GEMM differs from torch.mm"
@@ -102,18 +113,47 @@ def time_per_call(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
     return queued, device / calls
 
 
-def measure(configs, names: List[str], m: int, k: int, n: int, calls: int,
-            rounds: int) -> List[dict]:
+def operands(m: int, k: int, n: int):
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
     w = torch.randn(n, k, device="cuda", dtype=DTYPE) / k ** 0.5
     b = torch.randn(n, device="cuda", dtype=DTYPE)
     r = torch.randn(m, n, device="cuda", dtype=DTYPE)
     out = torch.empty(m, n, device="cuda", dtype=DTYPE)
     mask = torch.empty(m, n // 8, device="cuda", dtype=torch.uint8)
+    return x, w, b, r, out, mask
+
+
+Providers = Dict[str, Tuple[Optional[str], Callable[[], object]]]
+
+
+def best_of(providers: Providers, size: Tuple[int, int, int], calls: int, rounds: int,
+            reference: str) -> List[dict]:
+    """Each provider's best (queued, kernels) µs over `rounds` interleaved rounds, so that clocks
+    and heat even out; relative to `reference`'s kernel time."""
+    m, k, n = size
+    best = {label: (float("inf"), float("inf")) for label in providers}
+    for _ in range(rounds):
+        for label, (backend, fn) in providers.items():
+            with fusedskip.use_backend(backend) if backend else contextlib.nullcontext():
+                queued, kernels = time_per_call(fn, calls)
+            best[label] = (min(best[label][0], queued), min(best[label][1], kernels))
+    ref = best[reference][1]
+    return [{"size": f"{m}x{k}x{n}", "provider": label, "queued_us": queued,
+             "kernels_us": kernels, "vs_ref": kernels / ref,
+             "tflops": 2 * m * k * n / kernels / 1e6}
+            for label, (queued, kernels) in best.items()]
+
+
+MM = "torch.mm (cuBLAS, GEMM alone)"
+
+
+def measure(configs, names: List[str], m: int, k: int, n: int, calls: int,
+            rounds: int) -> List[dict]:
+    x, w, b, r, out, mask = operands(m, k, n)
     op = torch.ops.fusedskip.fused_linear
     # label -> (the library backend it runs under, or None; the call)
-    providers: Dict[str, Tuple[Optional[str], Callable[[], object]]] = {
-        "torch.mm (cuBLAS, GEMM alone)": (None, lambda: torch.mm(x, w.T, out=out)),
+    providers: Providers = {
+        MM: (None, lambda: torch.mm(x, w.T, out=out)),
         "library: cuBLAS + pass (gemm_epilogue)": (
             "gemm_epilogue", lambda: op([x], w, b, r, True, False)),
         "library: cutlass backend": ("cutlass", lambda: op([x], w, b, r, True, False)),
@@ -122,17 +162,29 @@ def measure(configs, names: List[str], m: int, k: int, n: int, calls: int,
         providers[f"{name}: fused relu_add"] = (
             None, lambda name=name: configs.relu_add(name, x, w, b, r, out, mask))
         providers[f"{name}: GEMM alone"] = (None, lambda name=name: configs.gemm(name, x, w, out))
-    best = {label: (float("inf"), float("inf")) for label in providers}
-    for _ in range(rounds):  # providers interleaved, so that clocks and heat even out
-        for label, (backend, fn) in providers.items():
-            with fusedskip.use_backend(backend) if backend else contextlib.nullcontext():
-                queued, kernels = time_per_call(fn, calls)
-            best[label] = (min(best[label][0], queued), min(best[label][1], kernels))
-    mm = best["torch.mm (cuBLAS, GEMM alone)"][1]
-    return [{"size": f"{m}x{k}x{n}", "provider": label, "queued_us": queued,
-             "kernels_us": kernels, "vs_mm": kernels / mm,
-             "tflops": 2 * m * k * n / kernels / 1e6}
-            for label, (queued, kernels) in best.items()]
+    return best_of(providers, (m, k, n), calls, rounds, MM)
+
+
+def measure_orders(configs, names: List[str], m: int, k: int, n: int, calls: int,
+                   rounds: int) -> List[dict]:
+    """`names` under every tile order, fused and plain, beside torch.mm."""
+    x, w, b, r, out, mask = operands(m, k, n)
+    providers: Providers = {MM: (None, lambda: torch.mm(x, w.T, out=out))}
+    for name in names:
+        for swizzle, raster in ORDERS:
+            order = dict(swizzle=swizzle, raster=raster)
+            label = f"{name}, swizzle {swizzle}, {raster}"
+            providers[f"{label}: fused relu_add"] = (
+                None, lambda name=name, order=order: configs.relu_add(name, x, w, b, r, out, mask,
+                                                                      **order))
+            providers[f"{label}: GEMM alone"] = (
+                None, lambda name=name, order=order: configs.gemm(name, x, w, out, **order))
+    return best_of(providers, (m, k, n), calls, rounds, MM)
+
+
+def table_row(row: dict) -> str:
+    return (f"| {row['size']} | {row['provider']} | {row['kernels_us']:.1f} | "
+            f"{row['vs_ref']:.3f} | {row['tflops']:.0f} | {row['queued_us']:.1f} |")
 
 
 def main() -> int:
@@ -161,10 +213,31 @@ def main() -> int:
     lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | queued µs/call |",
               "|---|---|---:|---:|---:|---:|"]
     print("\n".join(lines[-3:]), flush=True)
-    for m, k, n in parse_sizes(args.sizes):
-        for row in measure(configs, names, m, k, n, args.calls, args.rounds):
-            lines.append(f"| {row['size']} | {row['provider']} | {row['kernels_us']:.1f} | "
-                         f"{row['vs_mm']:.3f} | {row['tflops']:.0f} | {row['queued_us']:.1f} |")
+    sizes = parse_sizes(args.sizes)
+    first = []
+    for m, k, n in sizes:
+        rows = measure(configs, names, m, k, n, args.calls, args.rounds)
+        first = first or rows
+        for row in rows:
+            lines.append(table_row(row))
+            print(lines[-1], flush=True)
+
+    # The two fastest fused kernels at the first size, under every tile order.
+    fused = sorted((row["kernels_us"], row["provider"].split(":")[0]) for row in first
+                   if row["provider"].split(":")[0] in names and "fused" in row["provider"])
+    fastest = [name for _, name in fused[:2]]
+    if fastest:
+        m, k, n = sizes[0]
+        start = len(lines)
+        lines += ["", f"Tile orders at {m}x{k}x{n} (bit-exact check per configuration at "
+                      "swizzle 8, along N):", ""]
+        lines += [f"- {name}: {check(configs, name, 300, 64, 384, 8, 'along_n') or 'ok'}"
+                  for name in fastest]
+        lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | "
+                      "queued µs/call |", "|---|---|---:|---:|---:|---:|"]
+        print("\n".join(lines[start:]), flush=True)
+        for row in measure_orders(configs, fastest, m, k, n, args.calls, args.rounds):
+            lines.append(table_row(row))
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     if args.out:

@@ -46,8 +46,21 @@ def test_cutlass_configs_mask_layout():
                                   reason="built only with FUSEDSKIP_CUTLASS_CONFIGS=1")
     names = configs.names()
     assert len(names) == 7
+    assert names[0] == "Cooperative 128x256 cluster 2x1"  # the library's (its NOTES say why)
     for name in names:
         assert configs.mask_layout_error(name) == "", name
+
+
+def test_cutlass_configs_refuse_unknown_tile_orders():
+    configs = pytest.importorskip("fusedskip._cutlass_configs",
+                                  reason="built only with FUSEDSKIP_CUTLASS_CONFIGS=1")
+    name, t = configs.names()[0], torch.empty(0)
+    with pytest.raises(ValueError, match="swizzle must be 1, 2, 4 or 8, got 3"):
+        configs.gemm(name, t, t, t, swizzle=3)
+    with pytest.raises(ValueError, match="raster must be .* got 'diagonal'"):
+        configs.gemm(name, t, t, t, raster="diagonal")
+    with pytest.raises(ValueError, match="no configuration named 'Cooperative 1x1'"):
+        configs.gemm("Cooperative 1x1", t, t, t)
 
 
 def test_cuda_available_needs_a_gpu():

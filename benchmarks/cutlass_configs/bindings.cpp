@@ -19,8 +19,8 @@ Entry pingpong_64x256_cluster_1x2();
 namespace {
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> all = {
-      cooperative_128x128_cluster_2x1(),
       cooperative_128x256_cluster_2x1(),
+      cooperative_128x128_cluster_2x1(),
       cooperative_128x256_cluster_1x2(),
       cooperative_256x128_cluster_2x1(),
       cooperative_256x128_cluster_1x2(),
@@ -38,6 +38,17 @@ const Entry& find(const std::string& name) {
     }
   }
   TORCH_CHECK_VALUE(false, "fusedskip: no configuration named '", name, "'");
+}
+
+Order order_of(int swizzle, const std::string& raster) {
+  TORCH_CHECK_VALUE(swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8,
+                    "fusedskip: swizzle must be 1, 2, 4 or 8, got ", swizzle);
+  const std::vector<std::string> rasters = {"heuristic", "along_m", "along_n"};
+  for (size_t i = 0; i < rasters.size(); ++i) {
+    if (raster == rasters[i]) return {swizzle, static_cast<int>(i)};
+  }
+  TORCH_CHECK_VALUE(false, "fusedskip: raster must be 'heuristic', 'along_m' or 'along_n', got '",
+                    raster, "'");
 }
 
 // What TMA and the kernels need; the benchmark makes its operands this way.
@@ -60,8 +71,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Empty where the mask store's register layout assumption holds (a host check).");
   m.def("relu_add", [](const std::string& name, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& out,
-                       const at::Tensor& mask) {
+                       const at::Tensor& mask, int swizzle, const std::string& raster) {
     const Entry& entry = find(name);
+    const Order order = order_of(swizzle, raster);
     for (const auto& [t, what] : {std::pair{x, "x"}, {weight, "weight"}, {residual, "residual"},
                                   {out, "out"}}) {
       check(t, what);
@@ -73,14 +85,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.is_contiguous() &&
                           mask.size(0) == x.size(0) && mask.size(1) * 8 == weight.size(0),
                       "fusedskip: mask must be contiguous uint8 (rows, out_features / 8)");
-    return entry.fused(x, weight, bias, residual, out, mask);
-  }, "relu(x W^T + bias) + residual into out, and its mask; false where it does not apply.");
+    return entry.fused(x, weight, bias, residual, out, mask, order);
+  }, "relu(x W^T + bias) + residual into out, and its mask; false where it does not apply.",
+        py::arg("name"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
+        py::arg("out"), py::arg("mask"), py::arg("swizzle") = 1, py::arg("raster") = "heuristic");
   m.def("gemm", [](const std::string& name, const at::Tensor& x, const at::Tensor& weight,
-                   const at::Tensor& out) {
+                   const at::Tensor& out, int swizzle, const std::string& raster) {
     const Entry& entry = find(name);
+    const Order order = order_of(swizzle, raster);
     check(x, "x");
     check(weight, "weight");
     check(out, "out");
-    return entry.plain(x, weight, out);
-  }, "x W^T into out with the same mainloop and no fusion; false where it does not apply.");
+    return entry.plain(x, weight, out, order);
+  }, "x W^T into out with the same mainloop and no fusion; false where it does not apply.",
+        py::arg("name"), py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("swizzle") = 1,
+        py::arg("raster") = "heuristic");
 }

@@ -23,12 +23,18 @@ struct Kernels {
       cutlass::epilogue::fusion::Sm90AccFetch>;
   using Plain = sm90::TreeGemm<Element, Config, Convert, void>;
 
-  static bool fused(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                    const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask) {
-    return Fused::run(x, weight, bias, residual, out, mask);
+  static sm90::TileOrder tile_order(Order order) {
+    return {order.swizzle,
+            static_cast<cutlass::gemm::kernel::detail::RasterOrderOptions>(order.raster)};
   }
-  static bool plain(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
-    return Plain::run(x, weight, at::Tensor(), out, {});
+  static bool fused(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                    const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask,
+                    Order order) {
+    return Fused::run(x, weight, bias, residual, out, mask, tile_order(order));
+  }
+  static bool plain(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+                    Order order) {
+    return Plain::run(x, weight, at::Tensor(), out, {}, tile_order(order));
   }
   static std::string mask_layout_error() { return sm90::mask_layout_error<Fused>("relu_add"); }
 };

@@ -217,6 +217,15 @@ using PingpongConfig = KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
                                     cutlass::epilogue::TmaWarpSpecialized>;
 using LibraryConfig = CooperativeConfig<128, 256, 2, 1>;
 
+// The order in which the persistent scheduler hands out output tiles: CUTLASS's defaults for
+// the library; benchmarks/cutlass_configs.py varies it (it changes which operand tiles the
+// concurrently running tiles share in L2, never the result).
+struct TileOrder {
+  int swizzle = 1;  // 1, 2, 4 or 8: bands of this many tiles walked together
+  cutlass::gemm::kernel::detail::RasterOrderOptions raster =
+      cutlass::gemm::kernel::detail::RasterOrderOptions::Heuristic;
+};
+
 // A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
 // (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
 // (ElementC; void where the tree reads none).
@@ -243,7 +252,8 @@ struct TreeGemm {
 
   // False where CUTLASS cannot take these operands (nothing launched).
   static bool run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& source,
-                  const at::Tensor& out, const typename Tree::Arguments& tree_args) {
+                  const at::Tensor& out, const typename Tree::Arguments& tree_args,
+                  const TileOrder& order = {}) {
     const int rows = static_cast<int>(x.size(0)), cols = static_cast<int>(weight.size(0));
     const int depth = static_cast<int>(x.size(1));
     const auto ptr = [](const at::Tensor& t) {
@@ -263,6 +273,8 @@ struct TreeGemm {
                                   {ptr(x), stride_x, ptr(weight), stride_w},
                                   {tree_args, ptr(source), stride_source, ptr(out), stride_out},
                                   hw};
+    args.scheduler.max_swizzle_size = order.swizzle;
+    args.scheduler.raster_order = order.raster;
     Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
     const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
@@ -327,12 +339,14 @@ struct FusedGemm {
   }
 
   static bool run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                  const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask) {
+                  const at::Tensor& residual, const at::Tensor& out, const at::Tensor& mask,
+                  const TileOrder& order = {}) {
     const Element* bias_ptr =
         bias.defined() ? reinterpret_cast<const Element*>(bias.data_ptr()) : nullptr;
     return Types::run(x, weight, residual, out,
                       tree_arguments(bias_ptr, reinterpret_cast<uint32_t*>(mask.data_ptr()),
-                                     mask.stride(0) * 8));
+                                     mask.stride(0) * 8),
+                      order);
   }
 };
 
