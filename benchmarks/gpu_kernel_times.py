@@ -31,7 +31,7 @@ def short(name: str, head: int = 50, tail: int = 45) -> str:
 
 
 def measure(case: Case, provider: str, mode: str, calls: int):
-    fn = provider_fn(provider, case.op)
+    fn = provider_fn(provider, case.op, mode)
     if fn is None:
         return None
     with provider_backend(provider):
@@ -88,7 +88,9 @@ def main() -> int:
         for m, k, n in parse_sizes(args.sizes):
             case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
             for provider in args.providers.split(","):
-                fn = provider_fn(provider, case.op)
+                fn = provider_fn(provider, case.op, args.mode)
+                if fn is None:
+                    continue
                 with provider_backend(provider):
                     inputs = case.make_inputs(requires_grad=args.mode != "no_grad")
                     grad = None

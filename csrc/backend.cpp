@@ -50,12 +50,15 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 28;
 
 // CUDA: the CUTLASS GEMM with the epilogue inside (where it applies) from this many
-// multiply-adds, cuBLAS + the element-wise pass between the two thresholds. Measured on an H100
-// (bf16 relu_add forward, device time; results/h100-2026-11-27/5-library-128x256): cuBLAS + pass
-// was faster at 4096x512x512 = 2^30 (9.2 against 12.5 us: 64 tiles of 128x256 leave half the
-// SMs idle), the CUTLASS GEMM from 8192x512x512 = 2^31 up (13.2 against 15.0; 18.5 against 19.8
-// at 2^32; 378.3 against 409.7 at 8192x4096x4096).
+// multiply-adds and output tiles, cuBLAS + the element-wise pass below. Measured on an H100 (bf16
+// relu_add forward, device time; results/h100-2026-11-27/5-library-128x256): cuBLAS + pass was
+// faster at 4096x512x512 = 2^30 (9.2 against 12.5 us; 64 tiles leave half the SMs idle), the
+// CUTLASS GEMM at every size measured from 8192x512x512 = 2^31 (128 tiles) up (13.2 against
+// 15.0; 18.5 against 19.8 at 4096x1024x1024; 378.3 against 409.7 at 8192x4096x4096). The tile
+// count keeps deep, narrow products (1024x4096x1024: 2^32 but 32 tiles), which the persistent
+// kernel cannot split along K as cuBLAS can, on cuBLAS: not measured there.
 constexpr int64_t kCudaFusedGemmMinWork = int64_t{1} << 31;
+constexpr int64_t kCudaFusedGemmMinTiles = 128;
 
 // The native kernel's 1-D grid: the forward's tiles, and the backward's (each input gradient's
 // tiles; each weight-gradient block's and the bias gradient's tiles times their split-K slices),
@@ -129,8 +132,12 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
         // The CUTLASS GEMM hands the shapes it does not apply to, and the backward, to the
         // library path.
         if (work <= kCudaNativeMaxWork && tiles_fit(g)) return GemmPath::kTiles;
-        return work >= kCudaFusedGemmMinWork && fused_gemm_built() ? GemmPath::kFusedGemm
-                                                                   : GemmPath::kLibrary;
+        if (fused_gemm_built() && work >= kCudaFusedGemmMinWork &&
+            ceil_div(g.rows, kFusedGemmTileRows) * ceil_div(g.cols, kFusedGemmTileCols) >=
+                kCudaFusedGemmMinTiles) {
+          return GemmPath::kFusedGemm;
+        }
+        return GemmPath::kLibrary;
     }
   }
   return GemmPath::kLibrary;

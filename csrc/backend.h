@@ -38,6 +38,11 @@ enum class GemmPath {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
 
+// The CUTLASS GEMM's output tile, which its LibraryConfig (csrc/cuda/fused_gemm_sm90.cuh) is
+// built from and choose_gemm_path counts tiles by.
+constexpr int kFusedGemmTileRows = 128;
+constexpr int kFusedGemmTileCols = 256;
+
 // Whether the CUTLASS GEMM was compiled in (CUTLASS headers found, sm_90a among the archs), and
 // how many times it has run in this process (tests check that it did).
 bool fused_gemm_built();

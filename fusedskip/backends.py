@@ -5,10 +5,11 @@
     with fusedskip.use_backend(name): ...
 
 Backends: ``auto`` (the default: per shape, the faster path measured: on CUDA ``native`` for
-small layers, above them ``cutlass`` where it applies, else ``gemm_epilogue``), ``native`` (CUDA: the one-launch
-fused kernel; CPU: the direct loops), ``gemm_epilogue`` (the library GEMM, cuBLAS or CPU BLAS,
-then one fused element-wise pass), ``cuda_emulation`` (CPU tensors: the native CUDA kernel's own
-code run on the host, thread by thread; slow, it checks the GPU kernel without a GPU),
+small layers, ``cutlass`` for the largest where it applies, else ``gemm_epilogue``),
+``native`` (CUDA: the one-launch fused kernel; CPU: the direct loops), ``gemm_epilogue`` (the
+library GEMM, cuBLAS or CPU BLAS, then one fused element-wise pass), ``cuda_emulation`` (CPU
+tensors: the native CUDA kernel's own code run on the host, thread by thread; slow, it checks
+the GPU kernel without a GPU),
 ``cutlass`` (CUDA, forward with ReLU: the GEMM, bias, ReLU mask and residual in one CUTLASS
 kernel on an sm_90 GPU, where the build has it (``cutlass_built()``) and the shapes allow;
 ``gemm_epilogue`` everywhere else, and for the backward).

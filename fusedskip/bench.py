@@ -223,7 +223,11 @@ def gemm_fn(op: str) -> Callable:
 _compiled: Dict[Tuple[str, str], Callable] = {}
 
 
-def provider_fn(provider: str, op: str) -> Optional[Callable]:
+def provider_fn(provider: str, op: str, mode: str = "forward") -> Optional[Callable]:
+    """The provider's layer for `op`; None where it has no meaningful form for op and mode (the
+    GEMM alone has no backward to compare; cuBLASLt's epilogue covers only some ops)."""
+    if provider == "gemm" and mode != "forward":
+        return None
     if provider == "fused" or provider in FORCED_PROVIDERS:
         return fused_fn(op)
     if provider == "eager":
@@ -442,13 +446,13 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
         eager_p50 = None
         for provider in providers:
             progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
-            fn = provider_fn(provider, op)
+            fn = provider_fn(provider, op, mode)
             row = {"op": op, "provider": provider, "mode": mode, "dtype": str(dtype).split(".")[-1],
                    "M": m, "K": list(case.widths), "N": n, **env,
                    "flops": count_flops(m, case.k, n, mode),
                    "bytes": count_bytes(m, case.k, n, mode, element,
                                         residual=order is not None)}
-            if fn is None or (provider == "gemm" and mode != "forward"):
+            if fn is None:
                 continue  # not a meaningful comparison for this op / mode
             with provider_backend(provider):
                 launches = cutlass_launches()

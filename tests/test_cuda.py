@@ -217,7 +217,8 @@ def test_tf32_when_allowed(backend):
 
 
 def test_auto_backend_small_and_large_layers():
-    """Under auto (native below csrc/backend.cpp's threshold, cuBLAS above) both sizes are right."""
+    """Under auto (native below csrc/backend.cpp's thresholds; above, cuBLAS + the pass or, on an
+    sm_90 GPU with the CUTLASS build, the CUTLASS GEMM) both sizes are right."""
     for rows, k, n in ((64, 10, 10), (8192, 1024, 1024)):
         sample = make_sample([k], n, (rows,), residual="relu_add", dtype=torch.bfloat16,
                              device="cuda")
@@ -243,7 +244,8 @@ def test_output_over_two_to_the_31_elements():
         assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
 
 
-# The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM (csrc/cuda/fused_gemm_sm90.cu).
+# The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM
+# (csrc/cuda/fused_gemm_sm90.cu).
 # Its kernel runs only on an sm_90 GPU and only where the build found CUTLASS; each test checks
 # through the launch counter that it did run (or, for the shapes it leaves to cuBLAS, that it did
 # not), so a silent fall-back cannot pass for it.
@@ -263,8 +265,8 @@ def cutlass_launches() -> int:
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("residual", (None, "relu_add", "add_relu"))
 def test_cutlass_every_relu_form(dtype, residual):
-    # Edges of its 128x256x64 tiles in every dimension (and of 128-column halves); bias and none; a concat (one GEMM over
-    # the cat); leading batch dims.
+    # Edges of its 128x256x64 tiles in every dimension (and of 128-column halves); bias and
+    # none; a concat (one GEMM over the cat); leading batch dims.
     cases = (([8], 128, (1,), True), ([264], 384, (1000,), True), ([1024], 256, (4097,), False),
              ([64], 640, (3, 43), True), ([64, 200], 256, (300,), True))
     with fusedskip.use_backend("cutlass"):
@@ -336,16 +338,18 @@ def test_auto_takes_cutlass_above_the_native_range():
     """`auto` runs the CUTLASS GEMM for a large layer it applies to (faster there than cuBLAS +
     the pass, csrc/backend.cpp) and not for a smaller one (the native kernel's, or cuBLAS's
     between the thresholds) or one it does not apply to; each still right."""
-    assert fusedskip.get_backend() == "auto"
-    for widths, cols, rows, residual, expect in (
-            ([1024], 1024, 4096, "relu_add", True),
-            ([512], 512, 8192, "add_relu", True),  # 2^31 multiply-adds: the threshold
-            ([512], 512, 4096, "relu_add", False),  # 2^30: cuBLAS + the pass
-            ([30], 30, 64, "relu_add", False),  # the native kernel
-            ([1024], 1000, 4096, "relu_add", False),  # cols % 128
-            ([512, 512], 1024, 4096, None, True)):  # a concat: one GEMM over the cat
-        sample = make_sample(widths, cols, (rows,), residual=residual, dtype=torch.bfloat16,
-                             device="cuda")
+    for widths, cols, rows, residual, relu, expect in (
+            ([1024], 1024, 4096, "relu_add", True, True),
+            ([512], 512, 8192, "add_relu", True, True),  # 2^31 multiply-adds, 128 tiles
+            ([512], 512, 4096, "relu_add", True, False),  # 2^30: cuBLAS + the pass
+            ([4096], 1024, 1024, "relu_add", True, False),  # 2^32 but 32 tiles
+            ([30], 30, 64, "relu_add", True, False),  # the native kernel
+            ([1024], 1000, 4096, "relu_add", True, False),  # cols % 128
+            ([512, 512], 1024, 4096, None, True, True),  # a concat: one GEMM over the cat
+            ([512, 512], 1024, 4096, None, False, False)):  # no ReLU: nothing to fuse
+        sample = make_sample(widths, cols, (rows,), residual=residual, relu=relu,
+                             dtype=torch.bfloat16, device="cuda")
         before = cutlass_launches()
-        check(sample, torch.bfloat16)
+        with fusedskip.use_backend("auto"):  # whatever FUSEDSKIP_BACKEND says
+            check(sample, torch.bfloat16)
         assert (cutlass_launches() > before) == expect, sample.name

@@ -76,8 +76,8 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (!mask.defined() || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
   const int64_t rows = x.size(0), cols = weight.size(0), depth = x.size(1);
   const int64_t int_max = std::numeric_limits<int>::max();
-  // CUTLASS's tile coordinates are ints: keep the last tile's rows from wrapping (256 covers
-  // every configuration's tile).
+  // CUTLASS's tile coordinates are ints: keep the last tile's rows from wrapping (256: the
+  // library's 128-row tiles in clusters of 2 along M).
   if (rows == 0 || rows > int_max - 256 || cols % 128 != 0 || cols > int_max - 256 ||
       depth == 0 || depth % 8 != 0 || depth > int_max) {
     return false;

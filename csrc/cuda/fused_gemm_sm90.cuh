@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backend.h"
 #include "epilogue.h"
 
 namespace fusedskip {
@@ -215,7 +216,7 @@ template <int kTileM, int kTileN, int kClusterM, int kClusterN>
 using PingpongConfig = KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
                                     cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                     cutlass::epilogue::TmaWarpSpecialized>;
-using LibraryConfig = CooperativeConfig<128, 256, 2, 1>;
+using LibraryConfig = CooperativeConfig<kFusedGemmTileRows, kFusedGemmTileCols, 2, 1>;
 
 // The order in which the persistent scheduler hands out output tiles: CUTLASS's defaults for
 // the library; benchmarks/cutlass_configs.py varies it (it changes which operand tiles the
