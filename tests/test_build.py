@@ -45,7 +45,7 @@ def test_cutlass_configs_mask_layout():
     configs = pytest.importorskip("fusedskip._cutlass_configs",
                                   reason="built only with FUSEDSKIP_CUTLASS_CONFIGS=1")
     names = configs.names()
-    assert len(names) == 7
+    assert len(names) == 9
     assert names[0] == "Cooperative 128x256 cluster 2x1"  # the library's (its NOTES say why)
     for name in names:
         assert configs.mask_layout_error(name) == "", name

@@ -15,6 +15,8 @@ Entry cooperative_256x128_cluster_2x1();
 Entry cooperative_256x128_cluster_1x2();
 Entry pingpong_128x128_cluster_2x1();
 Entry pingpong_64x256_cluster_1x2();
+Entry cooperative_128x256_cluster_2x1_source4_own();
+Entry cooperative_128x256_cluster_2x1_source8_own();
 
 namespace {
 const std::vector<Entry>& entries() {
@@ -26,6 +28,8 @@ const std::vector<Entry>& entries() {
       cooperative_256x128_cluster_1x2(),
       pingpong_128x128_cluster_2x1(),
       pingpong_64x256_cluster_1x2(),
+      cooperative_128x256_cluster_2x1_source4_own(),
+      cooperative_128x256_cluster_2x1_source8_own(),
   };
   return all;
 }

@@ -12,6 +12,11 @@
 
 namespace fusedskip::configs {
 
+inline std::string source_config_name(const char* shape, int stages_c, bool reuse_c) {
+  return std::string("Cooperative ") + shape + ", source " + std::to_string(stages_c) +
+         (reuse_c ? " shared" : " own");
+}
+
 #ifdef FUSEDSKIP_WITH_CUTLASS
 template <typename Config>
 struct Kernels {
@@ -46,10 +51,24 @@ struct Kernels {
     return {#SCHEDULE " " #M "x" #N " cluster " #CM "x" #CN, &K::fused, &K::plain, \
             &K::mask_layout_error};                                            \
   }
+// A cooperative configuration with its own source pipeline (KernelConfig's kStagesC,
+// kReuseSmemC): STAGES_C subtiles of the residual in flight, in buffers the output's stores
+// share (REUSE_C) or not.
+#define FUSEDSKIP_SOURCE_CONFIG(NAME, M, N, CM, CN, STAGES_C, REUSE_C)                        \
+  Entry NAME() {                                                                              \
+    using K = Kernels<sm90::CooperativeConfig<M, N, CM, CN, STAGES_C, REUSE_C>>;              \
+    return {source_config_name(#M "x" #N " cluster " #CM "x" #CN, STAGES_C, REUSE_C), &K::fused, \
+            &K::plain, &K::mask_layout_error};                                                \
+  }
 #else
 #define FUSEDSKIP_CONFIG(NAME, SCHEDULE, M, N, CM, CN)                               \
   Entry NAME() {                                                                    \
     return {#SCHEDULE " " #M "x" #N " cluster " #CM "x" #CN, nullptr, nullptr, nullptr}; \
+  }
+#define FUSEDSKIP_SOURCE_CONFIG(NAME, M, N, CM, CN, STAGES_C, REUSE_C)                     \
+  Entry NAME() {                                                                           \
+    return {source_config_name(#M "x" #N " cluster " #CM "x" #CN, STAGES_C, REUSE_C), nullptr, \
+            nullptr, nullptr};                                                             \
   }
 #endif
 

@@ -199,19 +199,29 @@ struct ReluMaskStore {
 // takes whole tiles in turn, so that one's epilogue runs while the other's mainloop does. The
 // library's is cooperative 128x256 with clusters of 2 along M: of the seven configurations
 // benchmarks/cutlass_configs/ builds, the fastest fused relu_add on an H100 (bf16, 381.8 us at
-// 8192x4096x4096 against 435.7 for 128x128; benchmarks/NOTES.md, "Which CUTLASS configuration").
-template <int kTileM, int kTileN, int kClusterM, int kClusterN, class Kernel, class Epilogue>
+// 8192x4096x4096 against 435.7 for 128x128; benchmarks/NOTES.md, "The epilogue inside the GEMM").
+//
+// kStagesC, kReuseSmemC: the source (residual) pipeline. 0 keeps CUTLASS's choice, which for
+// these tiles is 4 epilogue subtiles of the source in flight, in shared memory that the output's
+// stores then reuse. Otherwise kStagesC subtiles, reusing only if kReuseSmemC: a deeper or
+// separate source pipeline may hide the residual's read, at the cost of shared memory the
+// mainloop's stages would have had. benchmarks/cutlass_configs/ times both.
+template <int kTileM, int kTileN, int kClusterM, int kClusterN, class Kernel, class Epilogue,
+          int kStagesC_ = 0, bool kReuseSmemC_ = true>
 struct KernelConfig {
   using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
   using ClusterShape = Shape<Int<kClusterM>, Int<kClusterN>, _1>;
   using KernelSchedule = Kernel;
   using EpilogueSchedule = Epilogue;
+  static constexpr int kStagesC = kStagesC_;
+  static constexpr bool kReuseSmemC = kReuseSmemC_;
 };
-template <int kTileM, int kTileN, int kClusterM, int kClusterN>
+template <int kTileM, int kTileN, int kClusterM, int kClusterN, int kStagesC = 0,
+          bool kReuseSmemC = true>
 using CooperativeConfig =
     KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
                  cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
+                 cutlass::epilogue::TmaWarpSpecializedCooperative, kStagesC, kReuseSmemC>;
 template <int kTileM, int kTileN, int kClusterM, int kClusterN>
 using PingpongConfig = KernelConfig<kTileM, kTileN, kClusterM, kClusterN,
                                     cutlass::gemm::KernelTmaWarpSpecializedPingpong,
@@ -227,6 +237,37 @@ struct TileOrder {
       cutlass::gemm::kernel::detail::RasterOrderOptions::Heuristic;
 };
 
+// The collective epilogue of TreeGemm: CUTLASS's builder, or, where the configuration sets its
+// own source pipeline and there is a source, the builder's implementation with that pipeline.
+template <typename Element, typename Config, typename Tree, typename ElementC,
+          bool kOwnSourcePipeline = (Config::kStagesC != 0 && !std::is_void_v<ElementC>)>
+struct EpilogueOf {
+  static constexpr int kAlign = 16 / sizeof(Element);
+  using type = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
+      typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float,
+      float, ElementC, cutlass::layout::RowMajor, kAlign, Element, cutlass::layout::RowMajor,
+      kAlign, typename Config::EpilogueSchedule, Tree>::CollectiveOp;
+};
+template <typename Element, typename Config, typename Tree, typename ElementC>
+struct EpilogueOf<Element, Config, Tree, ElementC, true> {
+  static constexpr int kAlign = 16 / sizeof(Element);
+  using Schedule = typename Config::EpilogueSchedule;
+  using Tile = decltype(cutlass::epilogue::collective::detail::sm90_compute_tile_shape_or_override<
+                        Element, cutlass::epilogue::collective::EpilogueTileAuto, Schedule,
+                        typename Config::TileShape>());
+  static constexpr int kThreads =
+      cutlass::epilogue::collective::detail::sm90_is_cooperative_v<Schedule> ? 256 : 128;
+  // As CUTLASS's own policy for these tiles, but for the source's stages and reuse: 2 stages of
+  // the output, fragments of one subtile over the consumer threads, no delayed store (CUTLASS
+  // delays it only without a source).
+  using Policy = cutlass::epilogue::Sm90TmaWarpSpecialized<
+      Config::kStagesC, 2, decltype(size(Tile{}))::value / kThreads, Config::kReuseSmemC, false>;
+  using type = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
+      typename Config::TileShape, Tile, float, float, ElementC, cutlass::layout::RowMajor, kAlign,
+      Element, cutlass::layout::RowMajor, kAlign, Tree, Policy>::CollectiveOp;
+};
+
 // A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
 // (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
 // (ElementC; void where the tree reads none).
@@ -236,11 +277,7 @@ struct TreeGemm {
   using ClusterShape = typename Config::ClusterShape;
   static constexpr int kAlign = 16 / sizeof(Element);
 
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC,
-      cutlass::layout::RowMajor, kAlign, Element, cutlass::layout::RowMajor, kAlign,
-      typename Config::EpilogueSchedule, Tree>::CollectiveOp;
+  using Epilogue = typename EpilogueOf<Element, Config, Tree, ElementC>::type;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor,
       kAlign, Element, cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
