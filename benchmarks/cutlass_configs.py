@@ -1,8 +1,9 @@
 """The `cutlass` backend's kernel at several tile and cluster shapes, against cuBLAS.
 
 For each configuration: the fused relu_add layer (bias, ReLU, 1-bit mask and residual inside the
-GEMM's epilogue) and the same mainloop with an epilogue that only converts the accumulators,
-beside torch.mm (cuBLAS, the GEMM alone) and the library's two forward paths (cuBLAS + the
+GEMM's epilogue) and the same mainloop with an epilogue that only converts the accumulators
+(for the two "source" configurations, which change only the residual's pipeline, that plain GEMM
+is the base 128x256 one: compare their fused rows with its fused row), beside torch.mm (cuBLAS, the GEMM alone) and the library's two forward paths (cuBLAS + the
 element-wise pass, and the `cutlass` backend). It answers two questions the large-size bar turns
 on (benchmarks/NOTES.md, "The epilogue inside the GEMM"): does any configuration's mainloop match
 cuBLAS, and what does the fused epilogue add to it.

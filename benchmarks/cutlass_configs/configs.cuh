@@ -53,7 +53,10 @@ struct Kernels {
   }
 // A cooperative configuration with its own source pipeline (KernelConfig's kStagesC,
 // kReuseSmemC): STAGES_C subtiles of the residual in flight, in buffers the output's stores
-// share (REUSE_C) or not.
+// share (REUSE_C) or not. Its plain GEMM reads no residual, so it is the base configuration's
+// (with that configuration's mainloop stages, where the fused kernel may have fewer): compare
+// its fused time with the base configuration's fused time, not with its own plain one. Keep
+// REUSE_C to at least 3 stages, as CUTLASS's own policy does (2 output stages + 1).
 #define FUSEDSKIP_SOURCE_CONFIG(NAME, M, N, CM, CN, STAGES_C, REUSE_C)                        \
   Entry NAME() {                                                                              \
     using K = Kernels<sm90::CooperativeConfig<M, N, CM, CN, STAGES_C, REUSE_C>>;              \
