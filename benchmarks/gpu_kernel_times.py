@@ -30,17 +30,25 @@ def short(name: str, head: int = 50, tail: int = 45) -> str:
     return name if len(name) <= head + tail + 1 else name[:head] + "…" + name[-tail:]
 
 
-def measure(case: Case, provider: str, mode: str, calls: int):
+def prepared_step(case: Case, provider: str, mode: str):
+    """One call of `mode` on fresh inputs (the output gradient from one untimed forward), or None
+    where the provider has no such form. Call it, and the step, under provider_backend."""
     fn = provider_fn(provider, case.op, mode)
     if fn is None:
         return None
+    args = case.make_inputs(requires_grad=mode != "no_grad")
+    grad = None
+    if mode == "forward+backward":
+        with torch.no_grad():
+            grad = torch.randn_like(fn(*args))
+    return step_fn(fn, mode, args, grad)
+
+
+def measure(case: Case, provider: str, mode: str, calls: int):
     with provider_backend(provider):
-        args = case.make_inputs(requires_grad=mode != "no_grad")
-        grad = None
-        if mode == "forward+backward":
-            with torch.no_grad():
-                grad = torch.randn_like(fn(*args))
-        run = step_fn(fn, mode, args, grad)
+        run = prepared_step(case, provider, mode)
+        if run is None:
+            return None
         for _ in range(3):
             run()
         torch.cuda.synchronize()
@@ -88,16 +96,10 @@ def main() -> int:
         for m, k, n in parse_sizes(args.sizes):
             case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
             for provider in args.providers.split(","):
-                fn = provider_fn(provider, case.op, args.mode)
-                if fn is None:
-                    continue
                 with provider_backend(provider):
-                    inputs = case.make_inputs(requires_grad=args.mode != "no_grad")
-                    grad = None
-                    if args.mode == "forward+backward":  # one untimed forward, for the shape
-                        with torch.no_grad():
-                            grad = torch.ones_like(fn(*inputs))
-                    step_fn(fn, args.mode, inputs, grad)()
+                    run = prepared_step(case, provider, args.mode)
+                    if run is not None:
+                        run()
         torch.cuda.synchronize()
         return 0
 
