@@ -96,6 +96,7 @@ const char* backend_name(Backend backend) { return kNames[static_cast<int>(backe
 
 namespace {
 std::atomic<int64_t> fused_gemm_launch_count{0};
+std::atomic<int64_t> grouped_gemm_launch_count{0};
 }  // namespace
 
 bool fused_gemm_built() {
@@ -109,6 +110,14 @@ bool fused_gemm_built() {
 int64_t fused_gemm_launches() { return fused_gemm_launch_count.load(std::memory_order_relaxed); }
 
 void count_fused_gemm_launch() { fused_gemm_launch_count.fetch_add(1, std::memory_order_relaxed); }
+
+int64_t grouped_gemm_launches() {
+  return grouped_gemm_launch_count.load(std::memory_order_relaxed);
+}
+
+void count_grouped_gemm_launch() {
+  grouped_gemm_launch_count.fetch_add(1, std::memory_order_relaxed);
+}
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   const Backend backend = current_backend();
@@ -141,6 +150,14 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
     }
   }
   return GemmPath::kLibrary;
+}
+
+bool grouped_backward_wanted(const at::Tensor& weight, const Geometry& g) {
+  // Only when asked for, for now: under auto the concat backward stays on cuBLAS until the two
+  // have been timed against each other on a GPU (benchmarks/NOTES.md, "Concat on the cuBLAS
+  // path").
+  return weight.is_cuda() && g.widths.size() > 1 && current_backend() == Backend::kCutlass &&
+         fused_gemm_built();
 }
 
 }  // namespace fusedskip

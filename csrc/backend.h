@@ -9,8 +9,9 @@
 //     cuda_emulation  CPU tensors: the native CUDA kernel's own code run on the host, thread by
 //                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
 //     cutlass         CUDA: the forward's GEMM, bias, ReLU + mask and residual in one CUTLASS
-//                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu), where it applies; elsewhere,
-//                     and for the backward, gemm_epilogue
+//                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu), and the concat backward's
+//                     GEMMs as two grouped CUTLASS GEMMs (csrc/cuda/grouped_gemm_sm90.cu), where
+//                     they apply; elsewhere gemm_epilogue
 #pragma once
 
 #include <cstdint>
@@ -38,16 +39,23 @@ enum class GemmPath {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
 
+// Whether the library path's backward of a concat layer tries the grouped CUTLASS GEMMs before
+// one cuBLAS GEMM per block.
+bool grouped_backward_wanted(const at::Tensor& weight, const Geometry& g);
+
 // The CUTLASS GEMM's output tile, which its LibraryConfig (csrc/cuda/fused_gemm_sm90.cuh) is
 // built from and choose_gemm_path counts tiles by.
 constexpr int kFusedGemmTileRows = 128;
 constexpr int kFusedGemmTileCols = 256;
 
-// Whether the CUTLASS GEMM was compiled in (CUTLASS headers found, sm_90a among the archs), and
-// how many times it has run in this process (tests check that it did).
+// Whether the CUTLASS GEMMs were compiled in (CUTLASS headers found, sm_90a among the archs), and
+// how many times each has run in this process (tests check that it did): the forward's fused
+// GEMM, and the grouped GEMMs of the concat backward (one count per launch).
 bool fused_gemm_built();
 int64_t fused_gemm_launches();
 void count_fused_gemm_launch();
+int64_t grouped_gemm_launches();
+void count_grouped_gemm_launch();
 
 // Empty where the CUTLASS GEMM's mask store meets the register layout it assumes, checked on the
 // host for every instantiated kernel (csrc/cuda/fused_gemm_sm90.cu); else what is wrong. Only in

@@ -242,6 +242,55 @@ bool gemm_blocks_in_place(const std::vector<at::Tensor>& inputs_2d, const at::Te
   return true;
 }
 
+// The library path's input and weight gradients, into the defined grad_inputs_2d[i] and
+// grad_weight.
+void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
+                            const at::Tensor& weight, const Geometry& g,
+                            const std::vector<at::Tensor>& grad_inputs_2d,
+                            const at::Tensor& grad_weight) {
+  const size_t count = inputs_2d.size();
+#ifdef FUSEDSKIP_WITH_CUDA
+  if (grouped_backward_wanted(weight, g) &&
+      grouped_backward_gemms_cuda(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight)) {
+    return;
+  }
+#endif
+  if (count == 1 || gemm_blocks_in_place(inputs_2d, weight)) {
+    // Each input's gradient from its own GEMM, each weight-gradient column block written in
+    // place by its own.
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      if (grad_inputs_2d[i].defined()) {
+        at::Tensor grad_input = grad_inputs_2d[i];
+        at::mm_out(grad_input, grad_preact,
+                   count == 1 ? weight : weight.narrow(1, offset, g.widths[i]));
+      }
+      if (grad_weight.defined()) {
+        at::Tensor block = count == 1 ? grad_weight : grad_weight.narrow(1, offset, g.widths[i]);
+        at::mm_out(block, grad_preact.t(), inputs_2d[i]);
+      }
+      offset += g.widths[i];
+    }
+    return;
+  }
+  // One GEMM for all the input gradients and one for the whole weight gradient, as for the
+  // forward (concat_for_gemm); the input gradients are then copied out into their own tensors.
+  bool want_any_input = false;
+  for (const at::Tensor& grad : grad_inputs_2d) want_any_input = want_any_input || grad.defined();
+  if (want_any_input) {
+    const at::Tensor grad_all = at::mm(grad_preact, weight);
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      if (grad_inputs_2d[i].defined()) grad_inputs_2d[i].copy_(grad_all.narrow(1, offset, g.widths[i]));
+      offset += g.widths[i];
+    }
+  }
+  if (grad_weight.defined()) {
+    at::Tensor out = grad_weight;
+    at::mm_out(out, grad_preact.t(), concat_for_gemm(inputs_2d));
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at::Tensor& weight,
@@ -349,64 +398,28 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
                       grad_bias);
   }
 
-  std::vector<at::Tensor> grad_inputs;
-  grad_inputs.reserve(count);
-  std::vector<at::Tensor> inputs_2d;
-  inputs_2d.reserve(count);
-  for (size_t i = 0; i < count; ++i) inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
-  at::Tensor grad_weight;
-  if (path == GemmPath::kCpuLoops || path == GemmPath::kTiles) {
-    // One pass writes every gradient into its own (rows, width_i) / (cols, in_features) tensor.
-    std::vector<at::Tensor> grad_inputs_2d;
-    for (size_t i = 0; i < count; ++i) {
-      const bool wanted = output_mask.get(i);
-      grad_inputs.push_back(wanted ? at::empty(inputs[i].sizes(), weight.options())
-                                   : empty_placeholder(weight));
-      grad_inputs_2d.push_back(wanted ? as_2d(grad_inputs.back(), g.rows, g.widths[i])
-                                      : at::Tensor());
-    }
-    if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-    if (tiles_take_mask) {
-      tile_backward(grad_out_2d, relu ? mask : at::Tensor(), inputs_2d, weight, grad_inputs_2d,
-                    grad_weight, grad_bias);
-    } else if (path == GemmPath::kTiles) {
-      tile_backward(grad_preact_2d, at::Tensor(), inputs_2d, weight, grad_inputs_2d, grad_weight,
-                    at::Tensor());
-    } else {
-      direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
-    }
-  } else if (inputs_2d.size() == 1 || gemm_blocks_in_place(inputs_2d, weight)) {
-    // Each input's gradient from its own GEMM, each weight-gradient column block written in
-    // place by its own.
-    if (want_weight) grad_weight = at::empty({g.cols, weight.size(1)}, weight.options());
-    int64_t offset = 0;
-    for (size_t i = 0; i < count; ++i) {
-      const at::Tensor weight_block = count == 1 ? weight : weight.narrow(1, offset, g.widths[i]);
-      grad_inputs.push_back(output_mask.get(i)
-                                ? as_shape(at::mm(grad_preact_2d, weight_block), inputs[i].sizes())
-                                : empty_placeholder(weight));
-      if (want_weight) {
-        at::Tensor grad_weight_block =
-            count == 1 ? grad_weight : grad_weight.narrow(1, offset, g.widths[i]);
-        at::mm_out(grad_weight_block, grad_preact_2d.t(), inputs_2d[i]);
-      }
-      offset += g.widths[i];
-    }
+  // Every gradient is written into its own (rows, width_i) / (cols, in_features) tensor.
+  std::vector<at::Tensor> grad_inputs, grad_inputs_2d, inputs_2d;
+  for (size_t i = 0; i < count; ++i) {
+    const bool wanted = output_mask.get(i);
+    inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
+    grad_inputs.push_back(wanted ? at::empty(inputs[i].sizes(), weight.options())
+                                 : empty_placeholder(weight));
+    grad_inputs_2d.push_back(wanted ? as_2d(grad_inputs.back(), g.rows, g.widths[i])
+                                    : at::Tensor());
+  }
+  const at::Tensor grad_weight =
+      want_weight ? at::empty({g.cols, weight.size(1)}, weight.options()) : at::Tensor();
+  if (tiles_take_mask) {
+    tile_backward(grad_out_2d, relu ? mask : at::Tensor(), inputs_2d, weight, grad_inputs_2d,
+                  grad_weight, grad_bias);
+  } else if (path == GemmPath::kTiles) {
+    tile_backward(grad_preact_2d, at::Tensor(), inputs_2d, weight, grad_inputs_2d, grad_weight,
+                  at::Tensor());
+  } else if (path == GemmPath::kCpuLoops) {
+    direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
   } else {
-    // One GEMM for all the input gradients and one for the whole weight gradient, as for the
-    // forward (concat_for_gemm); the input gradients are then split off into their own tensors.
-    bool want_any_input = false;
-    for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
-    const at::Tensor grad_all = want_any_input ? at::mm(grad_preact_2d, weight) : at::Tensor();
-    int64_t offset = 0;
-    for (size_t i = 0; i < count; ++i) {
-      grad_inputs.push_back(
-          output_mask.get(i)
-              ? as_shape(grad_all.narrow(1, offset, g.widths[i]).contiguous(), inputs[i].sizes())
-              : empty_placeholder(weight));
-      offset += g.widths[i];
-    }
-    if (want_weight) grad_weight = at::mm(grad_preact_2d.t(), concat_for_gemm(inputs_2d));
+    library_backward_gemms(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
   }
   return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
           want_bias ? grad_bias : empty_placeholder(weight),

@@ -3,6 +3,8 @@
 //   schemas                    csrc/ops.cpp
 //   op (checks, paths)         csrc/fused_linear.cpp     (device-generic)
 //   which path per call        csrc/backend.cpp          (FUSEDSKIP_BACKEND)
+//   CUTLASS kernels (sm_90a)   csrc/cuda/fused_gemm_sm90.cu (forward),
+//                              csrc/cuda/grouped_gemm_sm90.cu (concat backward)
 //   native kernel              csrc/tile_gemm.h (block body), csrc/tile_plan.h (launch plan),
 //                              csrc/cuda/tile_kernels.cu, csrc/cpu/tile_emulation.cpp
 //   element-wise passes        csrc/cpu/fused_linear_cpu.cpp, csrc/cuda/fused_linear_cuda.cu
@@ -154,6 +156,16 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
 bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                              const at::Tensor& out, const at::Tensor& mask, Residual where);
+// The `cutlass` backend's backward GEMMs for the concat form (csrc/cuda/grouped_gemm_sm90.cu):
+// grad_inputs[i] = grad_preact weight[:, block i] for each defined grad_inputs[i], and, if
+// grad_weight is defined, grad_weight[:, block i] = grad_preact^T inputs[i], as two grouped
+// sm_90a GEMMs writing in place. grad_preact (rows, cols); inputs[i] (rows, width_i); the outputs
+// allocated by the caller. Returns false, having done nothing, where they do not apply (the
+// caller then runs one cuBLAS GEMM per block).
+bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
+                                 const std::vector<at::Tensor>& inputs, const at::Tensor& weight,
+                                 const std::vector<at::Tensor>& grad_inputs,
+                                 const at::Tensor& grad_weight);
 #endif
 
 }  // namespace fusedskip

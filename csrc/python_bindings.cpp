@@ -89,6 +89,10 @@ PyObject* fused_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(fused_gemm_launches());
 }
 
+PyObject* grouped_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(grouped_gemm_launches());
+}
+
 PyObject* fused_gemm_mask_layout_error_py(PyObject* /*module*/, PyObject* /*unused*/) {
 #ifdef FUSEDSKIP_WITH_CUDA
   const std::string error = fused_gemm_mask_layout_error();
@@ -102,7 +106,9 @@ PyMethodDef methods[] = {
     {"_fused_gemm_built", fused_gemm_built_py, METH_NOARGS,
      "Whether the `cutlass` backend's sm_90a GEMM was compiled in."},
     {"_fused_gemm_launches", fused_gemm_launches_py, METH_NOARGS,
-     "How many times the `cutlass` backend's GEMM has run in this process."},
+     "How many times the `cutlass` backend's forward GEMM has run in this process."},
+    {"_grouped_gemm_launches", grouped_gemm_launches_py, METH_NOARGS,
+     "How many grouped GEMMs the `cutlass` backend's concat backward has launched."},
     {"_fused_gemm_mask_layout_error", fused_gemm_mask_layout_error_py, METH_NOARGS,
      "Empty where the CUTLASS GEMM's mask store meets the register layout it assumes."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},

@@ -10,9 +10,9 @@ small layers, ``cutlass`` for the largest where it applies, else ``gemm_epilogue
 library GEMM, cuBLAS or CPU BLAS, then one fused element-wise pass), ``cuda_emulation`` (CPU
 tensors: the native CUDA kernel's own code run on the host, thread by thread; slow, it checks
 the GPU kernel without a GPU),
-``cutlass`` (CUDA, forward with ReLU: the GEMM, bias, ReLU mask and residual in one CUTLASS
-kernel on an sm_90 GPU, where the build has it (``cutlass_built()``) and the shapes allow;
-``gemm_epilogue`` everywhere else, and for the backward).
+``cutlass`` (CUDA, on an sm_90 GPU where the build has it (``cutlass_built()``) and the shapes
+allow: the forward with ReLU as one CUTLASS kernel (GEMM, bias, ReLU mask and residual), and the
+concat backward's GEMMs as two grouped CUTLASS GEMMs; ``gemm_epilogue`` everywhere else).
 The choice is read at each call, so it also applies inside compiled graphs.
 """
 

@@ -4,9 +4,10 @@ Forward and backward of every form (bias or not, residual none / relu_add / add_
 1-3 inputs with and without ReLU, non-contiguous inputs, an empty batch) in float32, bfloat16
 and float64, through both CUDA backends (the native kernel: SIMT for float32 / float64, tensor
 cores for bfloat16; cuBLAS + the element-wise pass), plus the native kernel's TF32 path and its
-split-K weight gradient, and on an sm_90 GPU the `cutlass` backend's GEMM (bf16 / fp16, every
-ReLU form, partial tiles); each checked against the float64 reference
-(conftest.check_against_reference), so a wrong result fails here too.
+split-K weight gradient, and on an sm_90 GPU the `cutlass` backend's GEMMs (bf16 / fp16: the
+forward in every ReLU form, the concat backward's grouped GEMMs; partial tiles); each checked
+against the float64 reference (conftest.check_against_reference), so a wrong result fails here
+too.
 """
 
 import itertools
@@ -84,6 +85,13 @@ def main(backends=("native", "gemm_epilogue", "cutlass")) -> int:
                 sample = make_sample([k], cols, (rows,), bias=bias, residual=residual,
                                      dtype=dtype, device="cuda")
                 run(sample, dtype, "cutlass")
+            # The concat backward's grouped GEMMs: partial tiles in every dimension, 2 and 3
+            # blocks, with and without ReLU.
+            for dtype, (widths, cols, rows, relu) in itertools.product(
+                    (torch.bfloat16, torch.float16),
+                    (([8, 136], 72, 130, True), ([64, 200, 24], 264, 300, False))):
+                sample = make_sample(widths, cols, (rows,), relu=relu, dtype=dtype, device="cuda")
+                run(sample, dtype, "cutlass grouped")
     torch.cuda.synchronize()
     print(f"cuda_smoke: {cases} cases, {failures} mismatches")
     return 1 if failures else 0
