@@ -54,7 +54,8 @@ CPU_PROVIDERS = ("fused", "eager", "compile")
 GPU_PROVIDERS = ("fused", "eager", "compile", "compile-max-autotune", "cublaslt", "gemm")
 # The fused op with its backend forced (fusedskip.use_backend) instead of chosen per shape: the
 # measurements behind the choice (`--providers fused-native,fused-gemm_epilogue,gemm`).
-# fused-cutlass runs its sm_90 GEMM only where it applies (csrc/cuda/fused_gemm_sm90.cu).
+# fused-cutlass runs its sm_90 GEMMs only where they apply (csrc/cuda/fused_gemm_sm90.cu, and the
+# concat backward's csrc/cuda/grouped_gemm_sm90.cu).
 FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue", "fused-cutlass")
 KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
@@ -67,8 +68,11 @@ def provider_backend(provider: str):
 
 
 def cutlass_launches() -> int:
-    """How many times the `cutlass` backend's GEMM has run (0 without the extension)."""
-    return fusedskip._ops._C._fused_gemm_launches() if fusedskip.extension_loaded() else 0
+    """How many times the `cutlass` backend's GEMMs have run, forward and grouped backward (0
+    without the extension)."""
+    if not fusedskip.extension_loaded():
+        return 0
+    return fusedskip._ops._C._fused_gemm_launches() + fusedskip._ops._C._grouped_gemm_launches()
 
 
 def split_widths(k: int, parts: int) -> Tuple[int, ...]:
@@ -462,8 +466,10 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                     row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
                     rows.append(row)
                     continue
+                if provider == "fused-cutlass" and mode == "forward+backward":
+                    step_fn(fn, mode, arg_sets[0], grad)()  # its backward's kernels count too
                 if provider == "fused-cutlass" and cutlass_launches() == launches:
-                    # Its kernel does not take this shape / device / dtype: the cuBLAS path ran,
+                    # Its kernels do not take this shape / device / dtype: the cuBLAS path ran,
                     # which the fused-gemm_epilogue row already measures.
                     row["status"] = "n/a: the cutlass kernel does not apply here"
                     rows.append(row)

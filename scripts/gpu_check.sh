@@ -92,14 +92,17 @@ step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 
   --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
   --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
-# 6. Device time per kernel against host time per call: the large relu_add layer on each path,
-# and the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every
-# provider on the H200 (results/h200-2026-11-26), far above its kernels' work.
-step kernel_times 120 bash -c "$PY benchmarks/gpu_kernel_times.py --op relu_add \
+# 6. Device time per kernel against host time per call: the large relu_add layer on each path;
+# the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
+# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat's
+# backward, one cuBLAS GEMM per block (fused) against the grouped GEMMs (fused-cutlass) and eager.
+step kernel_times 150 bash -c "$PY benchmarks/gpu_kernel_times.py --op relu_add \
   --sizes 4096x1024x1024,8192x4096x4096 --out '$OUT' \
   --providers fused,fused-cutlass,fused-gemm_epilogue,gemm && \
   $PY benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
-  --sizes 64x30x30,65536x30x30 --out '$OUT' --providers fused,eager"
+  --sizes 64x30x30,65536x30x30 --out '$OUT' --providers fused,eager && \
+  $PY benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
+  --sizes 8192x4096x4096 --out '$OUT' --providers fused,fused-cutlass,eager"
 
 # 7. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
 # (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
