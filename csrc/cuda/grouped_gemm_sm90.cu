@@ -31,6 +31,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "backend.h"
@@ -120,20 +121,29 @@ struct GroupedGemm {
     }
   };
 
-  // Arguments reading the table at `device_table` (null while only checking).
-  static typename Gemm::Arguments arguments(const Groups& groups, Table* device_table,
+  // Arguments reading the table copied to `device_table` (null while only checking). Its
+  // members' device addresses are their offsets in the host copy from that base: the host never
+  // reads device memory.
+  static typename Gemm::Arguments arguments(const Groups& groups, uint8_t* device_table,
                                             int device) {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    Table* t = device_table;
+    const Table& host = groups.table;
+    const auto on_device = [&](const auto& member) {
+      using Element_ = std::remove_const_t<std::remove_extent_t<
+          std::remove_reference_t<decltype(member)>>>;
+      const auto offset = reinterpret_cast<const uint8_t*>(&member) -
+                          reinterpret_cast<const uint8_t*>(&host);
+      return device_table ? reinterpret_cast<Element_*>(device_table + offset) : nullptr;
+    };
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
-        {static_cast<int>(groups.problems.size()), t ? t->problems : nullptr,
+        {static_cast<int>(groups.problems.size()), on_device(host.problems),
          groups.problems.data()},
-        {t ? t->a : nullptr, t ? t->stride_a : nullptr, t ? t->b : nullptr,
-         t ? t->stride_b : nullptr},
-        {{}, nullptr, nullptr, t ? t->d : nullptr, t ? t->stride_d : nullptr},
+        {on_device(host.a), on_device(host.stride_a), on_device(host.b),
+         on_device(host.stride_b)},
+        {{}, nullptr, nullptr, on_device(host.d), on_device(host.stride_d)},
         hw};
   }
 };
@@ -152,6 +162,9 @@ struct BackwardTables {
   typename InputGradGemm<Element>::Table input_grads;
   typename WeightGradGemm<Element>::Table weight_grad;
 };
+// A kernel argument: copied bit for bit, within the 4 KB a kernel's parameters may take.
+static_assert(std::is_trivially_copyable_v<BackwardTables<cutlass::bfloat16_t>> &&
+              sizeof(BackwardTables<cutlass::bfloat16_t>) <= 4000);
 
 template <class Tables>
 __global__ void write_tables(const Tables tables, Tables* out) {
@@ -183,7 +196,7 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
     offset += width;
   }
 
-  // Everything checked before anything runs: either both launches or neither.
+  // Everything checked before anything runs: both launches or, returning false, neither.
   const int device = weight.get_device();
   const bool any_input = !input_groups.problems.empty(), any_weight = grad_weight.defined();
   typename InputGrads::Gemm input_gemm;
@@ -204,27 +217,36 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
       at::empty({static_cast<int64_t>(tables_bytes + input_bytes + weight_bytes)},
                 weight.options().dtype(at::kByte));
   uint8_t* base = workspace.data_ptr<uint8_t>();
-  Tables* device_tables = reinterpret_cast<Tables*>(base);
+  const Tables tables{input_groups.table, weight_groups.table};
+  const auto tables_offset = [&](const auto& member) {
+    return reinterpret_cast<const uint8_t*>(&member) - reinterpret_cast<const uint8_t*>(&tables);
+  };
+  // Set up both GEMMs (host work only: their TMA descriptors and grid) before anything is
+  // queued, so that a failure leaves nothing half done.
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  write_tables<<<1, 1, 0, stream>>>(Tables{input_groups.table, weight_groups.table}, device_tables);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const auto launch = [&](auto& gemm, const auto& args, void* gemm_workspace) {
-    TORCH_CHECK(gemm.initialize(args, gemm_workspace, stream) == cutlass::Status::kSuccess,
+  if (any_input) {
+    input_args = InputGrads::arguments(input_groups, base + tables_offset(tables.input_grads), device);
+    TORCH_CHECK(input_gemm.initialize(input_args, base + tables_bytes, stream) ==
+                    cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS grouped GEMM could not be set up");
+  }
+  if (any_weight) {
+    weight_args =
+        WeightGrad::arguments(weight_groups, base + tables_offset(tables.weight_grad), device);
+    TORCH_CHECK(weight_gemm.initialize(weight_args, base + tables_bytes + input_bytes, stream) ==
+                    cutlass::Status::kSuccess,
+                "fusedskip: the CUTLASS grouped GEMM could not be set up");
+  }
+  write_tables<<<1, 1, 0, stream>>>(tables, reinterpret_cast<Tables*>(base));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto run = [&](auto& gemm) {
     TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS grouped GEMM failed to launch");
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     count_grouped_gemm_launch();
   };
-  if (any_input) {
-    input_args = InputGrads::arguments(input_groups, &device_tables->input_grads, device);
-    launch(input_gemm, input_args, base + tables_bytes);
-  }
-  if (any_weight) {
-    weight_args = WeightGrad::arguments(weight_groups, &device_tables->weight_grad, device);
-    launch(weight_gemm, weight_args, base + tables_bytes + input_bytes);
-  }
+  if (any_input) run(input_gemm);
+  if (any_weight) run(weight_gemm);
   return true;
 }
 
@@ -251,7 +273,11 @@ bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
   const int64_t int_max = std::numeric_limits<int>::max();
   // CUTLASS's tile coordinates are ints: keep the last tiles from wrapping (512: 256-row tiles
   // in clusters of 2).
-  if (rows == 0 || rows > int_max - 512 || cols % 8 != 0 || cols > int_max - 512) return false;
+  // cols == 0 would leave the input gradients' accumulators unwritten (no K steps) and the
+  // weight gradient's grid empty.
+  if (rows == 0 || rows > int_max - 512 || cols == 0 || cols % 8 != 0 || cols > int_max - 512) {
+    return false;
+  }
   bool any = grad_weight.defined();
   if (!tma_operand(grad_preact) || !tma_operand(weight) ||
       (grad_weight.defined() && !tma_operand(grad_weight))) {
@@ -261,7 +287,9 @@ bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
     // Widths of whole 16-byte words also keep every column block of weight and grad_weight on
     // 16-byte bounds.
     const int64_t width = inputs[i].size(1);
-    if (width == 0 || width % 8 != 0 || !tma_operand(inputs[i])) return false;
+    if (width == 0 || width % 8 != 0 || width > int_max - 512 || !tma_operand(inputs[i])) {
+      return false;
+    }
     if (grad_inputs[i].defined() && !tma_operand(grad_inputs[i])) return false;
     any = any || grad_inputs[i].defined();
   }
