@@ -425,3 +425,17 @@ def test_cutlass_concat_backward_leaves_other_shapes_to_cublas():
         with fusedskip.use_backend("cutlass"):
             check(sample, dtype)
         assert grouped_launches() == before, sample.name
+    # No outputs, with an output gradient whose rows are whole 16-byte words apart (a view):
+    # every check of alignment passes, but there is nothing to sum; the input gradients are 0.
+    x = [torch.randn(50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    w = torch.randn(0, 128, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(50, 8, device="cuda", dtype=torch.bfloat16)[:, :0]
+    poison_allocator()
+    before = grouped_launches()
+    with fusedskip.use_backend("cutlass"):
+        grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+            g, x, w, torch.empty(0, dtype=torch.uint8, device="cuda"), False,
+            [True, True, True, False, False])
+    assert grouped_launches() == before
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in grad_inputs)
+    assert grad_weight.shape == (0, 128)
