@@ -96,6 +96,7 @@ const char* backend_name(Backend backend) { return kNames[static_cast<int>(backe
 
 namespace {
 std::atomic<int64_t> fused_gemm_launch_count{0};
+std::atomic<int64_t> concat_gemm_launch_count{0};
 std::atomic<int64_t> grouped_gemm_launch_count{0};
 }  // namespace
 
@@ -110,6 +111,12 @@ bool fused_gemm_built() {
 int64_t fused_gemm_launches() { return fused_gemm_launch_count.load(std::memory_order_relaxed); }
 
 void count_fused_gemm_launch() { fused_gemm_launch_count.fetch_add(1, std::memory_order_relaxed); }
+
+int64_t concat_gemm_launches() { return concat_gemm_launch_count.load(std::memory_order_relaxed); }
+
+void count_concat_gemm_launch() {
+  concat_gemm_launch_count.fetch_add(1, std::memory_order_relaxed);
+}
 
 int64_t grouped_gemm_launches() {
   return grouped_gemm_launch_count.load(std::memory_order_relaxed);
@@ -152,10 +159,10 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   return GemmPath::kLibrary;
 }
 
-bool grouped_backward_wanted(const at::Tensor& weight, const Geometry& g) {
-  // Only when asked for, for now: under auto the concat backward stays on cuBLAS until the two
-  // have been timed against each other on a GPU (benchmarks/NOTES.md, "Concat on the cuBLAS
-  // path").
+bool cutlass_concat_wanted(const at::Tensor& weight, const Geometry& g) {
+  // Only when asked for, for now: under auto a concat layer stays on the cat and one cuBLAS GEMM
+  // per block until these kernels have been timed against them on a GPU (benchmarks/NOTES.md,
+  // "Concat on the cuBLAS path").
   return weight.is_cuda() && g.widths.size() > 1 && current_backend() == Backend::kCutlass &&
          fused_gemm_built();
 }

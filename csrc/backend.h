@@ -9,9 +9,11 @@
 //     cuda_emulation  CPU tensors: the native CUDA kernel's own code run on the host, thread by
 //                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
 //     cutlass         CUDA: the forward's GEMM, bias, ReLU + mask and residual in one CUTLASS
-//                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu), and the concat backward's
-//                     GEMMs as two grouped CUTLASS GEMMs (csrc/cuda/grouped_gemm_sm90.cu), where
-//                     they apply; elsewhere gemm_epilogue
+//                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu); for a concat layer the
+//                     forward's K loop over the inputs, never building the cat
+//                     (csrc/cuda/concat_gemm_sm90.cu), and the backward's GEMMs as two grouped
+//                     GEMMs (csrc/cuda/grouped_gemm_sm90.cu); where they apply, else
+//                     gemm_epilogue
 #pragma once
 
 #include <cstdint>
@@ -39,9 +41,10 @@ enum class GemmPath {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
 
-// Whether the library path's backward of a concat layer tries the grouped CUTLASS GEMMs before
-// one cuBLAS GEMM per block.
-bool grouped_backward_wanted(const at::Tensor& weight, const Geometry& g);
+// Whether a concat layer on the library path tries the CUTLASS kernels that take its inputs
+// one by one (forward: csrc/cuda/concat_gemm_sm90.cu, its K loop over the inputs; backward:
+// csrc/cuda/grouped_gemm_sm90.cu) before the cat / one cuBLAS GEMM per block.
+bool cutlass_concat_wanted(const at::Tensor& weight, const Geometry& g);
 
 // The CUTLASS GEMM's output tile, which its LibraryConfig (csrc/cuda/fused_gemm_sm90.cuh) is
 // built from and choose_gemm_path counts tiles by.
@@ -50,10 +53,13 @@ constexpr int kFusedGemmTileCols = 256;
 
 // Whether the CUTLASS GEMMs were compiled in (CUTLASS headers found, sm_90a among the archs), and
 // how many times each has run in this process (tests check that it did): the forward's fused
-// GEMM, and the grouped GEMMs of the concat backward (one count per launch).
+// GEMM, the concat forward's, and the grouped GEMMs of the concat backward (one count per
+// launch).
 bool fused_gemm_built();
 int64_t fused_gemm_launches();
 void count_fused_gemm_launch();
+int64_t concat_gemm_launches();
+void count_concat_gemm_launch();
 int64_t grouped_gemm_launches();
 void count_grouped_gemm_launch();
 

@@ -7,7 +7,8 @@
 // multiplies weight's column block i, accumulating on chip / in registers; in backward each
 // input's gradient and each weight-gradient column block is written in place). The library
 // path's forward builds it, transiently, for one GEMM over it (concat_for_gemm); its backward runs
-// one GEMM per block where the blocks are aligned (gemm_blocks_in_place), else the same.
+// one GEMM per block where the blocks are aligned (gemm_blocks_in_place), else the same. With the
+// cutlass backend, CUTLASS kernels that take the inputs one by one come first, where they apply.
 #include "fused_linear.h"
 
 #include "backend.h"
@@ -250,7 +251,7 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
                             const at::Tensor& grad_weight) {
   const size_t count = inputs_2d.size();
 #ifdef FUSEDSKIP_WITH_CUDA
-  if (grouped_backward_wanted(weight, g) &&
+  if (cutlass_concat_wanted(weight, g) &&
       grouped_backward_gemms_cuda(grad_preact, inputs_2d, weight, grad_inputs_2d, grad_weight)) {
     return;
   }
@@ -326,6 +327,15 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   if (path == GemmPath::kCpuLoops) {
     gemm = direct_gemm_forward_cpu(inputs_2d, weight, g);  // in opmath: rounded once, below
   } else {
+#ifdef FUSEDSKIP_WITH_CUDA
+    // Its epilogue has no residual (the public API's concat layers take none).
+    if (path == GemmPath::kFusedGemm && !has_residual && cutlass_concat_wanted(weight, g)) {
+      at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
+      if (concat_gemm_forward_cuda(inputs_2d, weight, bias, out, relu ? mask : at::Tensor())) {
+        return {as_shape(out, g.out_shape), mask};
+      }
+    }
+#endif
     const at::Tensor x = concat_for_gemm(inputs_2d);
 #ifdef FUSEDSKIP_WITH_CUDA
     if (path == GemmPath::kFusedGemm && relu) {

@@ -4,6 +4,7 @@
 //   op (checks, paths)         csrc/fused_linear.cpp     (device-generic)
 //   which path per call        csrc/backend.cpp          (FUSEDSKIP_BACKEND)
 //   CUTLASS kernels (sm_90a)   csrc/cuda/fused_gemm_sm90.cu (forward),
+//                              csrc/cuda/concat_gemm_sm90.cu (concat forward),
 //                              csrc/cuda/grouped_gemm_sm90.cu (concat backward)
 //   native kernel              csrc/tile_gemm.h (block body), csrc/tile_plan.h (launch plan),
 //                              csrc/cuda/tile_kernels.cu, csrc/cpu/tile_emulation.cpp
@@ -156,6 +157,13 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
 bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                              const at::Tensor& out, const at::Tensor& mask, Residual where);
+// The `cutlass` backend's forward for the concat form (csrc/cuda/concat_gemm_sm90.cu): out (rows,
+// cols) = cat(inputs) W^T + bias, and with `mask` defined the ReLU and its mask, as one sm_90a
+// GEMM whose K loop runs over the inputs (rows, width_i); the cat is never built. Returns false,
+// having done nothing, where it does not apply (the caller then builds the cat).
+bool concat_gemm_forward_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                              const at::Tensor& mask);
 // The `cutlass` backend's backward GEMMs for the concat form (csrc/cuda/grouped_gemm_sm90.cu):
 // grad_inputs[i] = grad_preact weight[:, block i] for each defined grad_inputs[i], and, if
 // grad_weight is defined, grad_weight[:, block i] = grad_preact^T inputs[i], as two grouped

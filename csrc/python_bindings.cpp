@@ -89,6 +89,10 @@ PyObject* fused_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(fused_gemm_launches());
 }
 
+PyObject* concat_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(concat_gemm_launches());
+}
+
 PyObject* grouped_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(grouped_gemm_launches());
 }
@@ -107,6 +111,8 @@ PyMethodDef methods[] = {
      "Whether the `cutlass` backend's sm_90a GEMM was compiled in."},
     {"_fused_gemm_launches", fused_gemm_launches_py, METH_NOARGS,
      "How many times the `cutlass` backend's forward GEMM has run in this process."},
+    {"_concat_gemm_launches", concat_gemm_launches_py, METH_NOARGS,
+     "How many times the `cutlass` backend's concat forward GEMM has run in this process."},
     {"_grouped_gemm_launches", grouped_gemm_launches_py, METH_NOARGS,
      "How many grouped GEMMs the `cutlass` backend's concat backward has launched."},
     {"_fused_gemm_mask_layout_error", fused_gemm_mask_layout_error_py, METH_NOARGS,

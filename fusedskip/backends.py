@@ -11,8 +11,9 @@ library GEMM, cuBLAS or CPU BLAS, then one fused element-wise pass), ``cuda_emul
 tensors: the native CUDA kernel's own code run on the host, thread by thread; slow, it checks
 the GPU kernel without a GPU),
 ``cutlass`` (CUDA, on an sm_90 GPU where the build has it (``cutlass_built()``) and the shapes
-allow: the forward with ReLU as one CUTLASS kernel (GEMM, bias, ReLU mask and residual), and the
-concat backward's GEMMs as two grouped CUTLASS GEMMs; ``gemm_epilogue`` everywhere else).
+allow: the forward with ReLU as one CUTLASS kernel (GEMM, bias, ReLU mask and residual); for
+concat layers the forward as one CUTLASS GEMM whose K loop runs over the inputs (no cat) and the
+backward's GEMMs as two grouped CUTLASS GEMMs; ``gemm_epilogue`` everywhere else).
 The choice is read at each call, so it also applies inside compiled graphs.
 """
 

@@ -54,8 +54,8 @@ CPU_PROVIDERS = ("fused", "eager", "compile")
 GPU_PROVIDERS = ("fused", "eager", "compile", "compile-max-autotune", "cublaslt", "gemm")
 # The fused op with its backend forced (fusedskip.use_backend) instead of chosen per shape: the
 # measurements behind the choice (`--providers fused-native,fused-gemm_epilogue,gemm`).
-# fused-cutlass runs its sm_90 GEMMs only where they apply (csrc/cuda/fused_gemm_sm90.cu, and the
-# concat backward's csrc/cuda/grouped_gemm_sm90.cu).
+# fused-cutlass runs its sm_90 GEMMs only where they apply (csrc/cuda/fused_gemm_sm90.cu, and for
+# concat layers csrc/cuda/concat_gemm_sm90.cu and csrc/cuda/grouped_gemm_sm90.cu).
 FORCED_PROVIDERS = ("fused-native", "fused-gemm_epilogue", "fused-cutlass")
 KNOWN_PROVIDERS = GPU_PROVIDERS + FORCED_PROVIDERS
 
@@ -68,11 +68,12 @@ def provider_backend(provider: str):
 
 
 def cutlass_launches() -> int:
-    """How many times the `cutlass` backend's GEMMs have run, forward and grouped backward (0
-    without the extension)."""
+    """How many times the `cutlass` backend's GEMMs have run, forward, concat forward and grouped
+    backward (0 without the extension)."""
     if not fusedskip.extension_loaded():
         return 0
-    return fusedskip._ops._C._fused_gemm_launches() + fusedskip._ops._C._grouped_gemm_launches()
+    c = fusedskip._ops._C
+    return c._fused_gemm_launches() + c._concat_gemm_launches() + c._grouped_gemm_launches()
 
 
 def split_widths(k: int, parts: int) -> Tuple[int, ...]:

@@ -5,7 +5,7 @@ Forward and backward of every form (bias or not, residual none / relu_add / add_
 and float64, through both CUDA backends (the native kernel: SIMT for float32 / float64, tensor
 cores for bfloat16; cuBLAS + the element-wise pass), plus the native kernel's TF32 path and its
 split-K weight gradient, and on an sm_90 GPU the `cutlass` backend's GEMMs (bf16 / fp16: the
-forward in every ReLU form, the concat backward's grouped GEMMs; partial tiles); each checked
+forward in every ReLU form, the concat forward and backward; partial tiles); each checked
 against the float64 reference (conftest.check_against_reference), so a wrong result fails here
 too.
 """
@@ -85,13 +85,24 @@ def main(backends=("native", "gemm_epilogue", "cutlass")) -> int:
                 sample = make_sample([k], cols, (rows,), bias=bias, residual=residual,
                                      dtype=dtype, device="cuda")
                 run(sample, dtype, "cutlass")
-            # The concat backward's grouped GEMMs: partial tiles in every dimension, 2 and 3
+            # Concat layers: the forward's K loop over the inputs (inputs ending inside a K
+            # tile) and the backward's grouped GEMMs, partial tiles in every dimension, 2 and 3
             # blocks, with and without ReLU.
             for dtype, (widths, cols, rows, relu) in itertools.product(
                     (torch.bfloat16, torch.float16),
-                    (([8, 136], 72, 130, True), ([64, 200, 24], 264, 300, False))):
+                    (([8, 136], 256, 130, True), ([64, 200, 24], 264, 300, False))):
                 sample = make_sample(widths, cols, (rows,), relu=relu, dtype=dtype, device="cuda")
-                run(sample, dtype, "cutlass grouped")
+                run(sample, dtype, "cutlass concat")
+            # Concat with a residual (the op's, not the public API's): the cat path.
+            xs = [torch.randn(130, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            w = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16) / 12
+            r = torch.randn(130, 256, device="cuda", dtype=torch.bfloat16)
+            out, _ = torch.ops.fusedskip.fused_linear(xs, w, None, r, True, False)
+            ref = torch.relu(torch.cat(xs, 1).double() @ w.double().T) + r.double()
+            cases += 1
+            if not (out.double() - ref).norm() <= 1e-2 * ref.norm():
+                failures += 1
+                print("MISMATCH cutlass concat with a residual")
     torch.cuda.synchronize()
     print(f"cuda_smoke: {cases} cases, {failures} mismatches")
     return 1 if failures else 0

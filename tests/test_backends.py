@@ -68,7 +68,8 @@ def test_every_form_every_backend(backend, dtype):
 
 def test_cutlass_backend_on_cpu_tensors_is_gemm_epilogue():
     """`cutlass` is a CUDA kernel: CPU tensors take the library path, every form still right."""
-    counters = (fusedskip._ops._C._fused_gemm_launches, fusedskip._ops._C._grouped_gemm_launches)
+    c = fusedskip._ops._C
+    counters = (c._fused_gemm_launches, c._concat_gemm_launches, c._grouped_gemm_launches)
     before = [count() for count in counters]
     with fusedskip.use_backend("cutlass"):
         for sample in sample_grid(dtype=torch.float32):
