@@ -281,7 +281,7 @@ def test_cutlass_every_relu_form(dtype, residual):
         for widths, cols, leading, bias in cases:
             if residual is not None and len(widths) > 1:
                 continue
-            # A concat runs the concat kernel (test_cutlass_concat_forward_loops_over_the_inputs).
+            # A concat runs the concat kernel (test_cutlass_concat_layer).
             launches = cutlass_launches if len(widths) == 1 else concat_launches
             before = launches()
             check(make_sample(widths, cols, leading, bias=bias, residual=residual, dtype=dtype,
@@ -369,28 +369,37 @@ def test_auto_takes_cutlass_above_the_native_range():
         assert grouped_launches() == grouped_before, sample.name
 
 
-# The `cutlass` backend's concat forward: one sm_90a GEMM whose K loop runs over the inputs
-# (csrc/cuda/concat_gemm_sm90.cu).
+# The `cutlass` backend's concat layers: the forward as one sm_90a GEMM whose K loop runs over the
+# inputs (csrc/cuda/concat_gemm_sm90.cu), the backward as two grouped GEMMs
+# (csrc/cuda/grouped_gemm_sm90.cu).
 @needs_cutlass_gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_cutlass_concat_forward_loops_over_the_inputs(dtype):
-    """Output, mask and gradients against float64, and one launch per forward: inputs that end
-    inside a 64-wide K tile (8, 136, 200, 1360: the next input must start on a fresh tile and the
-    partial one add nothing), 2 to 4 inputs, with the ReLU (outputs a multiple of 128) and
-    without (a multiple of 8), bias and none, partial row and column tiles, leading dims."""
+def test_cutlass_concat_layer(dtype):
+    """Output, mask and every gradient against float64, and the launches of both kernels: inputs
+    that end inside a 64-wide K tile (8, 136, 200, 1360: the next input must start on a fresh
+    tile and the partial one add nothing), 2 to 8 inputs, with the ReLU and without, bias and
+    none, partial 128x256 / 256x128 tiles in every dimension, leading dims. The forward kernel
+    takes up to 4 inputs and, with the ReLU, outputs in multiples of 128; the grouped backward
+    takes them all."""
     cases = (([64, 200], 256, (300,), True, True),
              ([8, 136, 200], 384, (3, 43), True, False),
+             ([8, 136, 264], 72, (3, 43), True, False),
              ([8, 16, 24, 64], 136, (513,), False, True),
+             ([8, 16, 24, 32, 40, 48, 56, 64], 136, (513,), False, True),
              ([1360, 2736], 512, (260,), False, False),
              ([72, 64], 8, (1,), False, True))
     with fusedskip.use_backend("cutlass"):
         for widths, cols, leading, relu, bias in cases:
             sample = make_sample(widths, cols, leading, relu=relu, bias=bias, dtype=dtype,
                                  device="cuda")
-            before = concat_launches()
+            forward_applies = len(widths) <= 4 and cols % (128 if relu else 8) == 0
+            before = concat_launches(), grouped_launches()
             check(sample, dtype)
-            # Once for the output, once more for the mask check_against_reference reads.
-            assert concat_launches() == before + (2 if relu else 1), sample.name
+            # The forward runs once for the output and, with the ReLU, once more for the mask
+            # check_against_reference reads; the backward once, two grouped launches.
+            forwards = (2 if relu else 1) if forward_applies else 0
+            assert (concat_launches(), grouped_launches()) == (before[0] + forwards,
+                                                               before[1] + 2), sample.name
 
 
 @needs_cutlass_gpu
@@ -446,27 +455,6 @@ def test_cutlass_concat_forward_leaves_other_shapes_to_the_cat():
         ref = (torch.relu(preact + r.double()) if before_relu
                else torch.relu(preact) + r.double())
         assert_close_rel(out, ref, torch.bfloat16, f"residual before ReLU: {before_relu}")
-
-
-# The `cutlass` backend's concat backward: the input gradients and the weight gradient's column
-# blocks as two grouped sm_90a GEMMs (csrc/cuda/grouped_gemm_sm90.cu).
-@needs_cutlass_gpu
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_cutlass_concat_backward_is_grouped(dtype):
-    """Every gradient against float64, and two grouped launches per backward: partial 256x128
-    tiles in every dimension of both GEMMs, 2 to 8 blocks, with and without ReLU and bias,
-    leading batch dims, blocks of the benchmark's widths."""
-    cases = (([64, 200], 256, (300,), True, True),
-             ([8, 136, 264], 72, (3, 43), True, False),
-             ([8, 16, 24, 32, 40, 48, 56, 64], 136, (513,), False, True),
-             ([1360, 2736], 512, (260,), False, True))
-    with fusedskip.use_backend("cutlass"):
-        for widths, cols, leading, relu, bias in cases:
-            sample = make_sample(widths, cols, leading, relu=relu, bias=bias, dtype=dtype,
-                                 device="cuda")
-            before = grouped_launches()
-            check(sample, dtype)
-            assert grouped_launches() == before + 2, sample.name
 
 
 @needs_cutlass_gpu
