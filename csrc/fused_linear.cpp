@@ -282,7 +282,9 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
     const at::Tensor grad_all = at::mm(grad_preact, weight);
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
-      if (grad_inputs_2d[i].defined()) grad_inputs_2d[i].copy_(grad_all.narrow(1, offset, g.widths[i]));
+      if (grad_inputs_2d[i].defined()) {
+        grad_inputs_2d[i].copy_(grad_all.narrow(1, offset, g.widths[i]));
+      }
       offset += g.widths[i];
     }
   }

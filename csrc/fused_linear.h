@@ -47,6 +47,12 @@ inline bool on_16_byte_words(const at::Tensor& t) {
          (t.dim() < 2 || t.stride(0) * item % 16 == 0);
 }
 
+// What a TMA descriptor (the CUTLASS kernels' loads and stores) takes: on 16-byte words, and (2-D)
+// rows that do not overlap (an expanded tensor's zero row stride is refused).
+inline bool tma_operand(const at::Tensor& t) {
+  return on_16_byte_words(t) && (t.dim() < 2 || t.size(0) == 1 || t.stride(0) >= t.size(1));
+}
+
 // Raises ValueError / TypeError / RuntimeError naming the offending argument.
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,

@@ -79,7 +79,8 @@ struct ConcatMainloop : Base {
   struct Params {
     TMA_A tma_load_a[kMaxConcatInputs];
     TMA_B tma_load_b[kMaxConcatInputs];
-    int k_tiles_end[kMaxConcatInputs];  // input i's K tiles are [k_tiles_end[i - 1], k_tiles_end[i])
+    // Input i's K tiles are [k_tiles_end[i - 1], k_tiles_end[i]).
+    int k_tiles_end[kMaxConcatInputs];
     int count;
     uint32_t tma_transaction_bytes = Base::TmaTransactionBytes;
   };
@@ -110,10 +111,10 @@ struct ConcatMainloop : Base {
                                  make_layout(make_shape(M, width, L), stride_a));
       const auto b = make_tensor(reinterpret_cast<const InternalElementB*>(args.weight + offset),
                                  make_layout(make_shape(N, width, L), stride_b));
-      params.tma_load_a[i] = make_tma_copy_A_sm90(GmemTiledCopyA{}, a, SmemLayoutA{}(_, _, Int<0>{}),
-                                                  TileShape{}, ClusterShape{});
-      params.tma_load_b[i] = make_tma_copy_B_sm90(GmemTiledCopyB{}, b, SmemLayoutB{}(_, _, Int<0>{}),
-                                                  TileShape{}, ClusterShape{});
+      params.tma_load_a[i] = make_tma_copy_A_sm90(
+          GmemTiledCopyA{}, a, SmemLayoutA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{});
+      params.tma_load_b[i] = make_tma_copy_B_sm90(
+          GmemTiledCopyB{}, b, SmemLayoutB{}(_, _, Int<0>{}), TileShape{}, ClusterShape{});
       k_tiles += (width + kTileK - 1) / kTileK;
       params.k_tiles_end[i] = k_tiles;
       offset += width;
@@ -285,22 +286,14 @@ bool concat_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& wei
   }
   // Without the ReLU: acc + bias, rounded once (a null bias reads as zeros).
   using Bias = typename Relu::Bias;
-  using Tree = fusion::Sm90EVT<
-      fusion::Sm90Compute<cutlass::plus, Element, float, cutlass::FloatRoundStyle::round_to_nearest>,
-      fusion::Sm90AccFetch, Bias>;
-  return ConcatGemm<Element, Tree>::run(inputs, weight, out,
-                                        {{}, typename Bias::Arguments{bias_ptr, Element(0), {}}, {}});
+  using Add = fusion::Sm90Compute<cutlass::plus, Element, float,
+                                  cutlass::FloatRoundStyle::round_to_nearest>;
+  using Tree = fusion::Sm90EVT<Add, fusion::Sm90AccFetch, Bias>;
+  const typename Bias::Arguments bias_args{bias_ptr, Element(0), {}};
+  return ConcatGemm<Element, Tree>::run(inputs, weight, out, {{}, bias_args, {}});
 }
 
 }  // namespace sm90
-
-namespace {
-// What TMA needs of an operand (as csrc/cuda/fused_gemm_sm90.cu): on 16-byte words, rows that do
-// not overlap.
-bool tma_operand(const at::Tensor& t) {
-  return on_16_byte_words(t) && (t.dim() < 2 || t.size(0) == 1 || t.stride(0) >= t.size(1));
-}
-}  // namespace
 #endif  // FUSEDSKIP_WITH_CUTLASS
 
 bool concat_gemm_forward_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& weight,

@@ -38,17 +38,6 @@
 
 namespace fusedskip {
 
-namespace {
-
-// What TMA needs of an operand: on 16-byte words, and (2-D) rows that do not overlap (an
-// expanded tensor's zero row stride is refused).
-bool on_words(const at::Tensor& t) {
-  return on_16_byte_words(t) &&
-         (t.dim() < 2 || t.size(0) == 1 || t.stride(0) >= t.size(1));
-}
-
-}  // namespace
-
 std::string fused_gemm_mask_layout_error() {
 #ifdef FUSEDSKIP_WITH_CUTLASS
   using Bf16 = cutlass::bfloat16_t;
@@ -86,9 +75,9 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
   if (device->major != 9 || device->minor != 0) return false;  // sm_90a code runs on sm_90 only
   const at::Tensor bias_t = bias.has_value() && bias->defined() ? *bias : at::Tensor();
-  if (!on_words(x) || !on_words(weight) || !on_words(out) || !mask.is_contiguous() ||
-      !on_16_byte_words(mask) || (bias_t.defined() && !on_words(bias_t)) ||
-      (residual.defined() && !on_words(residual))) {
+  if (!tma_operand(x) || !tma_operand(weight) || !tma_operand(out) || !mask.is_contiguous() ||
+      !on_16_byte_words(mask) || (bias_t.defined() && !tma_operand(bias_t)) ||
+      (residual.defined() && !tma_operand(residual))) {
     return false;
   }
   bool ran = false;

@@ -211,7 +211,8 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
   // One allocation: the tables, then each GEMM's workspace (its TMA descriptors per SM).
   const auto round_up = [](size_t n) { return (n + 127) / 128 * 128; };
   const size_t tables_bytes = round_up(sizeof(Tables));
-  const size_t input_bytes = any_input ? round_up(InputGrads::Gemm::get_workspace_size(input_args)) : 0;
+  const size_t input_bytes =
+      any_input ? round_up(InputGrads::Gemm::get_workspace_size(input_args)) : 0;
   const size_t weight_bytes = any_weight ? WeightGrad::Gemm::get_workspace_size(weight_args) : 0;
   const at::Tensor workspace =
       at::empty({static_cast<int64_t>(tables_bytes + input_bytes + weight_bytes)},
@@ -225,7 +226,8 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
   // queued, so that a failure leaves nothing half done.
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (any_input) {
-    input_args = InputGrads::arguments(input_groups, base + tables_offset(tables.input_grads), device);
+    input_args =
+        InputGrads::arguments(input_groups, base + tables_offset(tables.input_grads), device);
     TORCH_CHECK(input_gemm.initialize(input_args, base + tables_bytes, stream) ==
                     cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS grouped GEMM could not be set up");
@@ -251,14 +253,6 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
 }
 
 }  // namespace sm90
-
-namespace {
-// What TMA needs of an operand (as csrc/cuda/fused_gemm_sm90.cu): on 16-byte words, rows that do
-// not overlap.
-bool tma_operand(const at::Tensor& t) {
-  return on_16_byte_words(t) && (t.size(0) == 1 || t.stride(0) >= t.size(1));
-}
-}  // namespace
 #endif  // FUSEDSKIP_WITH_CUTLASS
 
 bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
