@@ -94,8 +94,9 @@ step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 
 
 # 6. Device time per kernel against host time per call: the large relu_add layer on each path;
 # the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
-# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat's
-# backward, one cuBLAS GEMM per block (fused) against the grouped GEMMs (fused-cutlass) and eager.
+# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
+# the cat and one cuBLAS GEMM per block (fused) against the CUTLASS concat kernels, cat-free
+# forward and grouped backward (fused-cutlass), and eager.
 step kernel_times 150 bash -c "$PY benchmarks/gpu_kernel_times.py --op relu_add \
   --sizes 4096x1024x1024,8192x4096x4096 --out '$OUT' \
   --providers fused,fused-cutlass,fused-gemm_epilogue,gemm && \
