@@ -8,7 +8,7 @@ import torch
 
 import fusedskip
 from conftest import (CUDA, CUDA_MARKS, assert_close_rel, check_against_reference, ids,
-                      make_sample, sample_grid)
+                      make_sample, poison_allocator, sample_grid)
 
 pytestmark = CUDA_MARKS
 
@@ -16,232 +16,11 @@ LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 7, 63, 65, 127, 129, 1000)
 
 
-def poison_allocator():
-    """Fill memory the caching allocator will hand out next with 0xFF bytes (NaN in every float
-    dtype), in both of its pools (blocks up to 1 MiB come from a separate small pool), so an
-    output element the kernels never write shows up as NaN instead of a plausible stale value."""
-    blocks = [torch.full((64 * 1024 * 1024,), 255, dtype=torch.uint8, device="cuda")]
-    blocks += [torch.full((size,), 255, dtype=torch.uint8, device="cuda")
-               for size in (512, 4096, 65536, 512 * 1024) for _ in range(8)]
-    del blocks
-
-
 @pytest.fixture(params=["native", "gemm_epilogue"])
 def backend(request):
     """Runs a test once per CUDA backend (auto would pick by size and leave one path untested)."""
     with fusedskip.use_backend(request.param):
         yield request.param
-
-
-def check(sample, dtype):
-    poison_allocator()
-    check_against_reference(sample, dtype)
-
-
-GRID = sample_grid(device="cuda") if CUDA else []
-
-
-@pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
-def test_gradcheck_float64(sample, backend):
-    fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, sample.tensors())
-    assert torch.autograd.gradgradcheck(fn, sample.tensors())
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_every_form_in_low_precision(dtype, backend):
-    for sample in sample_grid(dtype=dtype, device="cuda"):
-        check(sample, dtype)
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-# 64: a tile edge, and whole mask bytes on 16-byte boundaries (the element-wise passes' wide form).
-@pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 64, 65, 129))))
-def test_tile_boundaries(rows, cols, dtype, backend):
-    for residual in (None, "relu_add", "add_relu"):
-        sample = make_sample([33], cols, (rows,), residual=residual, dtype=dtype, device="cuda")
-        check(sample, dtype)
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_large_and_prime_sizes(dtype, backend):
-    for rows, k, cols in ((4097, 1000, 129), (1000, 4097, 63), (129, 127, 4097)):
-        check(make_sample([k], cols, (rows,), residual="add_relu", dtype=dtype,
-                                            device="cuda"), dtype)
-
-
-@pytest.mark.parametrize("count", range(1, 9))
-def test_concat_one_to_eight_inputs(count, backend):
-    widths = [1, 3, 7, 13, 2, 5, 11, 9][:count]
-    for dtype, relu in itertools.product(LOW_PRECISION, (False, True)):
-        check(make_sample(widths, 65, (2, 63), relu=relu, dtype=dtype,
-                                            device="cuda"), dtype)
-
-
-# Blocks >= 64 wide on 16-byte boundaries: cuBLAS's backward runs one GEMM per block, straight into
-# each gradient ("offset" falls back to one GEMM over the concatenation).
-@pytest.mark.parametrize("layout", ["contiguous", "offset"])
-def test_concat_aligned_blocks(layout, backend):
-    for dtype in LOW_PRECISION:
-        check(make_sample([64, 136, 72], 40, (3, 67), layout=layout, dtype=dtype, device="cuda"),
-              dtype)
-    sample = make_sample([64, 66], 9, (5,), layout=layout, device="cuda")
-    assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
-
-
-@pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_non_contiguous(layout, backend):
-    for dtype in LOW_PRECISION:
-        check(make_sample([5, 8], 33, (3, 7), layout=layout, dtype=dtype,
-                                            device="cuda"), dtype)
-        check(make_sample([9], 17, (40,), residual="relu_add", layout=layout,
-                                            dtype=dtype, device="cuda"), dtype)
-
-
-def test_non_default_stream(backend):
-    """The kernels run on the current stream: on a side stream, the input is rewritten after a
-    long sleep; a kernel launched on any other stream would read the old values."""
-    x = torch.randn(300, 64, device="cuda")
-    w = torch.randn(96, 64, device="cuda", requires_grad=True)
-    b = torch.randn(96, device="cuda", requires_grad=True)
-    r = torch.randn(300, 96, device="cuda")
-    new_x = torch.randn_like(x)
-    expected = fusedskip.reference.linear_relu_residual(new_x, w, b, r, order="add_relu")
-    expected_grads = torch.autograd.grad(expected.sum(), (w, b))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # ~tens of ms on the side stream only
-        x.copy_(new_x)
-        out = fusedskip.linear_relu_residual(x, w, b, r, order="add_relu")
-        grads = torch.autograd.grad(out.sum(), (w, b))
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(out, expected)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e)
-
-
-def test_cuda_graph_capture_and_replay(backend):
-    x = torch.randn(64, 32, device="cuda")
-    w = torch.randn(48, 32, device="cuda", requires_grad=True)
-    b = torch.randn(48, device="cuda", requires_grad=True)
-    r = torch.randn(64, 48, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph, the same kernels as captured
-        for _ in range(2):
-            fusedskip.linear_relu_residual(x, w, b, r, order="add_relu").sum().backward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    w.grad = b.grad = None
-    with torch.cuda.graph(graph):
-        out = fusedskip.linear_relu_residual(x, w, b, r, order="add_relu")
-        gw, gb = torch.autograd.grad(out.sum(), (w, b))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = fusedskip.reference.linear_relu_residual(x, w, b, r, order="add_relu")
-        rw, rb = torch.autograd.grad(ref.sum(), (w, b))
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(gw, rw)
-        torch.testing.assert_close(gb, rb)
-
-
-def test_compile_fullgraph_on_cuda(backend):
-    model = torch.nn.Linear(32, 32).cuda()
-
-    def fn(x):
-        h = fusedskip.linear_relu_residual(x, model.weight, model.bias, x)
-        return fusedskip.linear_concat([h, x], torch.cat([model.weight, model.weight], 1))
-
-    x = torch.randn(16, 32, device="cuda", requires_grad=True)
-    compiled = torch.compile(fn, fullgraph=True)
-    torch.testing.assert_close(compiled(x), fn(x))
-
-
-def test_modules_on_cuda_match_reference_modules(backend):
-    for dtype in LOW_PRECISION:
-        torch.manual_seed(0)
-        fused = fusedskip.ConcatLinear([15, 10], 20, activation="relu", device="cuda", dtype=dtype)
-        ref = fusedskip.reference.ConcatLinear([15, 10], 20, activation="relu", device="cuda",
-                                               dtype=torch.float64)
-        ref.load_state_dict(fused.state_dict())
-        x1 = torch.randn(64, 15, device="cuda", dtype=dtype)
-        x2 = torch.randn(64, 10, device="cuda", dtype=dtype)
-        assert_close_rel(fused(x1, x2), ref(x1.double(), x2.double()), dtype)
-        block = fusedskip.LinearReLUResidual(20, 20, order="add_relu", device="cuda", dtype=dtype)
-        ref_block = fusedskip.reference.LinearReLUResidual(20, 20, order="add_relu",
-                                                           device="cuda", dtype=torch.float64)
-        ref_block.load_state_dict(block.state_dict())
-        y = torch.randn(64, 20, device="cuda", dtype=dtype)
-        assert_close_rel(block(y, y), ref_block(y.double(), y.double()), dtype)
-
-
-def test_deterministic_bias_gradient(backend):
-    x = torch.randn(5000, 64, device="cuda")
-    w = torch.randn(96, 64, device="cuda")
-    b = torch.randn(96, device="cuda", requires_grad=True)
-    grad = torch.randn(5000, 96, device="cuda")
-    runs = [torch.autograd.grad(fusedskip.linear_relu_residual(x, w, b), b, grad)[0]
-            for _ in range(3)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
-
-
-def test_split_k_weight_gradient_is_deterministic(backend):
-    """Many rows, few outputs: the native backward splits the weight gradient's K over slices
-    and sums them in a fixed order; the same bits on every run, and right."""
-    for dtype in LOW_PRECISION:
-        sample = make_sample([20, 45], 30, (65536,), relu=True, dtype=dtype, device="cuda")
-        check(sample, dtype)
-        runs = [torch.autograd.grad(sample.call(fusedskip, *sample.tensors()).sum(),
-                                    sample.weight)[0] for _ in range(3)]
-        assert all(torch.equal(runs[0], r) for r in runs[1:])
-
-
-def test_tf32_when_allowed(backend):
-    """float32 with TF32 allowed: tensor cores (native) / cuBLAS TF32, within TF32's bound."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        for widths, rows in (([300], 1000), ([33, 65], 129)):
-            sample = make_sample(widths, 129, (rows,), relu=True, dtype=torch.float32,
-                                 device="cuda")
-            poison_allocator()
-            out = sample.call(fusedskip, *sample.tensors())
-            ref = sample.call(fusedskip.reference, *[t.detach().double() for t in sample.tensors()])
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err <= 1e-3, f"TF32 relative error {err:.3g} > 1e-3"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def test_auto_backend_small_and_large_layers():
-    """Under auto (native below csrc/backend.cpp's thresholds; above, cuBLAS + the pass or, on an
-    sm_90 GPU with the CUTLASS build, the CUTLASS GEMM) both sizes are right."""
-    for rows, k, n in ((64, 10, 10), (8192, 1024, 1024)):
-        sample = make_sample([k], n, (rows,), residual="relu_add", dtype=torch.bfloat16,
-                             device="cuda")
-        check(sample, torch.bfloat16)
-
-
-def test_mixed_devices_rejected():
-    with pytest.raises(RuntimeError, match="input is on device cpu but weight is on cuda"):
-        fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
-
-
-def test_output_over_two_to_the_31_elements():
-    """64-bit indexing: an output of 2^31 + 64 elements (bfloat16, 4 GiB) is right at both ends."""
-    rows, k, n = 2**31 // 64 + 1, 8, 64
-    free, _ = torch.cuda.mem_get_info()
-    if free < 3 * rows * n * 2:
-        pytest.skip("not enough GPU memory for a 2^31-element output")
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    out = fusedskip.linear_relu_residual(x, w)
-    for part in (slice(0, 1000), slice(rows - 1000, rows)):
-        ref = torch.relu(x[part].double() @ w.double().T)
-        assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
 
 
 # The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM
@@ -269,6 +48,275 @@ def grouped_launches() -> int:
     return fusedskip._ops._C._grouped_gemm_launches()
 
 
+GRID = sample_grid(device="cuda") if CUDA else []
+
+
+@pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
+def test_gradcheck_float64(sample, backend):
+    fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, sample.tensors())
+    assert torch.autograd.gradgradcheck(fn, sample.tensors())
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_every_form_in_low_precision(dtype, backend):
+    for sample in sample_grid(dtype=dtype, device="cuda"):
+        check_against_reference(sample, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+# 64: a tile edge, and whole mask bytes on 16-byte boundaries (the element-wise passes' wide form).
+@pytest.mark.parametrize("rows,cols", list(itertools.product(SIZES, (1, 7, 64, 65, 129))))
+def test_tile_boundaries(rows, cols, dtype, backend):
+    for residual in (None, "relu_add", "add_relu"):
+        sample = make_sample([33], cols, (rows,), residual=residual, dtype=dtype, device="cuda")
+        check_against_reference(sample, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_large_and_prime_sizes(dtype, backend):
+    for rows, k, cols in ((4097, 1000, 129), (1000, 4097, 63), (129, 127, 4097)):
+        check_against_reference(make_sample([k], cols, (rows,), residual="add_relu", dtype=dtype,
+                                            device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+def test_concat_one_to_eight_inputs(count, backend):
+    widths = [1, 3, 7, 13, 2, 5, 11, 9][:count]
+    for dtype, relu, bias in itertools.product(LOW_PRECISION, (False, True), (True, False)):
+        check_against_reference(make_sample(widths, 65, (2, 63), bias=bias, relu=relu,
+                                            dtype=dtype, device="cuda"), dtype)
+
+
+# Blocks >= 64 wide on 16-byte boundaries: cuBLAS's backward runs one GEMM per block, straight into
+# each gradient ("offset" falls back to one GEMM over the concatenation).
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+def test_concat_aligned_blocks(layout, backend):
+    for dtype in LOW_PRECISION:
+        check_against_reference(
+            make_sample([64, 136, 72], 40, (3, 67), layout=layout, dtype=dtype, device="cuda"),
+            dtype)
+    sample = make_sample([64, 66], 9, (5,), layout=layout, device="cuda")
+    assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous(layout, backend):
+    for dtype in LOW_PRECISION:
+        check_against_reference(make_sample([5, 8], 33, (3, 7), layout=layout, dtype=dtype,
+                                            device="cuda"), dtype)
+        check_against_reference(make_sample([9], 17, (40,), residual="relu_add", layout=layout,
+                                            dtype=dtype, device="cuda"), dtype)
+
+
+@pytest.fixture(params=["native", "gemm_epilogue", "cutlass"])
+def kernels(request):
+    """Each backend's own kernels, on a single-input layer with a residual and on a concat layer,
+    at shapes that backend takes (the `cutlass` ones want half precision and outputs in
+    multiples of 128); for the tests of where the kernels run (streams, graphs). Yields the dtype,
+    the samples, and a check that the `cutlass` kernels ran (no-op for the others)."""
+    if request.param == "cutlass" and not cutlass_gpu():
+        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
+    dtype = torch.bfloat16 if request.param == "cutlass" else torch.float32
+    samples = [make_sample([64], 128, (256,), residual="add_relu", dtype=dtype, device="cuda"),
+               make_sample([24, 40], 128, (256,), dtype=dtype, device="cuda")]
+    counts = [cutlass_launches(), concat_launches(), grouped_launches()]
+
+    def ran(sample):
+        """The launches since the last call: the fused GEMM for one input; for a concat, the
+        concat forward and the grouped backward."""
+        now = [cutlass_launches(), concat_launches(), grouped_launches()]
+        grew = [b > a for a, b in zip(counts, now)]
+        counts[:] = now
+        if request.param == "cutlass":
+            expected = [True, False, False] if len(sample.inputs) == 1 else [False, True, True]
+            assert grew == expected, f"{sample.name}: cutlass launches grew {grew}"
+
+    with fusedskip.use_backend(request.param):
+        yield dtype, samples, ran
+
+
+def test_non_default_stream(kernels):
+    """The kernels run on the current stream: on a side stream, the inputs are rewritten after a
+    long sleep; a kernel launched on any other stream would read the old values."""
+    dtype, samples, ran = kernels
+    for sample in samples:
+        tensors, n = sample.tensors(), len(sample.inputs)
+        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
+        expected = sample.call(fusedskip, *new, *tensors[n:])
+        grad = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+        ran(sample)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(50_000_000)  # ~tens of ms on the side stream only
+            with torch.no_grad():
+                for x, x_new in zip(sample.inputs, new):
+                    x.copy_(x_new)
+            out = sample.call(fusedskip, *tensors)
+            grads = torch.autograd.grad(out, tensors, grad)
+        torch.cuda.current_stream().wait_stream(stream)
+        ran(sample)
+        # The same kernels on the same values: equal up to rounding (a kernel that read the old
+        # inputs is off by ~100%).
+        assert_close_rel(out, expected, dtype, f"{sample.name} output")
+        for i, (g, e) in enumerate(zip(grads, expected_grads)):
+            assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
+
+
+def test_cuda_graph_capture_and_replay(kernels):
+    """Forward and backward captured once, replayed on new inputs: the same results as the layer
+    run plainly on those inputs."""
+    dtype, samples, ran = kernels
+    for sample in samples:
+        tensors = sample.tensors()
+        grad = torch.randn(*sample.inputs[0].shape[:-1], sample.weight.shape[0],
+                           device="cuda", dtype=dtype)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph, the same kernels as captured
+            for _ in range(2):
+                torch.autograd.grad(sample.call(fusedskip, *tensors), tensors, grad)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sample.call(fusedskip, *tensors)
+            grads = torch.autograd.grad(out, tensors, grad)
+        ran(sample)
+        for _ in range(2):
+            with torch.no_grad():
+                for x in sample.inputs:
+                    x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            leaves = [t.detach().clone().requires_grad_() for t in tensors]
+            expected = sample.call(fusedskip, *leaves)
+            expected_grads = torch.autograd.grad(expected, leaves, grad)
+            assert_close_rel(out, expected, dtype, f"{sample.name} output")
+            for i, (g, e) in enumerate(zip(grads, expected_grads)):
+                assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
+        ran(sample)
+
+
+def test_compile_fullgraph_on_cuda(backend):
+    """Both ops in one compiled graph, forward and backward, against the reference in float64."""
+    weight = torch.randn(32, 32, device="cuda") / 6
+    bias = torch.randn(32, device="cuda")
+    x = torch.randn(16, 32, device="cuda")
+
+    def fn(api, x, weight, bias):
+        h = api.linear_relu_residual(x, weight, bias, x)
+        return api.linear_concat([h, x], torch.cat([weight, weight], 1), activation="relu")
+
+    compiled = torch.compile(lambda *t: fn(fusedskip, *t), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = compiled(*leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    ref = fn(fusedskip.reference, *ref_leaves)
+    assert_close_rel(out, ref, torch.float32, "output")
+    grad = torch.randn_like(out)
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad),
+                                   torch.autograd.grad(ref, ref_leaves, grad.double()))):
+        assert_close_rel(g, e, torch.float32, f"grad {i}")
+
+
+def test_modules_on_cuda_match_reference_modules(backend):
+    """The modules on CUDA against the reference modules in float64: outputs in every low
+    precision; in float32 the gradients of inputs and parameters too (in half precision a
+    pre-activation near zero may take the other side of the ReLU, which check_against_reference
+    allows for and this end-to-end check cannot)."""
+    for dtype in LOW_PRECISION:
+        fused = fusedskip.ConcatLinear([15, 10], 20, activation="relu", device="cuda", dtype=dtype)
+        ref = fusedskip.reference.ConcatLinear([15, 10], 20, activation="relu", device="cuda",
+                                               dtype=torch.float64)
+        ref.load_state_dict(fused.state_dict())
+        block = fusedskip.LinearReLUResidual(20, 20, order="add_relu", device="cuda", dtype=dtype)
+        ref_block = fusedskip.reference.LinearReLUResidual(20, 20, order="add_relu",
+                                                           device="cuda", dtype=torch.float64)
+        ref_block.load_state_dict(block.state_dict())
+        x1 = torch.randn(64, 15, device="cuda", dtype=dtype, requires_grad=True)
+        x2 = torch.randn(64, 10, device="cuda", dtype=dtype, requires_grad=True)
+        ref_x = [x.detach().double().requires_grad_() for x in (x1, x2)]
+        h = fused(x1, x2)
+        out = block(h, h)
+        ref_h = ref(*ref_x)
+        ref_out = ref_block(ref_h, ref_h)
+        assert_close_rel(h, ref_h, dtype, "ConcatLinear")
+        assert_close_rel(out, ref_out, dtype, "LinearReLUResidual")
+        if dtype != torch.float32:
+            continue
+        grad = torch.randn_like(out)
+        leaves = [x1, x2, *fused.parameters(), *block.parameters()]
+        ref_leaves = [*ref_x, *ref.parameters(), *ref_block.parameters()]
+        for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad),
+                                       torch.autograd.grad(ref_out, ref_leaves, grad.double()))):
+            assert_close_rel(g, e, dtype, f"grad {i}")
+
+
+def test_deterministic_bias_gradient(backend):
+    x = torch.randn(5000, 64, device="cuda")
+    w = torch.randn(96, 64, device="cuda")
+    b = torch.randn(96, device="cuda", requires_grad=True)
+    grad = torch.randn(5000, 96, device="cuda")
+    runs = [torch.autograd.grad(fusedskip.linear_relu_residual(x, w, b), b, grad)[0]
+            for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_split_k_weight_gradient_is_deterministic(backend):
+    """Many rows, few outputs: the native backward splits the weight gradient's K over slices
+    and sums them in a fixed order; the same bits on every run, and right."""
+    for dtype in LOW_PRECISION:
+        sample = make_sample([20, 45], 30, (65536,), relu=True, dtype=dtype, device="cuda")
+        check_against_reference(sample, dtype)
+        runs = [torch.autograd.grad(sample.call(fusedskip, *sample.tensors()).sum(),
+                                    sample.weight)[0] for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_tf32_when_allowed(backend):
+    """float32 with TF32 allowed: tensor cores (native) / cuBLAS TF32, output and gradients within
+    TF32's bound."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for widths, rows in (([300], 1000), ([33, 65], 129)):
+            sample = make_sample(widths, 129, (rows,), relu=True, dtype=torch.float32,
+                                 device="cuda")
+            check_against_reference(sample, torch.float32, tol=1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_auto_backend_small_and_large_layers():
+    """Under auto (native below csrc/backend.cpp's thresholds; above, cuBLAS + the pass or, on an
+    sm_90 GPU with the CUTLASS build, the CUTLASS GEMM) both sizes are right."""
+    for rows, k, n in ((64, 10, 10), (8192, 1024, 1024)):
+        sample = make_sample([k], n, (rows,), residual="relu_add", dtype=torch.bfloat16,
+                             device="cuda")
+        check_against_reference(sample, torch.bfloat16)
+
+
+def test_mixed_devices_rejected():
+    with pytest.raises(RuntimeError, match="input is on device cpu but weight is on cuda"):
+        fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
+
+
+def test_output_over_two_to_the_31_elements():
+    """64-bit indexing: an output of 2^31 + 64 elements (bfloat16, 4 GiB) is right at both ends."""
+    rows, k, n = 2**31 // 64 + 1, 8, 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * rows * n * 2:
+        pytest.skip("not enough GPU memory for a 2^31-element output")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    out = fusedskip.linear_relu_residual(x, w)
+    for part in (slice(0, 1000), slice(rows - 1000, rows)):
+        ref = torch.relu(x[part].double() @ w.double().T)
+        assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
+
+
 @needs_cutlass_gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("residual", (None, "relu_add", "add_relu"))
@@ -284,8 +332,9 @@ def test_cutlass_every_relu_form(dtype, residual):
             # A concat runs the concat kernel (test_cutlass_concat_layer).
             launches = cutlass_launches if len(widths) == 1 else concat_launches
             before = launches()
-            check(make_sample(widths, cols, leading, bias=bias, residual=residual, dtype=dtype,
-                              device="cuda"), dtype)
+            check_against_reference(make_sample(widths, cols, leading, bias=bias,
+                                                residual=residual, dtype=dtype, device="cuda"),
+                                    dtype)
             assert launches() > before, f"{widths} -> {cols}: the CUTLASS GEMM did not run"
 
 
@@ -305,7 +354,7 @@ def test_cutlass_leaves_other_shapes_to_cublas():
                 (make_sample([64, 64], 128, (50,), relu=False, dtype=torch.bfloat16,
                              device="cuda"), torch.bfloat16)):  # no ReLU: nothing to fuse
             before = cutlass_launches()
-            check(sample, dtype)
+            check_against_reference(sample, dtype)
             assert cutlass_launches() == before, sample.name
         # An expanded input: rows 0 bytes apart, which a TMA descriptor cannot describe.
         x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16).expand(50, 64)
@@ -362,7 +411,7 @@ def test_auto_takes_cutlass_above_the_native_range():
         before, concat_before, grouped_before = (cutlass_launches(), concat_launches(),
                                                  grouped_launches())
         with fusedskip.use_backend("auto"):  # whatever FUSEDSKIP_BACKEND says
-            check(sample, torch.bfloat16)
+            check_against_reference(sample, torch.bfloat16)
         assert (cutlass_launches() > before) == expect, sample.name
         # The concat kernels are not auto's (csrc/backend.cpp): not yet timed.
         assert concat_launches() == concat_before, sample.name
@@ -394,7 +443,7 @@ def test_cutlass_concat_layer(dtype):
                                  device="cuda")
             forward_applies = len(widths) <= 4 and cols % (128 if relu else 8) == 0
             before = concat_launches(), grouped_launches()
-            check(sample, dtype)
+            check_against_reference(sample, dtype)
             # The forward runs once for the output and, with the ReLU, once more for the mask
             # check_against_reference reads; the backward once, two grouped launches.
             forwards = (2 if relu else 1) if forward_applies else 0
@@ -439,7 +488,7 @@ def test_cutlass_concat_forward_leaves_other_shapes_to_the_cat():
                              device="cuda")
         before = concat_launches()
         with fusedskip.use_backend("cutlass"):
-            check(sample, dtype)
+            check_against_reference(sample, dtype)
         assert concat_launches() == before, sample.name
     # A residual, which the op takes with several inputs too (the public API does not): the
     # concat kernel's epilogue has none, so it must not run.
@@ -498,7 +547,7 @@ def test_cutlass_concat_backward_leaves_other_shapes_to_cublas():
         sample = make_sample(widths, 128, (50,), layout=layout, dtype=dtype, device="cuda")
         before = grouped_launches()
         with fusedskip.use_backend("cutlass"):
-            check(sample, dtype)
+            check_against_reference(sample, dtype)
         assert grouped_launches() == before, sample.name
     # No outputs, with an output gradient whose rows are whole 16-byte words apart (a view):
     # every check of alignment passes, but there is nothing to sum; the input gradients are 0.
