@@ -4,7 +4,7 @@ a two-input concat + ReLU, one thread, each implementation forced with FUSEDSKIP
 
     python benchmarks/cpu_direct_gemm.py [--out benchmarks/results]
 
-The threshold it informs is kDirectGemmMaxWork in csrc/cpu/fused_linear_cpu.cpp.
+The threshold it informs is kCpuLoopsMaxWork in csrc/backend.cpp.
 """
 
 import argparse
