@@ -151,12 +151,14 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
     echo "| $name | ${STATUS[$name]:-not run} |"
   done
   echo
-  for name in cuda_tests_cutlass cuda_tests; do
-    [[ -f "$OUT/$name.log" ]] && echo "$name: $(grep -E "passed|failed|error" "$OUT/$name.log" | tail -n 1)"
+  for name in cuda_tests_cutlass cuda_tests; do  # pytest's closing line
+    [[ -f "$OUT/$name.log" ]] &&
+      echo "$name: $(grep -E "(passed|failed|error).* in [0-9.]+s" "$OUT/$name.log" | tail -n 1)"
   done
   for name in memcheck racecheck; do
-    [[ -f "$OUT/$name.log" ]] && echo "$name: $(grep -E "cuda_smoke: [0-9]+ cases" "$OUT/$name.log" \
-      | tail -n 1); $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
+    [[ -f "$OUT/$name.log" ]] &&
+      echo "$name: $(grep -E "cuda_smoke: [0-9]+ cases" "$OUT/$name.log" | tail -n 1);" \
+        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
   done
 } > "$OUT/summary.md"
 # Given an $OUT (a device runner's), everything also goes into one file beside it, for a runner
