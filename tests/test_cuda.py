@@ -303,18 +303,38 @@ def test_mixed_devices_rejected():
         fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
 
 
-def test_output_over_two_to_the_31_elements():
-    """64-bit indexing: an output of 2^31 + 64 elements (bfloat16, 4 GiB) is right at both ends."""
-    rows, k, n = 2**31 // 64 + 1, 8, 64
+@pytest.mark.parametrize("name", ["native", "gemm_epilogue", "cutlass"])
+def test_over_two_to_the_31_elements(name):
+    """64-bit indexing in every kernel a backend runs, forward and backward: an output and its
+    gradient of 2^31 + 128 elements (bfloat16, 4 GiB each). The output and the input's gradient
+    at both ends, and the weight's gradient, a sum over every row, against float64."""
+    if name == "cutlass" and not cutlass_gpu():
+        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
+    rows, k, n = 2**31 // 128 + 1, 8, 128
     free, _ = torch.cuda.mem_get_info()
-    if free < 3 * rows * n * 2:
-        pytest.skip("not enough GPU memory for a 2^31-element output")
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    out = fusedskip.linear_relu_residual(x, w)
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 3).requires_grad_()
+    before = cutlass_launches()
+    with fusedskip.use_backend(name):
+        out = fusedskip.linear_relu_residual(x, w)
+        grad = torch.randn_like(out)
+        grad_x, grad_w = torch.autograd.grad(out, (x, w), grad)
+    if name == "cutlass":
+        assert cutlass_launches() == before + 1
+    x64, w64 = x.detach().double(), w.detach().double()
     for part in (slice(0, 1000), slice(rows - 1000, rows)):
-        ref = torch.relu(x[part].double() @ w.double().T)
-        assert_close_rel(out[part], ref, torch.bfloat16, f"rows {part}")
+        assert_close_rel(out[part], torch.relu(x64[part] @ w64.T), torch.bfloat16, f"rows {part}")
+        # The ReLU as the op took it (out > 0 exactly where its mask is set): a pre-activation
+        # within rounding of zero may fall on either side in bfloat16.
+        kept = torch.where(out[part] > 0, grad[part].double(), 0.0)
+        assert_close_rel(grad_x[part], kept @ w64, torch.bfloat16, f"input grad rows {part}")
+    ref_w = torch.zeros(n, k, dtype=torch.float64, device="cuda")
+    for start in range(0, rows, 2**20):  # 1 GiB of float64 gradient at a time
+        part = slice(start, min(start + 2**20, rows))
+        ref_w += torch.where(out[part] > 0, grad[part].double(), 0.0).T @ x64[part]
+    assert_close_rel(grad_w, ref_w, torch.bfloat16, "weight grad")
 
 
 @needs_cutlass_gpu
