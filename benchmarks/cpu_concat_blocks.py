@@ -3,7 +3,7 @@ in place) against one GEMM over the concatenation (the fallback), at the same co
 
 Both run the fused op with the `gemm_epilogue` backend and the same values; the fallback is
 reached by handing it inputs that start one element into a wider buffer (off a 16-byte
-boundary, so gemm_blocks_in_place in csrc/fused_linear.cpp says no). Eager is
+boundary, so library_gemm_per_block in csrc/backend.cpp says no). Eager is
 `F.linear(torch.cat(xs, -1), w, b)`. Forward+backward of `.sum()`, float32, two threads.
 Writes benchmarks/results/cpu-concat-blocks-<date>.md.
 

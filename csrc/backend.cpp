@@ -159,6 +159,25 @@ GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   return GemmPath::kLibrary;
 }
 
+// Per block where one GEMM per block runs at full speed, which needs neither the cat nor the
+// copies: every operand block (each input, each column block of weight and of its gradient)
+// starts on a 16-byte boundary and its rows are whole 16-byte words apart (cuBLAS's fast kernels
+// need that), and every block is at least kMinGemmBlockWidth wide (narrower ones make
+// memory-bound GEMMs, each rereading the whole output gradient). One GEMM per block also sums in
+// full: no extra rounding.
+constexpr int64_t kMinGemmBlockWidth = 64;
+
+bool library_gemm_per_block(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight) {
+  const int64_t item = static_cast<int64_t>(weight.element_size());
+  if (!on_16_byte_words(weight)) return false;
+  for (const at::Tensor& x : inputs_2d) {
+    // The width sets where each weight block starts and its gradient's row length.
+    if (x.size(1) < kMinGemmBlockWidth || x.size(1) * item % 16 != 0) return false;
+    if (!on_16_byte_words(x)) return false;
+  }
+  return true;
+}
+
 bool cutlass_concat_wanted(const at::Tensor& weight, const Geometry& g) {
   // Only when asked for, for now: under auto a concat layer stays on the cat and one cuBLAS GEMM
   // per block until these kernels have been timed against them on a GPU (benchmarks/NOTES.md,

@@ -41,6 +41,10 @@ enum class GemmPath {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
 
+// Whether the library path's concat backward runs one GEMM per block, each input's gradient and
+// each weight-gradient column block written in place, rather than one GEMM over the whole
+// width (a cat of the inputs for the weight's, copies out for the inputs').
+bool library_gemm_per_block(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight);
 // Whether a concat layer on the library path tries the CUTLASS kernels that take its inputs
 // one by one (forward: csrc/cuda/concat_gemm_sm90.cu, its K loop over the inputs; backward:
 // csrc/cuda/grouped_gemm_sm90.cu) before the cat / one cuBLAS GEMM per block.

@@ -7,7 +7,7 @@
 // multiplies weight's column block i, accumulating on chip / in registers; in backward each
 // input's gradient and each weight-gradient column block is written in place). The library
 // path's forward builds it, transiently, for one GEMM over it (concat_for_gemm); its backward runs
-// one GEMM per block where the blocks are aligned (gemm_blocks_in_place), else the same. With the
+// one GEMM per block where the blocks are aligned (library_gemm_per_block), else the same. With the
 // cutlass backend, CUTLASS kernels that take the inputs one by one come first, where they apply.
 #include "fused_linear.h"
 
@@ -224,25 +224,6 @@ at::Tensor concat_for_gemm(const std::vector<at::Tensor>& inputs_2d) {
   return inputs_2d.size() == 1 ? inputs_2d[0] : at::cat(inputs_2d, 1);
 }
 
-// The backward needs neither that cat nor the copies that split one input-gradient GEMM into
-// the inputs' gradients where one GEMM per input runs at full speed: where every operand block
-// (each input, each column block of weight and of its gradient) starts on a 16-byte boundary
-// and its rows are whole 16-byte words apart (cuBLAS's fast kernels need that), and every block
-// is at least kMinGemmBlockWidth wide (narrower ones make memory-bound GEMMs, each rereading
-// the whole output gradient). One GEMM per block also sums in full: no extra rounding.
-constexpr int64_t kMinGemmBlockWidth = 64;
-
-bool gemm_blocks_in_place(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight) {
-  const int64_t item = static_cast<int64_t>(weight.element_size());
-  if (!on_16_byte_words(weight)) return false;
-  for (const at::Tensor& x : inputs_2d) {
-    // The width sets where each weight block starts and its gradient's row length.
-    if (x.size(1) < kMinGemmBlockWidth || x.size(1) * item % 16 != 0) return false;
-    if (!on_16_byte_words(x)) return false;
-  }
-  return true;
-}
-
 // The library path's input and weight gradients, into the defined grad_inputs_2d[i] and
 // grad_weight.
 void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
@@ -256,7 +237,7 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
     return;
   }
 #endif
-  if (count == 1 || gemm_blocks_in_place(inputs_2d, weight)) {
+  if (count == 1 || library_gemm_per_block(inputs_2d, weight)) {
     // Each input's gradient from its own GEMM, each weight-gradient column block written in
     // place by its own.
     int64_t offset = 0;

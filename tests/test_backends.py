@@ -110,7 +110,7 @@ def test_element_wise_passes_in_whole_words(backend, dtype):
 
 # Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
 # per block there, writing each input's gradient and each weight-gradient column block in place
-# (gemm_blocks_in_place, csrc/fused_linear.cpp). A block off a word boundary (the "offset" and
+# (library_gemm_per_block, csrc/backend.cpp). A block off a word boundary (the "offset" and
 # "sliced" layouts) sends the call back to one GEMM over the concatenation.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_library_backward_one_gemm_per_aligned_block(dtype):

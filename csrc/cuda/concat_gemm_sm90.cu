@@ -248,27 +248,14 @@ struct ConcatGemm {
     mainloop.weight_row_stride = weight.stride(0);
     typename Kernel::StrideD stride_out{out.stride(0), _1{}, 0};
 
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = weight.get_device();
-    hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const int rows = static_cast<int>(out.size(0)), cols = static_cast<int>(out.size(1));
-    typename Gemm::Arguments args{
+    const typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {rows, cols, Mainloop::padded_depth(mainloop), 1},
         mainloop,
         {tree_args, nullptr, {}, reinterpret_cast<Element*>(out.data_ptr()), stride_out},
-        hw};
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                           weight.options().dtype(at::kByte));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
-                "fusedskip: the CUTLASS concat GEMM could not be set up");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
-                "fusedskip: the CUTLASS concat GEMM failed to launch");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+        hardware_info(weight)};
+    return launch_gemm<Gemm>(args, weight, "concat GEMM");
   }
 };
 

@@ -268,6 +268,32 @@ struct EpilogueOf<Element, Config, Tree, ElementC, true> {
       Element, cutlass::layout::RowMajor, kAlign, Tree, Policy>::CollectiveOp;
 };
 
+// The SMs CUTLASS's persistent tile scheduler spreads the tiles over: those of `on`'s device.
+inline cutlass::KernelHardwareInfo hardware_info(const at::Tensor& on) {
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = on.get_device();
+  hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return hw;
+}
+
+// Sets up the CUTLASS GEMM `args` describe and queues it on the current stream, with its
+// workspace on `on`'s device. False, having launched nothing, where CUTLASS cannot take them;
+// `what` names the kernel in the errors of a set-up or launch that fails after that.
+template <typename Gemm>
+bool launch_gemm(const typename Gemm::Arguments& args, const at::Tensor& on, const char* what) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                         on.options().dtype(at::kByte));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
+              "fusedskip: the CUTLASS ", what, " could not be set up");
+  TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "fusedskip: the CUTLASS ", what,
+              " failed to launch");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // A CUTLASS GEMM whose epilogue is the visitor tree `Tree`: out = Tree(x W^T, source), x
 // (rows x depth) and W (cols x depth) row-major, `source` the tree's Sm90SrcFetch operand
 // (ElementC; void where the tree reads none).
@@ -303,27 +329,14 @@ struct TreeGemm {
     if constexpr (!std::is_void_v<ElementC>) stride_source = {source.stride(0), _1{}, 0};
     typename Kernel::StrideD stride_out{out.stride(0), _1{}, 0};
 
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = x.get_device();
-    hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                   {rows, cols, depth, 1},
                                   {ptr(x), stride_x, ptr(weight), stride_w},
                                   {tree_args, ptr(source), stride_source, ptr(out), stride_out},
-                                  hw};
+                                  hardware_info(x)};
     args.scheduler.max_swizzle_size = order.swizzle;
     args.scheduler.raster_order = order.raster;
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    const at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                           x.options().dtype(at::kByte));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
-                "fusedskip: the CUTLASS GEMM could not be set up");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
-                "fusedskip: the CUTLASS GEMM failed to launch");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    return launch_gemm<Gemm>(args, x, "GEMM");
   }
 };
 

@@ -125,10 +125,7 @@ struct GroupedGemm {
   // members' device addresses are their offsets in the host copy from that base: the host never
   // reads device memory.
   static typename Gemm::Arguments arguments(const Groups& groups, uint8_t* device_table,
-                                            int device) {
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = device;
-    hw.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+                                            const at::Tensor& on) {
     const Table& host = groups.table;
     const auto on_device = [&](const auto& member) {
       using Element_ = std::remove_const_t<std::remove_extent_t<
@@ -144,7 +141,7 @@ struct GroupedGemm {
         {on_device(host.a), on_device(host.stride_a), on_device(host.b),
          on_device(host.stride_b)},
         {{}, nullptr, nullptr, on_device(host.d), on_device(host.stride_d)},
-        hw};
+        hardware_info(on)};
   }
 };
 
@@ -197,12 +194,11 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
   }
 
   // Everything checked before anything runs: both launches or, returning false, neither.
-  const int device = weight.get_device();
   const bool any_input = !input_groups.problems.empty(), any_weight = grad_weight.defined();
   typename InputGrads::Gemm input_gemm;
   typename WeightGrad::Gemm weight_gemm;
-  auto input_args = InputGrads::arguments(input_groups, nullptr, device);
-  auto weight_args = WeightGrad::arguments(weight_groups, nullptr, device);
+  auto input_args = InputGrads::arguments(input_groups, nullptr, weight);
+  auto weight_args = WeightGrad::arguments(weight_groups, nullptr, weight);
   if ((any_input && input_gemm.can_implement(input_args) != cutlass::Status::kSuccess) ||
       (any_weight && weight_gemm.can_implement(weight_args) != cutlass::Status::kSuccess)) {
     return false;
@@ -227,14 +223,14 @@ bool grouped_backward(const at::Tensor& grad_preact, const std::vector<at::Tenso
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (any_input) {
     input_args =
-        InputGrads::arguments(input_groups, base + tables_offset(tables.input_grads), device);
+        InputGrads::arguments(input_groups, base + tables_offset(tables.input_grads), weight);
     TORCH_CHECK(input_gemm.initialize(input_args, base + tables_bytes, stream) ==
                     cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS grouped GEMM could not be set up");
   }
   if (any_weight) {
     weight_args =
-        WeightGrad::arguments(weight_groups, base + tables_offset(tables.weight_grad), device);
+        WeightGrad::arguments(weight_groups, base + tables_offset(tables.weight_grad), weight);
     TORCH_CHECK(weight_gemm.initialize(weight_args, base + tables_bytes + input_bytes, stream) ==
                     cutlass::Status::kSuccess,
                 "fusedskip: the CUTLASS grouped GEMM could not be set up");
