@@ -4,7 +4,8 @@
 # benchmarks/results/gpu-check-<date>/), a summary table last. Uses the python3 and torch already
 # on the machine; needs no network. It ends within FUSEDSKIP_CHECK_BUDGET_S (default 450 s, under
 # the 8 minutes it is allowed): each step's limit is cut to what is left, and a step with too
-# little left is not run (the summary says so; exit status 3 where all else passed).
+# little left is not run (the summary says so, as it does of a step the budget stopped; exit
+# status 3 where all else passed).
 #
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
@@ -41,12 +42,17 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
     echo "=== $name: not run, ${left}s left of the ${BUDGET}s budget"
     return 0
   fi
-  ((limit > left)) && limit=$left
+  local cut=0
+  ((limit > left)) && limit=$left cut=1
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  STATUS[$name]="rc=$rc $((SECONDS - start))s"
+  if ((rc == 124 && cut)); then  # stopped by the budget, not by its own limit
+    STATUS[$name]="not finished: the budget left it ${limit}s"
+  else
+    STATUS[$name]="rc=$rc $((SECONDS - start))s"
+  fi
   tail -n 5 "$OUT/$name.log"
   return $rc
 }
@@ -153,11 +159,12 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
   echo
   for name in cuda_tests_cutlass cuda_tests; do  # pytest's closing line
     [[ -f "$OUT/$name.log" ]] &&
-      echo "$name: $(grep -E "(passed|failed|error).* in [0-9.]+s" "$OUT/$name.log" | tail -n 1)"
+      echo "$name: $(grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" \
+        "$OUT/$name.log" | tail -n 1)"
   done
   for name in memcheck racecheck; do
     [[ -f "$OUT/$name.log" ]] &&
-      echo "$name: $(grep -E "cuda_smoke: [0-9]+ cases" "$OUT/$name.log" | tail -n 1);" \
+      echo "$name: $(grep -E "^cuda_smoke:" "$OUT/$name.log" | tail -n 1);" \
         "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
   done
 } > "$OUT/summary.md"
@@ -172,7 +179,7 @@ status=0
 for name in "${STEPS[@]}"; do
   case "${STATUS[$name]:-rc=none}" in
     rc=0\ * | skipped:*) ;;
-    not\ run:*) ((status == 0)) && status=3 ;;
+    not\ run:* | not\ finished:*) ((status == 0)) && status=3 ;;
     *) status=1 ;;
   esac
 done

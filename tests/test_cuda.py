@@ -23,11 +23,9 @@ def backend(request):
         yield request.param
 
 
-# The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM
-# (csrc/cuda/fused_gemm_sm90.cu).
-# Its kernel runs only on an sm_90 GPU and only where the build found CUTLASS; each test checks
-# through the launch counter that it did run (or, for the shapes it leaves to cuBLAS, that it did
-# not), so a silent fall-back cannot pass for it.
+# The `cutlass` backend's kernels run only on an sm_90 GPU and only where the build found
+# CUTLASS; each test of them checks through their launch counters that they did run (or, for the
+# shapes they leave to cuBLAS, that they did not), so a silent fall-back cannot pass for them.
 def cutlass_gpu() -> bool:
     return CUDA and fusedskip.cutlass_built() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -107,96 +105,6 @@ def test_non_contiguous(layout, backend):
                                             device="cuda"), dtype)
         check_against_reference(make_sample([9], 17, (40,), residual="relu_add", layout=layout,
                                             dtype=dtype, device="cuda"), dtype)
-
-
-@pytest.fixture(params=["native", "gemm_epilogue", "cutlass"])
-def kernels(request):
-    """Each backend's own kernels, on a single-input layer with a residual and on a concat layer,
-    at shapes that backend takes (the `cutlass` ones want half precision and outputs in
-    multiples of 128); for the tests of where the kernels run (streams, graphs). Yields the dtype,
-    the samples, and a check that the `cutlass` kernels ran (no-op for the others)."""
-    if request.param == "cutlass" and not cutlass_gpu():
-        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
-    dtype = torch.bfloat16 if request.param == "cutlass" else torch.float32
-    samples = [make_sample([64], 128, (256,), residual="add_relu", dtype=dtype, device="cuda"),
-               make_sample([24, 40], 128, (256,), dtype=dtype, device="cuda")]
-    counts = [cutlass_launches(), concat_launches(), grouped_launches()]
-
-    def ran(sample):
-        """The launches since the last call: the fused GEMM for one input; for a concat, the
-        concat forward and the grouped backward."""
-        now = [cutlass_launches(), concat_launches(), grouped_launches()]
-        grew = [b > a for a, b in zip(counts, now)]
-        counts[:] = now
-        if request.param == "cutlass":
-            expected = [True, False, False] if len(sample.inputs) == 1 else [False, True, True]
-            assert grew == expected, f"{sample.name}: cutlass launches grew {grew}"
-
-    with fusedskip.use_backend(request.param):
-        yield dtype, samples, ran
-
-
-def test_non_default_stream(kernels):
-    """The kernels run on the current stream: on a side stream, the inputs are rewritten after a
-    long sleep; a kernel launched on any other stream would read the old values."""
-    dtype, samples, ran = kernels
-    for sample in samples:
-        tensors, n = sample.tensors(), len(sample.inputs)
-        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
-        expected = sample.call(fusedskip, *new, *tensors[n:])
-        grad = torch.randn_like(expected)
-        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
-        ran(sample)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(50_000_000)  # ~tens of ms on the side stream only
-            with torch.no_grad():
-                for x, x_new in zip(sample.inputs, new):
-                    x.copy_(x_new)
-            out = sample.call(fusedskip, *tensors)
-            grads = torch.autograd.grad(out, tensors, grad)
-        torch.cuda.current_stream().wait_stream(stream)
-        ran(sample)
-        # The same kernels on the same values: equal up to rounding (a kernel that read the old
-        # inputs is off by ~100%).
-        assert_close_rel(out, expected, dtype, f"{sample.name} output")
-        for i, (g, e) in enumerate(zip(grads, expected_grads)):
-            assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
-
-
-def test_cuda_graph_capture_and_replay(kernels):
-    """Forward and backward captured once, replayed on new inputs: the same results as the layer
-    run plainly on those inputs."""
-    dtype, samples, ran = kernels
-    for sample in samples:
-        tensors = sample.tensors()
-        grad = torch.randn(*sample.inputs[0].shape[:-1], sample.weight.shape[0],
-                           device="cuda", dtype=dtype)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph, the same kernels as captured
-            for _ in range(2):
-                torch.autograd.grad(sample.call(fusedskip, *tensors), tensors, grad)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = sample.call(fusedskip, *tensors)
-            grads = torch.autograd.grad(out, tensors, grad)
-        ran(sample)
-        for _ in range(2):
-            with torch.no_grad():
-                for x in sample.inputs:
-                    x.copy_(torch.randn_like(x))
-            graph.replay()
-            torch.cuda.synchronize()
-            leaves = [t.detach().clone().requires_grad_() for t in tensors]
-            expected = sample.call(fusedskip, *leaves)
-            expected_grads = torch.autograd.grad(expected, leaves, grad)
-            assert_close_rel(out, expected, dtype, f"{sample.name} output")
-            for i, (g, e) in enumerate(zip(grads, expected_grads)):
-                assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
-        ran(sample)
 
 
 def test_compile_fullgraph_on_cuda(backend):
@@ -303,40 +211,8 @@ def test_mixed_devices_rejected():
         fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
 
 
-@pytest.mark.parametrize("name", ["native", "gemm_epilogue", "cutlass"])
-def test_over_two_to_the_31_elements(name):
-    """64-bit indexing in every kernel a backend runs, forward and backward: an output and its
-    gradient of 2^31 + 128 elements (bfloat16, 4 GiB each). The output and the input's gradient
-    at both ends, and the weight's gradient, a sum over every row, against float64."""
-    if name == "cutlass" and not cutlass_gpu():
-        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
-    rows, k, n = 2**31 // 128 + 1, 8, 128
-    free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 3).requires_grad_()
-    before = cutlass_launches()
-    with fusedskip.use_backend(name):
-        out = fusedskip.linear_relu_residual(x, w)
-        grad = torch.randn_like(out)
-        grad_x, grad_w = torch.autograd.grad(out, (x, w), grad)
-    if name == "cutlass":
-        assert cutlass_launches() == before + 1
-    x64, w64 = x.detach().double(), w.detach().double()
-    for part in (slice(0, 1000), slice(rows - 1000, rows)):
-        assert_close_rel(out[part], torch.relu(x64[part] @ w64.T), torch.bfloat16, f"rows {part}")
-        # The ReLU as the op took it (out > 0 exactly where its mask is set): a pre-activation
-        # within rounding of zero may fall on either side in bfloat16.
-        kept = torch.where(out[part] > 0, grad[part].double(), 0.0)
-        assert_close_rel(grad_x[part], kept @ w64, torch.bfloat16, f"input grad rows {part}")
-    ref_w = torch.zeros(n, k, dtype=torch.float64, device="cuda")
-    for start in range(0, rows, 2**20):  # 1 GiB of float64 gradient at a time
-        part = slice(start, min(start + 2**20, rows))
-        ref_w += torch.where(out[part] > 0, grad[part].double(), 0.0).T @ x64[part]
-    assert_close_rel(grad_w, ref_w, torch.bfloat16, "weight grad")
-
-
+# The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM
+# (csrc/cuda/fused_gemm_sm90.cu).
 @needs_cutlass_gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("residual", (None, "relu_add", "add_relu"))
@@ -583,3 +459,133 @@ def test_cutlass_concat_backward_leaves_other_shapes_to_cublas():
     assert grouped_launches() == before
     assert all(torch.equal(t, torch.zeros_like(t)) for t in grad_inputs)
     assert grad_weight.shape == (0, 128)
+
+
+# Last, the tests that run every backend's kernels, the cutlass ones included, as a whole layer
+# (where they run, how large): scripts/gpu_check.sh runs the tests matching "cutlass" in one
+# process, where a kernel fault stops the run; here it comes after the tests above have tried
+# each cutlass kernel on its own and can name it.
+
+
+@pytest.fixture(params=["native", "gemm_epilogue", "cutlass"])
+def kernels(request):
+    """Each backend's own kernels, on a single-input layer with a residual and on a concat layer,
+    at shapes that backend takes (the `cutlass` ones want half precision and outputs in
+    multiples of 128); for the tests of where the kernels run (streams, graphs). Yields the dtype,
+    the samples, and a check that the `cutlass` kernels ran (no-op for the others)."""
+    if request.param == "cutlass" and not cutlass_gpu():
+        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
+    dtype = torch.bfloat16 if request.param == "cutlass" else torch.float32
+    samples = [make_sample([64], 128, (256,), residual="add_relu", dtype=dtype, device="cuda"),
+               make_sample([24, 40], 128, (256,), dtype=dtype, device="cuda")]
+    counts = [cutlass_launches(), concat_launches(), grouped_launches()]
+
+    def ran(sample):
+        """The launches since the last call: the fused GEMM for one input; for a concat, the
+        concat forward and the grouped backward."""
+        now = [cutlass_launches(), concat_launches(), grouped_launches()]
+        grew = [b > a for a, b in zip(counts, now)]
+        counts[:] = now
+        if request.param == "cutlass":
+            expected = [True, False, False] if len(sample.inputs) == 1 else [False, True, True]
+            assert grew == expected, f"{sample.name}: cutlass launches grew {grew}"
+
+    with fusedskip.use_backend(request.param):
+        yield dtype, samples, ran
+
+
+def test_non_default_stream(kernels):
+    """The kernels run on the current stream: on a side stream, the inputs are rewritten after a
+    long sleep; a kernel launched on any other stream would read the old values."""
+    dtype, samples, ran = kernels
+    for sample in samples:
+        tensors, n = sample.tensors(), len(sample.inputs)
+        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
+        expected = sample.call(fusedskip, *new, *tensors[n:])
+        grad = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+        ran(sample)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(50_000_000)  # ~tens of ms on the side stream only
+            with torch.no_grad():
+                for x, x_new in zip(sample.inputs, new):
+                    x.copy_(x_new)
+            out = sample.call(fusedskip, *tensors)
+            grads = torch.autograd.grad(out, tensors, grad)
+        torch.cuda.current_stream().wait_stream(stream)
+        ran(sample)
+        # The same kernels on the same values: equal up to rounding (a kernel that read the old
+        # inputs is off by ~100%).
+        assert_close_rel(out, expected, dtype, f"{sample.name} output")
+        for i, (g, e) in enumerate(zip(grads, expected_grads)):
+            assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
+
+
+def test_cuda_graph_capture_and_replay(kernels):
+    """Forward and backward captured once, replayed on new inputs: the same results as the layer
+    run plainly on those inputs."""
+    dtype, samples, ran = kernels
+    for sample in samples:
+        tensors = sample.tensors()
+        grad = torch.randn(*sample.inputs[0].shape[:-1], sample.weight.shape[0],
+                           device="cuda", dtype=dtype)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph, the same kernels as captured
+            for _ in range(2):
+                torch.autograd.grad(sample.call(fusedskip, *tensors), tensors, grad)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sample.call(fusedskip, *tensors)
+            grads = torch.autograd.grad(out, tensors, grad)
+        ran(sample)
+        for _ in range(2):
+            with torch.no_grad():
+                for x in sample.inputs:
+                    x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            leaves = [t.detach().clone().requires_grad_() for t in tensors]
+            expected = sample.call(fusedskip, *leaves)
+            expected_grads = torch.autograd.grad(expected, leaves, grad)
+            assert_close_rel(out, expected, dtype, f"{sample.name} output")
+            for i, (g, e) in enumerate(zip(grads, expected_grads)):
+                assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
+        ran(sample)
+
+
+@pytest.mark.parametrize("name", ["native", "gemm_epilogue", "cutlass"])
+def test_over_two_to_the_31_elements(name):
+    """64-bit indexing in every kernel a backend runs, forward and backward: an output and its
+    gradient of 2^31 + 128 elements (bfloat16, 4 GiB each). The output and the input's gradient
+    at both ends, and the weight's gradient, a sum over every row, against float64."""
+    if name == "cutlass" and not cutlass_gpu():
+        pytest.skip("needs the CUTLASS build and an sm_90 GPU")
+    rows, k, n = 2**31 // 128 + 1, 8, 128
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 3).requires_grad_()
+    before = cutlass_launches()
+    with fusedskip.use_backend(name):
+        out = fusedskip.linear_relu_residual(x, w)
+        grad = torch.randn_like(out)
+        grad_x, grad_w = torch.autograd.grad(out, (x, w), grad)
+    if name == "cutlass":
+        assert cutlass_launches() == before + 1
+    x64, w64 = x.detach().double(), w.detach().double()
+    for part in (slice(0, 1000), slice(rows - 1000, rows)):
+        assert_close_rel(out[part], torch.relu(x64[part] @ w64.T), torch.bfloat16, f"rows {part}")
+        # The ReLU as the op took it (out > 0 exactly where its mask is set): a pre-activation
+        # within rounding of zero may fall on either side in bfloat16.
+        kept = torch.where(out[part] > 0, grad[part].double(), 0.0)
+        assert_close_rel(grad_x[part], kept @ w64, torch.bfloat16, f"input grad rows {part}")
+    ref_w = torch.zeros(n, k, dtype=torch.float64, device="cuda")
+    for start in range(0, rows, 2**20):  # 1 GiB of float64 gradient at a time
+        part = slice(start, min(start + 2**20, rows))
+        ref_w += torch.where(out[part] > 0, grad[part].double(), 0.0).T @ x64[part]
+    assert_close_rel(grad_w, ref_w, torch.bfloat16, "weight grad")
