@@ -27,7 +27,7 @@ declare -A STATUS
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
 STEPS=(build cuda_tests_cutlass cuda_tests kernel_times bench_large cutlass_configs bench memcheck
-       racecheck)
+       racecheck racecheck_cutlass)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -149,6 +149,14 @@ step memcheck 210 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY tests/cuda_smoke.py native --small
+# The cutlass kernels' shared memory (TMA-filled operand stages, the epilogue's staging; the
+# concat producer's own loads), each kernel once; last, as it has never been tried.
+if [[ "${FUSEDSKIP_EXPECT_CUTLASS:-0}" == 1 ]]; then
+  step racecheck_cutlass 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    $PY tests/cuda_smoke.py cutlass --small
+else
+  STATUS[racecheck_cutlass]="skipped: no cutlass kernels expected here"
+fi
 
 {
   echo "| step | result |"
@@ -162,7 +170,7 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
       echo "$name: $(grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" \
         "$OUT/$name.log" | tail -n 1)"
   done
-  for name in memcheck racecheck; do
+  for name in memcheck racecheck racecheck_cutlass; do
     [[ -f "$OUT/$name.log" ]] &&
       echo "$name: $(grep -E "^cuda_smoke:" "$OUT/$name.log" | tail -n 1);" \
         "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
