@@ -27,7 +27,7 @@ declare -A STATUS
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
 STEPS=(build cuda_tests_cutlass cuda_tests kernel_times bench_large cutlass_configs bench memcheck
-       racecheck racecheck_cutlass)
+       bench_compile racecheck racecheck_cutlass)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -141,12 +141,20 @@ fi
 step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
   --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
 
-# 7. compute-sanitizer on the smoke workload (every backend, the cutlass kernels first), with
-# whatever time is left. Caching off: an overrun inside a cached 2 MiB block is invisible to
-# memcheck. racecheck, on fewer cases (each is slow under it): the native kernel's shared-memory
-# tiles (loads, tensor-core reads, the aliased accumulator tile the epilogue reads).
+# 7. compute-sanitizer memcheck on the smoke workload (every backend, the cutlass kernels first),
+# with whatever time is left. Caching off: an overrun inside a cached 2 MiB block is invisible to
+# memcheck.
 step memcheck 210 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
+
+# 8. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
+# out, float16: the seed's narrow layer and a large one, forward+backward.
+step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
+  --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
+  --providers fused,eager,compile
+
+# 9. racecheck, on fewer cases (each is slow under it): the native kernel's shared-memory tiles
+# (loads, tensor-core reads, the aliased accumulator tile the epilogue reads).
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY tests/cuda_smoke.py native --small
 # The cutlass kernels' shared memory (TMA-filled operand stages, the epilogue's staging; the
