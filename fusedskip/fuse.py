@@ -10,16 +10,25 @@ A torch.fx pass over the model's graph finds
 with ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or ``.relu()``, and ``+`` / ``torch.add``,
 and replaces each with a LinearReLUResidual or ConcatLinear that holds the Linear's own weight and
 bias (no copies). A pattern is fused only where that is provably the same computation: the
-intermediate results have no other users, the residual has exactly the output's shape and dtype
-(no broadcasting), the concatenation runs along the last dim. Shapes come from ``example_inputs``;
-without them, the patterns that need a shape (residuals, concatenations) are reported as skipped.
+intermediate results have no other users, the residual has exactly the linear's output shape and
+dtype (no broadcasting, no type promotion) and is not itself part of the chain, the concatenation
+runs along the last dim. Shapes come from ``example_inputs``, run on fake tensors (no arithmetic,
+so the model's buffers, e.g. BatchNorm's running statistics, are left as they were); without them,
+the patterns that need a shape (residuals, concatenations) are reported as skipped.
+
+A fused layer takes the place of its Linear under the Linear's own name, so the state_dict keys stay
+those of the model (``blocks.0.weight``) and state_dicts load across the two. A Linear called from
+several places keeps its name for the calls left unfused, and its fused call gets a new one
+(``<name>_fused``), sharing the parameters.
 
 Code that FX cannot trace is left alone: the model comes back unchanged, and the report says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -27,6 +36,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .modules import ConcatLinear, LinearReLUResidual
@@ -82,6 +92,12 @@ def _meta(node) -> Optional[Any]:
 
 
 def _add_module(gm: torch.fx.GraphModule, base: str, module: nn.Module) -> str:
+    """Install `module` for the call of the Linear at `base`: at `base` itself where that is the
+    Linear's only call (the state_dict keeps its keys), else under a new name."""
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == base)
+    if calls == 1:
+        gm.add_submodule(base, module)
+        return base
     name, i = f"{base.replace('.', '_')}_fused", 0
     while hasattr(gm, name):
         i += 1
@@ -107,12 +123,16 @@ def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, a
 
 
 def _residual_of(add: torch.fx.Node, previous: torch.fx.Node):
+    """The add's other operand, where it is a tensor from outside the chain: `h + h` adds the
+    chain's own result, which no fused layer computes."""
     other = add.args[1] if add.args[0] is previous else add.args[0]
-    return other if isinstance(other, torch.fx.Node) else None
+    return other if isinstance(other, torch.fx.Node) and other is not previous else None
 
 
-def _same_shape_and_dtype(a, b) -> Optional[str]:
-    meta_a, meta_b = _meta(a), _meta(b)
+def _residual_problem(output, residual) -> Optional[str]:
+    """Why `residual` cannot enter the fused layer whose output is `output` (the linear's), if it
+    cannot: the fused op takes a residual of the output's exact shape and dtype."""
+    meta_a, meta_b = _meta(output), _meta(residual)
     if meta_a is None or meta_b is None:
         return "shapes unknown: pass example_inputs so the residual's shape can be checked"
     if tuple(meta_a.shape) != tuple(meta_b.shape):
@@ -157,7 +177,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         last = relu if order == "add_relu" or add is None else add
         residual = _residual_of(add, relu if order == "relu_add" else node) if add else None
         if residual is not None:
-            problem = _same_shape_and_dtype(last, residual)
+            problem = _residual_problem(node, residual)
             if problem:
                 report.skipped.append((node.name, problem))
                 if order == "add_relu":
@@ -228,11 +248,16 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
             else (example_inputs,)
         try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*args)
+            # On a fake copy of the model: shapes without arithmetic and without touching the
+            # model's state. ShapeProp prints the traceback of a failure; the report has it.
+            with contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(gm, fake_mode=FakeTensorMode()).propagate(*args)
         except Exception as error:
+            cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
+            where = str(error).splitlines()[0][:200] if cause is not error else ""
             report.skipped.append(("example_inputs", f"shape propagation failed "
-                                                     f"({type(error).__name__}: {error}); "
+                                                     f"({type(cause).__name__}: {cause}"
+                                                     f"{'; ' + where if where else ''}); "
                                                      "shape-dependent patterns skipped"))
             for node in gm.graph.nodes:
                 node.meta.pop("tensor_meta", None)
@@ -240,7 +265,8 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     _fuse_concats(gm, modules, report)
     modules = dict(gm.named_modules())
     _fuse_linear_chains(gm, modules, report)
-    gm.graph.eliminate_dead_code()
+    # No eliminate_dead_code(): _replace has erased the chains, and a node whose result is unused
+    # may still act (an in-place ReLU, a buffer update) and must stay.
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -174,3 +174,113 @@ def test_fuse_example_runs():
     assert result.returncode == 0, result.stderr
     assert "4 fused, 0 skipped" in result.stdout
     assert "outputs equal: True; parameters shared with the original: True" in result.stdout
+
+
+def test_state_dict_keys_are_the_models():
+    torch.manual_seed(0)
+    for make, width in ((SeedMLP, 30), (ResidualMLP, 16), (UNetMLP, 12)):
+        model = make()
+        fused = fusedskip.fuse(model, example_inputs=(torch.randn(3, width),))
+        assert fused.fuse_report.fused
+        assert list(fused.state_dict()) == list(model.state_dict())
+        fused.load_state_dict(model.state_dict())
+        model.load_state_dict(fused.state_dict())
+
+
+def test_a_linear_called_twice_keeps_its_name_for_the_unfused_call():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.linear(torch.relu(self.linear(x)) + x)
+
+    model = Shared().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    assert isinstance(fused.linear, nn.Linear) and fused.linear_fused.weight is model.linear.weight
+    check_equal(model, x, fused)
+
+
+def test_unused_results_that_act_are_kept():
+    """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
+    it, even where nothing is fused."""
+
+    class Acting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.act = nn.ReLU(inplace=True)
+            self.register_buffer("seen", torch.zeros(4, dtype=torch.float64))
+
+        def forward(self, x):
+            h = self.a(x)
+            self.act(h)                       # h is now relu(h)
+            self.seen.copy_(h.detach().mean(0))
+            g = self.b(h)
+            F.relu(g, inplace=True)
+            return g + h
+
+    torch.manual_seed(0)
+    model = Acting().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    expected = model(x)
+    seen = model.seen.clone()
+    model.seen.zero_()
+    torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.seen, seen, rtol=0, atol=0)
+
+
+def test_a_chain_added_to_itself_is_not_taken_for_a_residual():
+    class SelfAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            z = self.b(h + h)
+            return torch.relu(z + z)
+
+    model = SelfAdd().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"]
+    check_equal(model, x, fused)
+
+
+@pytest.mark.parametrize("order", ["relu_add", "add_relu"])
+def test_residuals_that_broadcast_or_promote_are_not_fused(order):
+    """The residual is checked against the linear's output, not the add's (which broadcasting or
+    type promotion would make match)."""
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 5)
+
+        def forward(self, x, r):
+            y = self.linear(x)
+            return torch.relu(y) + r if order == "relu_add" else torch.relu(y + r)
+
+    model = Skip()
+    x = torch.randn(3, 4)
+    for r, why in ((torch.randn(2, 3, 5), "broadcasting is not fused"),
+                   (torch.randn(3, 5, dtype=torch.float64), "dtype")):
+        fused = fusedskip.fuse(model, example_inputs=(x, r))
+        report = fused.fuse_report
+        assert why in " ".join(reason for _, reason in report.skipped), str(report)
+        assert all(p == "Linear -> ReLU" for _, p, _ in report.fused), str(report)
+        torch.testing.assert_close(fused(x, r), model(x, r))
+
+
+def test_example_inputs_leave_the_model_state_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU())
+    before = copy.deepcopy(model.state_dict())
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(8, 4) + 3,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
