@@ -138,9 +138,54 @@ bool any_requires_grad(at::TensorList inputs, const at::Tensor& weight,
          (residual.has_value() && residual->requires_grad());
 }
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) keeps tangents at level 0, the only
+// level it has (functorch nests its transforms above it), as ATen's own kernels assume.
+constexpr uint64_t kForwardLevel = 0;
+
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(kForwardLevel).defined(); }
+
+bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  for (const at::Tensor& x : inputs) {
+    if (has_tangent(x)) return true;
+  }
+  return has_tangent(weight) || (bias.has_value() && has_tangent(*bias)) ||
+         (residual.has_value() && has_tangent(*residual));
+}
+
+// The inverse of unpack_relu_mask: (..., cols) pre-activation -> (rows, ceil(cols / 8)) uint8, bit
+// c % 8 of byte c / 8 set where relu_active (csrc/epilogue.h: not <= 0, so NaN too).
+at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
+  const int64_t cols = preact.size(-1), bytes = mask_bytes_per_row(cols);
+  const at::Tensor active = preact.detach().reshape({rows, cols}).le(0).logical_not().to(at::kByte);
+  const at::Tensor padded = at::constant_pad_nd(active, {0, bytes * kMaskBitsPerByte - cols});
+  const at::Tensor bit_values =
+      at::ones({}, padded.options()).bitwise_left_shift(at::arange(kMaskBitsPerByte, padded.options()));
+  return padded.view({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
+}
+
+// A C++ autograd::Function has no forward-mode formula. A call with tangents computes the op's
+// maths in ATen ops instead (the reference composition: one linear over the cat), whose formulas
+// serve forward mode and backward mode over and under it (jvp, jacfwd, hessian). Not a fast path.
+std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
+    at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
+  const Geometry g = check_forward_args(inputs, weight, bias, residual);
+  const bool has_residual = residual.has_value() && residual->defined();
+  at::Tensor preact = at::linear(inputs.size() == 1 ? inputs[0] : at::cat(inputs, -1), weight, bias);
+  if (has_residual && (residual_before_relu || !relu)) preact = preact + *residual;
+  if (!relu) return {preact, at::empty({0}, weight.options().dtype(at::kByte))};
+  at::Tensor output = at::relu(preact);
+  if (has_residual && !residual_before_relu) output = output + *residual;
+  return {output, pack_relu_mask(preact, g.rows)};
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
+  if (any_tangent(inputs, weight, bias, residual)) {
+    return fused_linear_composite(inputs, weight, bias, residual, relu, residual_before_relu);
+  }
   if (!at::GradMode::is_enabled() || !any_requires_grad(inputs, weight, bias, residual)) {
     // No graph to record (no_grad, or nothing requires grad): skip the autograd node entirely.
     at::AutoDispatchBelowADInplaceOrView below_autograd;

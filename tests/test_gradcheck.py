@@ -1,5 +1,5 @@
-"""gradcheck and gradgradcheck (float64) of every form through the public functional API, and
-torch.library.opcheck of both ops on the same samples."""
+"""gradcheck (backward and forward mode) and gradgradcheck (float64) of every form through the
+public functional API, and torch.library.opcheck of both ops on the same samples."""
 
 import pytest
 import torch
@@ -12,12 +12,14 @@ SAMPLES = sample_grid()
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=ids(SAMPLES))
 def test_gradcheck(sample):
-    assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
+    assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors(),
+                                    check_forward_ad=True)
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=ids(SAMPLES))
 def test_gradgradcheck(sample):
-    assert torch.autograd.gradgradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
+    assert torch.autograd.gradgradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors(),
+                                        check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=ids(SAMPLES))
@@ -50,3 +52,57 @@ def test_gradient_only_where_asked():
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gb, rb)
     assert w.grad is None and r.grad is None
+
+
+@pytest.mark.parametrize("sample", SAMPLES[:: max(1, len(SAMPLES) // 12)],
+                         ids=ids(SAMPLES[:: max(1, len(SAMPLES) // 12)]))
+def test_forward_mode_gives_the_ops_outputs(sample):
+    """A call with tangents takes another path (csrc/autograd.cpp, fused_linear_composite): its
+    output and mask must be the op's, and its tangent the reference's."""
+    import torch.autograd.forward_ad as fwAD
+
+    primals = [t.detach() for t in sample.tensors()]
+    tangents = [torch.randn_like(t) for t in primals]
+    out, mask = torch.ops.fusedskip.fused_linear(*_op_args(sample, primals))
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        dual_out, dual_mask = torch.ops.fusedskip.fused_linear(*_op_args(sample, duals))
+        tangent = fwAD.unpack_dual(dual_out).tangent
+    torch.testing.assert_close(fwAD.unpack_dual(dual_out).primal, out)
+    assert torch.equal(dual_mask, mask)
+    _, expected = torch.func.jvp(lambda *t: sample.call(fusedskip.reference, *t),
+                                 tuple(primals), tuple(tangents))
+    torch.testing.assert_close(tangent, expected)
+
+
+def _op_args(sample, tensors):
+    n = len(sample.inputs)
+    rest = list(tensors[n + 1:])
+    bias = rest.pop(0) if sample.bias is not None else None
+    residual = rest.pop(0) if sample.residual is not None else None
+    return (list(tensors[:n]), tensors[n], bias, residual, sample.relu, sample.order == "add_relu")
+
+
+def test_torch_func_forward_transforms():
+    """torch.func.jvp and jacfwd through a concat layer feeding an add_relu layer, against the
+    reference's reverse-mode Jacobian. (torch.func's reverse-mode transforms and vmap refuse a C++
+    autograd Function with torch's own error; torch.autograd's reverse mode is what the op has.)"""
+    x1 = torch.randn(3, 4, dtype=torch.float64)
+    x2 = torch.randn(3, 2, dtype=torch.float64)
+    w1 = torch.randn(5, 6, dtype=torch.float64)
+    w2 = torch.randn(5, 5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+
+    def net(api, x1, x2):
+        h = api.linear_concat([x1, x2], w1, b, activation="relu")
+        return api.linear_relu_residual(h, w2, None, h, order="add_relu").sin()
+
+    fused = lambda *x: net(fusedskip, *x)  # noqa: E731
+    ref = lambda *x: net(fusedskip.reference, *x)  # noqa: E731
+    for got, want in zip(torch.func.jacfwd(fused, argnums=(0, 1))(x1, x2),
+                         torch.func.jacrev(ref, argnums=(0, 1))(x1, x2)):
+        torch.testing.assert_close(got, want)
+    tangents = (torch.randn_like(x1), torch.randn_like(x2))
+    for got, want in zip(torch.func.jvp(fused, (x1, x2), tangents),
+                         torch.func.jvp(ref, (x1, x2), tangents)):
+        torch.testing.assert_close(got, want)
