@@ -119,6 +119,25 @@ def check_args(inputs, weight, bias=None, residual=None):
     return out_shape
 
 
+def autocast_args(weight, *tensors):
+    """`(weight, *tensors)` as the op's autocast kernel hands them on (csrc/autocast.cpp): under
+    torch.autocast on weight's device, each floating tensor there other than float64 cast to the
+    autocast dtype, as nn.Linear's are. So a layer gives the same dtype on the reference path (the
+    modules' CPU path) as through the op."""
+    args = (weight, *tensors)
+    if not isinstance(weight, torch.Tensor):
+        return args
+    device = weight.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return args
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return args
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 and t.device.type == device else t for t in args)
+
+
 # -------------------------------------------------------------------------------------------------
 # Functional reference
 
@@ -127,6 +146,7 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
     """relu(input @ weight.T + bias) + residual  (order="relu_add"), or
     relu(input @ weight.T + bias + residual)      (order="add_relu"), in eager PyTorch."""
     check_order(order)
+    weight, input, bias, residual = autocast_args(weight, input, bias, residual)
     check_args([input], weight, bias, residual)
     out = F.linear(input, weight, bias)
     if residual is not None and order == "add_relu":
@@ -139,6 +159,7 @@ def linear_concat(inputs, weight, bias=None, *, activation=None):
     """F.linear(torch.cat(inputs, -1), weight, bias), then ReLU if activation == "relu"."""
     inputs = as_input_list(inputs)
     check_activation(activation)
+    weight, bias, *inputs = autocast_args(weight, bias, *inputs)
     check_args(inputs, weight, bias)
     out = F.linear(torch.cat(inputs, -1), weight, bias)
     return torch.relu(out) if activation == "relu" else out

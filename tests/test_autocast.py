@@ -60,3 +60,30 @@ def test_float64_is_left_alone():
     x, w = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fusedskip.linear_relu_residual(x, w).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_under_autocast(device):
+    """The modules (whose CPU path is the reference one) cast as the op does: a layer fed by an
+    autocast nn.Linear works, and its result has the autocast dtype on every path."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 6).to(device)
+    add = fusedskip.LinearReLUResidual(6, 6).to(device)
+    cat = fusedskip.ConcatLinear([6, 6], 5, activation="relu").to(device)
+    x = torch.randn(4, 6, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = linear(x)
+        assert h.dtype == torch.bfloat16
+        for module in (add, fusedskip.reference.LinearReLUResidual(6, 6).to(device)):
+            for residual in (None, h, x):
+                out = module(h, residual)
+                assert out.dtype == torch.bfloat16
+                op = fusedskip.linear_relu_residual(h, module.weight, module.bias, residual)
+                # the reference rounds to bfloat16 after each op, the fused op once
+                assert_close_rel(out, op, torch.bfloat16)
+        out = cat(h, x)
+        assert out.dtype == torch.bfloat16
+        assert_close_rel(out, fusedskip.linear_concat([h, x], cat.weight, cat.bias,
+                                                      activation="relu"), torch.bfloat16)
+    out.float().sum().backward()
+    assert cat.weight.grad.dtype == torch.float32
