@@ -32,9 +32,9 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import fusedskip
-from fusedskip import reference
 
 # -------------------------------------------------------------------------------------------------
 # What is measured
@@ -180,24 +180,32 @@ class Case:
         return xs, w, b, r
 
 
-def layer_fn(api, op: str) -> Callable:
-    """The op through `api`: fusedskip (fused) or fusedskip.reference (what a user would write)."""
+def eager_fn(op: str) -> Callable:
+    """What a user writes without fusedskip: ATen ops and nothing else. (Not the reference
+    functions: they check their arguments in Python first, which a user's own layer does not pay
+    and which at launch-bound sizes would flatter the fused op.)"""
     count, relu, order = OPS[op]
 
     def fn(xs, w, b, r):
-        if count == 1 and relu:
-            return api.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
-        return api.linear_concat(xs, w, b, activation="relu" if relu else None)
+        out = F.linear(xs[0] if count == 1 else torch.cat(xs, -1), w, b)
+        if order == "add_relu":
+            return torch.relu(out + r)
+        if relu:
+            out = torch.relu(out)
+        return out + r if order == "relu_add" else out
 
     return fn
 
 
-def eager_fn(op: str) -> Callable:
-    return layer_fn(reference, op)
-
-
 def fused_fn(op: str) -> Callable:
-    return layer_fn(fusedskip, op)
+    count, relu, order = OPS[op]
+
+    def fn(xs, w, b, r):
+        if count == 1 and relu:
+            return fusedskip.linear_relu_residual(xs[0], w, b, r, order=order or "relu_add")
+        return fusedskip.linear_concat(xs, w, b, activation="relu" if relu else None)
+
+    return fn
 
 
 def cublaslt_fn(op: str) -> Optional[Callable]:
@@ -230,8 +238,11 @@ _compiled: Dict[Tuple[str, str], Callable] = {}
 
 def provider_fn(provider: str, op: str, mode: str = "forward") -> Optional[Callable]:
     """The provider's layer for `op`; None where it has no meaningful form for op and mode (the
-    GEMM alone has no backward to compare; cuBLASLt's epilogue covers only some ops)."""
+    GEMM alone has no backward to compare; cuBLASLt's epilogue covers only some ops, and has no
+    derivative in ATen, so it runs under no_grad only)."""
     if provider == "gemm" and mode != "forward":
+        return None
+    if provider == "cublaslt" and mode != "no_grad":
         return None
     if provider == "fused" or provider in FORCED_PROVIDERS:
         return fused_fn(op)
@@ -398,8 +409,44 @@ class Progress:
         print(file=sys.stderr)
 
 
+def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, row: dict,
+            repeats: int, min_run_time: float) -> Optional[List[float]]:
+    """Check the provider's output against float64, then time it: the times, or None with
+    row["status"] saying why it was not timed."""
+    launches = cutlass_launches()
+    err = check(case, provider, fn)
+    if provider == "fused-cutlass" and mode == "forward+backward":
+        step_fn(fn, mode, arg_sets[0], grad)()  # its backward's kernels count too
+    if provider == "fused-cutlass" and cutlass_launches() == launches:
+        # Its kernels do not take this shape / device / dtype: the cuBLAS path ran, which the
+        # fused-gemm_epilogue row already measures.
+        row["status"] = "n/a: the cutlass kernel does not apply here"
+        return None
+    row["rel_err"] = err
+    if not err <= TOLERANCE[case.dtype]:
+        row["status"] = f"mismatch (relative error {err:.3g})"
+        return None
+    steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
+    times = (time_cuda(steps, repeats) if case.device == "cuda"
+             else time_cpu(steps, min_run_time))
+    if mode == "forward+backward":
+        row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
+    return times
+
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def parse_dtypes(spec: str) -> List[torch.dtype]:
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown or not names:
+        raise SystemExit(f"--dtype: unknown {unknown or [spec]}; choose from {list(DTYPES)}")
+    return [getattr(torch, d) for d in names]
+
+
 def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
-    dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+    dtypes = parse_dtypes(args.dtype)
     sizes = parse_sizes(args.sizes) if args.sizes else standard_sizes(device, args.quick)
     if args.op:
         ops = args.op.split(",")
@@ -460,31 +507,16 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
             if fn is None:
                 continue  # not a meaningful comparison for this op / mode
             with provider_backend(provider):
-                launches = cutlass_launches()
                 try:
-                    err = check(case, provider, fn)
+                    times = measure(case, provider, fn, mode, arg_sets, grad, row, repeats,
+                                    min_run_time)
                 except Exception as error:  # e.g. a compile failure: recorded, not fatal
                     row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
                     rows.append(row)
                     continue
-                if provider == "fused-cutlass" and mode == "forward+backward":
-                    step_fn(fn, mode, arg_sets[0], grad)()  # its backward's kernels count too
-                if provider == "fused-cutlass" and cutlass_launches() == launches:
-                    # Its kernels do not take this shape / device / dtype: the cuBLAS path ran,
-                    # which the fused-gemm_epilogue row already measures.
-                    row["status"] = "n/a: the cutlass kernel does not apply here"
-                    rows.append(row)
-                    continue
-                row["rel_err"] = err
-                if not err <= TOLERANCE[dtype]:
-                    row["status"] = f"mismatch (relative error {err:.3g})"
-                    rows.append(row)
-                    continue
-                steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
-                times = (time_cuda(steps, repeats) if device == "cuda"
-                         else time_cpu(steps, min_run_time))
-                if mode == "forward+backward":
-                    row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
+            if times is None:  # not measured; row["status"] says why
+                rows.append(row)
+                continue
             p20, p50, p80 = quantiles(times)
             row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
                        tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
@@ -505,52 +537,62 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
 # Model level: training steps
 
 
-def residual_mlp(api, width: int, blocks: int):
-    layers = torch.nn.ModuleList(api.LinearReLUResidual(width, width) for _ in range(blocks))
+def residual_mlp(fused: bool, width: int, blocks: int):
+    """relu(linear(x)) + x, `blocks` times: fusedskip's layers, or nn.Linear and ATen ops."""
 
     class ResidualMLP(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = layers
+            self.layers = torch.nn.ModuleList(
+                fusedskip.LinearReLUResidual(width, width) if fused
+                else torch.nn.Linear(width, width) for _ in range(blocks))
 
         def forward(self, x):
             for layer in self.layers:
-                x = layer(x, residual=x)
+                x = layer(x, residual=x) if fused else torch.relu(layer(x)) + x
             return x
 
     return ResidualMLP()
 
 
-def unet_mlp(api, width: int):
+def unet_mlp(fused: bool, width: int):
+    """Three relu(linear) layers down, three relu(linear(cat(x, skip))) up."""
+
     class UNetMLP(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.down = torch.nn.ModuleList(api.LinearReLUResidual(width, width) for _ in range(3))
-            self.up = torch.nn.ModuleList(api.ConcatLinear([width, width], width, activation="relu")
-                                          for _ in range(3))
+            self.down = torch.nn.ModuleList(
+                fusedskip.LinearReLUResidual(width, width) if fused
+                else torch.nn.Linear(width, width) for _ in range(3))
+            self.up = torch.nn.ModuleList(
+                fusedskip.ConcatLinear([width, width], width, activation="relu") if fused
+                else torch.nn.Linear(2 * width, width) for _ in range(3))
 
         def forward(self, x):
             skips = []
             for layer in self.down:
-                x = layer(x)
+                x = layer(x) if fused else torch.relu(layer(x))
                 skips.append(x)
             for layer, skip in zip(self.up, reversed(skips)):
-                x = layer(x, skip)
+                x = layer(x, skip) if fused else torch.relu(layer(torch.cat([x, skip], -1)))
             return x
 
     return UNetMLP()
 
 
 def run_models(args, device: str, env) -> List[dict]:
-    dtype = getattr(torch, args.dtype.split(",")[0])
+    dtype = parse_dtypes(args.dtype)[0]
     batch, width = (256, 64) if args.quick else ((8192, 1024) if device == "cuda" else (1024, 128))
     rows = []
+    if device != "cuda":
+        print("note: on a CPU the fused modules compute through the reference path (README, "
+              "'Where each path runs'), so 'fused' here times that path", flush=True)
     for model_name in ("residual_mlp16", "unet_mlp"):
         for provider in ("fused", "eager", "compile"):
-            api = fusedskip if provider == "fused" else reference
+            fused = provider == "fused"
             torch.manual_seed(0)
-            model = (residual_mlp(api, width, 16) if model_name == "residual_mlp16"
-                     else unet_mlp(api, width)).to(device, dtype)
+            model = (residual_mlp(fused, width, 16) if model_name == "residual_mlp16"
+                     else unet_mlp(fused, width)).to(device, dtype)
             if provider == "compile":
                 model = torch.compile(model)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
