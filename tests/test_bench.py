@@ -136,3 +136,64 @@ def test_compile_failure_is_recorded_not_fatal(tmp_path, monkeypatch):
         assert compiled and all("no C++ compiler" in r["status"] for r in compiled)
         assert others and all(r["status"] == "ok" and r["p50_us"] > 0 for r in others)
     assert "no C++ compiler" in (out / "table.md").read_text()
+
+
+def test_cublaslt_runs_where_it_can(tmp_path):
+    """torch._addmm_activation has no derivative: the cublaslt provider is timed under no_grad
+    and left out of the modes that record a graph, which used to abort the whole run."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "cublaslt,eager",
+                       "--op", "relu_add", "--mode", "forward,forward+backward,no_grad",
+                       "--sizes", "16x8x8", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["status"]) for r in rows if r["provider"] == "cublaslt"] == [
+        ("no_grad", "ok")]
+    assert sorted(r["mode"] for r in rows if r["provider"] == "eager") == [
+        "forward", "forward+backward", "no_grad"]
+
+
+def test_a_provider_failing_while_timed_costs_its_row_only(tmp_path, monkeypatch):
+    real = bench.fused_fn
+
+    def fails_with_grad(op):
+        fn = real(op)
+
+        def run(xs, w, b, r):
+            if torch.is_grad_enabled() and w.requires_grad:
+                raise RuntimeError("no derivative")
+            return fn(xs, w, b, r)
+        return run
+
+    monkeypatch.setattr(bench, "fused_fn", fails_with_grad)
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
+                       "relu_add", "--mode", "forward", "--sizes", "16x8x8",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    status = {r["provider"]: r["status"] for r in rows}
+    assert "no derivative" in status["fused"] and status["eager"] == "ok"
+
+
+def test_eager_is_the_plain_composition(monkeypatch):
+    """The baseline is what a user writes: ATen ops, none of fusedskip's own checks."""
+    import fusedskip
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager baseline went through fusedskip's argument checks")
+
+    monkeypatch.setattr(fusedskip.reference, "check_args", refuse)
+    for op in bench.OPS:
+        case = bench.Case(op, 5, 6, 4, torch.float64, "cpu")
+        xs, w, b, r = case.make_inputs(requires_grad=False)
+        x = torch.cat(xs, -1)
+        pre = x @ w.T + b
+        count, relu, order = bench.OPS[op]
+        expected = (torch.relu(pre + r) if order == "add_relu" else
+                    torch.relu(pre) + r if order == "relu_add" else
+                    torch.relu(pre) if relu else pre)
+        torch.testing.assert_close(bench.eager_fn(op)(xs, w, b, r), expected)
+
+
+def test_unknown_dtype_is_named():
+    with pytest.raises(SystemExit, match="--dtype: unknown.*float8.*choose from"):
+        bench.main(["--quick", "--device", "cpu", "--dtype", "float8", "--out", "/nonexistent"])
