@@ -5,6 +5,9 @@ Argument checks live in the op itself (C++), so the Python here stays a few attr
 at the small sizes of a skip-connection MLP, host time per call is the cost that matters. For the
 same reason eager calls enter the op through ``fusedskip._C.fused_linear`` (no per-argument
 boxing), while torch.compile traces ``torch.ops.fusedskip.fused_linear``: one op either way.
+
+Each function follows the ``__torch_function__`` protocol, as ``torch.nn.functional`` does, so
+torch.fx records a call as one node and tensor subclasses can override it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch.compiler import is_compiling
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ops, reference
 
@@ -34,6 +38,9 @@ def linear_relu_residual(input: torch.Tensor, weight: torch.Tensor,
     input: (..., in_features); weight: (out_features, in_features); bias: (out_features) or None;
     residual: the output's shape (..., out_features) or None (then the result is just the ReLU).
     """
+    args = (input, weight, bias, residual)
+    if has_torch_function(args):  # a torch.fx Proxy or a tensor subclass: it decides
+        return handle_torch_function(linear_relu_residual, args, *args, order=order)
     if order == "relu_add":
         residual_before_relu = False
     elif order == "add_relu":
@@ -58,6 +65,9 @@ def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
     inputs: 1 to 8 tensors (..., k_i) with the same leading dims; weight: (out_features, sum(k_i)).
     """
     inputs = reference.as_input_list(inputs)
+    if has_torch_function((*inputs, weight, bias)):
+        return handle_torch_function(linear_concat, (*inputs, weight, bias), inputs, weight, bias,
+                                     activation=activation)
     if activation is None:
         relu = False
     elif activation == "relu":

@@ -11,6 +11,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ops, functional, reference
 
@@ -34,22 +35,42 @@ def _use_fused(tensor) -> bool:
     return False
 
 
+# What the layers compute, as functions of their own: torch.fx records each layer's call as one
+# node (the __torch_function__ protocol), and a traced graph then still chooses by device when it
+# runs.
+
+def linear_relu_residual_layer(input, weight, bias=None, residual=None, *, order="relu_add"):
+    """LinearReLUResidual's computation: the fused op on CUDA tensors, the reference elsewhere."""
+    args = (input, weight, bias, residual)
+    if has_torch_function(args):
+        return handle_torch_function(linear_relu_residual_layer, args, *args, order=order)
+    if _use_fused(input):
+        return functional.linear_relu_residual(*args, order=order)
+    return reference.linear_relu_residual(*args, order=order)
+
+
+def linear_concat_layer(inputs, weight, bias=None, *, activation=None):
+    """ConcatLinear's computation: the fused op on CUDA tensors, the reference elsewhere."""
+    if has_torch_function((*inputs, weight, bias)):
+        return handle_torch_function(linear_concat_layer, (*inputs, weight, bias), inputs, weight,
+                                     bias, activation=activation)
+    if inputs and _use_fused(inputs[0]):
+        return functional.linear_concat(inputs, weight, bias, activation=activation)
+    return reference.linear_concat(inputs, weight, bias, activation=activation)
+
+
 class LinearReLUResidual(reference.LinearReLUResidual):
     __doc__ = reference.LinearReLUResidual.__doc__
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if _use_fused(input):
-            return functional.linear_relu_residual(input, self.weight, self.bias, residual,
-                                                   order=self.order)
-        return super().forward(input, residual)
+        return linear_relu_residual_layer(input, self.weight, self.bias, residual,
+                                          order=self.order)
 
 
 class ConcatLinear(reference.ConcatLinear):
     __doc__ = reference.ConcatLinear.__doc__
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if inputs and _use_fused(inputs[0]):
-            self._check_inputs(inputs)
-            return functional.linear_concat(inputs, self.weight, self.bias,
-                                            activation=self.activation)
-        return super().forward(*inputs)
+        self._check_inputs(inputs)
+        return linear_concat_layer(list(inputs), self.weight, self.bias,
+                                   activation=self.activation)

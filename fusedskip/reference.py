@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 __all__ = ["LinearReLUResidual", "ConcatLinear", "linear_relu_residual", "linear_concat"]
 
@@ -145,6 +146,9 @@ def autocast_args(weight, *tensors):
 def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
     """relu(input @ weight.T + bias) + residual  (order="relu_add"), or
     relu(input @ weight.T + bias + residual)      (order="add_relu"), in eager PyTorch."""
+    args = (input, weight, bias, residual)
+    if has_torch_function(args):  # a torch.fx Proxy or a tensor subclass: it decides
+        return handle_torch_function(linear_relu_residual, args, *args, order=order)
     check_order(order)
     weight, input, bias, residual = autocast_args(weight, input, bias, residual)
     check_args([input], weight, bias, residual)
@@ -158,6 +162,9 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
 def linear_concat(inputs, weight, bias=None, *, activation=None):
     """F.linear(torch.cat(inputs, -1), weight, bias), then ReLU if activation == "relu"."""
     inputs = as_input_list(inputs)
+    if has_torch_function((*inputs, weight, bias)):
+        return handle_torch_function(linear_concat, (*inputs, weight, bias), inputs, weight, bias,
+                                     activation=activation)
     check_activation(activation)
     weight, bias, *inputs = autocast_args(weight, bias, *inputs)
     check_args(inputs, weight, bias)
@@ -277,6 +284,8 @@ class ConcatLinear(_LinearParameters):
             raise ValueError(f"{name}: expected {len(self.in_features)} inputs (in_features="
                              f"{self.in_features}), got {len(inputs)}{hint}")
         for i, (x, width) in enumerate(zip(inputs, self.in_features)):
+            if not isinstance(x, torch.Tensor) and has_torch_function((x,)):
+                continue  # a torch.fx Proxy: no shape to check until the traced graph runs
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
             if x.dim() >= 1 and x.shape[-1] != width:

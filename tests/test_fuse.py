@@ -284,3 +284,44 @@ def test_example_inputs_leave_the_model_state_alone():
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class UsesFusedskip(nn.Module):
+    """fusedskip's modules, reference modules and functional API, and a plain chain left to
+    fuse()."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = fusedskip.LinearReLUResidual(4, 4)
+        self.c = fusedskip.ConcatLinear([4, 4], 3, activation="relu")
+        self.r = fusedskip.reference.LinearReLUResidual(3, 3, order="add_relu")
+        self.w = nn.Parameter(torch.randn(3, 3))
+        self.plain = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.a(x, residual=x)
+        y = self.r(self.c(h, x), None)
+        y = fusedskip.linear_relu_residual(y, self.w)
+        y = fusedskip.linear_concat([y, y], torch.cat([self.w, self.w], 1))
+        return torch.relu(self.plain(y)) + y
+
+
+def test_models_using_fusedskip_trace_and_fuse():
+    """torch.fx records each fusedskip layer or function call as one node (the
+    __torch_function__ protocol), so such models trace, fuse, and fuse again."""
+    torch.manual_seed(0)
+    model = UsesFusedskip().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    traced = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert {fusedskip.modules.linear_relu_residual_layer, fusedskip.modules.linear_concat_layer,
+            fusedskip.reference.linear_relu_residual, fusedskip.linear_relu_residual,
+            fusedskip.linear_concat} <= targets
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert fused.fuse_report.traced
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    again = fusedskip.fuse(fused, example_inputs=(x,))
+    assert again.fuse_report.traced and not again.fuse_report.fused
+    assert list(again.state_dict()) == list(model.state_dict())
+    check_equal(model, x, again)
