@@ -8,6 +8,7 @@ way on every path.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -196,8 +197,13 @@ class _LinearParameters(nn.Module):
     @classmethod
     def _check_linear(cls, linear):
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, "
-                            f"got {type(linear).__name__}")
+            kind = type(linear)
+            raise TypeError(f"{cls.__name__}.from_linear: linear must be a torch.nn.Linear, "
+                            f"got {kind.__module__}.{kind.__qualname__}")
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{cls.__name__}.from_linear: linear is a LazyLinear whose "
+                             "in_features are not known yet; run one forward pass through it "
+                             "first")
 
     @classmethod
     def _wrap(cls, linear, *args, **kwargs):
@@ -243,11 +249,17 @@ def _check_in_features(in_features, where):
     if not 1 <= len(widths) <= MAX_INPUTS:
         raise ValueError(f"{where}: in_features must list 1 to {MAX_INPUTS} input widths, "
                          f"got {len(widths)}")
+    checked = []
     for i, width in enumerate(widths):
-        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        try:  # any integer type (numpy's too), as nn.Linear takes; not bools, floats, tensors
+            value = operator.index(width)
+        except TypeError:
+            value = None
+        if isinstance(width, (bool, torch.Tensor)) or value is None or value < 0:
             raise ValueError(f"{where}: in_features[{i}] must be a non-negative int, "
                              f"got {width!r}")
-    return widths
+        checked.append(value)
+    return tuple(checked)
 
 
 class ConcatLinear(_LinearParameters):

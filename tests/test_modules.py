@@ -121,3 +121,14 @@ def test_residual_optional():
     module = fusedskip.LinearReLUResidual(5, 3)
     x = torch.randn(2, 5)
     torch.testing.assert_close(module(x), torch.relu(x @ module.weight.T + module.bias))
+
+
+def test_widths_of_any_integer_type():
+    """nn.Linear takes numpy ints (e.g. from a shape computed with numpy); so does ConcatLinear,
+    and it stores plain ints."""
+    import numpy as np
+    layer = fusedskip.ConcatLinear([np.int64(2), 3], np.int32(4))
+    assert layer.in_features == (2, 3) and all(type(w) is int for w in layer.in_features)
+    lazy = nn.LazyLinear(4)
+    lazy(torch.randn(1, 5))
+    assert fusedskip.ConcatLinear.from_linear(lazy, [np.int64(2), 3]).in_features == (2, 3)
