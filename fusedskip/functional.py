@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch.compiler import is_compiling
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
 from . import _ops, reference
 
@@ -38,8 +38,9 @@ def linear_relu_residual(input: torch.Tensor, weight: torch.Tensor,
     input: (..., in_features); weight: (out_features, in_features); bias: (out_features) or None;
     residual: the output's shape (..., out_features) or None (then the result is just the ReLU).
     """
-    args = (input, weight, bias, residual)
-    if has_torch_function(args):  # a torch.fx Proxy or a tensor subclass: it decides
+    # A torch.fx Proxy or a tensor subclass among the arguments decides what the call does.
+    if has_torch_function_variadic(input, weight, bias, residual):
+        args = (input, weight, bias, residual)
         return handle_torch_function(linear_relu_residual, args, *args, order=order)
     if order == "relu_add":
         residual_before_relu = False

@@ -11,7 +11,7 @@ import warnings
 from typing import Optional
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
 from . import _ops, functional, reference
 
@@ -41,12 +41,12 @@ def _use_fused(tensor) -> bool:
 
 def linear_relu_residual_layer(input, weight, bias=None, residual=None, *, order="relu_add"):
     """LinearReLUResidual's computation: the fused op on CUDA tensors, the reference elsewhere."""
-    args = (input, weight, bias, residual)
-    if has_torch_function(args):
+    if has_torch_function_variadic(input, weight, bias, residual):
+        args = (input, weight, bias, residual)
         return handle_torch_function(linear_relu_residual_layer, args, *args, order=order)
     if _use_fused(input):
-        return functional.linear_relu_residual(*args, order=order)
-    return reference.linear_relu_residual(*args, order=order)
+        return functional.linear_relu_residual(input, weight, bias, residual, order=order)
+    return reference.linear_relu_residual(input, weight, bias, residual, order=order)
 
 
 def linear_concat_layer(inputs, weight, bias=None, *, activation=None):

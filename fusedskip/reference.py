@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
 __all__ = ["LinearReLUResidual", "ConcatLinear", "linear_relu_residual", "linear_concat"]
 
@@ -147,8 +147,9 @@ def autocast_args(weight, *tensors):
 def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
     """relu(input @ weight.T + bias) + residual  (order="relu_add"), or
     relu(input @ weight.T + bias + residual)      (order="add_relu"), in eager PyTorch."""
-    args = (input, weight, bias, residual)
-    if has_torch_function(args):  # a torch.fx Proxy or a tensor subclass: it decides
+    # A torch.fx Proxy or a tensor subclass among the arguments decides what the call does.
+    if has_torch_function_variadic(input, weight, bias, residual):
+        args = (input, weight, bias, residual)
         return handle_torch_function(linear_relu_residual, args, *args, order=order)
     check_order(order)
     weight, input, bias, residual = autocast_args(weight, input, bias, residual)
