@@ -28,7 +28,18 @@ const at::Tensor& unpack_tensor(PyObject* obj, const char* name, Py_ssize_t inde
     }
     TORCH_CHECK_TYPE(false, "fusedskip: ", name, " must be a Tensor, got ", Py_TYPE(obj)->tp_name);
   }
-  return THPVariable_Unpack(obj);
+  const at::Tensor& tensor = THPVariable_Unpack(obj);
+  // A nested tensor would fail in the dispatcher (no kernel for its key) without naming the
+  // argument; the op's own checks never see it.
+  if (tensor.is_nested()) {
+    if (index >= 0) {
+      TORCH_CHECK_TYPE(false, "fusedskip: ", name, "[", index, "] is a nested tensor; pass a ",
+                       "dense one (e.g. t.to_padded_tensor(0.0))");
+    }
+    TORCH_CHECK_TYPE(false, "fusedskip: ", name, " is a nested tensor; pass a dense one (e.g. ",
+                     "t.to_padded_tensor(0.0))");
+  }
+  return tensor;
 }
 
 std::optional<at::Tensor> unpack_optional(PyObject* obj, const char* name) {

@@ -57,6 +57,9 @@ def as_input_list(inputs, where="linear_concat"):
 def _check_tensor(name, tensor, weight):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(tensor).__name__}")
+    if tensor.is_nested:
+        raise TypeError(f"fusedskip: {name} is a nested tensor; pass a dense one "
+                        "(e.g. t.to_padded_tensor(0.0))")
     if tensor.layout != torch.strided:
         raise TypeError(f"fusedskip: {name} must be a dense (strided) tensor, "
                         f"got layout {tensor.layout}")

@@ -3,6 +3,7 @@ reference path and the fake kernel (torch.compile); never a crash or a silent an
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ def t(*shape, dtype=torch.float32):
 
 
 X, W, B, R = t(4, 3), t(5, 3), t(5), t(4, 5)
+
+
+def nested(*parts, layout=torch.strided):
+    with warnings.catch_warnings():  # the strided layout's "prototype stage" warning
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor(list(parts), layout=layout)
+
 
 # (id, function name, args, kwargs, exception type, text the message must contain)
 CASES = [
@@ -38,6 +46,10 @@ CASES = [
      "residual has dtype torch.bfloat16"),
     ("sparse-input", "linear_relu_residual", (X.to_sparse(), W), {}, TypeError,
      "input must be a dense (strided) tensor"),
+    ("nested-input", "linear_relu_residual", (nested(t(2, 3), t(1, 3)), W), {}, TypeError,
+     "input is a nested tensor; pass a dense one"),
+    ("concat-nested", "linear_concat", ([t(2, 1), nested(t(2, 2), layout=torch.jagged)], W), {},
+     TypeError, "inputs[1] is a nested tensor; pass a dense one"),
     ("weight-1d", "linear_relu_residual", (X, t(3)), {}, ValueError, "weight must be 2-D"),
     ("weight-3d", "linear_relu_residual", (X, t(1, 5, 3)), {}, ValueError, "weight must be 2-D"),
     ("input-0d", "linear_relu_residual", (t(), W), {}, ValueError,
