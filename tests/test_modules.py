@@ -132,3 +132,33 @@ def test_widths_of_any_integer_type():
     lazy = nn.LazyLinear(4)
     lazy(torch.randn(1, 5))
     assert fusedskip.ConcatLinear.from_linear(lazy, [np.int64(2), 3]).in_features == (2, 3)
+
+
+def test_modules_route_cuda_tensors_to_the_fused_op(monkeypatch):
+    """Where _use_fused says yes (CUDA tensors and CUDA kernels), the modules call the fused op,
+    else the reference path: checked here by standing in for that answer."""
+    from fusedskip import functional, modules, reference
+
+    calls = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(f"{module.__name__.split('.')[-1]}.{name}")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module in (functional, reference):
+        spy(module, "linear_relu_residual")
+        spy(module, "linear_concat")
+    add = fusedskip.LinearReLUResidual(4, 4)
+    cat = fusedskip.ConcatLinear([2, 2], 3)
+    x = torch.randn(3, 4)
+    for fused in (True, False):
+        monkeypatch.setattr(modules, "_use_fused", lambda tensor, fused=fused: fused)
+        calls.clear()
+        add(x, x)
+        cat(x[:, :2], x[:, 2:])
+        kind = "functional" if fused else "reference"
+        assert calls == [f"{kind}.linear_relu_residual", f"{kind}.linear_concat"]
