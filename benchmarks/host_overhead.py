@@ -58,6 +58,8 @@ def components(rows, width):
     r = torch.randn(rows, width)
     grad = torch.randn(rows, width)
     op = torch.ops.fusedskip.fused_linear.default
+    backward_op = torch.ops.fusedskip.fused_linear_backward.default
+    mask = op([x], w.detach(), b.detach(), r, True, False)[1]
     big_x, big_w, big_r = torch.randn(4096, 30), torch.randn(30, 30), torch.randn(4096, 30)
     return {
         # The benchmark's eager provider called the reference function until 3b27fdc: the same
@@ -70,6 +72,10 @@ def components(rows, width):
         "fused forward via torch.ops": lambda: op([x], w, b, r, True, False),
         "fused forward via _C.fused_linear": lambda: fusedskip._C.fused_linear(
             [x], w, b, r, True, False),
+        # The floor under any backward here: autograd.grad through a graph of one node.
+        "autograd.grad of w.sum()": lambda: torch.autograd.grad(w.sum(), (w,)),
+        "fused backward op via torch.ops": lambda: backward_op(
+            grad, [x], w.detach(), mask, True, [False, True, True, False]),
         "autograd.grad eager": lambda: torch.autograd.grad(
             torch.relu(F.linear(x, w, b)) + r, (w, b), grad),
         "autograd.grad fused": lambda: torch.autograd.grad(
