@@ -271,4 +271,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     gm.graph.lint()
     gm.recompile()
     gm.fuse_report = report
+    # GraphModule's deepcopy rebuilds the module from its graph and restores only what its meta
+    # lists under this key (torch.fx.graph_module's _USER_PRESERVED_ATTRIBUTES_KEY).
+    gm.meta.setdefault("_user_preserved_attributes", {})["fuse_report"] = report
     return gm

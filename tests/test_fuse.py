@@ -176,6 +176,14 @@ def test_fuse_example_runs():
     assert "outputs equal: True; parameters shared with the original: True" in result.stdout
 
 
+def test_the_report_survives_deepcopy_and_pickle():
+    import pickle
+
+    fused = fusedskip.fuse(ResidualMLP(), example_inputs=(torch.randn(2, 16),))
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert str(copied.fuse_report) == str(fused.fuse_report)
+
+
 def test_state_dict_keys_are_the_models():
     torch.manual_seed(0)
     for make, width in ((SeedMLP, 30), (ResidualMLP, 16), (UNetMLP, 12)):
