@@ -36,7 +36,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .modules import ConcatLinear, LinearReLUResidual
@@ -93,9 +95,15 @@ def _meta(node) -> Optional[Any]:
 
 def _add_module(gm: torch.fx.GraphModule, base: str, module: nn.Module) -> str:
     """Install `module` for the call of the Linear at `base`: at `base` itself where that is the
-    Linear's only call (the state_dict keeps its keys), else under a new name."""
+    Linear's only call (the state_dict keeps its keys), else under a new name.
+
+    In place only where the Linear's parent is a container the GraphModule made for itself (a
+    plain nn.Module, or the GraphModule): where the parent is one of the model's own modules (one
+    FX called whole, e.g. a TransformerEncoderLayer whose linear1 the model also calls), the
+    GraphModule shares it with the model, and replacing its child would change the model."""
     calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == base)
-    if calls == 1:
+    parent = gm.get_submodule(base.rpartition(".")[0])
+    if calls == 1 and (parent is gm or type(parent) is nn.Module):
         gm.add_submodule(base, module)
         return base
     name, i = f"{base.replace('.', '_')}_fused", 0
@@ -129,14 +137,23 @@ def _residual_of(add: torch.fx.Node, previous: torch.fx.Node):
     return other if isinstance(other, torch.fx.Node) and other is not previous else None
 
 
+def _same_size(a, b) -> bool:
+    """Sizes that are equal for every input: equal ints, or the same expression in the symbols
+    that stand for sizes the data decides (two different ones may differ)."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return str(a.node.expr) == str(b.node.expr)
+    return isinstance(a, int) and isinstance(b, int) and a == b
+
+
 def _residual_problem(output, residual) -> Optional[str]:
     """Why `residual` cannot enter the fused layer whose output is `output` (the linear's), if it
     cannot: the fused op takes a residual of the output's exact shape and dtype."""
     meta_a, meta_b = _meta(output), _meta(residual)
     if meta_a is None or meta_b is None:
         return "shapes unknown: pass example_inputs so the residual's shape can be checked"
-    if tuple(meta_a.shape) != tuple(meta_b.shape):
-        return (f"residual shape {tuple(meta_b.shape)} differs from the output's "
+    if len(meta_a.shape) != len(meta_b.shape) or not all(
+            map(_same_size, meta_a.shape, meta_b.shape)):
+        return (f"residual shape {tuple(meta_b.shape)} is not provably the output's "
                 f"{tuple(meta_a.shape)} (broadcasting is not fused)")
     if meta_a.dtype != meta_b.dtype:
         return f"residual dtype {meta_b.dtype} differs from the output's {meta_a.dtype}"
@@ -217,6 +234,9 @@ def _fuse_concats(gm, modules, report: FuseReport):
         if len({m.dtype for m in metas}) != 1:
             report.skipped.append((user.name, "concatenated inputs of different dtypes"))
             continue
+        if not all(isinstance(m.shape[-1], int) for m in metas):
+            report.skipped.append((user.name, "a concatenated width depends on the data"))
+            continue
         widths = [int(m.shape[-1]) for m in metas]
         relu = _only_user(user)
         activation = "relu" if relu is not None and _is_relu(relu, modules) else None
@@ -225,6 +245,19 @@ def _fuse_concats(gm, modules, report: FuseReport):
         name = _replace(gm, node, last, fused, tuple(parts), user.target)
         pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
         report.fused.append((user.name, pattern, f"{name} = {fused}"))
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
+    """Each node's tensor_meta, from a run on a fake copy of the model: shapes without arithmetic
+    and without touching the model's state (buffers, RNG). Tensors anywhere in the arguments
+    (dicts, lists) are made fake; a shape that depends on the data (nonzero, a boolean mask)
+    becomes a symbol instead of failing the run."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_args = pytree.tree_map_only(
+        torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), args)
+    # ShapeProp prints the traceback of a failure itself; the report says what failed.
+    with contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm, fake_mode=mode).propagate(*fake_args)
 
 
 def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
@@ -248,10 +281,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
             else (example_inputs,)
         try:
-            # On a fake copy of the model: shapes without arithmetic and without touching the
-            # model's state. ShapeProp prints the traceback of a failure; the report has it.
-            with contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(gm, fake_mode=FakeTensorMode()).propagate(*args)
+            _propagate_shapes(gm, args)
         except Exception as error:
             cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
             where = str(error).splitlines()[0][:200] if cause is not error else ""

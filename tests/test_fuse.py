@@ -333,3 +333,68 @@ def test_models_using_fusedskip_trace_and_fuse():
     assert again.fuse_report.traced and not again.fuse_report.fused
     assert list(again.state_dict()) == list(model.state_dict())
     check_equal(model, x, again)
+
+
+def test_the_model_itself_is_never_changed():
+    """FX calls a TransformerEncoderLayer whole, so the GraphModule shares it with the model: a
+    fused layer for its linear1 (called directly too) must not be installed inside it."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=8, dropout=0.0,
+                                                  batch_first=True)
+
+        def forward(self, x):
+            y = self.enc(x)
+            return F.relu(self.enc.linear1(y)) + y
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(2, 3, 8)
+    expected = model(x)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    assert type(model.enc.linear1) is nn.Linear
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), expected)
+
+
+def test_example_inputs_in_containers_and_data_dependent_shapes():
+    """Tensors inside the example's dicts and lists are made fake too, and a shape that depends
+    on the data (a boolean mask) does not stop the shape-dependent patterns."""
+
+    class Batch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, batch):
+            x = batch["x"][batch["keep"]]
+            return F.relu(self.linear(x)) + x, torch.nonzero(x[:, 0] > 0)
+
+    model = Batch().double()
+    batch = {"x": torch.randn(5, 8, dtype=torch.float64),
+             "keep": torch.tensor([True, False, True, True, False])}
+    fused = fusedskip.fuse(model, example_inputs=(batch,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"], \
+        str(fused.fuse_report)
+    for got, want in zip(fused(batch), model(batch)):
+        torch.testing.assert_close(got, want)
+
+
+def test_sizes_the_data_decides_differently_are_not_taken_as_equal():
+    class TwoMasks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x, keep, keep_residual):
+            return F.relu(self.linear(x[keep])) + x[keep_residual]
+
+    x = torch.randn(4, 4)
+    keep = torch.tensor([True, True, False, True])
+    fused = fusedskip.fuse(TwoMasks(), example_inputs=(x, keep, keep.roll(1)))
+    report = fused.fuse_report
+    assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"], str(report)
+    assert "not provably the output's" in " ".join(why for _, why in report.skipped)
