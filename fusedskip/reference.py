@@ -124,6 +124,11 @@ def check_args(inputs, weight, bias=None, residual=None):
     return out_shape
 
 
+# Whether autocast is on for any device: one C call, where autocast_args would look up weight's
+# device first (~1 µs a call on the modules' CPU path). A torch without it always asks.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_args(weight, *tensors):
     """`(weight, *tensors)` as the op's autocast kernel hands them on (csrc/autocast.cpp): under
     torch.autocast on weight's device, each floating tensor there other than float64 cast to the
@@ -155,7 +160,8 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
         args = (input, weight, bias, residual)
         return handle_torch_function(linear_relu_residual, args, *args, order=order)
     check_order(order)
-    weight, input, bias, residual = autocast_args(weight, input, bias, residual)
+    if _any_autocast():
+        weight, input, bias, residual = autocast_args(weight, input, bias, residual)
     check_args([input], weight, bias, residual)
     out = F.linear(input, weight, bias)
     if residual is not None and order == "add_relu":
@@ -171,7 +177,8 @@ def linear_concat(inputs, weight, bias=None, *, activation=None):
         return handle_torch_function(linear_concat, (*inputs, weight, bias), inputs, weight, bias,
                                      activation=activation)
     check_activation(activation)
-    weight, bias, *inputs = autocast_args(weight, bias, *inputs)
+    if _any_autocast():
+        weight, bias, *inputs = autocast_args(weight, bias, *inputs)
     check_args(inputs, weight, bias)
     out = F.linear(torch.cat(inputs, -1), weight, bias)
     return torch.relu(out) if activation == "relu" else out
