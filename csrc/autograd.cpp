@@ -165,19 +165,28 @@ at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
 }
 
 // A C++ autograd::Function has no forward-mode formula. A call with tangents computes the op's
-// maths in ATen ops instead (the reference composition: one linear over the cat), whose formulas
-// serve forward mode and backward mode over and under it (jvp, jacfwd, hessian). Not a fast path.
+// maths in ATen ops instead (one linear over the cat), whose formulas serve forward mode and
+// torch.autograd's reverse mode over and under it (torch.func.jvp, jacfwd, forward over
+// reverse). Like the kernels, it adds bias and residual and applies the ReLU in float32 (float64
+// for float64) and rounds once, so output and mask are the kernels'. Not a fast path.
 std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
   const Geometry g = check_forward_args(inputs, weight, bias, residual);
+  const at::ScalarType dtype = weight.scalar_type();
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto widen = [compute](const at::Tensor& t) { return t.to(compute); };
+  std::vector<at::Tensor> wide_inputs;
+  for (const at::Tensor& x : inputs) wide_inputs.push_back(widen(x));
+  const bool has_bias = bias.has_value() && bias->defined();
   const bool has_residual = residual.has_value() && residual->defined();
-  at::Tensor preact = at::linear(inputs.size() == 1 ? inputs[0] : at::cat(inputs, -1), weight, bias);
-  if (has_residual && (residual_before_relu || !relu)) preact = preact + *residual;
-  if (!relu) return {preact, at::empty({0}, weight.options().dtype(at::kByte))};
+  at::Tensor preact = at::linear(wide_inputs.size() == 1 ? wide_inputs[0] : at::cat(wide_inputs, -1),
+                                 widen(weight), has_bias ? widen(*bias) : at::Tensor());
+  if (has_residual && (residual_before_relu || !relu)) preact = preact + widen(*residual);
+  if (!relu) return {preact.to(dtype), at::empty({0}, weight.options().dtype(at::kByte))};
   at::Tensor output = at::relu(preact);
-  if (has_residual && !residual_before_relu) output = output + *residual;
-  return {output, pack_relu_mask(preact, g.rows)};
+  if (has_residual && !residual_before_relu) output = output + widen(*residual);
+  return {output.to(dtype), pack_relu_mask(preact, g.rows)};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(

@@ -65,10 +65,11 @@ def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     inputs: 1 to 8 tensors (..., k_i) with the same leading dims; weight: (out_features, sum(k_i)).
     """
-    inputs = reference.as_input_list(inputs)
-    if has_torch_function((*inputs, weight, bias)):
-        return handle_torch_function(linear_concat, (*inputs, weight, bias), inputs, weight, bias,
+    relevant = reference.concat_dispatch_args(inputs, weight, bias)
+    if has_torch_function(relevant):
+        return handle_torch_function(linear_concat, relevant, inputs, weight, bias,
                                      activation=activation)
+    inputs = reference.as_input_list(inputs)
     if activation is None:
         relu = False
     elif activation == "relu":

@@ -54,6 +54,15 @@ def as_input_list(inputs, where="linear_concat"):
     return inputs
 
 
+def concat_dispatch_args(inputs, weight, bias):
+    """What the __torch_function__ protocol looks at in a concat call: each input, or `inputs`
+    itself where it is no list or tuple (a traced value such as x.chunk(2, -1) under torch.fx,
+    which must not be iterated)."""
+    if isinstance(inputs, (list, tuple)):
+        return (*inputs, weight, bias)
+    return (inputs, weight, bias)
+
+
 def _check_tensor(name, tensor, weight):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(tensor).__name__}")
@@ -172,10 +181,11 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
 
 def linear_concat(inputs, weight, bias=None, *, activation=None):
     """F.linear(torch.cat(inputs, -1), weight, bias), then ReLU if activation == "relu"."""
-    inputs = as_input_list(inputs)
-    if has_torch_function((*inputs, weight, bias)):
-        return handle_torch_function(linear_concat, (*inputs, weight, bias), inputs, weight, bias,
+    relevant = concat_dispatch_args(inputs, weight, bias)
+    if has_torch_function(relevant):
+        return handle_torch_function(linear_concat, relevant, inputs, weight, bias,
                                      activation=activation)
+    inputs = as_input_list(inputs)
     check_activation(activation)
     if _any_autocast():
         weight, bias, *inputs = autocast_args(weight, bias, *inputs)

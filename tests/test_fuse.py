@@ -311,6 +311,7 @@ class UsesFusedskip(nn.Module):
         y = self.r(self.c(h, x), None)
         y = fusedskip.linear_relu_residual(y, self.w)
         y = fusedskip.linear_concat([y, y], torch.cat([self.w, self.w], 1))
+        y = y + fusedskip.linear_concat(torch.cat([y, y], -1).chunk(2, -1), self.w.repeat(1, 2))
         return torch.relu(self.plain(y)) + y
 
 

@@ -106,3 +106,34 @@ def test_torch_func_forward_transforms():
     for got, want in zip(torch.func.jvp(fused, (x1, x2), tangents),
                          torch.func.jvp(ref, (x1, x2), tangents)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_mode_rounds_as_the_op_does(dtype):
+    """In half precision the kernels add bias and residual in float32 and round once: a call
+    with tangents must too, or a pre-activation that cancels to a tiny value rounds to zero and
+    its mask bit flips. Then random integer-valued layers (exact in every dtype): output and
+    mask equal the op's."""
+    import torch.autograd.forward_ad as fwAD
+
+    def both(x, w, b, r, order):
+        args = ([x], w, b, r, True, order == "add_relu")
+        out, mask = torch.ops.fusedskip.fused_linear(*args)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.ones_like(x))
+            dual_out, dual_mask = torch.ops.fusedskip.fused_linear([dual], *args[1:])
+            return (out, mask), (fwAD.unpack_dual(dual_out).primal, dual_mask)
+
+    x = torch.ones(1, 1, dtype=dtype)
+    w = torch.full((1, 1), 0.1, dtype=dtype)
+    b = torch.full((1,), 1e-5, dtype=dtype)
+    r = -torch.nn.functional.linear(x, w, b)
+    (out, mask), (dual_out, dual_mask) = both(x, w, b, r, "add_relu")
+    assert torch.equal(dual_mask, mask) and torch.equal(dual_out, out)
+    for order in ("relu_add", "add_relu"):
+        x = torch.randint(-3, 4, (9, 20)).to(dtype)
+        w = torch.randint(-2, 3, (13, 20)).to(dtype)
+        b = torch.randint(-2, 3, (13,)).to(dtype)
+        r = torch.randint(-3, 4, (9, 13)).to(dtype)
+        (out, mask), (dual_out, dual_mask) = both(x, w, b, r, order)
+        assert torch.equal(dual_mask, mask) and torch.equal(dual_out, out)
