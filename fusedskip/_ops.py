@@ -53,6 +53,32 @@ else:
         mask = weight.new_empty(_mask_shape(rows, weight.shape[0], relu), dtype=torch.uint8)
         return output, mask
 
+    # torch.utils.flop_counter (FlopCounterMode, and what is built on it) counts the GEMMs, as it
+    # does for aten.addmm / aten.mm; the element-wise work is not counted there either.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.fusedskip.fused_linear)
+    def _fused_linear_flops(inputs_shape, weight_shape, *args, out_shape=None, **kwargs):
+        out_features, in_total = weight_shape
+        return 2 * _rows(inputs_shape[0]) * in_total * out_features
+
+    @register_flop_formula(torch.ops.fusedskip.fused_linear_backward)
+    def _fused_linear_backward_flops(grad_output_shape, inputs_shape, weight_shape, relu_mask_shape,
+                                     relu, output_mask, out_shape=None, **kwargs):
+        out_features, in_total = weight_shape
+        per_column = 2 * _rows(grad_output_shape) * out_features
+        flops = sum(per_column * shape[-1] for shape, wanted in zip(inputs_shape, output_mask)
+                    if wanted)  # each input's gradient
+        if output_mask[len(inputs_shape)]:  # the weight's
+            flops += per_column * in_total
+        return flops
+
+    def _rows(shape):
+        rows = 1
+        for size in shape[:-1]:
+            rows *= size
+        return rows
+
     @torch.library.register_fake("fusedskip::fused_linear_backward")
     def _fused_linear_backward_fake(grad_output, inputs, weight, relu_mask, relu, output_mask):
         reference.check_args(inputs, weight)

@@ -3,6 +3,7 @@ breaks, the compiled backward uses the fused backward op, same results as eager.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusedskip
@@ -87,3 +88,27 @@ def test_export_runs():
     exported = torch.export.export(model, (x,))
     assert "fusedskip.fused_linear" in str(exported.graph)
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize("form", ["relu_add", "concat"])
+def test_flop_counter_counts_the_gemms_as_for_eager(form):
+    """FlopCounterMode counts the fused op's GEMMs, forward and backward, as it counts eager's
+    addmm / mm: the same total for the same layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    r = torch.randn(2, 7, 5)
+    if form == "relu_add":
+        fused = lambda: fusedskip.linear_relu_residual(x, w, b, r)  # noqa: E731
+        eager = lambda: torch.relu(F.linear(x, w, b)) + r  # noqa: E731
+    else:
+        fused = lambda: fusedskip.linear_concat([x[..., :2], x[..., 2:]], w, b)  # noqa: E731
+        eager = lambda: F.linear(torch.cat([x[..., :2], x[..., 2:]], -1), w, b)  # noqa: E731
+    totals = []
+    for fn in (fused, eager):
+        with FlopCounterMode(display=False) as counter:
+            fn().sum().backward()
+        totals.append(counter.get_total_flops())
+    assert totals[0] == totals[1] == 3 * 2 * 14 * 6 * 5
