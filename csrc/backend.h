@@ -1,6 +1,6 @@
 // How the op computes x W^T and its epilogue: the one place that chooses, per call.
 //
-//   FUSEDSKIP_BACKEND (read at load) / fusedskip.set_backend(name) (at run time):
+//   FUSEDSKIP_BACKEND (read at import) / fusedskip.set_backend(name) (at run time):
 //     auto            per shape, below (the default): on CUDA the native kernel for small
 //                     layers; above, cutlass where it applies, else gemm_epilogue
 //     native          CUDA: the native fused kernel (csrc/cuda/tile_kernels.cu);

@@ -83,13 +83,25 @@ PyObject* set_backend_py(PyObject* /*module*/, PyObject* name) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(PyUnicode_Check(name), "fusedskip: backend must be a str, got ",
                    Py_TYPE(name)->tp_name);
-  set_backend(PyUnicode_AsUTF8(name));
+  Py_ssize_t size = 0;
+  const char* text = PyUnicode_AsUTF8AndSize(name, &size);
+  if (text == nullptr) {  // a lone surrogate: no UTF-8 for it, so no backend's name either
+    PyErr_Clear();
+    TORCH_CHECK_VALUE(false, "fusedskip: backend must be one of 'auto', 'native', ",
+                      "'gemm_epilogue', 'cuda_emulation', 'cutlass', got a str that is not ",
+                      "valid text");
+  }
+  set_backend(std::string(text, static_cast<size_t>(size)));  // with any embedded NUL
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
+// The first call reads FUSEDSKIP_BACKEND, whose warning (a bad value) becomes a Python warning
+// here.
 PyObject* get_backend_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
   return PyUnicode_FromString(backend_name(current_backend()));
+  END_HANDLE_TH_ERRORS
 }
 
 PyObject* fused_gemm_built_py(PyObject* /*module*/, PyObject* /*unused*/) {

@@ -2,7 +2,7 @@
 
     fusedskip.get_backend() -> str
     fusedskip.set_backend(name)           process-wide; FUSEDSKIP_BACKEND sets it at import
-    with fusedskip.use_backend(name): ...
+    with fusedskip.use_backend(name): ... one thread's block at a time
 
 Backends: ``auto`` (the default: per shape, the faster path measured: on CUDA ``native`` for
 small layers, ``cutlass`` for the largest where it applies, else ``gemm_epilogue``),
@@ -20,10 +20,17 @@ The choice is read at each call, so it also applies inside compiled graphs.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from . import _ops
 
 BACKENDS = ("auto", "native", "gemm_epilogue", "cuda_emulation", "cutlass")
+
+if _ops.AVAILABLE:
+    _ops._C._get_backend()  # reads FUSEDSKIP_BACKEND now, at import, and warns of a bad value
+
+# use_backend's blocks, one thread at a time (see there).
+_switching = threading.RLock()
 
 
 def _require_extension():
@@ -52,10 +59,16 @@ def cutlass_built() -> bool:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """``with use_backend("native"): ...`` -- the backend inside the block, restored after."""
-    previous = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+    """``with use_backend("native"): ...`` -- the backend inside the block, restored after.
+
+    The backend is process-wide, not per thread: autograd runs a CUDA backward on threads of its
+    own, which must see it too. So a block holds a lock, and another thread's ``use_backend``
+    waits until it ends (otherwise each would see the other's backend, and the one restored last
+    would stay); ops called meanwhile from other threads run on the block's backend."""
+    with _switching:
+        previous = get_backend()
+        set_backend(name)
+        try:
+            yield
+        finally:
+            set_backend(previous)

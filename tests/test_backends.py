@@ -42,20 +42,54 @@ def test_unknown_backend_is_refused_with_the_choices():
         fusedskip.set_backend("fast")
     with pytest.raises(TypeError, match="backend must be a str"):
         fusedskip.set_backend(3)
+    with pytest.raises(ValueError, match="not valid text"):
+        fusedskip.set_backend("\ud800")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fusedskip.set_backend("native\x00junk")
+    assert fusedskip.get_backend() == "auto"
+
+
+def test_use_backend_blocks_take_turns_across_threads():
+    """The backend is process-wide: a second thread's block waits for the first to end, so each
+    sees its own backend and the default comes back after both."""
+    import threading
+    import time
+
+    entered, seen = threading.Event(), {}
+
+    def first():
+        with fusedskip.use_backend("native"):
+            entered.set()
+            time.sleep(0.2)  # the other thread tries to switch meanwhile
+            seen["first"] = fusedskip.get_backend()
+
+    def second():
+        entered.wait()
+        with fusedskip.use_backend("gemm_epilogue"):
+            seen["second"] = fusedskip.get_backend()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert seen == {"first": "native", "second": "gemm_epilogue"}
     assert fusedskip.get_backend() == "auto"
 
 
 @pytest.mark.parametrize("value,expected,warns", [("gemm_epilogue", "gemm_epilogue", False),
                                                   ("turbo", "auto", True)])
 def test_environment_variable(value, expected, warns):
-    code = ("import warnings; warnings.simplefilter('always'); import fusedskip; "
-            "print(fusedskip.get_backend())")
+    """Read at import (a later change of the variable does nothing); a bad value is a Python
+    warning there."""
+    code = ("import os, warnings; warnings.simplefilter('always'); import fusedskip; "
+            "os.environ['FUSEDSKIP_BACKEND'] = 'native'; print(fusedskip.get_backend())")
     env = dict(os.environ, FUSEDSKIP_BACKEND=value)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == expected
-    assert ("FUSEDSKIP_BACKEND=turbo is not one of" in done.stderr) == warns
+    assert ("UserWarning: fusedskip: FUSEDSKIP_BACKEND=turbo is not one of" in done.stderr) == warns
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
