@@ -665,10 +665,16 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None):
+def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None) -> bool:
     """Speedup over eager against problem size (M*K*N), one line per provider, one panel per
-    (op, mode); with model rows, a second figure of training-step peak memory."""
-    import matplotlib
+    (op, mode); with model rows, a second figure of training-step peak memory. False (and no
+    plot) without matplotlib, which only the plots need."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib, or "
+              "pip install 'fusedskip[bench]')", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -711,6 +717,7 @@ def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None):
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(path), "models.png"), dpi=110)
         plt.close(fig)
+    return True
 
 
 def read_jsonl(path: str) -> List[dict]:
@@ -735,8 +742,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.plot:
         model_path = os.path.join(args.plot, "models.jsonl")
-        plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")), os.path.join(args.plot, "speedup.png"),
-             read_jsonl(model_path) if os.path.exists(model_path) else None)
+        if not plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")),
+                    os.path.join(args.plot, "speedup.png"),
+                    read_jsonl(model_path) if os.path.exists(model_path) else None):
+            return 1
         print(f"redrew {args.plot}/speedup.png")
         return 0
 
@@ -745,9 +754,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--device cuda: no GPU is visible to torch")
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     env = environment(device)
+    # A checkout keeps its results in its own benchmarks/results; an installed package (no
+    # benchmarks/ beside it) writes under the current directory, not into site-packages.
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = (os.path.join(checkout, "benchmarks", "results")
+               if os.path.isdir(os.path.join(checkout, "benchmarks")) else
+               os.path.join("benchmarks", "results"))
     out = args.out or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
-        f"{re.sub(r'[^A-Za-z0-9]+', '-', env['device_name']).strip('-').lower()}-{env['date']}")
+        results, f"{re.sub(r'[^A-Za-z0-9]+', '-', env['device_name']).strip('-').lower()}-"
+                 f"{env['date']}")
     print(f"fusedskip {fusedskip.__version__}, torch {env['torch']}, {env['device_name']}, "
           f"commit {env['commit']} -> {out}", flush=True)
 
@@ -771,9 +786,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else ""
                 f.write(f"| {r['model']} | {r['provider']} | {r['batch']} × {r['width']} | "
                         f"{r['p50_us']:.1f} | {mem} |\n")
-    plot(rows, os.path.join(out, "speedup.png"), model_rows)
+    plotted = plot(rows, os.path.join(out, "speedup.png"), model_rows)
     print(table)
-    print(f"wrote {out}/rows.jsonl, rows.csv, table.md, speedup.png")
+    print(f"wrote {out}/rows.jsonl, rows.csv, table.md" + (", speedup.png" if plotted else ""))
     bad = [r for r in rows if r.get("status") != "ok"]
     return 1 if any(str(r.get("status", "")).startswith("mismatch") for r in bad) else 0
 

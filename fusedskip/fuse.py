@@ -37,8 +37,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .modules import ConcatLinear, LinearReLUResidual
@@ -252,6 +250,10 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
     and without touching the model's state (buffers, RNG). Tensors anywhere in the arguments
     (dicts, lists) are made fake; a shape that depends on the data (nonzero, a boolean mask)
     becomes a symbol instead of failing the run."""
+    # Imported here: symbolic_shapes brings in sympy, ~0.3 s that `import fusedskip` need not pay.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_args = pytree.tree_map_only(
         torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), args)

@@ -197,3 +197,23 @@ def test_eager_is_the_plain_composition(monkeypatch):
 def test_unknown_dtype_is_named():
     with pytest.raises(SystemExit, match="--dtype: unknown.*float8.*choose from"):
         bench.main(["--quick", "--device", "cpu", "--dtype", "float8", "--out", "/nonexistent"])
+
+
+def test_without_matplotlib_the_rows_and_table_still_come(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
+                       "relu_add", "--mode", "forward", "--sizes", "16x8x8",
+                       "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err and "| relu_add |" in captured.out
+    assert (out / "table.md").stat().st_size > 0 and not (out / "speedup.png").exists()
