@@ -35,8 +35,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 import torch.utils._pytree as pytree
+from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .modules import ConcatLinear, LinearReLUResidual
