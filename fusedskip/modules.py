@@ -51,9 +51,10 @@ def linear_relu_residual_layer(input, weight, bias=None, residual=None, *, order
 
 def linear_concat_layer(inputs, weight, bias=None, *, activation=None):
     """ConcatLinear's computation: the fused op on CUDA tensors, the reference elsewhere."""
-    if has_torch_function((*inputs, weight, bias)):
-        return handle_torch_function(linear_concat_layer, (*inputs, weight, bias), inputs, weight,
-                                     bias, activation=activation)
+    relevant = reference.concat_dispatch_args(inputs, weight, bias)
+    if has_torch_function(relevant):
+        return handle_torch_function(linear_concat_layer, relevant, inputs, weight, bias,
+                                     activation=activation)
     if inputs and _use_fused(inputs[0]):
         return functional.linear_concat(inputs, weight, bias, activation=activation)
     return reference.linear_concat(inputs, weight, bias, activation=activation)

@@ -134,7 +134,7 @@ def check_args(inputs, weight, bias=None, residual=None):
 
 
 # Whether autocast is on for any device: one C call, where autocast_args would look up weight's
-# device first (~1 µs a call on the modules' CPU path). A torch without it always asks.
+# device first, on every call of the modules' CPU path. A torch without it always asks.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
