@@ -45,7 +45,7 @@ constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 // CUDA: the native kernel up to this many multiply-adds, cuBLAS + element-wise pass above.
 // Measured on an H200 (bf16, benchmarks/NOTES.md "Native or cuBLAS"): the native kernel was
 // faster at every size up to 4096x256x256 = 2^28 (forward 61 vs 75 us there, forward+backward
-// 349 vs 449), and 4-15x slower from 2^32 up, where its mainloop (no software pipelining,
+// 349 vs 449), and 5x and 18x slower at 2^32 and 2^37 (forward), where its mainloop (no software pipelining,
 // element-wise bounds-checked loads) runs at ~22 TFLOP/s against cuBLAS's hundreds.
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 28;
 

@@ -61,7 +61,7 @@ def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
                   activation: Optional[str] = None) -> torch.Tensor:
     """Fused ``F.linear(torch.cat(inputs, -1), weight, bias)`` (then ReLU if activation="relu"),
     without saving the concatenation for backward (small and mid-size layers never build it;
-    large ones on cuBLAS build it transiently for one GEMM).
+    larger ones on a BLAS GEMM build it transiently for that GEMM).
 
     inputs: 1 to 8 tensors (..., k_i) with the same leading dims; weight: (out_features, sum(k_i)).
     """
