@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -49,9 +50,11 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     date = datetime.date.today().isoformat()
-    lines = [f"# CPU direct loops vs ATen GEMMs\n",
+    lines = ["# CPU direct loops vs ATen GEMMs\n",
              f"forward+backward, concat of 2 inputs + ReLU, 1 thread, best of 7x100 calls; "
-             f"torch {torch.__version__}, {os.cpu_count()} cores, commit {commit}, {date}\n",
+             f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, Python {platform.python_version()}, commit {commit}, "
+             f"{date}\n",
              "| M, K, N | multiply-adds | aten (µs) | direct (µs) |", "|---|---:|---:|---:|"]
     rows = []
     for (m, k, n), aten_us, direct_us in zip(SHAPES, times["aten"], times["direct"]):
@@ -64,7 +67,10 @@ def main():
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:
-        json.dump({"torch": torch.__version__, "commit": commit, "date": date, "rows": rows}, f,
+        json.dump({"device": platform.processor() or platform.machine(),
+                   "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                   "python": platform.python_version(), "commit": commit, "date": date,
+                   "rows": rows}, f,
                   indent=1)
 
 
