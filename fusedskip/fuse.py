@@ -7,12 +7,14 @@ A torch.fx pass over the model's graph finds
   * ``Linear -> ReLU``
   * ``torch.cat([...], -1) -> Linear`` (and a ReLU after it)
 
-with ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or ``.relu()``, and ``+`` / ``torch.add``,
-and replaces each with a LinearReLUResidual or ConcatLinear that holds the Linear's own weight and
+with ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or ``.relu()`` (in place too), ``+`` /
+``torch.add``, and ``torch.cat`` / ``concat`` / ``concatenate``, and replaces each with a LinearReLUResidual or ConcatLinear that holds the Linear's own weight and
 bias (no copies). A pattern is fused only where that is provably the same computation: the
 intermediate results have no other users, the residual has exactly the linear's output shape and
 dtype (no broadcasting, no type promotion) and is not itself part of the chain, the concatenation
-runs along the last dim. Shapes come from ``example_inputs``, run on fake tensors (no arithmetic,
+runs along the last dim, no in-place write happens between the pattern's first node and its last
+(the fused layer runs where the last one was), and the Linear and ReLU modules have no hooks of
+their own (a fused layer would not run them). Shapes come from ``example_inputs``, run on fake tensors (no arithmetic,
 so the model's buffers, e.g. BatchNorm's running statistics, are left as they were); without them,
 the patterns that need a shape (residuals, concatenations) are reported as skipped.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import operator
 from typing import Any, List, Optional, Sequence, Tuple
@@ -61,12 +64,73 @@ class FuseReport:
         return "\n".join(lines)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks of its own (pruning and the old weight_norm are forward
+    pre-hooks), which a fused layer in its place would not run."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+# The ReLU's spellings. In place is fine on the chain: its input has no other user.
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
 def _is_relu(node: torch.fx.Node, modules) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
+        module = modules.get(node.target)
+        return isinstance(module, nn.ReLU) and not _hooked(module)
     if node.op == "call_function":
-        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
-    return node.op == "call_method" and node.target == "relu"
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_cat(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+        node.target in _CAT_FUNCTIONS
+
+
+# In-place operators FX records as functions (`x += y`, `x[i] = y`).
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
+                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                      operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul}
+
+
+def _may_write(node: torch.fx.Node, modules) -> bool:
+    """Whether `node` may write into a tensor it is given (or one it can reach): an in-place
+    method or function (`mul_`, `torch.relu_`, `x += y`, `x[i] = y`), `inplace=True`, `out=`, or
+    a module called with its `inplace` flag set."""
+    if "out" in node.kwargs or node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("__"):
+            return True
+        try:  # inplace=True passed by position (F.relu(x, True))
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # no signature (a builtin), or not these arguments
+            return False
+        return bool(bound.arguments.get("inplace", False))
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
+def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules):
+    """A node after `first` and before `last` (graph order) that may write in place, if any: the
+    fused call runs where `last` is, so it would read what such a node wrote, where the chain's
+    first node read the value before."""
+    node = first.next
+    while node is not last:
+        if node not in chain and _may_write(node, modules):
+            return node
+        node = node.next
+    return None
 
 
 def _is_add(node: torch.fx.Node) -> bool:
@@ -80,6 +144,10 @@ def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
     if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear:
         return modules[node.target]
     return None
+
+
+_HOOKED_LINEAR = ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm), which a "
+                  "fused layer would not run")
 
 
 def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
@@ -112,12 +180,18 @@ def _add_module(gm: torch.fx.GraphModule, base: str, module: nn.Module) -> str:
     return name
 
 
-def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, args,
-             base: str) -> str:
-    """Call `module` in place of the single-user chain first -> ... -> last."""
+def _chain(first: torch.fx.Node, last: torch.fx.Node) -> List[torch.fx.Node]:
+    """The single-user chain first -> ... -> last."""
     chain = [first]
     while chain[-1] is not last:
         chain.append(next(iter(chain[-1].users)))
+    return chain
+
+
+def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, args,
+             base: str) -> str:
+    """Call `module` in place of the single-user chain first -> ... -> last."""
+    chain = _chain(first, last)
     name = _add_module(gm, base, module)
     with gm.graph.inserting_before(last):  # every argument is defined before the chain's end
         new = gm.graph.call_module(name, tuple(args))
@@ -162,12 +236,14 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
-        linear = _linear(node, modules)
-        if linear is None or len(node.args) != 1 or node.kwargs:
+        if len(node.args) != 1 or node.kwargs:
             continue
         x = node.args[0]
-        if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is torch.cat:
-            continue  # the concat pass takes it
+        if _is_cat(x):
+            continue  # the concat pass's (fused there, or the reason reported)
+        linear = _linear(node, modules)
+        if linear is None:
+            continue
         user = _only_user(node)
         if user is None:
             if len(node.users) > 1:
@@ -198,6 +274,15 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
                 if order == "add_relu":
                     continue
                 last, residual = relu, None  # still fuse Linear -> ReLU
+        if _hooked(linear):
+            report.skipped.append((node.name, _HOOKED_LINEAR))
+            continue
+        writer = _write_between(node, last, _chain(node, last), modules)
+        if writer is not None:
+            report.skipped.append((node.name, f"{writer.name} may write in place between the "
+                                              f"Linear and {last.name}, whose values the fused "
+                                              "layer would read after it"))
+            continue
         fused = LinearReLUResidual.from_linear(linear, order=order)
         pattern = ("Linear -> ReLU" if residual is None else
                    "Linear -> ReLU -> add" if order == "relu_add" else "Linear -> add -> ReLU")
@@ -208,20 +293,36 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
 
 def _fuse_concats(gm, modules, report: FuseReport):
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.cat:
+        if not _is_cat(node):
             continue
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         user = _only_user(node)
-        linear = _linear(user, modules) if user is not None else None
-        if linear is None or user.args != (node,):
+        if user is None or user.args != (node,) or user.kwargs:
             continue
-        metas = [_meta(p) for p in parts] if isinstance(parts, (list, tuple)) else [None]
+        linear = _linear(user, modules)
+        if linear is None:
+            continue
+        if _hooked(linear):
+            report.skipped.append((user.name, _HOOKED_LINEAR))
+            continue
+        if not isinstance(parts, (list, tuple)):
+            report.skipped.append((user.name, "the concatenated tensors come as one value (e.g. "
+                                              "x.chunk(...)), not a list: their number is not "
+                                              "known when tracing"))
+            continue
+        metas = [_meta(p) for p in parts]
         if any(m is None for m in metas):
             report.skipped.append((user.name, "shapes unknown: pass example_inputs so the "
                                               "concatenated widths can be read"))
             continue
         ndim = len(metas[0].shape)
+        if any(len(m.shape) != ndim or not all(map(_same_size, m.shape[:-1], metas[0].shape[:-1]))
+               for m in metas):
+            report.skipped.append((user.name, "the concatenated tensors' leading dims are not "
+                                              "provably the same (torch.cat also takes empty 1-D "
+                                              "tensors)"))
+            continue
         if dim not in (-1, ndim - 1):
             report.skipped.append((user.name, f"torch.cat along dim {dim}, not the last"))
             continue
@@ -238,8 +339,14 @@ def _fuse_concats(gm, modules, report: FuseReport):
         widths = [int(m.shape[-1]) for m in metas]
         relu = _only_user(user)
         activation = "relu" if relu is not None and _is_relu(relu, modules) else None
-        fused = ConcatLinear.from_linear(linear, widths, activation=activation)
         last = relu if activation else user
+        writer = _write_between(node, last, _chain(node, last), modules)
+        if writer is not None:
+            report.skipped.append((user.name, f"{writer.name} may write in place between the "
+                                              f"concatenation and {last.name}, whose values the "
+                                              "fused layer would read after it"))
+            continue
+        fused = ConcatLinear.from_linear(linear, widths, activation=activation)
         name = _replace(gm, node, last, fused, tuple(parts), user.target)
         pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
         report.fused.append((user.name, pattern, f"{name} = {fused}"))
@@ -274,9 +381,11 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         gm = torch.fx.symbolic_trace(model)
     except Exception as error:  # anything FX raises: report it, never crash the caller
         report.traced = False
+        hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
+                "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
         report.skipped.append((type(model).__name__,
                                f"not traceable by torch.fx ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200]}); model left unchanged"))
+                               f"{str(error).splitlines()[0][:200]}); model left unchanged{hint}"))
         model.fuse_report = report
         return model
     if example_inputs is not None:

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 
 import fusedskip
@@ -399,3 +400,156 @@ def test_sizes_the_data_decides_differently_are_not_taken_as_equal():
     report = fused.fuse_report
     assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"], str(report)
     assert "not provably the output's" in " ".join(why for _, why in report.skipped)
+
+
+class InplaceReluOfTheInput(nn.Module):  # relu_add; the input is overwritten before the add
+    def __init__(self):
+        super().__init__()
+        self.linear, self.act = nn.Linear(6, 6), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = x * 1.0
+        h = torch.relu(self.linear(x))
+        return h + self.act(x)
+
+
+class ScaledInPlace(nn.Module):  # add_relu; the residual is scaled in place after the linear
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = x * 1.0
+        h = self.linear(x)
+        x.mul_(2)
+        return torch.relu(h + x)
+
+
+class ZeroedPart(nn.Module):  # a concatenated part zeroed between the cat and the linear
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(12, 4)
+
+    def forward(self, x):
+        a = x * 1.0
+        c = torch.cat([a, x], -1)
+        a.zero_()
+        return self.linear(c) + a.sum()
+
+
+class PositionalInplace(nn.Module):  # inplace=True passed by position, between linear and ReLU
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = x * 1.0
+        h = self.linear(x)
+        F.hardtanh(x, -0.5, 0.5, True)
+        return torch.relu(h + x)
+
+
+@pytest.mark.parametrize("make", [InplaceReluOfTheInput, ScaledInPlace, ZeroedPart,
+                                  PositionalInplace])
+def test_in_place_writes_inside_a_pattern_stop_its_fusion(make):
+    """The fused layer runs where the pattern's last node was: a write in between, to the input,
+    a residual or a concatenated part, would change what it reads."""
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    report = fused.fuse_report
+    assert "may write in place" in " ".join(why for _, why in report.skipped), str(report)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    if make is ZeroedPart:  # a training graph too: the weight's gradient reads the cat
+        check_equal(model, x, fused)
+
+
+def test_in_place_relu_spellings_are_fused():
+    class Spellings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(12, 6)
+
+        def forward(self, x):
+            h = F.relu(self.a(x), inplace=True) + x
+            g = torch.relu_(self.b(h))
+            return self.c(torch.concat([g, h], -1)).relu_() + torch.concatenate([h], -1)
+
+    torch.manual_seed(0)
+    model = Spellings().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    patterns = sorted(p for _, p, _ in fused.fuse_report.fused)
+    assert patterns == ["Linear -> ReLU", "Linear -> ReLU -> add", "cat -> Linear -> ReLU"], \
+        str(fused.fuse_report)
+    check_equal(model, x, fused)
+
+
+def test_modules_with_hooks_are_not_replaced():
+    """A fused layer would not run the Linear's or the ReLU module's own hooks (pruning and the
+    old weight_norm are such hooks): those layers stay, and the report says why."""
+    torch.manual_seed(0)
+    model = SeedMLP().double()
+    model.linear1.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    calls = []
+    model.act.register_forward_hook(lambda module, args, out: calls.append(1))
+    torch.nn.utils.prune.l1_unstructured(model.linear4, "weight", amount=0.5)
+    x = torch.randn(7, 30, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    report = fused.fuse_report
+    assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"], str(report)  # linear3 only
+    assert sum("has hooks" in why for _, why in report.skipped) == 2, str(report)
+    calls.clear()  # the shape run (on fake tensors) called it too
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    assert len(calls) == 2  # the ReLU's hook ran in both
+
+
+def test_concatenations_fx_cannot_size_are_reported_as_such():
+    class Parts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.a(torch.cat(x.chunk(2, -1), -1))
+            return self.b(torch.cat([torch.empty(0, dtype=x.dtype), x], -1)) + y
+
+    model = Parts().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    reasons = " ".join(why for _, why in fused.fuse_report.skipped)
+    assert not fused.fuse_report.fused, str(fused.fuse_report)
+    assert "one value" in reasons and "leading dims" in reasons, reasons
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_a_compiled_model_gets_a_hint():
+    model = torch.compile(ResidualMLP())
+    out = fusedskip.fuse(model)
+    assert out is model and "fuse the model first" in str(out.fuse_report)
+
+
+@pytest.mark.parametrize("order", ["relu_add", "add_relu"])
+def test_fused_model_under_autocast_computes_what_the_model_does(order):
+    """A float32 residual stream under bfloat16 autocast: eager adds it in float32, and so must
+    the fused model (csrc/autocast.cpp)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x):
+            if order == "relu_add":
+                return torch.relu(self.linear(x)) + x
+            return torch.relu(self.linear(x) + x)
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(8, 16) * 10
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert len(fused.fuse_report.fused) == 1, str(fused.fuse_report)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = model(x), fused(x)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
