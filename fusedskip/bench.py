@@ -111,7 +111,10 @@ def parse_sizes(text: str) -> List[Tuple[int, int, int]]:
         match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*", item)
         if not match:
             raise SystemExit(f"--sizes: expected MxKxN[,MxKxN...], got {item!r}")
-        sizes.append(tuple(int(v) for v in match.groups()))
+        size = tuple(int(v) for v in match.groups())
+        if 0 in size:
+            raise SystemExit(f"--sizes: M, K and N must be positive, got {item.strip()!r}")
+        sizes.append(size)
     return sizes
 
 
@@ -727,7 +730,8 @@ def read_jsonl(path: str) -> List[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if fusedskip.cuda_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if fusedskip.cuda_available() else "cpu")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated; default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--quick", action="store_true", help="a smoke run: two ops, two sizes")
@@ -741,6 +745,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.plot:
+        if not os.path.isfile(os.path.join(args.plot, "rows.jsonl")):
+            raise SystemExit(f"--plot: no rows.jsonl in {args.plot!r}; pass a folder a "
+                             "benchmark run wrote")
         model_path = os.path.join(args.plot, "models.jsonl")
         if not plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")),
                     os.path.join(args.plot, "speedup.png"),
@@ -767,6 +774,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"commit {env['commit']} -> {out}", flush=True)
 
     rows = run_sweep(args, device, env)
+    if not rows:
+        raise SystemExit("nothing to time: no provider has a form for these ops and modes "
+                         "(cublaslt runs under --mode no_grad only, gemm under forward only)")
     write_rows(rows, out)
     table = markdown_table(rows)
     model_rows = run_models(args, device, env) if args.model else None
@@ -790,6 +800,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     print(f"wrote {out}/rows.jsonl, rows.csv, table.md" + (", speedup.png" if plotted else ""))
     bad = [r for r in rows if r.get("status") != "ok"]
+    if len(bad) == len(rows):
+        print("no row was timed: see each row's status", file=sys.stderr)
+        return 1
     return 1 if any(str(r.get("status", "")).startswith("mismatch") for r in bad) else 0
 
 

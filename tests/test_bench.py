@@ -217,3 +217,15 @@ def test_without_matplotlib_the_rows_and_table_still_come(tmp_path, monkeypatch,
     captured = capsys.readouterr()
     assert "matplotlib is not installed" in captured.err and "| relu_add |" in captured.out
     assert (out / "table.md").stat().st_size > 0 and not (out / "speedup.png").exists()
+
+
+def test_command_line_mistakes_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="M, K and N must be positive, got '8x0x8'"):
+        bench.parse_sizes("64x10x10,8x0x8")
+    with pytest.raises(SystemExit, match="--plot: no rows.jsonl"):
+        bench.main(["--plot", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):  # argparse: an unknown device
+        bench.main(["--device", "meta"])
+    with pytest.raises(SystemExit, match="nothing to time: .*cublaslt runs under --mode no_grad"):
+        bench.main(["--device", "cpu", "--providers", "cublaslt", "--op", "relu_add",
+                    "--mode", "forward", "--sizes", "8x8x8", "--out", str(tmp_path)])
