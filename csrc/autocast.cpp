@@ -1,15 +1,33 @@
-// Autocast of fusedskip::fused_linear: under torch.autocast the op casts like nn.Linear does
-// (floating inputs, weight, bias to the autocast dtype; float64 left alone), so a layer fed by
-// other autocast layers sees one dtype. The residual is cast too: the fused result has the
-// autocast dtype, where eager `linear(x) + r` with a float32 r would promote to float32.
+// Autocast of fusedskip::fused_linear: under torch.autocast the op computes what the eager
+// composition it replaces computes. The linear casts like nn.Linear does (floating inputs, weight,
+// bias to the autocast dtype; float64 left alone), so a layer fed by other autocast layers sees one
+// dtype. The residual then meets the linear's result as eager's add meets it: in the promoted
+// dtype. Where that is the linear's dtype (a residual of that dtype, or a narrower one, widened
+// exactly) the op runs fused as usual; a wider residual (float32 next to bfloat16: the residual
+// stream of an autocast model) is added after the op, in its own dtype, as eager would: the fused
+// op computes the linear and ReLU, ATen adds the residual (and applies the ReLU after it, for
+// add_relu). So `relu(linear(x)) + r` and its fused form give the same dtype and values.
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "fused_linear.h"
 
 namespace fusedskip {
 namespace {
+
+// The residual's checks the op would make, where the op does not see it (it is added after).
+void check_promoted_residual(const at::Tensor& residual, const at::Tensor& weight,
+                             const at::Tensor& output) {
+  TORCH_CHECK(residual.device() == weight.device(), "fusedskip: residual is on device ",
+              residual.device(), " but weight is on ", weight.device(),
+              "; all tensors must be on one device");
+  TORCH_CHECK_VALUE(residual.sizes().equals(output.sizes()),
+                    "fusedskip: residual must have the output's shape ", output.sizes(), ", got ",
+                    residual.sizes(), " (residuals are not broadcast)");
+}
 
 template <c10::DeviceType kDevice>
 std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
@@ -21,10 +39,34 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
   std::vector<at::Tensor> cast_inputs;
   cast_inputs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) cast_inputs.push_back(at::autocast::cached_cast(dtype, x, kDevice));
-  return fused_linear_op().call(cast_inputs, at::autocast::cached_cast(dtype, weight, kDevice),
-                                at::autocast::cached_cast(dtype, bias, kDevice),
-                                at::autocast::cached_cast(dtype, residual, kDevice), relu,
-                                residual_before_relu);
+  const at::Tensor cast_weight = at::autocast::cached_cast(dtype, weight, kDevice);
+  const std::optional<at::Tensor> cast_bias = at::autocast::cached_cast(dtype, bias, kDevice);
+  const auto op = [&](const std::optional<at::Tensor>& r, bool relu_now, bool before) {
+    return fused_linear_op().call(cast_inputs, cast_weight, cast_bias, r, relu_now, before);
+  };
+  // Anything but a floating residual goes to the op as it is, whose checks name it.
+  if (!residual.has_value() || !residual->defined() || !residual->is_floating_point() ||
+      !cast_weight.is_floating_point()) {
+    return op(residual, relu, residual_before_relu);
+  }
+  const at::ScalarType linear_dtype = cast_weight.scalar_type();
+  if (at::promote_types(linear_dtype, residual->scalar_type()) == linear_dtype) {
+    return op(residual->to(linear_dtype), relu, residual_before_relu);
+  }
+  // A wider residual: what eager computes, each step in the dtype eager computes it in.
+  if (relu && !residual_before_relu) {  // relu(linear(x)) + r
+    auto [hidden, mask] = op(std::nullopt, true, false);
+    check_promoted_residual(*residual, cast_weight, hidden);
+    return {at::add(hidden, *residual), mask};
+  }
+  auto [preact, no_mask] = op(std::nullopt, false, false);
+  check_promoted_residual(*residual, cast_weight, preact);
+  at::Tensor sum = at::add(preact, *residual);
+  if (!relu) return {sum, no_mask};  // linear(x) + r (the op's own form; the public API has none)
+  // relu(linear(x) + r): the mask from the sum the ReLU sees.
+  const int64_t rows = c10::multiply_integers(sum.sizes().begin(), sum.sizes().end() - 1);
+  at::Tensor mask = pack_relu_mask(sum, rows);
+  return {at::relu(sum), mask};
 }
 
 }  // namespace

@@ -153,17 +153,6 @@ bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
          (residual.has_value() && has_tangent(*residual));
 }
 
-// The inverse of unpack_relu_mask: (..., cols) pre-activation -> (rows, ceil(cols / 8)) uint8, bit
-// c % 8 of byte c / 8 set where relu_active (csrc/epilogue.h: not <= 0, so NaN too).
-at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
-  const int64_t cols = preact.size(-1), bytes = mask_bytes_per_row(cols);
-  const at::Tensor active = preact.detach().reshape({rows, cols}).le(0).logical_not().to(at::kByte);
-  const at::Tensor padded = at::constant_pad_nd(active, {0, bytes * kMaskBitsPerByte - cols});
-  const at::Tensor bit_values =
-      at::ones({}, padded.options()).bitwise_left_shift(at::arange(kMaskBitsPerByte, padded.options()));
-  return padded.view({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
-}
-
 // A C++ autograd::Function has no forward-mode formula. A call with tangents computes the op's
 // maths in ATen ops instead (one linear over the cat), whose formulas serve forward mode and
 // torch.autograd's reverse mode over and under it (torch.func.jvp, jacfwd, forward over
@@ -206,6 +195,16 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
 }
 
 }  // namespace
+
+// The inverse of unpack_relu_mask (not <= 0 is relu_active's test, so NaN too).
+at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
+  const int64_t cols = preact.size(-1), bytes = mask_bytes_per_row(cols);
+  const at::Tensor active = preact.detach().reshape({rows, cols}).le(0).logical_not().to(at::kByte);
+  const at::Tensor padded = at::constant_pad_nd(active, {0, bytes * kMaskBitsPerByte - cols});
+  const at::Tensor bit_values =
+      at::ones({}, padded.options()).bitwise_left_shift(at::arange(kMaskBitsPerByte, padded.options()));
+  return padded.view({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
+}
 
 TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }
 

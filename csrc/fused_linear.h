@@ -73,6 +73,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask);
 
+// (..., cols) pre-activation -> the op's packed ReLU mask (rows, ceil(cols / 8)) uint8, with ATen
+// ops (any device): bit c % 8 of byte c / 8 set where relu_active (csrc/epilogue.h), NaN included.
+at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows);
+
 // The ops as the dispatcher holds them (all dispatch keys: autograd, fake, CPU, CUDA).
 const c10::TypedOperatorHandle<decltype(fused_linear)>& fused_linear_op();
 const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& fused_linear_backward_op();

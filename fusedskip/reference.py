@@ -63,7 +63,7 @@ def concat_dispatch_args(inputs, weight, bias):
     return (inputs, weight, bias)
 
 
-def _check_tensor(name, tensor, weight):
+def _check_tensor(name, tensor, weight, same_dtype=True):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(tensor).__name__}")
     if tensor.is_nested:
@@ -77,7 +77,7 @@ def _check_tensor(name, tensor, weight):
                         "torch.bfloat16, torch.float32 or torch.float64")
     if tensor is weight:
         return
-    if tensor.dtype != weight.dtype:
+    if same_dtype and tensor.dtype != weight.dtype:
         raise TypeError(f"fusedskip: {name} has dtype {tensor.dtype} but weight has dtype "
                         f"{weight.dtype}; all tensors must share one dtype")
     if tensor.device != weight.device:
@@ -85,9 +85,10 @@ def _check_tensor(name, tensor, weight):
                            f"{weight.device}; all tensors must be on one device")
 
 
-def check_args(inputs, weight, bias=None, residual=None):
+def check_args(inputs, weight, bias=None, residual=None, *, wider_residual=False):
     """Validate a call of the fused op family; raise ValueError / TypeError / RuntimeError naming
-    the argument. Returns the output shape."""
+    the argument. Returns the output shape. wider_residual: the residual may have a wider dtype
+    than the rest (under autocast, see autocast_residual)."""
     count = len(inputs)
     if not 1 <= count <= MAX_INPUTS:
         raise ValueError(f"fusedskip: inputs must hold 1 to {MAX_INPUTS} tensors, got {count}")
@@ -126,7 +127,7 @@ def check_args(inputs, weight, bias=None, residual=None):
             raise ValueError(f"fusedskip: bias must have shape [{weight.shape[0]}] "
                              f"(out_features), got {list(bias.shape)}")
     if residual is not None:
-        _check_tensor("residual", residual, weight)
+        _check_tensor("residual", residual, weight, same_dtype=not wider_residual)
         if list(residual.shape) != out_shape:
             raise ValueError(f"fusedskip: residual must have the output's shape {out_shape}, got "
                              f"{list(residual.shape)} (residuals are not broadcast)")
@@ -138,23 +139,40 @@ def check_args(inputs, weight, bias=None, residual=None):
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-def autocast_args(weight, *tensors):
-    """`(weight, *tensors)` as the op's autocast kernel hands them on (csrc/autocast.cpp): under
-    torch.autocast on weight's device, each floating tensor there other than float64 cast to the
-    autocast dtype, as nn.Linear's are. So a layer gives the same dtype on the reference path (the
-    modules' CPU path) as through the op."""
-    args = (weight, *tensors)
+def _autocast_on(weight) -> bool:
     if not isinstance(weight, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(weight.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
+def autocast_args(weight, *tensors):
+    """`(weight, *tensors)` as the op's autocast kernel hands them on to the linear
+    (csrc/autocast.cpp): under torch.autocast on weight's device, each floating tensor there other
+    than float64 cast to the autocast dtype, as nn.Linear's are. So a layer gives the same dtype on
+    the reference path (the modules' CPU path) as through the op."""
+    args = (weight, *tensors)
+    if not _autocast_on(weight):
         return args
     device = weight.device.type
-    try:
-        if not torch.is_autocast_enabled(device):
-            return args
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return args
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                  and t.dtype != torch.float64 and t.device.type == device else t for t in args)
+
+
+def autocast_residual(weight, residual):
+    """The residual under autocast, given the linear's (cast) weight: as eager's add meets
+    `relu(linear(x))`, in the promoted dtype. Returns (residual, wider): cast to the linear's dtype
+    where that loses nothing (wider False), else as it is, for an add in its own, wider dtype
+    (float32 next to bfloat16) after the linear, as csrc/autocast.cpp does."""
+    if not (isinstance(residual, torch.Tensor) and residual.is_floating_point()
+            and isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        return residual, False
+    if torch.promote_types(weight.dtype, residual.dtype) == weight.dtype:
+        return residual.to(weight.dtype), False
+    return residual, True
 
 
 # -------------------------------------------------------------------------------------------------
@@ -169,9 +187,11 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
         args = (input, weight, bias, residual)
         return handle_torch_function(linear_relu_residual, args, *args, order=order)
     check_order(order)
-    if _any_autocast():
-        weight, input, bias, residual = autocast_args(weight, input, bias, residual)
-    check_args([input], weight, bias, residual)
+    wider_residual = False
+    if _any_autocast() and _autocast_on(weight):
+        weight, input, bias = autocast_args(weight, input, bias)
+        residual, wider_residual = autocast_residual(weight, residual)
+    check_args([input], weight, bias, residual, wider_residual=wider_residual)
     out = F.linear(input, weight, bias)
     if residual is not None and order == "add_relu":
         return torch.relu(out + residual)

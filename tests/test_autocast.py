@@ -1,12 +1,12 @@
 """torch.autocast: the fused op casts like nn.Linear does (to the autocast dtype; float64 left
 alone) and matches the reference within the dtype's tolerance; gradients reach float32
-parameters."""
+parameters. A residual wider than the autocast dtype is added as eager adds it, in its own dtype."""
 
 import pytest
 import torch
 
 import fusedskip
-from conftest import CUDA_MARKS, assert_close_rel
+from conftest import CUDA_MARKS, assert_close_rel, unpack_mask
 
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
@@ -23,7 +23,7 @@ def test_autocast_matches_reference(device, form):
         x = torch.randn(33, 24, device=device)
         w = torch.randn(20, 24, device=device, requires_grad=True)
         b = torch.randn(20, device=device, requires_grad=True)
-        r = torch.randn(33, 20, device=device)
+        r = torch.randn(33, 20, device=device).to(dtype)  # e.g. from an autocast layer
         with torch.autocast(device, dtype=dtype):
             if form in ("relu_add", "add_relu"):
                 out = fusedskip.linear_relu_residual(x, w, b, r, order=form)
@@ -77,8 +77,10 @@ def test_modules_under_autocast(device):
         for module in (add, fusedskip.reference.LinearReLUResidual(6, 6).to(device)):
             for residual in (None, h, x):
                 out = module(h, residual)
-                assert out.dtype == torch.bfloat16
+                # a float32 residual (x) is added in float32, as eager would
+                assert out.dtype == (torch.float32 if residual is x else torch.bfloat16)
                 op = fusedskip.linear_relu_residual(h, module.weight, module.bias, residual)
+                assert out.dtype == op.dtype
                 # the reference rounds to bfloat16 after each op, the fused op once
                 assert_close_rel(out, op, torch.bfloat16)
         out = cat(h, x)
@@ -87,3 +89,48 @@ def test_modules_under_autocast(device):
                                                       activation="relu"), torch.bfloat16)
     out.float().sum().backward()
     assert cat.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["relu_add", "add_relu"])
+def test_a_wider_residual_is_added_as_eager_adds_it(device, order):
+    """The residual stream of an autocast model stays float32: `relu(linear(x)) + r` adds it in
+    float32 (bfloat16 + float16 promotes to float32 too), and the op must give that dtype and
+    those values, its mask and every gradient, the residual's in its own dtype. A float64 layer
+    is left alone and a narrower residual widened to it."""
+    torch.manual_seed(0)
+    x = torch.randn(33, 24, device=device)
+    w = torch.randn(20, 24, device=device, requires_grad=True)
+    b = torch.randn(20, device=device, requires_grad=True)
+    for dtype in autocast_dtypes(device):
+        for r_dtype in (torch.float32, torch.float64,
+                        torch.float16 if dtype == torch.bfloat16 else torch.bfloat16):
+            r = (torch.randn(33, 20, device=device) * 10).to(r_dtype).requires_grad_()
+            grads = []
+            with torch.autocast(device, dtype=dtype):
+                out = fusedskip.linear_relu_residual(x, w, b, r, order=order)
+                h = torch.nn.functional.linear(x, w, b)
+                ref = torch.relu(h) + r if order == "relu_add" else torch.relu(h + r)
+                _, mask = torch.ops.fusedskip.fused_linear([x], w, b, r, True,
+                                                           order == "add_relu")
+            assert out.dtype == ref.dtype == torch.promote_types(dtype, r_dtype), (dtype, r_dtype)
+            # bfloat16 linear results, then the same additions in the same dtype: equal up to
+            # the GEMMs' summation order in float32 (the op's) or `dtype` (eager's)
+            assert_close_rel(out, ref.detach().double(), dtype, f"{dtype} + {r_dtype}")
+            preact = h.detach().to(ref.dtype) + (r.detach() if order == "add_relu" else 0)
+            active = unpack_mask(mask, 20)
+            clear = preact.abs() > 0.1  # away from rounding's reach of zero
+            assert torch.equal(active[clear], (preact > 0)[clear])
+            for result in (out, ref):
+                grads.append(torch.autograd.grad(result.double().sum(), (w, b, r)))
+            for got, want, name in zip(*grads, ("weight", "bias", "residual")):
+                assert got.dtype == want.dtype, name
+                assert_close_rel(got, want.double(), dtype, name)
+        with torch.autocast(device, dtype=dtype):
+            with pytest.raises(ValueError, match=r"residual must have the output's shape"):
+                fusedskip.linear_relu_residual(x, w, b, torch.randn(20, device=device),
+                                               order=order)
+    x64, w64 = x.double(), w.detach().double()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = fusedskip.linear_relu_residual(x64, w64, None, r.detach().to(torch.bfloat16))
+    assert out.dtype == torch.float64
