@@ -235,8 +235,11 @@ class _LinearParameters(nn.Module):
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
 
+    # What from_linear's kwargs may set: the rest comes from the Linear.
+    _FROM_LINEAR_OPTIONS = ()
+
     @classmethod
-    def _check_linear(cls, linear):
+    def _check_linear(cls, linear, kwargs):
         if not isinstance(linear, nn.Linear):
             kind = type(linear)
             raise TypeError(f"{cls.__name__}.from_linear: linear must be a torch.nn.Linear, "
@@ -245,6 +248,21 @@ class _LinearParameters(nn.Module):
             raise ValueError(f"{cls.__name__}.from_linear: linear is a LazyLinear whose "
                              "in_features are not known yet; run one forward pass through it "
                              "first")
+        for name in ("weight", "bias"):
+            value = getattr(linear, name)
+            if value is not None and not isinstance(value, nn.Parameter):
+                raise TypeError(
+                    f"{cls.__name__}.from_linear: linear.{name} is a "
+                    f"{type(value).__qualname__} computed by a hook, not an nn.Parameter "
+                    "(torch.nn.utils.prune, the old weight_norm or spectral_norm); make it "
+                    f"permanent first (prune.remove(linear, '{name}'), remove_weight_norm), or "
+                    "apply the reparametrization to the fused layer instead")
+        unknown = sorted(set(kwargs) - set(cls._FROM_LINEAR_OPTIONS))
+        if unknown:
+            allowed = ", ".join(cls._FROM_LINEAR_OPTIONS)
+            raise TypeError(f"{cls.__name__}.from_linear: unexpected keyword argument(s) "
+                            f"{', '.join(unknown)}; the shape, bias, device and dtype come from "
+                            f"linear, and the only option is {allowed}")
 
     @classmethod
     def _wrap(cls, linear, *args, **kwargs):
@@ -260,6 +278,8 @@ class LinearReLUResidual(_LinearParameters):
     """y = relu(x W^T + b) + residual (order="relu_add", ResNet-style) or
     y = relu(x W^T + b + residual) (order="add_relu"); residual is optional."""
 
+    _FROM_LINEAR_OPTIONS = ("order",)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  order: str = "relu_add", device=None, dtype=None) -> None:
         super().__init__()
@@ -271,7 +291,7 @@ class LinearReLUResidual(_LinearParameters):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
         """A layer sharing `linear`'s weight and bias (no copy); kwargs: order."""
-        cls._check_linear(linear)
+        cls._check_linear(linear, kwargs)
         return cls._wrap(linear, linear.in_features, linear.out_features, **kwargs)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -309,6 +329,8 @@ class ConcatLinear(_LinearParameters):
     `in_features` lists the width of each input; the weight is (out_features, sum(in_features)),
     so a state_dict moves to and from an nn.Linear(sum(in_features), out_features)."""
 
+    _FROM_LINEAR_OPTIONS = ("activation",)
+
     def __init__(self, in_features: Sequence[int], out_features: int, bias: bool = True, *,
                  activation: Optional[str] = None, device=None, dtype=None) -> None:
         super().__init__()
@@ -321,7 +343,7 @@ class ConcatLinear(_LinearParameters):
     def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], **kwargs):
         """A layer sharing `linear`'s weight and bias (no copy), splitting its input into widths
         `in_features`; kwargs: activation."""
-        cls._check_linear(linear)
+        cls._check_linear(linear, kwargs)
         widths = _check_in_features(in_features, f"{cls.__name__}.from_linear")
         if sum(widths) != linear.in_features:
             raise ValueError(f"{cls.__name__}.from_linear: in_features {list(widths)} sum to "

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import fusedskip
@@ -150,6 +151,16 @@ MODULE_CASES = [
      "in_features[0] must be a non-negative int, got True"),
     ("from-linear-sum", lambda: fusedskip.ConcatLinear.from_linear(nn.Linear(5, 2), [2, 2]),
      ValueError, "sum to 4 but linear has in_features 5"),
+    ("from-linear-pruned", lambda: fusedskip.LinearReLUResidual.from_linear(
+        torch.nn.utils.prune.random_unstructured(nn.Linear(5, 2), "weight", 0.5)),
+     TypeError, "linear.weight is a Tensor computed by a hook, not an nn.Parameter"),
+    ("from-linear-kwargs", lambda: fusedskip.LinearReLUResidual.from_linear(
+        nn.Linear(5, 2), dtype=torch.float64), TypeError,
+     "unexpected keyword argument(s) dtype; the shape, bias, device and dtype come from linear, "
+     "and the only option is order"),
+    ("from-linear-concat-kwargs", lambda: fusedskip.ConcatLinear.from_linear(
+        nn.Linear(5, 2), [2, 3], order="relu_add"), TypeError,
+     "unexpected keyword argument(s) order;"),
 ]
 
 
