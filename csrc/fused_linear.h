@@ -48,9 +48,16 @@ inline bool on_16_byte_words(const at::Tensor& t) {
 }
 
 // What a TMA descriptor (the CUTLASS kernels' loads and stores) takes: on 16-byte words, and (2-D)
-// rows that do not overlap (an expanded tensor's zero row stride is refused).
+// rows that do not overlap (an expanded tensor's zero row stride is refused) and are less than
+// 2^40 bytes apart. The launchers hand the row stride to the descriptor as it is, so a one-row
+// tensor, whose stride torch leaves free (as_strided, size-1 views), is held to the same rule: a
+// stride the descriptor cannot encode would stop the process in CUTLASS's host check.
 inline bool tma_operand(const at::Tensor& t) {
-  return on_16_byte_words(t) && (t.dim() < 2 || t.size(0) == 1 || t.stride(0) >= t.size(1));
+  if (!on_16_byte_words(t)) return false;
+  if (t.dim() < 2) return true;
+  const int64_t stride = t.stride(0);
+  return stride >= t.size(1) &&
+         stride < (int64_t{1} << 40) / static_cast<int64_t>(t.element_size());
 }
 
 // Raises ValueError / TypeError / RuntimeError naming the offending argument.

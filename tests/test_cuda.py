@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (CUDA, CUDA_MARKS, assert_close_rel, check_against_reference, ids,
+from conftest import (CUDA, CUDA_MARKS, Sample, assert_close_rel, check_against_reference, ids,
                       make_sample, poison_allocator, sample_grid)
 
 pytestmark = CUDA_MARKS
@@ -247,18 +247,22 @@ def test_cutlass_leaves_other_shapes_to_cublas():
                              dtype=torch.float16, device="cuda"), torch.float16),  # off 16 bytes
                 (make_sample([64], 128, (50,), dtype=torch.float32, device="cuda"),
                  torch.float32),
-                (make_sample([64, 64], 128, (50,), relu=False, dtype=torch.bfloat16,
+                (make_sample([64], 128, (50,), relu=False, dtype=torch.bfloat16,
                              device="cuda"), torch.bfloat16)):  # no ReLU: nothing to fuse
             before = cutlass_launches()
             check_against_reference(sample, dtype)
             assert cutlass_launches() == before, sample.name
-        # An expanded input: rows 0 bytes apart, which a TMA descriptor cannot describe.
-        x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16).expand(50, 64)
+        # An expanded input: rows 0 bytes apart, which a TMA descriptor cannot describe. And one
+        # row whose stride (free for a single row) is 0 or too large for a descriptor (2^40
+        # bytes and up): handed on as it is, it would stop the process in CUTLASS's host check.
         w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
-        before = cutlass_launches()
-        out = fusedskip.linear_relu_residual(x, w)
-        assert cutlass_launches() == before
-        assert_close_rel(out, torch.relu(x.double() @ w.double().T), torch.bfloat16)
+        row = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+        for x in (row.expand(50, 64), row.as_strided((1, 64), (0, 1)),
+                  row.as_strided((1, 64), (2 ** 39, 1))):
+            before = cutlass_launches()
+            out = fusedskip.linear_relu_residual(x, w)
+            assert cutlass_launches() == before, x.stride()
+            assert_close_rel(out, torch.relu(x.double() @ w.double().T), torch.bfloat16)
 
 
 @needs_cutlass_gpu
@@ -330,9 +334,14 @@ def test_cutlass_concat_layer(dtype):
              ([8, 136, 200], 384, (3, 43), True, False),
              ([8, 136, 264], 72, (3, 43), True, False),
              ([8, 16, 24, 64], 136, (513,), False, True),
+             ([8, 16, 24, 64], 128, (513,), True, True),  # four descriptor pairs and the mask
              ([8, 16, 24, 32, 40, 48, 56, 64], 136, (513,), False, True),
              ([1360, 2736], 512, (260,), False, False),
-             ([72, 64], 8, (1,), False, True))
+             ([72, 64], 8, (1,), False, True),
+             # More output tiles than SMs in every kernel (forward 256, input gradients 528,
+             # weight gradient 264): blocks carry their pipeline state, and the grouped kernel's
+             # its descriptors, from tile to tile and group to group.
+             ([1360, 2736], 2048, (4096,), True, True))
     with fusedskip.use_backend("cutlass"):
         for widths, cols, leading, relu, bias in cases:
             sample = make_sample(widths, cols, leading, relu=relu, bias=bias, dtype=dtype,
@@ -355,18 +364,20 @@ def test_cutlass_concat_forward_equals_the_cat():
     def ints(*shape):
         return torch.randint(-1, 2, shape, device="cuda").to(torch.bfloat16)
 
-    xs, w, b = [ints(300, 40), ints(300, 136)], ints(384, 176), ints(384)
-    xs[1][7, 5] = float("nan")
-    for relu in (True, False):
-        with fusedskip.use_backend("cutlass"):
-            before = concat_launches()
-            out, mask = torch.ops.fusedskip.fused_linear(xs, w, b, None, relu, False)
-            assert concat_launches() == before + 1
-            out_ref, mask_ref = torch.ops.fusedskip.fused_linear(
-                [torch.cat(xs, 1)], w, b, None, relu, False)
-        torch.testing.assert_close(out, out_ref, rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(mask, mask_ref)
-        assert torch.isnan(out[7]).all()
+    for widths in ((40, 136), (8, 136, 200), (8, 16, 24, 64)):
+        xs = [ints(300, width) for width in widths]
+        w, b = ints(384, sum(widths)), ints(384)
+        xs[1][7, 5] = float("nan")
+        for relu in (True, False):
+            with fusedskip.use_backend("cutlass"):
+                before = concat_launches()
+                out, mask = torch.ops.fusedskip.fused_linear(xs, w, b, None, relu, False)
+                assert concat_launches() == before + 1, widths
+                out_ref, mask_ref = torch.ops.fusedskip.fused_linear(
+                    [torch.cat(xs, 1)], w, b, None, relu, False)
+            torch.testing.assert_close(out, out_ref, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(mask, mask_ref), widths
+            assert torch.isnan(out[7]).all()
 
 
 @needs_cutlass_gpu
@@ -415,7 +426,9 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
     no_mask = torch.empty(0, dtype=torch.uint8, device="cuda")
     with fusedskip.use_backend("cutlass"):
         for wanted, want_weight, launches in (((True, False, True), True, 2),
-                                              ((True, True, True), False, 1)):
+                                              ((True, True, True), False, 1),
+                                              ((False, False, False), True, 1),
+                                              ((False, True, False), False, 1)):
             poison_allocator()
             before = grouped_launches()
             grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
@@ -430,6 +443,41 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
                 assert_close_rel(grad_weight, ref_weight, torch.bfloat16, "weight")
             else:
                 assert grad_weight.numel() == 0
+
+
+@needs_cutlass_gpu
+def test_cutlass_concat_kernels_take_row_strided_views():
+    """Concat inputs usually are views into one wider tensor (split, chunk, big[:, a:b]): rows
+    further apart than their width, on whole 16-byte words, which TMA takes as they are. So are a
+    weight cut from a wider one and an output gradient with padded rows. Both concat kernels must
+    run on them and be right."""
+    widths, cols, rows = (64, 200), 256, 300
+    big = torch.randn(rows, sum(widths) + 8, device="cuda", dtype=torch.bfloat16)
+    w_big = torch.randn(cols, sum(widths) + 24, device="cuda", dtype=torch.bfloat16) / 16
+    xs = [t.requires_grad_() for t in big[:, :sum(widths)].split(widths, 1)]
+    w = w_big[:, :sum(widths)].requires_grad_()
+    b = torch.randn(cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert all(x.stride(0) == sum(widths) + 8 for x in xs) and w.stride(0) > w.size(1)
+    with fusedskip.use_backend("cutlass"):
+        for relu in (True, False):
+            before = concat_launches(), grouped_launches()
+            check_against_reference(Sample(xs, w, b, None, relu, "relu_add",
+                                           f"row-strided views, relu={relu}"), torch.bfloat16)
+            assert concat_launches() > before[0] and grouped_launches() == before[1] + 2
+        # Without the ReLU the output gradient is the GEMMs' operand as it comes: padded rows.
+        g = torch.randn(rows, cols + 8, device="cuda", dtype=torch.bfloat16)[:, :cols]
+        no_mask = torch.empty(0, dtype=torch.uint8, device="cuda")
+        poison_allocator()
+        before = grouped_launches()
+        grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+            g, [x.detach() for x in xs], w.detach(), no_mask, False, [True, True, True, False,
+                                                                      False])
+        assert grouped_launches() == before + 2
+    g64 = g.double()
+    for i, want in enumerate((g64 @ w.detach().double()).split(widths, 1)):
+        assert_close_rel(grad_inputs[i], want, torch.bfloat16, f"inputs[{i}]")
+    assert_close_rel(grad_weight, g64.T @ torch.cat([x.detach() for x in xs], 1).double(),
+                     torch.bfloat16, "weight")
 
 
 @needs_cutlass_gpu

@@ -64,6 +64,10 @@ struct ConcatMainloop : Base {
   using ElementA = typename Base::ElementA;
   using ElementB = typename Base::ElementB;
   using ClusterShape = typename DispatchPolicy::ClusterShape;
+  // Input boundaries fall on whole K tiles of kTileK; a configuration with another K step would
+  // put them mid-tile, with nothing else to notice.
+  static_assert(decltype(size<2>(TileShape{}))::value == kTileK,
+                "the concat mainloop's K tiles must be kTileK wide");
 
   struct Arguments {
     const ElementA* inputs[kMaxConcatInputs] = {};
