@@ -150,3 +150,16 @@ def test_fsdp2_single_rank_runs():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_jit_trace_works_and_jit_script_refuses():
+    """torch.jit.trace records the modules' computation; TorchScript cannot compile them (the
+    README says so): it must raise, not produce something that computes otherwise."""
+    torch.manual_seed(0)
+    layer = fusedskip.LinearReLUResidual(6, 6, order="add_relu")
+    x, r = torch.randn(4, 6), torch.randn(4, 6)
+    traced = torch.jit.trace(layer, (x, r))
+    x2, r2 = torch.randn(5, 6), torch.randn(5, 6)
+    torch.testing.assert_close(traced(x2, r2), layer(x2, r2), rtol=0, atol=0)
+    with pytest.raises(Exception):
+        torch.jit.script(layer)
