@@ -128,6 +128,10 @@ def strided_like(t: torch.Tensor, how: str) -> torch.Tensor:
         wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
         wide[..., 1::2] = t.detach()
         out = wide[..., 1::2]
+    elif how == "padded":  # rows 8 elements further apart than their width, as a split's views
+        wide = torch.empty(*t.shape[:-1], t.shape[-1] + 8, dtype=t.dtype, device=t.device)
+        wide[..., :t.shape[-1]] = t.detach()
+        out = wide[..., :t.shape[-1]]
     elif how == "offset":  # unit column stride, but starting one element into a wider buffer
         wide = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
         wide[..., 1:] = t.detach()

@@ -54,11 +54,16 @@ def main(backends=("native", "gemm_epilogue", "cutlass"), small=False) -> int:
                                      dtype=dtype, device="cuda")
                 run(sample, dtype, "cutlass")
             # Concat layers: the forward's K loop over the inputs (inputs ending inside a K
-            # tile) and the backward's grouped GEMMs, partial tiles in every dimension, 2 and 3
-            # blocks, with and without ReLU.
-            for dtype, (widths, cols, rows, relu) in itertools.product(
-                    dtypes, (([8, 136], 256, 130, True), ([64, 200, 24], 264, 300, False))):
-                sample = make_sample(widths, cols, (rows,), relu=relu, dtype=dtype, device="cuda")
+            # tile) and the backward's grouped GEMMs, partial tiles in every dimension, 2 to 4
+            # blocks, with and without ReLU; inputs whose rows are further apart than their
+            # width (as a split's views are).
+            concats = [([8, 136], 256, 130, True, "contiguous"),
+                       ([64, 200, 24], 264, 300, False, "contiguous")]
+            if not small:
+                concats.append(([8, 16, 24, 64], 128, 130, True, "padded"))
+            for dtype, (widths, cols, rows, relu, layout) in itertools.product(dtypes, concats):
+                sample = make_sample(widths, cols, (rows,), relu=relu, layout=layout, dtype=dtype,
+                                     device="cuda")
                 run(sample, dtype, "cutlass concat")
             if not small:  # Concat with a residual (the op's, not the public API's): the cat.
                 xs = [torch.randn(130, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
