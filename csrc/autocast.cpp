@@ -21,6 +21,9 @@ namespace {
 // The residual's checks the op would make, where the op does not see it (it is added after).
 void check_promoted_residual(const at::Tensor& residual, const at::Tensor& weight,
                              const at::Tensor& output) {
+  TORCH_CHECK_TYPE(residual.layout() == at::kStrided,
+                   "fusedskip: residual must be a dense (strided) tensor, got layout ",
+                   residual.layout());
   TORCH_CHECK(residual.device() == weight.device(), "fusedskip: residual is on device ",
               residual.device(), " but weight is on ", weight.device(),
               "; all tensors must be on one device");

@@ -65,10 +65,18 @@ class FuseReport:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks of its own (pruning and the old weight_norm are forward
-    pre-hooks), which a fused layer in its place would not run."""
+    """Whether calling `module` runs hooks (its own: pruning and the old weight_norm are forward
+    pre-hooks; or global module hooks), which a fused layer in its place would not run as they
+    ran."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or _global_module_hooks())
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as module_file
+    return any(getattr(module_file, name, None) for name in (
+        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
 
 
 # The ReLU's spellings. In place is fine on the chain: its input has no other user.
@@ -95,40 +103,95 @@ _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.i
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.imatmul}
+# Functions whose behaviour is known: anything else (an fx.wrap'd helper) may write anywhere.
+_KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 
 
-def _may_write(node: torch.fx.Node, modules) -> bool:
-    """Whether `node` may write into a tensor it is given (or one it can reach): an in-place
-    method or function (`mul_`, `torch.relu_`, `x += y`, `x[i] = y`), `inplace=True`, `out=`, or
-    a module called with its `inplace` flag set."""
-    if "out" in node.kwargs or node.kwargs.get("inplace", False):
-        return True
+def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
+    found: List[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
+    """The nodes whose tensors `node` may write into: its first argument for an in-place method,
+    function or module (`mul_`, `torch.relu_`, `x += y`, `x[i] = y`, `inplace=True` by keyword or
+    position, `nn.ReLU(inplace=True)`), `out=`, and every argument of an op whose schema mutates
+    or of a function this pass does not know."""
+    if "out" in node.kwargs:
+        return _node_args(node)
+    first = [node.args[0]] if node.args and isinstance(node.args[0], torch.fx.Node) else []
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS:
-            return True
-        name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.startswith("__"):
-            return True
-        try:  # inplace=True passed by position (F.relu(x, True))
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):  # no signature (a builtin), or not these arguments
-            return False
-        return bool(bound.arguments.get("inplace", False))
+        name = node.target
+        in_place = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" \
+            or (name.startswith("__i") and name.endswith("__"))
+        return first if in_place else []
     if node.op == "call_module":
-        return bool(getattr(modules.get(node.target), "inplace", False))
-    return False
+        return first if getattr(modules.get(node.target), "inplace", False) else []
+    if node.op != "call_function":
+        return []
+    target = node.target
+    if target in _INPLACE_OPERATORS or node.kwargs.get("inplace", False):
+        return first
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        overloads = ([target] if isinstance(target, torch._ops.OpOverload) else
+                     [getattr(target, name) for name in target.overloads()])
+        return _node_args(node) if any(op._schema.is_mutable for op in overloads) else []
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("__"):
+        return first
+    if not (getattr(target, "__module__", None) or "").startswith(_KNOWN_MODULES):
+        return _node_args(node)
+    try:  # inplace=True passed by position (F.relu(x, True))
+        bound = inspect.signature(target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # no signature (a builtin), or not these arguments
+        return []
+    return first if bound.arguments.get("inplace", False) else []
+
+
+# Ops whose result is a new tensor, sharing memory with none of their inputs.
+_FRESH_MODULES = (nn.Linear, LinearReLUResidual, ConcatLinear)
+_FRESH_FUNCTIONS = {F.linear, torch.cat, torch.concat, torch.concatenate, torch.add, torch.sub,
+                    torch.mul, torch.matmul, torch.relu, F.relu, operator.add, operator.sub,
+                    operator.mul, operator.truediv, operator.matmul}
+_FRESH_METHODS = {"add", "sub", "mul", "matmul", "relu", "clone"}
+
+
+def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
+    """The node that made `node`'s tensor, where that provably made a new one: through in-place
+    ops (whose result is their first argument) back to a Linear, an arithmetic op, a cat, ..."""
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module":
+            module = modules.get(node.target)
+            if isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU)
+                                                      and not module.inplace):
+                return node
+        elif node.op == "call_function" and node.target in _FRESH_FUNCTIONS:
+            if not (node.kwargs.get("inplace", False) or "out" in node.kwargs):
+                return node
+        elif node.op == "call_method" and node.target in _FRESH_METHODS:
+            return node
+        written = _written(node, modules)
+        if len(written) != 1 or not node.args or written[0] is not node.args[0]:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules):
-    """A node after `first` and before `last` (graph order) that may write in place, if any: the
-    fused call runs where `last` is, so it would read what such a node wrote, where the chain's
-    first node read the value before."""
+    """A node after `first` and before `last` (graph order) that may write into a tensor the
+    pattern reads, if any: the fused call runs where `last` is, so it would read what such a node
+    wrote, where `first` read the value before. A write into a tensor made after `first` (an
+    in-place ReLU on another branch's Linear) reaches nothing the pattern read there."""
+    after_first = set()
     node = first.next
     while node is not last:
-        if node not in chain and _may_write(node, modules):
-            return node
+        after_first.add(node)
+        if node not in chain:
+            for target in _written(node, modules):
+                base = _fresh_base(target, modules)
+                if base is None or base not in after_first:
+                    return node
         node = node.next
     return None
 
@@ -146,8 +209,22 @@ def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
     return None
 
 
-_HOOKED_LINEAR = ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm), which a "
-                  "fused layer would not run")
+def _linear_problem(linear: nn.Linear) -> Optional[str]:
+    """Why a fused layer cannot stand in for `linear`, if it cannot."""
+    if _hooked(linear):
+        return ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm, or global "
+                "module hooks), which a fused layer would not run")
+    if not all(p is None or isinstance(p, nn.Parameter) for p in (linear.weight, linear.bias)):
+        return "the Linear's weight or bias is not an nn.Parameter"
+    return None
+
+
+def _hooked_relu(node: torch.fx.Node, modules) -> bool:
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(module, nn.ReLU) and _hooked(module)
+
+
+_HOOKED_RELU = "the ReLU module has hooks, which a fused layer would not run"
 
 
 def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
@@ -249,6 +326,11 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
             if len(node.users) > 1:
                 report.skipped.append((node.name, "the linear's output has several users"))
             continue
+        if _hooked_relu(user, modules) or (
+                _is_add(user) and _only_user(user) is not None
+                and _hooked_relu(_only_user(user), modules)):
+            report.skipped.append((node.name, _HOOKED_RELU))
+            continue
         relu = add = None
         if _is_relu(user, modules):
             relu = user
@@ -274,10 +356,17 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
                 if order == "add_relu":
                     continue
                 last, residual = relu, None  # still fuse Linear -> ReLU
-        if _hooked(linear):
-            report.skipped.append((node.name, _HOOKED_LINEAR))
+        problem = _linear_problem(linear)
+        if problem:
+            report.skipped.append((node.name, problem))
             continue
         writer = _write_between(node, last, _chain(node, last), modules)
+        if writer is not None and last is add and order == "relu_add" \
+                and _write_between(node, relu, _chain(node, relu), modules) is None:
+            # The write falls between the ReLU and the add: Linear -> ReLU alone is safe.
+            report.skipped.append((node.name, f"{writer.name} may write in place before the "
+                                              f"add {add.name}: only Linear -> ReLU fused"))
+            last, residual, writer = relu, None, None
         if writer is not None:
             report.skipped.append((node.name, f"{writer.name} may write in place between the "
                                               f"Linear and {last.name}, whose values the fused "
@@ -296,15 +385,19 @@ def _fuse_concats(gm, modules, report: FuseReport):
         if not _is_cat(node):
             continue
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim",
+                                                                      node.kwargs.get("axis", 0))
         user = _only_user(node)
         if user is None or user.args != (node,) or user.kwargs:
             continue
         linear = _linear(user, modules)
         if linear is None:
             continue
-        if _hooked(linear):
-            report.skipped.append((user.name, _HOOKED_LINEAR))
+        problem = _linear_problem(linear) or (
+            "torch.cat with out= (the buffer must receive the concatenation)"
+            if "out" in node.kwargs else None)
+        if problem:
+            report.skipped.append((user.name, problem))
             continue
         if not isinstance(parts, (list, tuple)):
             report.skipped.append((user.name, "the concatenated tensors come as one value (e.g. "

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
 __all__ = ["LinearReLUResidual", "ConcatLinear", "linear_relu_residual", "linear_concat"]
@@ -250,13 +251,20 @@ class _LinearParameters(nn.Module):
                              "first")
         for name in ("weight", "bias"):
             value = getattr(linear, name)
-            if value is not None and not isinstance(value, nn.Parameter):
-                raise TypeError(
-                    f"{cls.__name__}.from_linear: linear.{name} is a "
-                    f"{type(value).__qualname__} computed by a hook, not an nn.Parameter "
-                    "(torch.nn.utils.prune, the old weight_norm or spectral_norm); make it "
-                    f"permanent first (prune.remove(linear, '{name}'), remove_weight_norm), or "
-                    "apply the reparametrization to the fused layer instead")
+            if value is None or isinstance(value, nn.Parameter):
+                continue
+            if parametrize.is_parametrized(linear, name):
+                how = ("a parametrization computes it: apply the parametrization to the fused "
+                       "layer instead, or make it permanent first "
+                       f"(torch.nn.utils.parametrize.remove_parametrizations(linear, '{name}'))")
+            elif linear._forward_pre_hooks:
+                how = ("a forward pre-hook computes it (torch.nn.utils.prune, the old weight_norm "
+                       "or spectral_norm): make it permanent first "
+                       f"(torch.nn.utils.prune.remove(linear, '{name}'), remove_weight_norm)")
+            else:
+                how = "the fused layer shares the Linear's parameters, so it needs them to be ones"
+            raise TypeError(f"{cls.__name__}.from_linear: linear.{name} is a "
+                            f"{type(value).__qualname__}, not an nn.Parameter; {how}")
         unknown = sorted(set(kwargs) - set(cls._FROM_LINEAR_OPTIONS))
         if unknown:
             allowed = ", ".join(cls._FROM_LINEAR_OPTIONS)

@@ -134,3 +134,14 @@ def test_a_wider_residual_is_added_as_eager_adds_it(device, order):
     with torch.autocast(device, dtype=torch.bfloat16):
         out = fusedskip.linear_relu_residual(x64, w64, None, r.detach().to(torch.bfloat16))
     assert out.dtype == torch.float64
+
+
+def test_a_wider_residual_is_checked_as_the_op_checks_it():
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    layer = fusedskip.LinearReLUResidual(6, 5)
+    for residual in (torch.randn(4, 5).to_sparse(), torch.randn(5)):
+        for call in (lambda r: fusedskip.linear_relu_residual(x, w, None, r),
+                     lambda r: layer(x, r)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with pytest.raises((TypeError, ValueError), match="fusedskip: residual must"):
+                    call(residual)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 from torch import nn
 
@@ -153,7 +154,11 @@ MODULE_CASES = [
      ValueError, "sum to 4 but linear has in_features 5"),
     ("from-linear-pruned", lambda: fusedskip.LinearReLUResidual.from_linear(
         torch.nn.utils.prune.random_unstructured(nn.Linear(5, 2), "weight", 0.5)),
-     TypeError, "linear.weight is a Tensor computed by a hook, not an nn.Parameter"),
+     TypeError, "linear.weight is a Tensor, not an nn.Parameter; a forward pre-hook computes it"),
+    ("from-linear-parametrized", lambda: fusedskip.LinearReLUResidual.from_linear(
+        torch.nn.utils.parametrizations.weight_norm(nn.Linear(5, 2))), TypeError,
+     "not an nn.Parameter; a parametrization computes it: apply the parametrization to the "
+     "fused layer instead"),
     ("from-linear-kwargs", lambda: fusedskip.LinearReLUResidual.from_linear(
         nn.Linear(5, 2), dtype=torch.float64), TypeError,
      "unexpected keyword argument(s) dtype; the shape, bias, device and dtype come from linear, "

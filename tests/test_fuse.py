@@ -499,7 +499,7 @@ def test_modules_with_hooks_are_not_replaced():
     fused = fusedskip.fuse(model, example_inputs=(x,))
     report = fused.fuse_report
     assert [p for _, p, _ in report.fused] == ["Linear -> ReLU"], str(report)  # linear3 only
-    assert sum("has hooks" in why for _, why in report.skipped) == 2, str(report)
+    assert sum("has hooks" in why for _, why in report.skipped) == 3, str(report)
     calls.clear()  # the shape run (on fake tensors) called it too
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
     assert len(calls) == 2  # the ReLU's hook ran in both
@@ -553,3 +553,100 @@ def test_fused_model_under_autocast_computes_what_the_model_does(order):
         ref, out = model(x), fused(x)
     assert out.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@torch.fx.wrap
+def _scale_in_place(t):  # opaque to FX: fuse() cannot see that it writes
+    t.mul_(2)
+
+
+@pytest.mark.parametrize("write", [
+    lambda x: x.__setitem__(0, 100.0),
+    lambda x: x.__iadd__(100.0),
+    lambda x: torch.ops.aten.add_.Tensor(x, 100.0),
+    lambda x: torch.ops.aten.index_put_.default(x, [torch.tensor([0])],
+                                                      torch.tensor(100.0, dtype=x.dtype)),
+    lambda x: _scale_in_place(x),
+], ids=["__setitem__", "__iadd__", "aten.add_", "aten.index_put_", "fx.wrap"])
+def test_every_spelling_of_a_write_keeps_the_residual_out(write):
+    """A write to the Linear's input between its ReLU and the add: Linear -> ReLU alone is still
+    safe to fuse, the add is not."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = x * 1.0
+            h = torch.relu(self.linear(x))
+            write(x)
+            return h + x
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"], \
+        str(fused.fuse_report)
+    assert "only Linear -> ReLU fused" in str(fused.fuse_report)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_writes_into_new_tensors_do_not_stop_fusion():
+    """An in-place ReLU on another branch's fresh Linear output cannot reach what the pattern
+    reads: both branches still fuse."""
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.a(x)) + self.act(self.b(x))
+
+    torch.manual_seed(0)
+    model = TwoBranch().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert sorted(p for _, p, _ in fused.fuse_report.fused) == [
+        "Linear -> ReLU", "Linear -> ReLU -> add"], str(fused.fuse_report)
+    check_equal(model, x, fused)
+
+
+def test_cat_into_a_buffer_axis_keyword_and_plain_weights():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(4, 4)
+            self.register_buffer("buf", torch.zeros(5, 8))
+
+        def forward(self, x):
+            y = self.a(torch.cat([x, x], -1, out=self.buf))  # the buffer must be written
+            z = self.b(torch.concatenate([x, x], axis=-1))
+            return y + z, torch.relu(self.c(x))
+
+    torch.manual_seed(0)
+    model = Model()
+    weight = model.c.weight.detach().clone()
+    del model.c.weight
+    model.c.weight = weight  # a plain tensor: no parameter to share
+    x = torch.randn(5, 4)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    report = str(fused.fuse_report)
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["cat -> Linear"], report
+    assert "out=" in report and "not an nn.Parameter" in report
+    out = fused(x)
+    assert torch.equal(model.buf, torch.cat([x, x], -1))
+    torch.testing.assert_close(out, model(x))
+
+
+def test_global_module_hooks_stop_fusion():
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(type(module).__name__))
+    try:
+        model = SeedMLP()
+        fused = fusedskip.fuse(model, example_inputs=(torch.randn(3, 30),))
+        assert not fused.fuse_report.fused, str(fused.fuse_report)
+    finally:
+        handle.remove()
