@@ -153,7 +153,7 @@ def test_fsdp2_single_rank_runs():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]* is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]*` is deprecated:FutureWarning")
 def test_jit_trace_works_and_jit_script_refuses():
     """torch.jit.trace records the modules' computation; TorchScript cannot compile them (the
     README says so): it must raise, not produce something that computes otherwise."""
