@@ -161,20 +161,19 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
     """The node that made `node`'s tensor, where that provably made a new one: through in-place
     ops (whose result is their first argument) back to a Linear, an arithmetic op, a cat, ..."""
     while isinstance(node, torch.fx.Node):
-        if node.op == "call_module":
-            module = modules.get(node.target)
-            if isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU)
-                                                      and not module.inplace):
-                return node
-        elif node.op == "call_function" and node.target in _FRESH_FUNCTIONS:
-            if not (node.kwargs.get("inplace", False) or "out" in node.kwargs):
-                return node
-        elif node.op == "call_method" and node.target in _FRESH_METHODS:
-            return node
         written = _written(node, modules)
-        if len(written) != 1 or not node.args or written[0] is not node.args[0]:
-            return None
-        node = node.args[0]
+        if written:  # in place: the result is the tensor written, if that is the first argument
+            if len(written) != 1 or not node.args or written[0] is not node.args[0]:
+                return None
+            node = node.args[0]
+            continue
+        if node.op == "call_module":
+            fresh = isinstance(modules.get(node.target), (*_FRESH_MODULES, nn.ReLU))
+        elif node.op == "call_function":
+            fresh = node.target in _FRESH_FUNCTIONS
+        else:
+            fresh = node.op == "call_method" and node.target in _FRESH_METHODS
+        return node if fresh else None
     return None
 
 
