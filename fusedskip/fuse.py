@@ -461,6 +461,31 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
         ShapeProp(gm, fake_mode=mode).propagate(*fake_args)
 
 
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    """torch.fx.symbolic_trace, with the model's buffers as values of the graph: a forward that
+    updates a buffer in place (`self.steps.add_(1)`) then has the update in the graph. FX's
+    default reads buffers as plain tensors while tracing, which ran such an update once on the
+    real buffer and left it out of the graph. A forward that assigns a buffer anew
+    (`self.steps += 1` is `self.steps = self.steps + 1` on a traced value) cannot be recorded:
+    the buffers are put back and the model is not traced."""
+    tracer = torch.fx.Tracer()
+    tracer.proxy_buffer_attributes = True
+    modules = list(model.modules())
+    buffers = [dict(module._buffers) for module in modules]
+    try:
+        graph = tracer.trace(model)
+    finally:
+        assigned = [f"{type(module).__name__}.{name}" for module, before in zip(modules, buffers)
+                    for name, value in before.items() if module._buffers.get(name) is not value]
+        for module, before in zip(modules, buffers):
+            module._buffers.update(before)
+    if assigned:
+        raise RuntimeError(f"forward assigns to the buffer(s) {', '.join(assigned)} (e.g. "
+                           "`self.count += 1`), which a traced graph cannot do; update them in "
+                           "place (`self.count.add_(1)`)")
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
     """A copy of `model`'s graph using the fused layers, with `model`'s parameters (shared, not
     copied); its `.fuse_report` says what was fused and what was skipped and why.
@@ -470,7 +495,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     itself is returned unchanged, with the reason in `model.fuse_report`."""
     report = FuseReport()
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = _trace(model)
     except Exception as error:  # anything FX raises: report it, never crash the caller
         report.traced = False
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "

@@ -650,3 +650,45 @@ def test_global_module_hooks_stop_fusion():
         assert not fused.fuse_report.fused, str(fused.fuse_report)
     finally:
         handle.remove()
+
+
+def test_buffer_updates_in_forward_are_kept_or_refused():
+    """A forward that updates a buffer in place keeps doing so in the fused model (fuse() itself
+    does not run it); one that assigns a buffer anew cannot be traced: the model comes back
+    unchanged, its buffer the same tensor with the same value."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.register_buffer("steps", torch.zeros(2, 4))
+
+        def forward(self, x):
+            h = self.a(x) + self.steps
+            self.steps.add_(1.0)
+            return torch.relu(h) + torch.relu(self.b(x))
+
+    class Assigning(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            self.steps += 1
+            return torch.relu(self.a(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    model = Counting()
+    twin = copy.deepcopy(model)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    assert torch.equal(model.steps, torch.zeros(2, 4))  # tracing ran nothing
+    for _ in range(3):
+        torch.testing.assert_close(fused(x), twin(x), rtol=0, atol=0)
+        assert torch.equal(model.steps, twin.steps)
+    model = Assigning()
+    steps = model.steps
+    out = fusedskip.fuse(model, example_inputs=(x,))
+    assert out is model and model.steps is steps and model.steps.item() == 0
+    assert "assigns to the buffer(s) Assigning.steps" in str(out.fuse_report)
