@@ -8,15 +8,19 @@ A torch.fx pass over the model's graph finds
   * ``torch.cat([...], -1) -> Linear`` (and a ReLU after it)
 
 with ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or ``.relu()`` (in place too), ``+`` /
-``torch.add``, and ``torch.cat`` / ``concat`` / ``concatenate``, and replaces each with a LinearReLUResidual or ConcatLinear that holds the Linear's own weight and
-bias (no copies). A pattern is fused only where that is provably the same computation: the
-intermediate results have no other users, the residual has exactly the linear's output shape and
-dtype (no broadcasting, no type promotion) and is not itself part of the chain, the concatenation
-runs along the last dim, no in-place write happens between the pattern's first node and its last
-(the fused layer runs where the last one was), and the Linear and ReLU modules have no hooks of
-their own (a fused layer would not run them). Shapes come from ``example_inputs``, run on fake tensors (no arithmetic,
-so the model's buffers, e.g. BatchNorm's running statistics, are left as they were); without them,
-the patterns that need a shape (residuals, concatenations) are reported as skipped.
+``torch.add``, and ``torch.cat`` / ``concat`` / ``concatenate``, and replaces each with a
+LinearReLUResidual or ConcatLinear that holds the Linear's own weight and bias (no copies).
+
+A pattern is fused only where that is provably the same computation: the intermediate results
+have no other users; the residual has exactly the linear's output shape and dtype (no
+broadcasting, no type promotion) and is not itself part of the chain; the concatenation runs
+along the last dim; nothing between the pattern's first node and its last may write into a tensor
+the pattern reads (the fused layer runs where the last one was); and the Linear and ReLU modules
+run no hooks (a fused layer would not run them). Shapes come from ``example_inputs``, run on fake
+tensors (no arithmetic, so the model's buffers, e.g. BatchNorm's running statistics, are left as
+they were); without them, the patterns that need a shape (residuals, concatenations) are
+reported as skipped. Buffers are traced as values of the graph, so updates a forward makes to
+them in place stay in the fused model.
 
 A fused layer takes the place of its Linear under the Linear's own name, so the state_dict keys stay
 those of the model (``blocks.0.weight``) and state_dicts load across the two. A Linear called from
