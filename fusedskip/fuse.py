@@ -37,6 +37,7 @@ import dataclasses
 import inspect
 import io
 import operator
+import re
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -59,6 +60,11 @@ class FuseReport:
     fused: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     traced: bool = True
+
+    def skip(self, entry: Tuple[str, str]) -> None:
+        """Records (where, why), once: both passes may see the same Linear."""
+        if entry not in self.skipped:
+            self.skipped.append(entry)
 
     def __str__(self) -> str:
         lines = [f"fusedskip.fuse: {len(self.fused)} fused, {len(self.skipped)} skipped"]
@@ -153,11 +159,15 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     return first if bound.arguments.get("inplace", False) else []
 
 
-# Ops whose result is a new tensor, sharing memory with none of their inputs.
-_FRESH_MODULES = (nn.Linear, LinearReLUResidual, ConcatLinear)
+# Ops whose result is a new tensor, sharing memory with none of their inputs (where they do not
+# work in place, which _written tells).
+_FRESH_MODULES = (nn.Linear, LinearReLUResidual, ConcatLinear, nn.modules.conv._ConvNd,
+                  nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding,
+                  nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 _FRESH_FUNCTIONS = {F.linear, torch.cat, torch.concat, torch.concatenate, torch.add, torch.sub,
-                    torch.mul, torch.matmul, torch.relu, F.relu, operator.add, operator.sub,
-                    operator.mul, operator.truediv, operator.matmul}
+                    torch.mul, torch.matmul, torch.relu, F.relu, F.gelu, F.silu, torch.tanh,
+                    torch.sigmoid, F.layer_norm, operator.add, operator.sub, operator.mul,
+                    operator.truediv, operator.matmul}
 _FRESH_METHODS = {"add", "sub", "mul", "matmul", "relu", "clone"}
 
 
@@ -172,7 +182,7 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
             node = node.args[0]
             continue
         if node.op == "call_module":
-            fresh = isinstance(modules.get(node.target), (*_FRESH_MODULES, nn.ReLU))
+            fresh = isinstance(modules.get(node.target), _FRESH_MODULES)
         elif node.op == "call_function":
             fresh = node.target in _FRESH_FUNCTIONS
         else:
@@ -307,6 +317,12 @@ def _residual_problem(output, residual) -> Optional[str]:
             map(_same_size, meta_a.shape, meta_b.shape)):
         return (f"residual shape {tuple(meta_b.shape)} is not provably the output's "
                 f"{tuple(meta_a.shape)} (broadcasting is not fused)")
+    if any(isinstance(size, int) and size == 1 for size in meta_a.shape[:-1]):
+        # A size 1 in the example cannot tell a residual that broadcasts along that dim (a
+        # (1, T, D) parameter, a mean with keepdim) from one that always matches.
+        return (f"the example's output has a leading dim of size 1 {tuple(meta_a.shape)}, which "
+                "cannot tell a broadcasting residual from an equal one: pass example_inputs "
+                "whose batch dims are larger than 1")
     if meta_a.dtype != meta_b.dtype:
         return f"residual dtype {meta_b.dtype} differs from the output's {meta_a.dtype}"
     return None
@@ -319,20 +335,18 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         if len(node.args) != 1 or node.kwargs:
             continue
         x = node.args[0]
-        if _is_cat(x):
-            continue  # the concat pass's (fused there, or the reason reported)
         linear = _linear(node, modules)
         if linear is None:
             continue
         user = _only_user(node)
         if user is None:
             if len(node.users) > 1:
-                report.skipped.append((node.name, "the linear's output has several users"))
+                report.skip((node.name, "the linear's output has several users"))
             continue
         if _hooked_relu(user, modules) or (
                 _is_add(user) and _only_user(user) is not None
                 and _hooked_relu(_only_user(user), modules)):
-            report.skipped.append((node.name, _HOOKED_RELU))
+            report.skip((node.name, _HOOKED_RELU))
             continue
         relu = add = None
         if _is_relu(user, modules):
@@ -355,23 +369,23 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         if residual is not None:
             problem = _residual_problem(node, residual)
             if problem:
-                report.skipped.append((node.name, problem))
+                report.skip((node.name, problem))
                 if order == "add_relu":
                     continue
                 last, residual = relu, None  # still fuse Linear -> ReLU
         problem = _linear_problem(linear)
         if problem:
-            report.skipped.append((node.name, problem))
+            report.skip((node.name, problem))
             continue
         writer = _write_between(node, last, _chain(node, last), modules)
         if writer is not None and last is add and order == "relu_add" \
                 and _write_between(node, relu, _chain(node, relu), modules) is None:
             # The write falls between the ReLU and the add: Linear -> ReLU alone is safe.
-            report.skipped.append((node.name, f"{writer.name} may write in place before the "
+            report.skip((node.name, f"{writer.name} may write in place before the "
                                               f"add {add.name}: only Linear -> ReLU fused"))
             last, residual, writer = relu, None, None
         if writer is not None:
-            report.skipped.append((node.name, f"{writer.name} may write in place between the "
+            report.skip((node.name, f"{writer.name} may write in place between the "
                                               f"Linear and {last.name}, whose values the fused "
                                               "layer would read after it"))
             continue
@@ -400,37 +414,37 @@ def _fuse_concats(gm, modules, report: FuseReport):
             "torch.cat with out= (the buffer must receive the concatenation)"
             if "out" in node.kwargs else None)
         if problem:
-            report.skipped.append((user.name, problem))
+            report.skip((user.name, problem))
             continue
         if not isinstance(parts, (list, tuple)):
-            report.skipped.append((user.name, "the concatenated tensors come as one value (e.g. "
+            report.skip((user.name, "the concatenated tensors come as one value (e.g. "
                                               "x.chunk(...)), not a list: their number is not "
                                               "known when tracing"))
             continue
         metas = [_meta(p) for p in parts]
         if any(m is None for m in metas):
-            report.skipped.append((user.name, "shapes unknown: pass example_inputs so the "
+            report.skip((user.name, "shapes unknown: pass example_inputs so the "
                                               "concatenated widths can be read"))
             continue
         ndim = len(metas[0].shape)
         if any(len(m.shape) != ndim or not all(map(_same_size, m.shape[:-1], metas[0].shape[:-1]))
                for m in metas):
-            report.skipped.append((user.name, "the concatenated tensors' leading dims are not "
+            report.skip((user.name, "the concatenated tensors' leading dims are not "
                                               "provably the same (torch.cat also takes empty 1-D "
                                               "tensors)"))
             continue
         if dim not in (-1, ndim - 1):
-            report.skipped.append((user.name, f"torch.cat along dim {dim}, not the last"))
+            report.skip((user.name, f"torch.cat along dim {dim}, not the last"))
             continue
         if not 1 <= len(parts) <= MAX_INPUTS:
-            report.skipped.append((user.name, f"{len(parts)} concatenated inputs (at most "
+            report.skip((user.name, f"{len(parts)} concatenated inputs (at most "
                                               f"{MAX_INPUTS} are fused)"))
             continue
         if len({m.dtype for m in metas}) != 1:
-            report.skipped.append((user.name, "concatenated inputs of different dtypes"))
+            report.skip((user.name, "concatenated inputs of different dtypes"))
             continue
         if not all(isinstance(m.shape[-1], int) for m in metas):
-            report.skipped.append((user.name, "a concatenated width depends on the data"))
+            report.skip((user.name, "a concatenated width depends on the data"))
             continue
         widths = [int(m.shape[-1]) for m in metas]
         relu = _only_user(user)
@@ -438,7 +452,7 @@ def _fuse_concats(gm, modules, report: FuseReport):
         last = relu if activation else user
         writer = _write_between(node, last, _chain(node, last), modules)
         if writer is not None:
-            report.skipped.append((user.name, f"{writer.name} may write in place between the "
+            report.skip((user.name, f"{writer.name} may write in place between the "
                                               f"concatenation and {last.name}, whose values the "
                                               "fused layer would read after it"))
             continue
@@ -465,29 +479,118 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
         ShapeProp(gm, fake_mode=mode).propagate(*fake_args)
 
 
+class _StrictProxy(torch.fx.Proxy):
+    """A traced value that refuses attribute assignment (`self.buffer.data = t`), which a graph
+    cannot record and would otherwise drop without a word."""
+
+    def __setattr__(self, name, value):
+        if name not in ("node", "tracer"):
+            raise RuntimeError(f"forward sets the attribute {name!r} of a traced tensor (e.g. "
+                               "`buffer.data = ...`), which a traced graph cannot do")
+        object.__setattr__(self, name, value)
+
+
+class _Tracer(torch.fx.Tracer):
+    """FX's tracer, refusing what a graph would silently leave out: attribute assignments on
+    traced values, and code run under another grad mode than the call's (`torch.no_grad()`
+    around an update), which a graph does not record."""
+
+    def __init__(self, proxy_buffers: bool = True):
+        super().__init__()
+        self.proxy_buffer_attributes = proxy_buffers
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def proxy(self, node):
+        return _StrictProxy(node, self)
+
+    def create_node(self, *args, **kwargs):
+        if torch.is_grad_enabled() != self.grad_enabled:
+            raise RuntimeError("forward runs part of itself under another grad mode (e.g. "
+                               "torch.no_grad()), which a traced graph does not record")
+        return super().create_node(*args, **kwargs)
+
+
+def _code(graph: torch.fx.Graph) -> str:
+    """The graph's code, tensor constants unnumbered (each trace adds its own to the root)."""
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", graph.python_code("self").src)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    """torch.fx.symbolic_trace, with the model's buffers as values of the graph: a forward that
-    updates a buffer in place (`self.steps.add_(1)`) then has the update in the graph. FX's
-    default reads buffers as plain tensors while tracing, which ran such an update once on the
-    real buffer and left it out of the graph. A forward that assigns a buffer anew
-    (`self.steps += 1` is `self.steps = self.steps + 1` on a traced value) cannot be recorded:
-    the buffers are put back and the model is not traced."""
-    tracer = torch.fx.Tracer()
-    tracer.proxy_buffer_attributes = True
+    """torch.fx.symbolic_trace, made safe for what a graph cannot hold, leaving the model as it
+    was (buffers, modes, attributes) whatever happens.
+
+    Buffers are traced as values of the graph first, so a forward that updates one in place
+    (`self.steps.add_(1)`) keeps the update in the graph (FX's default reads buffers as plain
+    tensors, which ran such an update once on the real buffer while tracing and left it out).
+    Where that fails (a buffer in Python control flow: `int(self.n)`, `if self.initialized:`),
+    FX's default is taken, but only if tracing changed no buffer. A forward that reads
+    self.training in Python gets a graph fixed at one mode: the other mode is traced too, and the
+    two must agree."""
     modules = list(model.modules())
     buffers = [dict(module._buffers) for module in modules]
-    try:
-        graph = tracer.trace(model)
-    finally:
-        assigned = [f"{type(module).__name__}.{name}" for module, before in zip(modules, buffers)
-                    for name, value in before.items() if module._buffers.get(name) is not value]
-        for module, before in zip(modules, buffers):
+    versions = {id(v): v._version for before in buffers for v in before.values() if v is not None}
+    modes = [module.training for module in modules]
+    attributes = set(vars(model))
+    copies = []  # buffer values, taken before FX's default runs forward on the real buffers
+
+    def changed():
+        return [f"{type(module).__name__}.{name}" for module, before in zip(modules, buffers)
+                for name, value in before.items()
+                if module._buffers.get(name) is not value
+                or (value is not None and value._version != versions[id(value)])]
+
+    def restore():
+        for module, before, mode in zip(modules, buffers, modes):
             module._buffers.update(before)
-    if assigned:
-        raise RuntimeError(f"forward assigns to the buffer(s) {', '.join(assigned)} (e.g. "
-                           "`self.count += 1`), which a traced graph cannot do; update them in "
-                           "place (`self.count.add_(1)`)")
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+            module.training = mode
+        for value, saved in copies:
+            if value._version != versions[id(value)]:
+                with torch.no_grad():
+                    value.copy_(saved)
+
+    try:
+        proxied_error = None
+        tracer = _Tracer(proxy_buffers=True)
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:
+            proxied_error = error
+            restore()
+            copies = [(v, v.detach().clone()) for before in buffers for v in before.values()
+                      if v is not None]
+            tracer = _Tracer(proxy_buffers=False)
+            try:
+                graph = tracer.trace(model)
+            except Exception:
+                raise proxied_error from None
+        for module, mode in zip(modules, modes):
+            module.training = not mode
+        try:
+            other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(model)
+        except Exception:
+            other = None
+        modified = changed()
+        if modified and proxied_error is not None:
+            raise proxied_error  # why the graph could not hold the buffers
+        if modified:
+            raise RuntimeError(f"forward assigns to or updates the buffer(s) "
+                               f"{', '.join(modified)} in a way a traced graph cannot record "
+                               "(e.g. `self.count += 1`; update them in place: "
+                               "`self.count.add_(1)`)")
+        if other is None or _code(other) != _code(graph):
+            raise RuntimeError("forward depends on self.training in Python (e.g. "
+                               "F.dropout(x, p, self.training), `if self.training:`), which a "
+                               "traced graph fixes at one mode; nn.Dropout and the like follow "
+                               "the mode")
+        restore()
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        restore()
+        # FX's tracer keeps the tensors a forward creates (torch.tensor(...)) as attributes of
+        # the root it traced, the model itself; a GraphModule holds its own references.
+        for name in set(vars(model)) - attributes:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
 
 
 def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
@@ -504,7 +607,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         report.traced = False
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
-        report.skipped.append((type(model).__name__,
+        report.skip((type(model).__name__,
                                f"not traceable by torch.fx ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:200]}); model left unchanged{hint}"))
         model.fuse_report = report
@@ -517,7 +620,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         except Exception as error:
             cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
             where = str(error).splitlines()[0][:200] if cause is not error else ""
-            report.skipped.append(("example_inputs", f"shape propagation failed "
+            report.skip(("example_inputs", f"shape propagation failed "
                                                      f"({type(cause).__name__}: {cause}"
                                                      f"{'; ' + where if where else ''}); "
                                                      "shape-dependent patterns skipped"))

@@ -691,4 +691,81 @@ def test_buffer_updates_in_forward_are_kept_or_refused():
     steps = model.steps
     out = fusedskip.fuse(model, example_inputs=(x,))
     assert out is model and model.steps is steps and model.steps.item() == 0
-    assert "assigns to the buffer(s) Assigning.steps" in str(out.fuse_report)
+    assert "assigns to or updates the buffer(s) Assigning.steps" in str(out.fuse_report)
+
+
+def test_an_example_with_a_batch_of_one_does_not_prove_a_residual_equal():
+    """A (1, T, D) residual matches an example output of batch 1 and broadcasts on any other:
+    the residual is left out (Linear -> ReLU still fuses), and a real batch runs."""
+    class LearnedPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+            self.position = nn.Parameter(torch.randn(1, 5, 8))
+
+        def forward(self, x):
+            return torch.relu(self.linear(x)) + self.position
+
+    model = LearnedPosition().double()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(1, 5, 8, dtype=torch.float64),))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"]
+    assert "batch dims are larger than 1" in str(fused.fuse_report)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_what_a_graph_cannot_record_is_refused_and_the_rest_traces():
+    """Buffers in Python control flow trace as FX always traced them; `buffer.data = ...`, a
+    no_grad region and a forward that reads self.training cannot be recorded: the model comes
+    back as itself. Patterns the concat pass leaves still fuse as Linear -> ReLU, a shortcut with
+    an in-place ReLU after BatchNorm does not stop its neighbour, and FX's tensor constants are
+    not left on the model."""
+    class Repeats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.stack = nn.Linear(4, 4), nn.Linear(8, 4)
+            self.register_buffer("repeats", torch.tensor(2))
+            self.shortcut = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(inplace=True))
+
+        def forward(self, x):
+            for _ in range(int(self.repeats)):
+                x = torch.relu(self.linear(x)) + self.shortcut(x)
+            y = torch.relu(self.stack(torch.cat([x, x], 0).view(-1, 8)))
+            return y + torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=x.dtype)
+
+    class DataAssign(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("last", torch.zeros(3, 4))
+
+        def forward(self, x):
+            self.last.data = x.detach()
+            return torch.relu(self.linear(x))
+
+    class NoGrad(DataAssign):
+        def forward(self, x):
+            with torch.no_grad():
+                self.last.mul_(0.5)
+            return torch.relu(self.linear(x))
+
+    class Training(DataAssign):
+        def forward(self, x):
+            return torch.relu(self.linear(F.dropout(x, 0.5, self.training)))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    model = Repeats().double().eval()
+    before = set(vars(model))
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert sorted(p for _, p, _ in fused.fuse_report.fused) == [
+        "Linear -> ReLU", "Linear -> ReLU -> add", "Linear -> ReLU -> add"], \
+        str(fused.fuse_report)
+    assert set(vars(model)) == before
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    for make, why in ((DataAssign, "sets the attribute 'data'"), (NoGrad, "grad mode"),
+                      (Training, "depends on self.training")):
+        model = make().double()
+        out = fusedskip.fuse(model, example_inputs=(x,))
+        assert out is model and why in str(out.fuse_report), str(out.fuse_report)
+        assert torch.equal(model.last, torch.zeros(3, 4, dtype=torch.float64))
