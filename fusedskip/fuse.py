@@ -307,7 +307,7 @@ def _same_size(a, b) -> bool:
     return isinstance(a, int) and isinstance(b, int) and a == b
 
 
-def _residual_problem(output, residual) -> Optional[str]:
+def _residual_problem(output, residual, linear_input) -> Optional[str]:
     """Why `residual` cannot enter the fused layer whose output is `output` (the linear's), if it
     cannot: the fused op takes a residual of the output's exact shape and dtype."""
     meta_a, meta_b = _meta(output), _meta(residual)
@@ -317,9 +317,11 @@ def _residual_problem(output, residual) -> Optional[str]:
             map(_same_size, meta_a.shape, meta_b.shape)):
         return (f"residual shape {tuple(meta_b.shape)} is not provably the output's "
                 f"{tuple(meta_a.shape)} (broadcasting is not fused)")
-    if any(isinstance(size, int) and size == 1 for size in meta_a.shape[:-1]):
+    if residual is not linear_input and any(
+            isinstance(size, int) and size == 1 for size in meta_a.shape[:-1]):
         # A size 1 in the example cannot tell a residual that broadcasts along that dim (a
-        # (1, T, D) parameter, a mean with keepdim) from one that always matches.
+        # (1, T, D) parameter, a mean with keepdim) from one that always matches. The Linear's
+        # own input always has the output's leading dims.
         return (f"the example's output has a leading dim of size 1 {tuple(meta_a.shape)}, which "
                 "cannot tell a broadcasting residual from an equal one: pass example_inputs "
                 "whose batch dims are larger than 1")
@@ -367,7 +369,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         last = relu if order == "add_relu" or add is None else add
         residual = _residual_of(add, relu if order == "relu_add" else node) if add else None
         if residual is not None:
-            problem = _residual_problem(node, residual)
+            problem = _residual_problem(node, residual, x)
             if problem:
                 report.skip((node.name, problem))
                 if order == "add_relu":
@@ -479,9 +481,21 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
         ShapeProp(gm, fake_mode=mode).propagate(*fake_args)
 
 
+def _in_place_operator(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
 class _StrictProxy(torch.fx.Proxy):
-    """A traced value that refuses attribute assignment (`self.buffer.data = t`), which a graph
-    cannot record and would otherwise drop without a word."""
+    """A traced value that records `x += y` as the in-place operator it is (FX's Proxy records
+    an out-of-place add, so the write vanished from the graph) and refuses attribute assignment
+    (`self.buffer.data = t`), which a graph cannot record."""
+
+    __iadd__ = _in_place_operator(operator.iadd)
+    __isub__ = _in_place_operator(operator.isub)
+    __imul__ = _in_place_operator(operator.imul)
+    __itruediv__ = _in_place_operator(operator.itruediv)
 
     def __setattr__(self, name, value):
         if name not in ("node", "tracer"):
@@ -490,23 +504,31 @@ class _StrictProxy(torch.fx.Proxy):
         object.__setattr__(self, name, value)
 
 
+def _modes() -> Tuple:
+    """The grad and autocast state, which a graph does not record."""
+    return (torch.is_grad_enabled(),) + tuple(
+        (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda"))
+
+
 class _Tracer(torch.fx.Tracer):
     """FX's tracer, refusing what a graph would silently leave out: attribute assignments on
-    traced values, and code run under another grad mode than the call's (`torch.no_grad()`
-    around an update), which a graph does not record."""
+    traced values, and code run under another grad or autocast mode than the rest
+    (`torch.no_grad()` around an update, an autocast region), which a graph does not record."""
 
     def __init__(self, proxy_buffers: bool = True):
         super().__init__()
         self.proxy_buffer_attributes = proxy_buffers
-        self.grad_enabled = torch.is_grad_enabled()
+        self.modes = _modes()
 
     def proxy(self, node):
         return _StrictProxy(node, self)
 
     def create_node(self, *args, **kwargs):
-        if torch.is_grad_enabled() != self.grad_enabled:
-            raise RuntimeError("forward runs part of itself under another grad mode (e.g. "
-                               "torch.no_grad()), which a traced graph does not record")
+        if _modes() != self.modes:
+            raise RuntimeError("forward runs part of itself under another grad or autocast mode "
+                               "(torch.no_grad(), torch.autocast(...)), which a traced graph "
+                               "does not record")
         return super().create_node(*args, **kwargs)
 
 
@@ -515,82 +537,129 @@ def _code(graph: torch.fx.Graph) -> str:
     return re.sub(r"_tensor_constant\d+", "_tensor_constant", graph.python_code("self").src)
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+class _ModelState:
+    """What tracing may change in a model and a graph does not record: each module's plain
+    attributes, its buffers (which tensor, and its values) and training flag, and each
+    parameter's requires_grad. `changed()` names what differs; `restore()` puts it back."""
+
+    _SLOTS = ("_modules", "_parameters", "_buffers")
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.attributes = [{k: v for k, v in vars(m).items() if k not in self._SLOTS}
+                           for m in self.modules]
+        self.buffers = [dict(m._buffers) for m in self.modules]
+        self.values = [{k: v.detach().clone() for k, v in b.items() if v is not None}
+                       for b in self.buffers]
+        # A write through .data keeps the version; an in-place op may keep the values (zeros).
+        self.versions = {id(v): v._version for b in self.buffers for v in b.values()
+                         if v is not None}
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+
+    def changed(self) -> List[str]:
+        found = []
+        for module, attributes, buffers, values in zip(self.modules, self.attributes,
+                                                       self.buffers, self.values):
+            where = type(module).__name__
+            now = {k: v for k, v in vars(module).items() if k not in self._SLOTS}
+            found += [f"{where}.{k}" for k in set(now) | set(attributes)
+                      if not k.startswith("_tensor_constant")
+                      and (k not in now or k not in attributes or now[k] is not attributes[k])]
+            found += [f"{where}.{k}" for k, v in buffers.items()
+                      if module._buffers.get(k) is not v
+                      or (v is not None and (v._version != self.versions[id(v)]
+                                             or not _same_tensor(v, values[k])))]
+        found += ["requires_grad" for p, flag in self.requires_grad if p.requires_grad != flag]
+        return found
+
+    def restore(self, keep_constants: bool = False) -> None:
+        """keep_constants: leave FX's tensor constants on the root until a GraphModule has
+        taken them."""
+        for module, attributes, buffers, values in zip(self.modules, self.attributes,
+                                                       self.buffers, self.values):
+            for k in [k for k in vars(module) if k not in self._SLOTS and k not in attributes
+                      and not (keep_constants and k.startswith("_tensor_constant"))]:
+                delattr(module, k)  # what tracing added (FX's tensor constants, ...)
+            module.__dict__.update(attributes)
+            module._buffers.update(buffers)
+            with torch.no_grad():
+                for k, v in values.items():
+                    if not _same_tensor(buffers[k], v):
+                        buffers[k].copy_(v)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+
+
+def _hooks_traced_through(model: nn.Module) -> List[str]:
+    """Modules FX traces into (not leaves) whose hooks would run while tracing, on traced values,
+    and be missing from the graph."""
+    leaf = torch.fx.Tracer().is_leaf_module
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if (m is model or not leaf(m, name)) and _hooked(m)]
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     """torch.fx.symbolic_trace, made safe for what a graph cannot hold, leaving the model as it
-    was (buffers, modes, attributes) whatever happens.
+    was (_ModelState) whatever happens.
 
     Buffers are traced as values of the graph first, so a forward that updates one in place
     (`self.steps.add_(1)`) keeps the update in the graph (FX's default reads buffers as plain
     tensors, which ran such an update once on the real buffer while tracing and left it out).
     Where that fails (a buffer in Python control flow: `int(self.n)`, `if self.initialized:`),
-    FX's default is taken, but only if tracing changed no buffer. A forward that reads
-    self.training in Python gets a graph fixed at one mode: the other mode is traced too, and the
-    two must agree."""
-    modules = list(model.modules())
-    buffers = [dict(module._buffers) for module in modules]
-    versions = {id(v): v._version for before in buffers for v in before.values() if v is not None}
-    modes = [module.training for module in modules]
-    attributes = set(vars(model))
-    copies = []  # buffer values, taken before FX's default runs forward on the real buffers
-
-    def changed():
-        return [f"{type(module).__name__}.{name}" for module, before in zip(modules, buffers)
-                for name, value in before.items()
-                if module._buffers.get(name) is not value
-                or (value is not None and value._version != versions[id(value)])]
-
-    def restore():
-        for module, before, mode in zip(modules, buffers, modes):
-            module._buffers.update(before)
-            module.training = mode
-        for value, saved in copies:
-            if value._version != versions[id(value)]:
-                with torch.no_grad():
-                    value.copy_(saved)
-
+    FX's default is taken, but only if tracing changed nothing in the model. A forward that
+    reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
+    and the two must agree. Like every FX trace, it patches torch.nn.Module calls for the whole
+    process while it runs: run no other model in another thread meanwhile."""
+    hooked = _hooks_traced_through(model)
+    if hooked:
+        raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
+                           "run while tracing and be missing from the graph")
+    state = _ModelState(model)
     try:
-        proxied_error = None
-        tracer = _Tracer(proxy_buffers=True)
-        try:
-            graph = tracer.trace(model)
-        except Exception as error:
-            proxied_error = error
-            restore()
-            copies = [(v, v.detach().clone()) for before in buffers for v in before.values()
-                      if v is not None]
-            tracer = _Tracer(proxy_buffers=False)
+        with torch.enable_grad():
+            tracer = _Tracer(proxy_buffers=True)
             try:
                 graph = tracer.trace(model)
+                proxied_error = None
+            except Exception as error:
+                proxied_error = error
+                state.restore()
+                tracer = _Tracer(proxy_buffers=False)
+                try:
+                    graph = tracer.trace(model)
+                except Exception:
+                    raise proxied_error from None
+            for module in state.modules:
+                module.training = not module.training
+            try:
+                other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(model)
             except Exception:
-                raise proxied_error from None
-        for module, mode in zip(modules, modes):
-            module.training = not mode
-        try:
-            other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(model)
-        except Exception:
-            other = None
-        modified = changed()
-        if modified and proxied_error is not None:
-            raise proxied_error  # why the graph could not hold the buffers
-        if modified:
-            raise RuntimeError(f"forward assigns to or updates the buffer(s) "
-                               f"{', '.join(modified)} in a way a traced graph cannot record "
-                               "(e.g. `self.count += 1`; update them in place: "
+                other = None
+            for module, attributes in zip(state.modules, state.attributes):
+                module.training = attributes["training"]
+        changed = state.changed()
+        if changed and proxied_error is not None:
+            raise proxied_error  # why the graph could not hold what forward changes
+        if changed:
+            raise RuntimeError(f"forward changes {', '.join(sorted(set(changed)))} in a way a "
+                               "traced graph cannot record (e.g. `self.count += 1` on a plain "
+                               "attribute or a buffer; update buffers in place: "
                                "`self.count.add_(1)`)")
         if other is None or _code(other) != _code(graph):
             raise RuntimeError("forward depends on self.training in Python (e.g. "
                                "F.dropout(x, p, self.training), `if self.training:`), which a "
                                "traced graph fixes at one mode; nn.Dropout and the like follow "
                                "the mode")
-        restore()
+        state.restore(keep_constants=True)
         return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     finally:
-        restore()
-        # FX's tracer keeps the tensors a forward creates (torch.tensor(...)) as attributes of
-        # the root it traced, the model itself; a GraphModule holds its own references.
-        for name in set(vars(model)) - attributes:
-            if name.startswith("_tensor_constant"):
-                delattr(model, name)
+        state.restore()
 
 
 def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
@@ -609,7 +678,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
         report.skip((type(model).__name__,
                                f"not traceable by torch.fx ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200]}); model left unchanged{hint}"))
+                               f"{(str(error).splitlines() or [''])[0][:200]}); model left unchanged{hint}"))
         model.fuse_report = report
         return model
     if example_inputs is not None:
@@ -619,7 +688,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
             _propagate_shapes(gm, args)
         except Exception as error:
             cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
-            where = str(error).splitlines()[0][:200] if cause is not error else ""
+            where = (str(error).splitlines() or [""])[0][:200] if cause is not error else ""
             report.skip(("example_inputs", f"shape propagation failed "
                                                      f"({type(cause).__name__}: {cause}"
                                                      f"{'; ' + where if where else ''}); "

@@ -691,7 +691,7 @@ def test_buffer_updates_in_forward_are_kept_or_refused():
     steps = model.steps
     out = fusedskip.fuse(model, example_inputs=(x,))
     assert out is model and model.steps is steps and model.steps.item() == 0
-    assert "assigns to or updates the buffer(s) Assigning.steps" in str(out.fuse_report)
+    assert "forward changes Assigning.steps" in str(out.fuse_report)
 
 
 def test_an_example_with_a_batch_of_one_does_not_prove_a_residual_equal():
@@ -763,9 +763,94 @@ def test_what_a_graph_cannot_record_is_refused_and_the_rest_traces():
         str(fused.fuse_report)
     assert set(vars(model)) == before
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
-    for make, why in ((DataAssign, "sets the attribute 'data'"), (NoGrad, "grad mode"),
+    for make, why in ((DataAssign, "sets the attribute 'data'"), (NoGrad, "grad or autocast mode"),
                       (Training, "depends on self.training")):
         model = make().double()
         out = fusedskip.fuse(model, example_inputs=(x,))
         assert out is model and why in str(out.fuse_report), str(out.fuse_report)
         assert torch.equal(model.last, torch.zeros(3, 4, dtype=torch.float64))
+
+
+class _Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.calls = 0
+
+
+class _CountsCalls(_Base):
+    def forward(self, x):
+        self.calls += 1
+        return torch.relu(self.linear(x))
+
+
+class _FreezesItself(_Base):
+    def forward(self, x):
+        self.linear.requires_grad_(False)
+        return torch.relu(self.linear(x))
+
+
+class _AutocastInside(_Base):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.relu(self.linear(x))
+
+
+class _AssertsTensor(_Base):
+    def forward(self, x):
+        assert type(x) is torch.Tensor
+        return torch.relu(self.linear(x))
+
+
+class _Hooked(_Base):
+    def __init__(self):
+        super().__init__()
+        self.register_forward_hook(lambda module, args, out: setattr(module, "calls", 1))
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+@pytest.mark.parametrize("make,why", [
+    (_CountsCalls, "forward changes _CountsCalls.calls"),
+    (_FreezesItself, "forward changes requires_grad"),
+    (_AutocastInside, "another grad or autocast mode"),
+    (_AssertsTensor, "AssertionError"),
+    (_Hooked, "which FX traces through"),
+])
+def test_python_side_effects_are_refused_and_undone(make, why):
+    """Whatever forward does in Python while FX traces it (attributes, requires_grad, autocast
+    regions, hooks of traced-through modules) is missing from a graph: the model comes back as
+    itself, exactly as it was, and fuse() never raises."""
+    model = make()
+    before = {k: v for k, v in vars(model).items() if k != "_modules"}
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and why in str(out.fuse_report), str(out.fuse_report)
+    assert model.calls == 0 and model.linear.weight.requires_grad
+    after = {k: v for k, v in vars(model).items() if k != "_modules"}
+    assert after.keys() - before.keys() == {"fuse_report"}  # the one thing it sets, documented
+
+
+def test_an_augmented_assignment_is_the_in_place_write_it_is():
+    """`v += 1` on a view of the input writes the input (the caller's tensor too); FX's Proxy
+    recorded an out-of-place add, and the write vanished."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            v = x[:, :2]
+            v += 1
+            return torch.relu(self.linear(x)) + x
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x.clone(),))
+    x1, x2 = x.clone(), x.clone()
+    torch.testing.assert_close(fused(x1), model(x2), rtol=0, atol=0)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x)
+    # a batch-of-one example still proves the Linear's own input an equal residual
+    fused = fusedskip.fuse(model, example_inputs=(x[:1].clone(),))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
