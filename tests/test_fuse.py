@@ -854,3 +854,13 @@ def test_an_augmented_assignment_is_the_in_place_write_it_is():
     # a batch-of-one example still proves the Linear's own input an equal residual
     fused = fusedskip.fuse(model, example_inputs=(x[:1].clone(),))
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+
+
+def test_a_model_on_the_meta_device_fuses():
+    """Models are often built on the meta device and materialized later (to_empty): fuse() must
+    not need buffer values to check that tracing left them alone."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU())
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4, device="meta"),))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"], \
+        str(fused.fuse_report)
