@@ -75,11 +75,10 @@ class FuseReport:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks (its own: pruning and the old weight_norm are forward
-    pre-hooks; or global module hooks), which a fused layer in its place would not run as they
-    ran."""
+    """Whether `module` has hooks of its own (pruning and the old weight_norm are forward
+    pre-hooks), which a fused layer in its place would not run."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _global_module_hooks())
+                or module._backward_pre_hooks)
 
 
 def _global_module_hooks() -> bool:
@@ -225,8 +224,8 @@ def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
 def _linear_problem(linear: nn.Linear) -> Optional[str]:
     """Why a fused layer cannot stand in for `linear`, if it cannot."""
     if _hooked(linear):
-        return ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm, or global "
-                "module hooks), which a fused layer would not run")
+        return ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm), which a "
+                "fused layer would not run")
     if not all(p is None or isinstance(p, nn.Parameter) for p in (linear.weight, linear.bias)):
         return "the Linear's weight or bias is not an nn.Parameter"
     return None
@@ -599,11 +598,12 @@ class _ModelState:
 
 
 def _hooks_traced_through(model: nn.Module) -> List[str]:
-    """Modules FX traces into (not leaves) whose hooks would run while tracing, on traced values,
-    and be missing from the graph."""
+    """Hooks that would run while tracing, on traced values, and be missing from the graph: on
+    modules FX traces into (not leaves), and global module hooks (on every module)."""
     leaf = torch.fx.Tracer().is_leaf_module
-    return [name or type(model).__name__ for name, m in model.named_modules()
-            if (m is model or not leaf(m, name)) and _hooked(m)]
+    found = [name or type(model).__name__ for name, m in model.named_modules()
+             if (m is model or not leaf(m, name)) and _hooked(m)]
+    return found + ["every module (global module hooks)"] if _global_module_hooks() else found
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
