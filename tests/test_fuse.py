@@ -77,6 +77,15 @@ def check_equal(model, x, fused):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
 
 
+def fuse_in_float64(make, *shape):
+    """A model from `make` in float64, a random input of `shape`, and fuse() of the model with
+    that input as its example."""
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    return model, x, fusedskip.fuse(model, example_inputs=(x,))
+
+
 @pytest.mark.parametrize("make,patterns", [
     (SeedMLP, ["Linear -> ReLU"] * 3 + ["cat -> Linear -> ReLU"]),
     (ResidualMLP, ["Linear -> ReLU -> add", "Linear -> add -> ReLU"] * 3),
@@ -232,10 +241,7 @@ def test_unused_results_that_act_are_kept():
             F.relu(g, inplace=True)
             return g + h
 
-    torch.manual_seed(0)
-    model = Acting().double()
-    x = torch.randn(6, 4, dtype=torch.float64)
-    fused = fusedskip.fuse(model, example_inputs=(x,))
+    model, x, fused = fuse_in_float64(Acting, 6, 4)
     expected = model(x)
     seen = model.seen.clone()
     model.seen.zero_()
@@ -454,10 +460,7 @@ class PositionalInplace(nn.Module):  # inplace=True passed by position, between 
 def test_in_place_writes_inside_a_pattern_stop_its_fusion(make):
     """The fused layer runs where the pattern's last node was: a write in between, to the input,
     a residual or a concatenated part, would change what it reads."""
-    torch.manual_seed(0)
-    model = make().double()
-    x = torch.randn(5, 6, dtype=torch.float64)
-    fused = fusedskip.fuse(model, example_inputs=(x,))
+    model, x, fused = fuse_in_float64(make, 5, 6)
     report = fused.fuse_report
     assert "may write in place" in " ".join(why for _, why in report.skipped), str(report)
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
@@ -476,10 +479,7 @@ def test_in_place_relu_spellings_are_fused():
             g = torch.relu_(self.b(h))
             return self.c(torch.concat([g, h], -1)).relu_() + torch.concatenate([h], -1)
 
-    torch.manual_seed(0)
-    model = Spellings().double()
-    x = torch.randn(5, 6, dtype=torch.float64)
-    fused = fusedskip.fuse(model, example_inputs=(x,))
+    model, x, fused = fuse_in_float64(Spellings, 5, 6)
     patterns = sorted(p for _, p, _ in fused.fuse_report.fused)
     assert patterns == ["Linear -> ReLU", "Linear -> ReLU -> add", "cat -> Linear -> ReLU"], \
         str(fused.fuse_report)
@@ -582,10 +582,7 @@ def test_every_spelling_of_a_write_keeps_the_residual_out(write):
             write(x)
             return h + x
 
-    torch.manual_seed(0)
-    model = Model().double()
-    x = torch.randn(3, 4, dtype=torch.float64)
-    fused = fusedskip.fuse(model, example_inputs=(x,))
+    model, x, fused = fuse_in_float64(Model, 3, 4)
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"], \
         str(fused.fuse_report)
     assert "only Linear -> ReLU fused" in str(fused.fuse_report)
@@ -604,10 +601,7 @@ def test_writes_into_new_tensors_do_not_stop_fusion():
         def forward(self, x):
             return self.act(self.a(x)) + self.act(self.b(x))
 
-    torch.manual_seed(0)
-    model = TwoBranch().double()
-    x = torch.randn(5, 6, dtype=torch.float64)
-    fused = fusedskip.fuse(model, example_inputs=(x,))
+    model, x, fused = fuse_in_float64(TwoBranch, 5, 6)
     assert sorted(p for _, p, _ in fused.fuse_report.fused) == [
         "Linear -> ReLU", "Linear -> ReLU -> add"], str(fused.fuse_report)
     check_equal(model, x, fused)
