@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.compiler import is_compiling
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
 __all__ = ["LinearReLUResidual", "ConcatLinear", "linear_relu_residual", "linear_concat"]
@@ -135,6 +136,23 @@ def check_args(inputs, weight, bias=None, residual=None, *, wider_residual=False
     return out_shape
 
 
+try:  # the op's own argument checks, run by its C++ code (csrc/python_bindings.cpp)
+    from ._C import check_args as _op_check_args
+except ImportError:  # the extension is not built, or cannot be loaded here
+    _op_check_args = None
+
+
+def check_call(inputs, weight, bias=None, residual=None, *, wider_residual=False):
+    """check_args for a call the reference functions are about to run. These are the modules'
+    path off the GPU, where check_args' Python costs as much as half the layer's eager ops at
+    64x10->10; so where the compiled extension is loaded, the op's C++ code runs the same checks.
+    check_args itself runs where that code cannot: under torch.compile (which traces Python
+    only), for symbolic shapes, and for a residual wider than the rest (autocast only)."""
+    if (_op_check_args is None or wider_residual or is_compiling()
+            or not _op_check_args(inputs, weight, bias, residual)):
+        check_args(inputs, weight, bias, residual, wider_residual=wider_residual)
+
+
 # Whether autocast is on for any device: one C call, where autocast_args would look up weight's
 # device first, on every call of the modules' CPU path. A torch without it always asks.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
@@ -192,7 +210,7 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
     if _any_autocast() and _autocast_on(weight):
         weight, input, bias = autocast_args(weight, input, bias)
         residual, wider_residual = autocast_residual(weight, residual)
-    check_args([input], weight, bias, residual, wider_residual=wider_residual)
+    check_call([input], weight, bias, residual, wider_residual=wider_residual)
     out = F.linear(input, weight, bias)
     if residual is not None and order == "add_relu":
         return torch.relu(out + residual)
@@ -210,7 +228,7 @@ def linear_concat(inputs, weight, bias=None, *, activation=None):
     check_activation(activation)
     if _any_autocast():
         weight, bias, *inputs = autocast_args(weight, bias, *inputs)
-    check_args(inputs, weight, bias)
+    check_call(inputs, weight, bias)
     out = F.linear(torch.cat(inputs, -1), weight, bias)
     return torch.relu(out) if activation == "relu" else out
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fusedskip
 from fusedskip import reference
@@ -92,19 +93,36 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["op-checks", "python-checks"])
+def reference_checks(request, monkeypatch):
+    """The reference functions check their arguments with the op's C++ code where the extension
+    is loaded, and with reference.check_args (the fake kernels' checks) where it is not: both."""
+    if request.param == "op-checks" and reference._op_check_args is None:
+        pytest.skip("the compiled extension is not loaded: the reference path checks in Python")
+    if request.param == "python-checks":
+        monkeypatch.setattr(reference, "_op_check_args", None)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("api", ["fused", "reference"])
-def test_bad_input_raises_clearly(case, api):
+def test_bad_input_raises_clearly(case):
     _, name, args, kwargs, error, text = case
-    fn = getattr(fusedskip if api == "fused" else reference, name)
     with pytest.raises(error) as info:
-        fn(*args, **kwargs)
+        getattr(fusedskip, name)(*args, **kwargs)
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_clearly_on_the_reference_path(case, reference_checks):
+    _, name, args, kwargs, error, text = case
+    with pytest.raises(error) as info:
+        getattr(reference, name)(*args, **kwargs)
     assert text in str(info.value)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] is not TypeError or "dtype" in c[5]],
                          ids=lambda c: c[0])
-def test_fused_and_reference_messages_agree(case):
+def test_fused_and_reference_messages_agree(case, reference_checks):
     """One set of rules: the C++ checks and their Python mirror say the same thing."""
     _, name, args, kwargs, error, _ = case
     messages = []
@@ -113,6 +131,19 @@ def test_fused_and_reference_messages_agree(case):
             getattr(api, name)(*args, **kwargs)
         messages.append(str(info.value).splitlines()[0])
     assert messages[0] == messages[1]
+
+
+def test_reference_path_checks_symbolic_shapes_in_python():
+    """The op's C++ checks need concrete sizes; traced with symbolic ones (make_fx, as
+    torch.export's non-strict mode traces), the reference path checks in Python instead."""
+    def layer(x, w, r):
+        return reference.linear_relu_residual(x, w, None, r)
+
+    graph = make_fx(layer, tracing_mode="symbolic")(t(4, 3), W, R)
+    x, r = t(6, 3), t(6, 5)
+    torch.testing.assert_close(graph(x, W, r), layer(x, W, r), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \[s\d+, s\d+\]"):
+        make_fx(layer, tracing_mode="symbolic")(t(4, 3), W, t(5))
 
 
 def test_bad_input_under_compile_fails_at_trace_time():
