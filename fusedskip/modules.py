@@ -21,7 +21,7 @@ _warned_no_cuda_kernels = False
 
 
 def _use_fused(tensor) -> bool:
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cuda":
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_cuda:
         return False
     if _ops.HAS_CUDA_KERNELS:
         return True
