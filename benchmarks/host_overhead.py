@@ -1,6 +1,6 @@
-"""Host time per call at launch-bound sizes: the fused functional API against the eager
-composition it replaces, on tiny CPU tensors (where the maths costs almost nothing, so the time
-is dispatch, autograd bookkeeping and Python).
+"""Host time per call at launch-bound sizes: the fused functional API and modules against the
+eager composition they replace, on tiny CPU tensors (where the maths costs almost nothing, so
+the time is dispatch, autograd bookkeeping and Python).
 
     python benchmarks/host_overhead.py [--out benchmarks/results] [--threads 1]
 
@@ -50,6 +50,40 @@ def cases(rows, width):
     }
 
 
+class _EagerReLUResidual(torch.nn.Module):
+    """What a user writes without fusedskip: relu(linear(x)) + r, the Linear a submodule."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x, r):
+        return torch.relu(self.linear(x)) + r
+
+
+class _EagerConcat(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x1, x2):
+        return self.linear(torch.cat([x1, x2], -1))
+
+
+def module_cases(rows, width):
+    """The layers as modules (what fuse() puts in a model): off the GPU, the fused modules run the
+    reference ops behind the op's argument checks."""
+    x, r = torch.randn(rows, width), torch.randn(rows, width)
+    x1, x2 = torch.randn(rows, width // 2), torch.randn(rows, width - width // 2)
+    eager_add, eager_cat = _EagerReLUResidual(width), _EagerConcat(width)
+    fused_add = fusedskip.LinearReLUResidual.from_linear(eager_add.linear)
+    fused_cat = fusedskip.ConcatLinear.from_linear(eager_cat.linear, (width // 2, width - width // 2))
+    return {
+        "relu_add module": (lambda: eager_add(x, r), lambda: fused_add(x, r)),
+        "concat2 module": (lambda: eager_cat(x1, x2), lambda: fused_cat(x1, x2)),
+    }
+
+
 def components(rows, width):
     """Single costs behind the totals: how an op is entered, and the element-wise pass."""
     x = torch.randn(rows, width)
@@ -67,6 +101,11 @@ def components(rows, width):
         "relu_add forward: eager ops": lambda: torch.relu(F.linear(x, w, b)) + r,
         "relu_add forward: reference function": lambda: fusedskip.reference.linear_relu_residual(
             x, w, b, r),
+        # The reference path's argument checks: in Python, and as it runs them (the op's C++).
+        "argument checks: reference.check_args": lambda: fusedskip.reference.check_args(
+            [x], w, b, r),
+        "argument checks: reference.check_call": lambda: fusedskip.reference.check_call(
+            [x], w, b, r),
         "Tensor.view (native binding)": lambda: x.view(rows, width),
         "torch.ops.aten.view": lambda: torch.ops.aten.view.default(x, [rows, width]),
         "fused forward via torch.ops": lambda: op([x], w, b, r, True, False),
@@ -125,7 +164,8 @@ def main(argv=None):
                    for _ in range(args.rounds))
 
     rows = []
-    for op, (eager, fused) in cases(args.rows, args.width).items():
+    compared = {**cases(args.rows, args.width), **module_cases(args.rows, args.width)}
+    for op, (eager, fused) in compared.items():
         for mode in ("forward", "forward+backward", "no_grad"):
             eager_us, fused_us = float("inf"), float("inf")
             for _ in range(args.rounds):
