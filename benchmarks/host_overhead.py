@@ -77,7 +77,8 @@ def module_cases(rows, width):
     x1, x2 = torch.randn(rows, width // 2), torch.randn(rows, width - width // 2)
     eager_add, eager_cat = _EagerReLUResidual(width), _EagerConcat(width)
     fused_add = fusedskip.LinearReLUResidual.from_linear(eager_add.linear)
-    fused_cat = fusedskip.ConcatLinear.from_linear(eager_cat.linear, (width // 2, width - width // 2))
+    widths = (width // 2, width - width // 2)
+    fused_cat = fusedskip.ConcatLinear.from_linear(eager_cat.linear, widths)
     return {
         "relu_add module": (lambda: eager_add(x, r), lambda: fused_add(x, r)),
         "concat2 module": (lambda: eager_cat(x1, x2), lambda: fused_cat(x1, x2)),

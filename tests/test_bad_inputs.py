@@ -1,12 +1,15 @@
 """Bad input: a clear exception naming the argument, the same from the C++ op (eager), the
 reference path and the fake kernel (torch.compile); never a crash or a silent answer."""
 
+import os
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 from torch import nn
@@ -236,3 +239,101 @@ for call in calls:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ValueError"] * 6 + ["ValueError"]
+
+
+FUZZ = settings(max_examples=int(os.environ.get("FUSEDSKIP_FUZZ_EXAMPLES", "200")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+# One fault at a time, drawn at random: the op's C++ checks (which the reference path runs where
+# the extension is loaded) and reference.check_args (which runs under torch.compile, as the fake
+# kernel's checks) accept the same calls, and refuse each faulty one with the same exception.
+FAULTS = ["none", "count-0", "count-9", "input-dtype", "input-int", "input-device",
+          "input-sparse", "input-0d", "input-leading", "input-width", "input-not-tensor",
+          "weight-dtype", "weight-1d", "weight-3d", "weight-not-tensor", "bias-dtype",
+          "bias-shape", "bias-device", "residual-dtype", "residual-shape", "residual-device",
+          "residual-not-tensor"]
+
+
+@st.composite
+def one_fault_calls(draw):
+    fault = draw(st.sampled_from(FAULTS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    other = draw(st.sampled_from([d for d in (torch.float32, torch.float64, torch.float16)
+                                  if d != dtype]))
+    leading = draw(st.sampled_from([(), (0,), (3,), (2, 4)]))
+    widths = draw(st.lists(st.integers(1, 5), min_size=1, max_size=8))
+    out = draw(st.integers(1, 6))
+    has_bias, has_residual = draw(st.booleans()), draw(st.booleans())
+    i = draw(st.integers(0, len(widths) - 1))
+    if fault == "count-9":
+        widths = [1] * 9
+    if fault == "input-leading" and len(widths) == 1:  # a lone input's are the output's dims
+        widths, i = widths + [1], 1
+
+    def tensor(*shape, kind=dtype):
+        return torch.zeros(shape, dtype=kind)
+
+    inputs = [tensor(*leading, w) for w in widths]
+    weight = tensor(out, sum(widths))
+    bias = tensor(out) if has_bias or fault.startswith("bias") else None
+    residual = tensor(*leading, out) if has_residual or fault.startswith("residual") else None
+    changes = {
+        "count-0": lambda: inputs.clear(),
+        "input-dtype": lambda: inputs.__setitem__(i, inputs[i].to(other)),
+        "input-int": lambda: inputs.__setitem__(i, inputs[i].long()),
+        "input-device": lambda: inputs.__setitem__(i, inputs[i].to("meta")),
+        "input-sparse": lambda: inputs.__setitem__(i, inputs[i].to_sparse()),
+        "input-0d": lambda: inputs.__setitem__(i, tensor()),
+        "input-leading": lambda: inputs.__setitem__(i, tensor(*leading, 1, widths[i])),
+        "input-width": lambda: inputs.__setitem__(i, tensor(*leading, widths[i] + 1)),
+        "input-not-tensor": lambda: inputs.__setitem__(i, 1.0),
+    }
+    if fault in changes:
+        changes[fault]()
+    elif fault == "weight-dtype":
+        weight = weight.to(other)
+    elif fault == "weight-1d":
+        weight = tensor(sum(widths))
+    elif fault == "weight-3d":
+        weight = tensor(1, out, sum(widths))
+    elif fault == "weight-not-tensor":
+        weight = [[0.0] * sum(widths)] * out
+    elif fault == "bias-dtype":
+        bias = bias.to(other)
+    elif fault == "bias-shape":
+        bias = draw(st.sampled_from([tensor(out + 1), tensor(1, out), tensor()]))
+    elif fault == "bias-device":
+        bias = bias.to("meta")
+    elif fault == "residual-dtype":
+        residual = residual.to(other)
+    elif fault == "residual-shape":
+        wrong = [tensor(*leading, out + 1), tensor(2, *leading, out)]
+        residual = draw(st.sampled_from(wrong + ([tensor(out)] if leading else [])))
+    elif fault == "residual-device":
+        residual = residual.to("meta")
+    elif fault == "residual-not-tensor":
+        residual = 0.0
+    return fault, (inputs, weight, bias, residual)
+
+
+def _outcome(check, args):
+    try:
+        check(*args)
+    except (TypeError, ValueError, RuntimeError) as error:
+        return type(error), str(error).splitlines()[0]
+    return None, None
+
+
+@pytest.mark.skipif(reference._op_check_args is None, reason="the compiled extension is not loaded")
+@FUZZ
+@given(one_fault_calls())
+def test_op_checks_and_python_checks_agree(call):
+    fault, args = call
+    op_error, op_message = _outcome(reference._op_check_args, args)
+    python_error, python_message = _outcome(reference.check_args, args)
+    assert (op_error is None) == (fault == "none"), (fault, op_message)
+    assert op_error is python_error, (fault, op_message, python_message)
+    if fault not in ("input-sparse", "input-not-tensor", "weight-not-tensor",
+                     "residual-not-tensor"):  # layouts and Python types are spelled differently
+        assert op_message == python_message, fault
