@@ -13,7 +13,9 @@
 
 #include "backend.h"
 
+#include <cctype>
 #include <ostream>
+#include <sstream>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -38,7 +40,30 @@ std::string dtype_name(at::ScalarType type) {
     case at::kComplexHalf: return "torch.complex32";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(type);
+    default: {  // the rest are named as in Python, in lower case: torch.float8_e4m3fn, torch.qint8
+      std::string name = c10::toString(type);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
+}
+
+// As Python prints them (c10 prints "Sparse", "SparseCsr", ...).
+std::string layout_name(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: {
+      std::ostringstream out;
+      out << layout;
+      return out.str();
+    }
   }
 }
 
@@ -67,7 +92,7 @@ ArgName input_arg(size_t i, size_t count) {
 void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(tensor.defined(), "fusedskip: ", name, " is an undefined tensor");
   TORCH_CHECK_TYPE(tensor.layout() == at::kStrided, "fusedskip: ", name,
-                   " must be a dense (strided) tensor, got layout ", tensor.layout());
+                   " must be a dense (strided) tensor, got layout ", layout_name(tensor.layout()));
   TORCH_CHECK_TYPE(is_supported_dtype(tensor.scalar_type()), "fusedskip: ", name, " has dtype ",
                    dtype_name(tensor.scalar_type()),
                    "; expected torch.float16, torch.bfloat16, torch.float32 or torch.float64");

@@ -9,6 +9,8 @@
 // torch.compile traces the torch.ops entry instead (see fusedskip/functional.py).
 #include <Python.h>
 
+#include <cstring>
+
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -20,13 +22,20 @@
 namespace fusedskip {
 namespace {
 
+// type(obj).__name__, as the Python checks name it: "ndarray", where tp_name is "numpy.ndarray".
+const char* type_name(PyObject* obj) {
+  const char* name = Py_TYPE(obj)->tp_name;
+  const char* dot = std::strrchr(name, '.');
+  return dot ? dot + 1 : name;
+}
+
 const at::Tensor& unpack_tensor(PyObject* obj, const char* name, Py_ssize_t index = -1) {
   if (!THPVariable_Check(obj)) {
     if (index >= 0) {
       TORCH_CHECK_TYPE(false, "fusedskip: ", name, "[", index, "] must be a Tensor, got ",
-                       Py_TYPE(obj)->tp_name);
+                       type_name(obj));
     }
-    TORCH_CHECK_TYPE(false, "fusedskip: ", name, " must be a Tensor, got ", Py_TYPE(obj)->tp_name);
+    TORCH_CHECK_TYPE(false, "fusedskip: ", name, " must be a Tensor, got ", type_name(obj));
   }
   const at::Tensor& tensor = THPVariable_Unpack(obj);
   // A nested tensor would fail in the dispatcher (no kernel for its key) without naming the
@@ -58,7 +67,7 @@ CallArgs unpack_call(PyObject* const* args) {
   PyObject* sequence = args[0];
   TORCH_CHECK_TYPE(PyList_Check(sequence) || PyTuple_Check(sequence),
                    "fusedskip: inputs must be a list or tuple of tensors, got ",
-                   Py_TYPE(sequence)->tp_name);
+                   type_name(sequence));
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
   PyObject** items = PySequence_Fast_ITEMS(sequence);
   const char* input_name = count == 1 ? "input" : "inputs";
@@ -119,7 +128,7 @@ PyObject* check_args_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
 PyObject* set_backend_py(PyObject* /*module*/, PyObject* name) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(PyUnicode_Check(name), "fusedskip: backend must be a str, got ",
-                   Py_TYPE(name)->tp_name);
+                   type_name(name));
   Py_ssize_t size = 0;
   const char* text = PyUnicode_AsUTF8AndSize(name, &size);
   if (text == nullptr) {  // a lone surrogate: no UTF-8 for it, so no backend's name either

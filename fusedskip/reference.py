@@ -1,9 +1,10 @@
 """Pure-PyTorch reference layers: the ground truth every fused result is tested against.
 
 The modules here keep ``nn.Linear``'s parameter names, shapes and initialisation, so their
-state_dicts load into ``nn.Linear``, into these and into the fused modules alike. They validate
-their arguments with the same rules (and messages) as the C++ op, so a bad call fails the same
-way on every path.
+state_dicts load into ``nn.Linear``, into these and into the fused modules alike. Their maths is
+plain PyTorch. Their argument checks are the C++ op's own where the compiled extension is loaded
+(check_call), else check_args, a Python copy of the same rules and messages that also serves the
+fake kernels: so a bad call fails the same way on every path.
 """
 
 from __future__ import annotations
@@ -65,12 +66,17 @@ def concat_dispatch_args(inputs, weight, bias):
     return (inputs, weight, bias)
 
 
-def _check_tensor(name, tensor, weight, same_dtype=True):
+def _check_unpacked(name, tensor):
+    """What the C++ entry points check as they unpack an argument (csrc/python_bindings.cpp)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(tensor).__name__}")
     if tensor.is_nested:
         raise TypeError(f"fusedskip: {name} is a nested tensor; pass a dense one "
                         "(e.g. t.to_padded_tensor(0.0))")
+
+
+def _check_tensor(name, tensor, weight, same_dtype=True):
+    _check_unpacked(name, tensor)
     if tensor.layout != torch.strided:
         raise TypeError(f"fusedskip: {name} must be a dense (strided) tensor, "
                         f"got layout {tensor.layout}")
@@ -92,24 +98,32 @@ def check_args(inputs, weight, bias=None, residual=None, *, wider_residual=False
     the argument. Returns the output shape. wider_residual: the residual may have a wider dtype
     than the rest (under autocast, see autocast_residual)."""
     count = len(inputs)
-    if not 1 <= count <= MAX_INPUTS:
-        raise ValueError(f"fusedskip: inputs must hold 1 to {MAX_INPUTS} tensors, got {count}")
 
     def input_name(i):
         return "input" if count == 1 else f"inputs[{i}]"
 
+    # In the C++ checks' order, so that a call with several faults gets the same message: the
+    # arguments as unpacked, then the op's checks (check_forward_args in csrc/fused_linear.cpp).
+    for i, x in enumerate(inputs):
+        _check_unpacked(input_name(i), x)
+    for name, tensor in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if tensor is not None or name == "weight":
+            _check_unpacked(name, tensor)
+    if not 1 <= count <= MAX_INPUTS:
+        raise ValueError(f"fusedskip: inputs must hold 1 to {MAX_INPUTS} tensors, got {count}")
     _check_tensor("weight", weight, weight)
     if weight.dim() != 2:
         raise ValueError("fusedskip: weight must be 2-D (out_features, in_features), "
                          f"got shape {list(weight.shape)}")
+    leading = None
     for i, x in enumerate(inputs):
         _check_tensor(input_name(i), x, weight)
         if x.dim() < 1:
             raise ValueError(f"fusedskip: {input_name(i)} must have at least one dimension "
                              "(..., in_features), got a 0-d tensor")
-    leading = list(inputs[0].shape[:-1])
-    for i, x in enumerate(inputs):
-        if list(x.shape[:-1]) != leading:
+        if leading is None:
+            leading = list(x.shape[:-1])
+        elif list(x.shape[:-1]) != leading:
             raise ValueError(f"fusedskip: {input_name(i)} has leading dims {list(x.shape[:-1])} "
                              f"but inputs[0] has {leading}; all inputs must share their leading "
                              "dims (only the last dim may differ)")
