@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -136,6 +137,27 @@ def test_fused_and_reference_messages_agree(case, reference_checks):
     assert messages[0] == messages[1]
 
 
+def test_reference_path_runs_the_op_checks_and_compile_the_python_ones(monkeypatch):
+    """Off the GPU the modules run the reference ops behind the op's C++ checks (a tenth of the
+    Python ones' host time); torch.compile, which cannot trace into C++, traces check_args."""
+    if reference._op_check_args is None:
+        pytest.skip("the compiled extension is not loaded: the reference path checks in Python")
+    op_calls, python_calls = [], []
+    op_checks, python_checks = reference._op_check_args, reference.check_args
+    monkeypatch.setattr(reference, "_op_check_args",
+                        lambda *args: op_calls.append(1) or op_checks(*args))
+    monkeypatch.setattr(reference, "check_args",
+                        lambda *args, **kwargs: python_calls.append(1) or python_checks(*args,
+                                                                                         **kwargs))
+    layer, concat = fusedskip.LinearReLUResidual(3, 5), fusedskip.ConcatLinear((1, 2), 5)
+    layer(X, R)
+    concat(t(4, 1), t(4, 2))
+    assert (len(op_calls), len(python_calls)) == (2, 0)
+    op_calls.clear()
+    torch.compile(layer, backend="eager", fullgraph=True)(X, R)
+    assert len(op_calls) == 0 and len(python_calls) >= 1
+
+
 def test_reference_path_checks_symbolic_shapes_in_python():
     """The op's C++ checks need concrete sizes; traced with symbolic ones (make_fx, as
     torch.export's non-strict mode traces), the reference path checks in Python instead."""
@@ -226,6 +248,11 @@ calls = [
     lambda: torch.ops.fusedskip.fused_linear_backward(torch.randn(4, 5), [torch.randn(4, 3)],
         torch.randn(5, 3), torch.zeros(4, 1, dtype=torch.uint8), True, [True]),
     lambda: torch.ops.fusedskip.fused_linear([], torch.randn(5, 3), None, None, True, False),
+    # The argument checks' own entry point, misused (the reference path calls it).
+    lambda: fusedskip._C.check_args([torch.randn(4, 3)], torch.randn(5, 3)),
+    lambda: fusedskip._C.check_args(torch.randn(4, 3), torch.randn(5, 3), None, None),
+    lambda: fusedskip._C.check_args([None], torch.randn(5, 3), None, None),
+    lambda: fusedskip._C.check_args([torch.randn(4, 3)] * 1000, torch.randn(5, 3000), None, None),
 ]
 for call in calls:
     try:
@@ -238,83 +265,107 @@ for call in calls:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ValueError"] * 6 + ["ValueError"]
+    assert result.stdout.split() == ["ValueError"] * 7 + ["TypeError"] * 3 + ["ValueError"]
 
 
 FUZZ = settings(max_examples=int(os.environ.get("FUSEDSKIP_FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
-# One fault at a time, drawn at random: the op's C++ checks (which the reference path runs where
-# the extension is loaded) and reference.check_args (which runs under torch.compile, as the fake
-# kernel's checks) accept the same calls, and refuse each faulty one with the same exception.
-FAULTS = ["none", "count-0", "count-9", "input-dtype", "input-int", "input-device",
-          "input-sparse", "input-0d", "input-leading", "input-width", "input-not-tensor",
-          "weight-dtype", "weight-1d", "weight-3d", "weight-not-tensor", "bias-dtype",
-          "bias-shape", "bias-device", "residual-dtype", "residual-shape", "residual-device",
-          "residual-not-tensor"]
+# Calls with no fault, one, or several, drawn at random: the op's C++ checks (which the reference
+# path runs where the extension is loaded) and reference.check_args (which runs under
+# torch.compile, as the fake kernel's checks) accept the same calls, and refuse each faulty one
+# with the same exception and message.
+FAULTS = ["count-0", "count-9", "input-dtype", "input-device", "input-sparse", "input-0d",
+          "input-leading", "input-width", "input-not-tensor", "weight-dtype", "weight-1d",
+          "weight-3d", "weight-not-tensor", "bias-dtype", "bias-shape", "bias-device",
+          "residual-dtype", "residual-shape", "residual-device", "residual-not-tensor"]
+
+
+def _odd_dtypes():
+    """Tensors of dtypes the op refuses, named by Python and C++ alike."""
+    def qint8(t):
+        with warnings.catch_warnings():  # quantized tensors are deprecated; still a dtype to refuse
+            warnings.simplefilter("ignore")
+            return torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8)
+
+    makers = [lambda t: t.long(), lambda t: t.bool(), lambda t: t.to(torch.complex64), qint8]
+    for name in ("float8_e4m3fn", "uint16"):
+        if hasattr(torch, name):
+            makers.append(lambda t, dtype=getattr(torch, name): t.to(dtype))
+    return makers
 
 
 @st.composite
-def one_fault_calls(draw):
-    fault = draw(st.sampled_from(FAULTS))
+def faulty_calls(draw):
+    # At most one fault per argument (the first drawn), so that each stays what it is.
+    faults = draw(st.lists(st.sampled_from(FAULTS), max_size=3,
+                           unique_by=lambda f: f.split("-")[0]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
-    other = draw(st.sampled_from([d for d in (torch.float32, torch.float64, torch.float16)
-                                  if d != dtype]))
+    floats = [d for d in (torch.float32, torch.float64, torch.float16) if d != dtype]
+    odd = draw(st.sampled_from([lambda t, d=d: t.to(d) for d in floats] + _odd_dtypes()))
+    # The weight's is never a float dtype: the rest could then be changed to match it.
+    odd_weight = draw(st.sampled_from(_odd_dtypes()))
+    not_tensor = draw(st.sampled_from([1.0, [0.0], "x", numpy.zeros(1)]))
     leading = draw(st.sampled_from([(), (0,), (3,), (2, 4)]))
-    widths = draw(st.lists(st.integers(1, 5), min_size=1, max_size=8))
+    widths = [1] * 9 if "count-9" in faults else draw(
+        st.lists(st.integers(1, 5), min_size=1, max_size=8))
+    if "input-leading" in faults and len(widths) == 1:  # a lone input's are the output's dims
+        widths = widths + [1]
     out = draw(st.integers(1, 6))
-    has_bias, has_residual = draw(st.booleans()), draw(st.booleans())
-    i = draw(st.integers(0, len(widths) - 1))
-    if fault == "count-9":
-        widths = [1] * 9
-    if fault == "input-leading" and len(widths) == 1:  # a lone input's are the output's dims
-        widths, i = widths + [1], 1
+    i = draw(st.integers(1 if "input-leading" in faults else 0, len(widths) - 1))
 
     def tensor(*shape, kind=dtype):
         return torch.zeros(shape, dtype=kind)
 
     inputs = [tensor(*leading, w) for w in widths]
     weight = tensor(out, sum(widths))
-    bias = tensor(out) if has_bias or fault.startswith("bias") else None
-    residual = tensor(*leading, out) if has_residual or fault.startswith("residual") else None
+    bias = tensor(out) if draw(st.booleans()) else None
+    residual = tensor(*leading, out) if draw(st.booleans()) else None
+    if any(f.startswith("bias") for f in faults) and bias is None:
+        bias = tensor(out)
+    if any(f.startswith("residual") for f in faults) and residual is None:
+        residual = tensor(*leading, out)
+    wrong_residual = [tensor(*leading, out + 1), tensor(2, *leading, out)]
+    wrong_residual += [tensor(out)] if leading else []
     changes = {
-        "count-0": lambda: inputs.clear(),
-        "input-dtype": lambda: inputs.__setitem__(i, inputs[i].to(other)),
-        "input-int": lambda: inputs.__setitem__(i, inputs[i].long()),
+        "input-dtype": lambda: inputs.__setitem__(i, odd(inputs[i])),
         "input-device": lambda: inputs.__setitem__(i, inputs[i].to("meta")),
         "input-sparse": lambda: inputs.__setitem__(i, inputs[i].to_sparse()),
         "input-0d": lambda: inputs.__setitem__(i, tensor()),
         "input-leading": lambda: inputs.__setitem__(i, tensor(*leading, 1, widths[i])),
         "input-width": lambda: inputs.__setitem__(i, tensor(*leading, widths[i] + 1)),
-        "input-not-tensor": lambda: inputs.__setitem__(i, 1.0),
+        "input-not-tensor": lambda: inputs.__setitem__(i, not_tensor),
     }
-    if fault in changes:
-        changes[fault]()
-    elif fault == "weight-dtype":
-        weight = weight.to(other)
-    elif fault == "weight-1d":
-        weight = tensor(sum(widths))
-    elif fault == "weight-3d":
-        weight = tensor(1, out, sum(widths))
-    elif fault == "weight-not-tensor":
-        weight = [[0.0] * sum(widths)] * out
-    elif fault == "bias-dtype":
-        bias = bias.to(other)
-    elif fault == "bias-shape":
-        bias = draw(st.sampled_from([tensor(out + 1), tensor(1, out), tensor()]))
-    elif fault == "bias-device":
-        bias = bias.to("meta")
-    elif fault == "residual-dtype":
-        residual = residual.to(other)
-    elif fault == "residual-shape":
-        wrong = [tensor(*leading, out + 1), tensor(2, *leading, out)]
-        residual = draw(st.sampled_from(wrong + ([tensor(out)] if leading else [])))
-    elif fault == "residual-device":
-        residual = residual.to("meta")
-    elif fault == "residual-not-tensor":
-        residual = 0.0
-    return fault, (inputs, weight, bias, residual)
+    # count-0 after the inputs' own faults, which it then takes away.
+    for fault in sorted(faults, key=lambda f: f == "count-0"):
+        if fault in changes:
+            changes[fault]()
+        elif fault == "count-0":
+            inputs.clear()
+        elif fault == "weight-dtype":
+            weight = odd_weight(weight)
+        elif fault == "weight-1d":
+            weight = tensor(sum(widths))
+        elif fault == "weight-3d":
+            weight = tensor(1, out, sum(widths))
+        elif fault == "weight-not-tensor":
+            weight = not_tensor
+        elif fault == "bias-dtype":
+            bias = odd(bias)
+        elif fault == "bias-shape":
+            bias = draw(st.sampled_from([tensor(out + 1), tensor(1, out), tensor()]))
+        elif fault == "bias-device":
+            bias = bias.to("meta")
+        elif fault == "residual-dtype":
+            residual = odd(residual)
+        elif fault == "residual-shape":
+            residual = draw(st.sampled_from(wrong_residual))
+        elif fault == "residual-device":
+            residual = residual.to("meta")
+        elif fault == "residual-not-tensor":
+            residual = not_tensor
+    return faults, (inputs, weight, bias, residual)
 
 
 def _outcome(check, args):
@@ -327,13 +378,10 @@ def _outcome(check, args):
 
 @pytest.mark.skipif(reference._op_check_args is None, reason="the compiled extension is not loaded")
 @FUZZ
-@given(one_fault_calls())
+@given(faulty_calls())
 def test_op_checks_and_python_checks_agree(call):
-    fault, args = call
+    faults, args = call
     op_error, op_message = _outcome(reference._op_check_args, args)
     python_error, python_message = _outcome(reference.check_args, args)
-    assert (op_error is None) == (fault == "none"), (fault, op_message)
-    assert op_error is python_error, (fault, op_message, python_message)
-    if fault not in ("input-sparse", "input-not-tensor", "weight-not-tensor",
-                     "residual-not-tensor"):  # layouts and Python types are spelled differently
-        assert op_message == python_message, fault
+    assert (op_error is None) == (not faults), (faults, op_message)
+    assert (op_error, op_message) == (python_error, python_message), faults
