@@ -1,6 +1,7 @@
 // CPU kernels: the element-wise passes of csrc/epilogue.h in one parallel sweep each, and the
 // op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "backend.h"
 #include "dispatch.h"
 #include "fused_linear.h"
 
@@ -78,6 +80,55 @@ void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_
   }
 }
 
+// Mask byte -> eight 0/1 bytes, byte i from bit i: the inverse of the packing above.
+constexpr std::array<uint64_t, 256> spread_bits_table() {
+  std::array<uint64_t, 256> table{};
+  for (int bits = 0; bits < 256; ++bits) {
+    for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+      table[bits] |= static_cast<uint64_t>((bits >> bit) & 1) << (8 * bit);
+    }
+  }
+  return table;
+}
+constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
+
+// One block of p.rows_per_block rows of the backward pass: the output gradient through the mask
+// into grad_preact, and the block's column sums into its row of bias_partials. Row by row with
+// the column loop innermost, which vectorises; the GPU's units (backward_epilogue_unit) walk 8
+// columns down the block instead, a strided walk that cost ~6x threshold_backward + sum here
+// (benchmarks/NOTES.md). Both add each column's rows in the same order: the same bits.
+// `active`: room for a row's mask as bytes, mask_bytes_per_row(cols) * 8.
+template <bool kRelu, bool kBias, bool kUnitStride, typename scalar_t>
+void backward_epilogue_block(const BackwardEpilogueParams<scalar_t>& p, int64_t block,
+                             uint8_t* active) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t cols = p.cols, bytes = mask_bytes_per_row(cols);
+  const int64_t stride_col = kUnitStride ? 1 : p.grad_out_stride_col;
+  const int64_t first = block * p.rows_per_block;
+  const int64_t end = std::min(first + p.rows_per_block, p.rows);
+  acc_t* __restrict__ sums = kBias ? p.bias_partials + block * cols : nullptr;
+  if constexpr (kBias) std::fill(sums, sums + cols, acc_t(0));
+  for (int64_t row = first; row < end; ++row) {
+    const scalar_t* __restrict__ grad = p.grad_out + row * p.grad_out_stride_row;
+    scalar_t* __restrict__ preact = kRelu ? p.grad_preact + row * cols : nullptr;
+    const uint8_t* __restrict__ on = active;
+    if constexpr (kRelu) {
+      const uint8_t* mask = p.mask + row * bytes;
+      for (int64_t byte = 0; byte < bytes; ++byte) {
+        std::memcpy(active + byte * kMaskBitsPerByte, &kSpreadBits[mask[byte]], sizeof(uint64_t));
+      }
+    }
+    for (int64_t col = 0; col < cols; ++col) {
+      scalar_t g = grad[col * stride_col];
+      if constexpr (kRelu) {
+        g = on[col] ? g : scalar_t(0);  // a select, as in the units: NaN where off gives 0
+        preact[col] = g;
+      }
+      if constexpr (kBias) sums[col] += static_cast<acc_t>(g);
+    }
+  }
+}
+
 }  // namespace
 
 void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
@@ -125,15 +176,27 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
     const auto p = backward_epilogue_params<scalar_t>(grad_out, mask, grad_preact,
                                                       has_bias ? partials.data() : nullptr,
                                                       kCpuRowsPerBlock);
+    const int64_t grain = grain_rows(kCpuRowsPerBlock * cols);
     FS_BOOL_SWITCH(relu, kRelu, [&] {
       FS_BOOL_SWITCH(has_bias, kBias, [&] {
-        FS_BOOL_SWITCH(backward_epilogue_vectorizable(p), kVec, [&] {
-          const int64_t grain = grain_rows(kCpuRowsPerBlock * cols);
-          at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
-            for (int64_t block = begin; block < end; ++block) {
-              for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
-                backward_epilogue_unit<kRelu, kBias, kVec>(p, block, byte);
+        if (current_backend() == Backend::kCudaEmulation) {
+          // The GPU's element-wise units themselves, so that CPU tests run their code.
+          FS_BOOL_SWITCH(backward_epilogue_vectorizable(p), kVec, [&] {
+            at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+              for (int64_t block = begin; block < end; ++block) {
+                for (int64_t byte = 0; byte < bytes_per_row; ++byte) {
+                  backward_epilogue_unit<kRelu, kBias, kVec>(p, block, byte);
+                }
               }
+            });
+          });
+          return;
+        }
+        FS_BOOL_SWITCH(p.grad_out_stride_col == 1, kUnitStride, [&] {
+          at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+            std::vector<uint8_t> active(kRelu ? bytes_per_row * kMaskBitsPerByte : 0);
+            for (int64_t block = begin; block < end; ++block) {
+              backward_epilogue_block<kRelu, kBias, kUnitStride>(p, block, active.data());
             }
           });
         });
