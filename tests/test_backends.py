@@ -142,6 +142,50 @@ def test_element_wise_passes_in_whole_words(backend, dtype):
                                              generator=generator), dtype)
 
 
+# The backward's element-wise pass (the output gradient through the ReLU mask, the bias gradient)
+# runs row by row on a CPU; the GPU's units (csrc/epilogue.h: backward_epilogue_unit) walk 8
+# columns down blocks of rows, and run on a CPU under cuda_emulation. Both sum each column's rows
+# in the same order, so they agree bit for bit: at odd widths and whole words, on word
+# boundaries or off them, with a column-strided or expanded gradient, NaN and Inf included.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", (1, 37, 64, 136))
+@pytest.mark.parametrize("grad_layout", ("contiguous", "sliced", "column-strided", "expanded"))
+def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_layout):
+    generator = torch.Generator().manual_seed(SEED)
+    rows = 300  # three blocks of rows, the last partial
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    x, weight = rand(rows, 19), rand(cols, 19)
+    mask = torch.ops.fusedskip.fused_linear([x], weight, None, None, True, False)[1]
+    grad = {"contiguous": lambda: rand(rows, cols),
+            "sliced": lambda: rand(rows, cols + 3)[:, 1:cols + 1],
+            "column-strided": lambda: rand(cols, rows).t(),
+            "expanded": lambda: rand(1, cols).expand(rows, cols)}[grad_layout]()
+    if grad_layout != "expanded":
+        grad[::7, ::3] = float("nan")
+        grad[1::7, ::5] = float("inf")
+    backward = torch.ops.fusedskip.fused_linear_backward.default
+    wanted = [False, False, True, True]  # the pass alone: bias and pre-activation gradients
+    with fusedskip.use_backend("gemm_epilogue"):
+        rows_pass = backward(grad, [x], weight, mask, True, wanted)
+    with fusedskip.use_backend("cuda_emulation"):
+        units = backward(grad, [x], weight, mask, True, wanted)
+    for name, got, expected in (("grad_bias", rows_pass[2], units[2]),
+                                ("grad_preact", rows_pass[3], units[3])):
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)), name
+        assert torch.equal(got.isnan(), expected.isnan()), name
+    # And both are right: the gradient where the mask's bit is set, else 0; its column sums.
+    bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    on = bits.reshape(rows, -1)[:, :cols].bool()
+    expected = torch.where(on, grad, torch.zeros((), dtype=dtype))
+    assert torch.equal(rows_pass[3].nan_to_num(7.0), expected.nan_to_num(7.0))
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(rows_pass[2].double(), expected.double().sum(0), equal_nan=True,
+                               rtol=tolerance, atol=tolerance)
+
+
 # Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
 # per block there, writing each input's gradient and each weight-gradient column block in place
 # (library_gemm_per_block, csrc/backend.cpp). A block off a word boundary (the "offset" and
