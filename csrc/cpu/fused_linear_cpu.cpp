@@ -95,8 +95,9 @@ constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
 // One block of p.rows_per_block rows of the backward pass: the output gradient through the mask
 // into grad_preact, and the block's column sums into its row of bias_partials. Row by row with
 // the column loop innermost, which vectorises; the GPU's units (backward_epilogue_unit) walk 8
-// columns down the block instead, a strided walk that cost ~6x threshold_backward + sum here
-// (benchmarks/NOTES.md). Both add each column's rows in the same order: the same bits.
+// columns down the block instead, a strided walk that took 13x eager's threshold_backward and
+// sum at 1024x256 here (benchmarks/NOTES.md). Both add each column's rows in the same order:
+// the same bits.
 // `active`: room for a row's mask as bytes, mask_bytes_per_row(cols) * 8.
 template <bool kRelu, bool kBias, bool kUnitStride, typename scalar_t>
 void backward_epilogue_block(const BackwardEpilogueParams<scalar_t>& p, int64_t block,
