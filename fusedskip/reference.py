@@ -391,21 +391,24 @@ class ConcatLinear(_LinearParameters):
         return cls._wrap(linear, widths, linear.out_features, **kwargs)
 
     def _check_inputs(self, inputs):
-        name = type(self).__name__
-        if len(inputs) != len(self.in_features):
+        # Every call runs this (the modules' CPU path costs host time per call): messages built
+        # only on failure.
+        widths = self.in_features
+        if len(inputs) != len(widths):
             hint = ""
             if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
                 hint = "; pass the inputs as separate arguments: layer(x1, x2)"
-            raise ValueError(f"{name}: expected {len(self.in_features)} inputs (in_features="
-                             f"{self.in_features}), got {len(inputs)}{hint}")
-        for i, (x, width) in enumerate(zip(inputs, self.in_features)):
-            if not isinstance(x, torch.Tensor) and has_torch_function((x,)):
-                continue  # a torch.fx Proxy: no shape to check until the traced graph runs
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
-            if x.dim() >= 1 and x.shape[-1] != width:
-                raise ValueError(f"{name}: inputs[{i}] has {x.shape[-1]} features (its last dim) "
-                                 f"but in_features[{i}] is {width}")
+            raise ValueError(f"{type(self).__name__}: expected {len(widths)} inputs (in_features="
+                             f"{widths}), got {len(inputs)}{hint}")
+        for i, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor):
+                if x.dim() >= 1 and x.shape[-1] != widths[i]:
+                    raise ValueError(f"{type(self).__name__}: inputs[{i}] has {x.shape[-1]} "
+                                     f"features (its last dim) but in_features[{i}] is "
+                                     f"{widths[i]}")
+            elif not has_torch_function((x,)):  # a torch.fx Proxy is checked when the graph runs
+                raise TypeError(f"{type(self).__name__}: inputs[{i}] must be a Tensor, got "
+                                f"{type(x).__name__}")
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         self._check_inputs(inputs)
