@@ -1,5 +1,5 @@
-// CPU kernels: the element-wise passes of csrc/epilogue.h in one parallel sweep each, and the
-// op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
+// CPU kernels: the element-wise passes, with csrc/epilogue.h's per-element maths, in one parallel
+// sweep each, and the op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -95,9 +95,8 @@ constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
 // One block of p.rows_per_block rows of the backward pass: the output gradient through the mask
 // into grad_preact, and the block's column sums into its row of bias_partials. Row by row with
 // the column loop innermost, which vectorises; the GPU's units (backward_epilogue_unit) walk 8
-// columns down the block instead, a strided walk that took 13x eager's threshold_backward and
-// sum at 1024x256 here (benchmarks/NOTES.md). Both add each column's rows in the same order:
-// the same bits.
+// columns down the block instead, a strided walk that is slow here (benchmarks/NOTES.md, "CPU
+// element-wise pass"). Both add each column's rows in the same order: the same bits.
 // `active`: room for a row's mask as bytes, mask_bytes_per_row(cols) * 8.
 template <bool kRelu, bool kBias, bool kUnitStride, typename scalar_t>
 void backward_epilogue_block(const BackwardEpilogueParams<scalar_t>& p, int64_t block,
@@ -110,15 +109,16 @@ void backward_epilogue_block(const BackwardEpilogueParams<scalar_t>& p, int64_t 
   acc_t* __restrict__ sums = kBias ? p.bias_partials + block * cols : nullptr;
   if constexpr (kBias) std::fill(sums, sums + cols, acc_t(0));
   for (int64_t row = first; row < end; ++row) {
-    const scalar_t* __restrict__ grad = p.grad_out + row * p.grad_out_stride_row;
-    scalar_t* __restrict__ preact = kRelu ? p.grad_preact + row * cols : nullptr;
-    const uint8_t* __restrict__ on = active;
     if constexpr (kRelu) {
       const uint8_t* mask = p.mask + row * bytes;
       for (int64_t byte = 0; byte < bytes; ++byte) {
         std::memcpy(active + byte * kMaskBitsPerByte, &kSpreadBits[mask[byte]], sizeof(uint64_t));
       }
     }
+    // Restricted from here to the row's end, where nothing else writes what they point to.
+    const scalar_t* __restrict__ grad = p.grad_out + row * p.grad_out_stride_row;
+    scalar_t* __restrict__ preact = kRelu ? p.grad_preact + row * cols : nullptr;
+    const uint8_t* __restrict__ on = active;
     for (int64_t col = 0; col < cols; ++col) {
       scalar_t g = grad[col * stride_col];
       if constexpr (kRelu) {
