@@ -149,7 +149,8 @@ def test_element_wise_passes_in_whole_words(backend, dtype):
 # boundaries or off them, with a column-strided or expanded gradient, NaN and Inf included.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cols", (1, 37, 64, 136))
-@pytest.mark.parametrize("grad_layout", ("contiguous", "sliced", "column-strided", "expanded"))
+@pytest.mark.parametrize("grad_layout", ("contiguous", "sliced", "column-strided", "expanded",
+                                         "column-expanded"))
 def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_layout):
     generator = torch.Generator().manual_seed(SEED)
     rows = 300  # three blocks of rows, the last partial
@@ -162,8 +163,9 @@ def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_l
     grad = {"contiguous": lambda: rand(rows, cols),
             "sliced": lambda: rand(rows, cols + 3)[:, 1:cols + 1],
             "column-strided": lambda: rand(cols, rows).t(),
-            "expanded": lambda: rand(1, cols).expand(rows, cols)}[grad_layout]()
-    if grad_layout != "expanded":
+            "expanded": lambda: rand(1, cols).expand(rows, cols),
+            "column-expanded": lambda: rand(rows, 1).expand(rows, cols)}[grad_layout]()
+    if "expanded" not in grad_layout:
         grad[::7, ::3] = float("nan")
         grad[1::7, ::5] = float("inf")
     backward = torch.ops.fusedskip.fused_linear_backward.default
@@ -184,6 +186,60 @@ def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_l
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
     torch.testing.assert_close(rows_pass[2].double(), expected.double().sum(0), equal_nan=True,
                                rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend", ("gemm_epilogue", "cuda_emulation"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_pass_sums_each_blocks_rows_first_to_last(backend, dtype):
+    """Summed first to last, 2048 - 2048 + 126 * 2^-20 is 126 * 2^-20 in any dtype; an order that
+    meets 2048 after the small terms loses them in float32 (half the spacing of floats at 2048 is
+    2^-13). So a pass that summed in another order would fail here, half types included."""
+    rows, cols = 128, 8
+    grad = torch.full((rows, cols), 2.0 ** -20, dtype=dtype)
+    grad[0], grad[1] = 2048.0, -2048.0
+    x, weight = torch.zeros(rows, 3, dtype=dtype), torch.zeros(cols, 3, dtype=dtype)
+    mask = torch.full((rows, 1), 0xFF, dtype=torch.uint8)  # every ReLU on
+    with fusedskip.use_backend(backend):
+        grad_bias = torch.ops.fusedskip.fused_linear_backward(
+            grad, [x], weight, mask, True, [False, False, True, True])[2]
+    assert torch.equal(grad_bias, torch.full((cols,), 126 * 2.0 ** -20, dtype=dtype))
+
+
+@pytest.mark.parametrize("relu", (True, False))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_backward_pass_each_gradient_any_thread_count(relu, dtype):
+    """The pass alone for each gradient it can be asked for, on one thread and on two: right,
+    and the same bits (the blocks of rows, not the threads, fix the order of every sum)."""
+    generator = torch.Generator().manual_seed(SEED)
+    rows, cols = 5000, 30  # 40 blocks of rows: several tasks for at::parallel_for
+    x = torch.randn(rows, 19, generator=generator).to(dtype)
+    weight = torch.randn(cols, 19, generator=generator).to(dtype)
+    grad = torch.randn(rows, cols, generator=generator).to(dtype)
+    mask = torch.ops.fusedskip.fused_linear([x], weight, None, None, relu, False)[1]
+    on = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1)
+    expected = torch.where(on[:, :cols].bool(), grad, 0) if relu else grad
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    threads = torch.get_num_threads()
+    for want_bias, want_preact in ((True, False), (False, True), (True, True)):
+        if want_preact and not relu:
+            continue  # without a ReLU the pre-activation gradient is the output's: none made
+        results = []
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                with fusedskip.use_backend("gemm_epilogue"):
+                    results.append(torch.ops.fusedskip.fused_linear_backward(
+                        grad, [x], weight, mask, relu, [False, False, want_bias, want_preact]))
+        finally:
+            torch.set_num_threads(threads)
+        for one, two in zip(results[0][1:], results[1][1:]):
+            assert torch.equal(one, two)
+        _, _, grad_bias, grad_preact = results[0]
+        if want_bias:
+            torch.testing.assert_close(grad_bias.double(), expected.double().sum(0),
+                                       rtol=tolerance, atol=tolerance)
+        if want_preact:
+            assert torch.equal(grad_preact, expected)
 
 
 # Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
