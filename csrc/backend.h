@@ -7,7 +7,8 @@
 //                     CPU: the direct loops (csrc/cpu/fused_linear_cpu.cpp)
 //     gemm_epilogue   the library GEMM (cuBLAS / CPU BLAS through ATen) + one element-wise pass
 //     cuda_emulation  CPU tensors: the native CUDA kernel's own code run on the host, thread by
-//                     thread (slow: a test of the GPU kernel without a GPU); CUDA tensors: native
+//                     thread, and the backward pass in the CUDA pass's units (slow: a test of
+//                     the GPU's code without a GPU); CUDA tensors: native
 //     cutlass         CUDA: the forward's GEMM, bias, ReLU + mask and residual in one CUTLASS
 //                     GEMM on sm_90 (csrc/cuda/fused_gemm_sm90.cu); for a concat layer the
 //                     forward's K loop over the inputs, never building the cat

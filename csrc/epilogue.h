@@ -1,7 +1,10 @@
 // Element-wise maths of the fused linear layer, written once as __host__ __device__ code.
 //
-// The CPU loops and the CUDA kernels both call the per-unit bodies below, so every CPU test
-// exercises the exact arithmetic (order of adds, NaN handling, mask packing) the GPU runs.
+// The CUDA kernels call the per-unit bodies below. On a CPU the element-wise passes run row-wise
+// loops of their own around the same per-element maths (epilogue_value, relu_active), adding in
+// the same order; the per-unit bodies themselves run there under the cuda_emulation backend (the
+// native kernel's emulation, and the backward pass). So CPU tests exercise the exact arithmetic
+// (order of adds, NaN handling, mask packing) the GPU runs.
 #pragma once
 
 #include <cstdint>
