@@ -15,7 +15,7 @@ import torch
 
 import fusedskip
 from conftest import (SEED, assert_close_rel, check_against_reference, ids, make_sample,
-                      sample_grid)
+                      sample_grid, unpack_mask)
 
 pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
 
@@ -142,6 +142,10 @@ def test_element_wise_passes_in_whole_words(backend, dtype):
                                              generator=generator), dtype)
 
 
+# Bias-gradient sums of the pass against float64 (half types: rounding the sum to 8 or 11 bits).
+PASS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
 # The backward's element-wise pass (the output gradient through the ReLU mask, the bias gradient)
 # runs row by row on a CPU; the GPU's units (csrc/epilogue.h: backward_epilogue_unit) walk 8
 # columns down blocks of rows, and run on a CPU under cuda_emulation. Both sum each column's rows
@@ -179,11 +183,9 @@ def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_l
         assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)), name
         assert torch.equal(got.isnan(), expected.isnan()), name
     # And both are right: the gradient where the mask's bit is set, else 0; its column sums.
-    bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    on = bits.reshape(rows, -1)[:, :cols].bool()
-    expected = torch.where(on, grad, torch.zeros((), dtype=dtype))
+    expected = torch.where(unpack_mask(mask, cols), grad, torch.zeros((), dtype=dtype))
     assert torch.equal(rows_pass[3].nan_to_num(7.0), expected.nan_to_num(7.0))
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    tolerance = PASS_TOLERANCE.get(dtype, 1e-2)
     torch.testing.assert_close(rows_pass[2].double(), expected.double().sum(0), equal_nan=True,
                                rtol=tolerance, atol=tolerance)
 
@@ -216,9 +218,8 @@ def test_cpu_backward_pass_each_gradient_any_thread_count(relu, dtype):
     weight = torch.randn(cols, 19, generator=generator).to(dtype)
     grad = torch.randn(rows, cols, generator=generator).to(dtype)
     mask = torch.ops.fusedskip.fused_linear([x], weight, None, None, relu, False)[1]
-    on = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1)
-    expected = torch.where(on[:, :cols].bool(), grad, 0) if relu else grad
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    expected = torch.where(unpack_mask(mask, cols), grad, 0) if relu else grad
+    tolerance = PASS_TOLERANCE.get(dtype, 1e-2)
     threads = torch.get_num_threads()
     for want_bias, want_preact in ((True, False), (False, True), (True, True)):
         if want_preact and not relu:
