@@ -97,12 +97,16 @@ CASES = [
 ]
 
 
+NO_OP_CHECKS = "the compiled extension is not loaded: the reference path checks in Python"
+needs_op_checks = pytest.mark.skipif(reference._op_check_args is None, reason=NO_OP_CHECKS)
+
+
 @pytest.fixture(params=["op-checks", "python-checks"])
 def reference_checks(request, monkeypatch):
     """The reference functions check their arguments with the op's C++ code where the extension
     is loaded, and with reference.check_args (the fake kernels' checks) where it is not: both."""
     if request.param == "op-checks" and reference._op_check_args is None:
-        pytest.skip("the compiled extension is not loaded: the reference path checks in Python")
+        pytest.skip(NO_OP_CHECKS)
     if request.param == "python-checks":
         monkeypatch.setattr(reference, "_op_check_args", None)
     return request.param
@@ -136,11 +140,10 @@ def test_fused_and_reference_messages_agree(case, reference_checks):
     assert messages[0] == messages[1]
 
 
+@needs_op_checks
 def test_reference_path_runs_the_op_checks_and_compile_the_python_ones(monkeypatch):
     """Off the GPU the modules run the reference ops behind the op's C++ checks (a tenth of the
     Python ones' host time); torch.compile, which cannot trace into C++, traces check_args."""
-    if reference._op_check_args is None:
-        pytest.skip("the compiled extension is not loaded: the reference path checks in Python")
     op_calls, python_calls = [], []
     op_checks, python_checks = reference._op_check_args, reference.check_args
     monkeypatch.setattr(reference, "_op_check_args",
@@ -375,7 +378,7 @@ def _outcome(check, args):
     return None, None
 
 
-@pytest.mark.skipif(reference._op_check_args is None, reason="the compiled extension is not loaded")
+@needs_op_checks
 @FUZZ
 @given(faulty_calls())
 def test_op_checks_and_python_checks_agree(call):
