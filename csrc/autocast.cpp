@@ -18,20 +18,6 @@
 namespace fusedskip {
 namespace {
 
-// The residual's checks the op would make, where the op does not see it (it is added after).
-void check_promoted_residual(const at::Tensor& residual, const at::Tensor& weight,
-                             const at::Tensor& output) {
-  TORCH_CHECK_TYPE(residual.layout() == at::kStrided,
-                   "fusedskip: residual must be a dense (strided) tensor, got layout ",
-                   residual.layout());
-  TORCH_CHECK(residual.device() == weight.device(), "fusedskip: residual is on device ",
-              residual.device(), " but weight is on ", weight.device(),
-              "; all tensors must be on one device");
-  TORCH_CHECK_VALUE(residual.sizes().equals(output.sizes()),
-                    "fusedskip: residual must have the output's shape ", output.sizes(), ", got ",
-                    residual.sizes(), " (residuals are not broadcast)");
-}
-
 template <c10::DeviceType kDevice>
 std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -47,9 +33,11 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
   const auto op = [&](const std::optional<at::Tensor>& r, bool relu_now, bool before) {
     return fused_linear_op().call(cast_inputs, cast_weight, cast_bias, r, relu_now, before);
   };
-  // Anything but a floating residual goes to the op as it is, whose checks name it.
-  if (!residual.has_value() || !residual->defined() || !residual->is_floating_point() ||
-      !cast_weight.is_floating_point()) {
+  // A residual of a dtype the op does not compute in goes to it as it is, whose checks name it
+  // (promote_types would raise first for some, float8 among them, without naming the argument).
+  if (!residual.has_value() || !residual->defined() ||
+      !is_supported_dtype(residual->scalar_type()) ||
+      !is_supported_dtype(cast_weight.scalar_type())) {
     return op(residual, relu, residual_before_relu);
   }
   const at::ScalarType linear_dtype = cast_weight.scalar_type();
@@ -59,11 +47,11 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
   // A wider residual: what eager computes, each step in the dtype eager computes it in.
   if (relu && !residual_before_relu) {  // relu(linear(x)) + r
     auto [hidden, mask] = op(std::nullopt, true, false);
-    check_promoted_residual(*residual, cast_weight, hidden);
+    check_residual(*residual, cast_weight, hidden.sizes(), /*same_dtype=*/false);
     return {at::add(hidden, *residual), mask};
   }
   auto [preact, no_mask] = op(std::nullopt, false, false);
-  check_promoted_residual(*residual, cast_weight, preact);
+  check_residual(*residual, cast_weight, preact.sizes(), /*same_dtype=*/false);
   at::Tensor sum = at::add(preact, *residual);
   if (!relu) return {sum, no_mask};  // linear(x) + r (the op's own form; the public API has none)
   // relu(linear(x) + r): the mask from the sum the ReLU sees.

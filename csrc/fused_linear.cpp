@@ -67,10 +67,6 @@ std::string layout_name(at::Layout layout) {
   }
 }
 
-bool is_supported_dtype(at::ScalarType type) {
-  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
-}
-
 // An argument's name for messages, formatted only when a check fails (no string building on the
 // hot path): "weight", "input", "inputs[2]".
 struct ArgName {
@@ -88,8 +84,9 @@ ArgName input_arg(size_t i, size_t count) {
   return count == 1 ? ArgName{"input"} : ArgName{"inputs", static_cast<int64_t>(i)};
 }
 
-// A tensor argument that must match `weight` in dtype and device.
-void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tensor& weight) {
+// A tensor argument that must match `weight` in device, and in dtype unless same_dtype is false.
+void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tensor& weight,
+                  bool same_dtype = true) {
   TORCH_CHECK_VALUE(tensor.defined(), "fusedskip: ", name, " is an undefined tensor");
   TORCH_CHECK_TYPE(tensor.layout() == at::kStrided, "fusedskip: ", name,
                    " must be a dense (strided) tensor, got layout ", layout_name(tensor.layout()));
@@ -97,7 +94,7 @@ void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tenso
                    dtype_name(tensor.scalar_type()),
                    "; expected torch.float16, torch.bfloat16, torch.float32 or torch.float64");
   if (&tensor == &weight) return;
-  TORCH_CHECK_TYPE(tensor.scalar_type() == weight.scalar_type(), "fusedskip: ", name,
+  TORCH_CHECK_TYPE(!same_dtype || tensor.scalar_type() == weight.scalar_type(), "fusedskip: ", name,
                    " has dtype ", dtype_name(tensor.scalar_type()), " but weight has dtype ",
                    dtype_name(weight.scalar_type()), "; all tensors must share one dtype");
   TORCH_CHECK(tensor.device() == weight.device(), "fusedskip: ", name, " is on device ",
@@ -157,14 +154,16 @@ Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                       "fusedskip: bias must have shape [", g.cols, "] (out_features), got ",
                       bias->sizes());
   }
-  if (residual.has_value() && residual->defined()) {
-    check_tensor({"residual"}, *residual, weight);
-    TORCH_CHECK_VALUE(residual->sizes().equals(g.out_shape),
-                      "fusedskip: residual must have the output's shape ",
-                      at::IntArrayRef(g.out_shape), ", got ", residual->sizes(),
-                      " (residuals are not broadcast)");
-  }
+  if (residual.has_value() && residual->defined()) check_residual(*residual, weight, g.out_shape);
   return g;
+}
+
+void check_residual(const at::Tensor& residual, const at::Tensor& weight,
+                    at::IntArrayRef out_shape, bool same_dtype) {
+  check_tensor({"residual"}, residual, weight, same_dtype);
+  TORCH_CHECK_VALUE(residual.sizes().equals(out_shape),
+                    "fusedskip: residual must have the output's shape ", out_shape, ", got ",
+                    residual.sizes(), " (residuals are not broadcast)");
 }
 
 Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu) {

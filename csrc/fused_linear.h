@@ -38,6 +38,11 @@ struct Geometry {
   c10::SmallVector<int64_t, 6> out_shape;        // leading dims + (out_features,)
 };
 
+// The dtypes the op computes in.
+inline bool is_supported_dtype(at::ScalarType type) {
+  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
+}
+
 // An operand the GEMM libraries' fast paths (cuBLAS's aligned kernels, TMA) take as it is: it
 // starts on a 16-byte boundary, has unit stride in its last dim, and (2-D) its rows are a whole
 // number of 16-byte words apart.
@@ -64,6 +69,11 @@ inline bool tma_operand(const at::Tensor& t) {
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual);
+
+// The residual's part of those checks. same_dtype false: a residual wider than the linear, which
+// autocast adds after the op (csrc/autocast.cpp).
+void check_residual(const at::Tensor& residual, const at::Tensor& weight,
+                    at::IntArrayRef out_shape, bool same_dtype = true);
 
 Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu);
 

@@ -199,9 +199,11 @@ def autocast_residual(weight, residual):
     """The residual under autocast, given the linear's (cast) weight: as eager's add meets
     `relu(linear(x))`, in the promoted dtype. Returns (residual, wider): cast to the linear's dtype
     where that loses nothing (wider False), else as it is, for an add in its own, wider dtype
-    (float32 next to bfloat16) after the linear, as csrc/autocast.cpp does."""
-    if not (isinstance(residual, torch.Tensor) and residual.is_floating_point()
-            and isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+    (float32 next to bfloat16) after the linear, as csrc/autocast.cpp does. A dtype the op does
+    not compute in is left for the checks to name (promote_types would raise first for some,
+    float8 among them, without naming the argument)."""
+    if not (isinstance(residual, torch.Tensor) and residual.dtype in _FLOAT_DTYPES
+            and isinstance(weight, torch.Tensor) and weight.dtype in _FLOAT_DTYPES):
         return residual, False
     if torch.promote_types(weight.dtype, residual.dtype) == weight.dtype:
         return residual.to(weight.dtype), False

@@ -145,3 +145,27 @@ def test_a_wider_residual_is_checked_as_the_op_checks_it():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 with pytest.raises((TypeError, ValueError), match="fusedskip: residual must"):
                     call(residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64,
+                                   torch.uint8, torch.int64, torch.bool])
+def test_a_residual_dtype_the_op_refuses_is_named_under_autocast(device, dtype):
+    # Autocast weighs the residual's dtype against the linear's before the op sees it; a dtype
+    # torch cannot promote (float8) must still reach the op's check, which names the argument.
+    x, w = torch.randn(4, 6, device=device), torch.randn(5, 6, device=device)
+    residual = torch.randn(4, 5, device=device).to(dtype)
+    layer = fusedskip.LinearReLUResidual(6, 5, device=device)
+    expected = (f"fusedskip: residual has dtype {dtype}; expected torch.float16, torch.bfloat16, "
+                "torch.float32 or torch.float64")
+    for order in ("relu_add", "add_relu"):
+        layer.order = order
+        for call in (lambda: fusedskip.linear_relu_residual(x, w, None, residual, order=order),
+                     lambda: layer(x, residual)):
+            with pytest.raises(TypeError) as plain:
+                call()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                with pytest.raises(TypeError) as autocast:
+                    call()
+            assert str(plain.value) == expected
+            assert str(autocast.value) == expected
