@@ -219,7 +219,9 @@ struct ConcatMainloop : Base {
     }
   }
 
-  // The consumers: CUTLASS's, which read nothing of the parameters (so its own, empty ones do).
+  // The consumers: CUTLASS's, which read nothing of the parameters (so a default-constructed
+  // set of the base's does; the kernels use no stack for it: benchmarks/results/x86-64-2026-11-27/
+  // concat-gemm-resources.md).
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
                           FrgTensorC& accum, int k_tile_count, int thread_idx,

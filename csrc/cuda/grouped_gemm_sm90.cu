@@ -43,8 +43,9 @@ namespace fusedskip {
 namespace sm90 {
 
 // 256x128 tiles: at the widths where grouping pays, the blocks' column tiles then add up with
-// little waste (a 256-wide tile would leave most of a last column tile per block empty), and the
-// rows, the long side of both GEMMs, take the wide side. Its mainloop alone was within 5% of
+// little waste (a 256-wide tile would leave most of a last column tile per block empty), and in
+// the input gradients the rows, the long side, take the wide side (in the weight gradient the
+// rows are the K loop, and out_features take it). Its mainloop alone was within 5% of
 // cuBLAS on an H100 (benchmarks/NOTES.md, "The epilogue inside the GEMM").
 using GroupedConfig = CooperativeConfig<256, 128, 2, 1>;
 
