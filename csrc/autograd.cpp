@@ -5,6 +5,7 @@
 // Saved for backward: the inputs and weight (as autograd already keeps them alive) and the packed
 // 1-bit ReLU mask. Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -153,10 +154,19 @@ bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
          (residual.has_value() && has_tangent(*residual));
 }
 
-// A C++ autograd::Function has no forward-mode formula. A call with tangents computes the op's
-// maths in ATen ops instead (one linear over the cat), whose formulas serve forward mode and
-// torch.autograd's reverse mode over and under it (torch.func.jvp, jacfwd, forward over
-// reverse). Like the kernels, it adds bias and residual and applies the ReLU in float32 (float64
+// Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: functorch includes
+// its dynamic-layer keys in this thread's dispatch keys while its stack of transforms is not
+// empty (its stack itself is not reachable from an extension's headers).
+bool functorch_transform_active() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// A C++ autograd::Function has no forward-mode formula, and torch.func's transforms refuse one
+// outright. A call with tangents, or under a transform, computes the op's maths in ATen ops
+// instead (one linear over the cat), whose formulas and batching rules serve forward mode,
+// torch.autograd's reverse mode over and under it, and every torch.func transform (vmap
+// reaches it through the FuncTorchBatched registration below). Like the kernels, it adds bias and residual and applies the ReLU in float32 (float64
 // for float64) and rounds once, so output and mask are the kernels'. Not a fast path.
 std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -181,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
-  if (any_tangent(inputs, weight, bias, residual)) {
+  if (functorch_transform_active() || any_tangent(inputs, weight, bias, residual)) {
     return fused_linear_composite(inputs, weight, bias, residual, relu, residual_before_relu);
   }
   if (!at::GradMode::is_enabled() || !any_requires_grad(inputs, weight, bias, residual)) {
@@ -207,5 +217,11 @@ at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
 }
 
 TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }
+
+// torch.func.vmap: the op has no batching rule of its own; the composite's ATen ops have theirs
+// (as functorch decomposes ATen's composite ops), for batched inputs, weights or both.
+TORCH_LIBRARY_IMPL(fusedskip, FuncTorchBatched, m) {
+  m.impl("fused_linear", &fused_linear_composite);
+}
 
 }  // namespace fusedskip

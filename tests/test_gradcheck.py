@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import ids, sample_grid
+from conftest import CUDA_MARKS, ids, sample_grid
 
 SAMPLES = sample_grid()
 
@@ -85,8 +85,7 @@ def _op_args(sample, tensors):
 
 def test_torch_func_forward_transforms():
     """torch.func.jvp and jacfwd through a concat layer feeding an add_relu layer, against the
-    reference's reverse-mode Jacobian. (torch.func's reverse-mode transforms and vmap refuse a C++
-    autograd Function with torch's own error; torch.autograd's reverse mode is what the op has.)"""
+    reference's reverse-mode Jacobian."""
     x1 = torch.randn(3, 4, dtype=torch.float64)
     x2 = torch.randn(3, 2, dtype=torch.float64)
     w1 = torch.randn(5, 6, dtype=torch.float64)
@@ -106,6 +105,77 @@ def test_torch_func_forward_transforms():
     for got, want in zip(torch.func.jvp(fused, (x1, x2), tangents),
                          torch.func.jvp(ref, (x1, x2), tangents)):
         torch.testing.assert_close(got, want)
+
+
+def _detached(sample):
+    return [t.detach() for t in sample.tensors()]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=ids(SAMPLES))
+def test_torch_func_reverse_transforms(sample):
+    """torch.func.grad and jacrev of every form against the reference's. (A C++ autograd Function
+    is refused by torch.func: under a transform the op computes through its ATen composite.)"""
+    tensors = _detached(sample)
+    argnums = tuple(range(len(tensors)))
+
+    def loss(api):
+        return lambda *t: sample.call(api, *t).sin().sum()
+
+    for got, want in zip(torch.func.grad(loss(fusedskip), argnums)(*tensors),
+                         torch.func.grad(loss(fusedskip.reference), argnums)(*tensors)):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(torch.func.jacrev(lambda *t: sample.call(fusedskip, *t), argnums)(*tensors),
+                         torch.func.jacrev(lambda *t: sample.call(fusedskip.reference, *t),
+                                           argnums)(*tensors)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=ids(SAMPLES))
+def test_vmap(sample):
+    """torch.func.vmap over a batch of every argument at once (an ensemble of layers on a batch of
+    inputs each), and over the inputs alone, against a loop of plain calls."""
+    tensors = _detached(sample)
+    generator = torch.Generator().manual_seed(len(sample.name))
+    batched = [torch.randn(3, *t.shape, dtype=t.dtype, generator=generator) for t in tensors]
+
+    def fused(*t):
+        return sample.call(fusedskip, *t)
+
+    looped = torch.stack([fused(*(b[i] for b in batched)) for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(fused)(*batched), looped)
+    n = len(sample.inputs)
+    in_dims = tuple(0 if i < n else None for i in range(len(tensors)))
+    args = [batched[i] if i < n else t for i, t in enumerate(tensors)]
+    looped = torch.stack([fused(*(a[i] if i_dim == 0 else a for a, i_dim in zip(args, in_dims)))
+                          for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(fused, in_dims=in_dims)(*args), looped)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+def test_per_sample_gradients(device):
+    """The torch.func recipe for per-sample gradients, vmap(grad(loss)), through a two-layer
+    skip block: each sample's weight gradients equal those of torch.autograd on that sample
+    alone, and the op still runs its own kernel (its autograd node) once the transforms are
+    done."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator).to(device)
+    params = {"w1": torch.randn(5, 5, dtype=torch.float64, generator=generator).to(device),
+              "b1": torch.randn(5, dtype=torch.float64, generator=generator).to(device),
+              "w2": torch.randn(4, 10, dtype=torch.float64, generator=generator).to(device)}
+
+    def loss(p, sample):
+        h = fusedskip.linear_relu_residual(sample, p["w1"], p["b1"], sample)
+        return fusedskip.linear_concat([h, sample], p["w2"]).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        expected = torch.autograd.grad(loss(leaves, x[i]), list(leaves.values()))
+        for name, want in zip(leaves, expected):
+            torch.testing.assert_close(per_sample[name][i], want)
+    w = params["w1"].clone().requires_grad_()
+    out = fusedskip.linear_relu_residual(x, w, params["b1"], x)
+    assert "FusedLinearFunction" in out.grad_fn.name()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
