@@ -5,6 +5,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -31,6 +35,32 @@ int64_t grain_rows(int64_t elements_per_row) {
 // skip-connection MLP a loop per 30-column row costs more in set-up than in work), else row by
 // row. `active` receives a byte per element; the mask bytes are packed from it afterwards.
 constexpr int64_t kChunk = 4096;
+
+// One row's 0/1 bytes `on` -> its `bytes` mask bytes, bit i of byte j from on[8 j + i]. Reads
+// whole 8-byte words: past the row's last column they belong to the next row (or the buffer's
+// zero tail), and their bits are cleared.
+inline void pack_row_bits(const uint8_t* on, int64_t cols, int64_t bytes, uint8_t* mask) {
+  int64_t byte = 0;
+#if defined(__SSE2__)
+  // Sixteen bytes -> two mask bytes: each byte's low bit shifted to its top bit, where one
+  // movemask gathers them (little-endian: the first eight bytes make the first mask byte).
+  for (; byte + 2 <= bytes; byte += 2) {
+    const __m128i sixteen =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(on + byte * kMaskBitsPerByte));
+    const auto bits = static_cast<uint16_t>(_mm_movemask_epi8(_mm_slli_epi64(sixteen, 7)));
+    std::memcpy(mask + byte, &bits, sizeof bits);
+  }
+#endif
+  for (; byte < bytes; ++byte) {
+    // One multiply gathers the eight bytes' low bits into the top byte (each lands at a
+    // distinct bit; no carries).
+    uint64_t eight;
+    std::memcpy(&eight, on + byte * kMaskBitsPerByte, sizeof eight);
+    mask[byte] = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
+  }
+  const int64_t tail = cols % kMaskBitsPerByte;
+  if (tail != 0) mask[bytes - 1] &= static_cast<uint8_t>((1u << tail) - 1);
+}
 
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
 void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_t* gemm,
@@ -62,21 +92,7 @@ void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_
   }
   if constexpr (kRelu) {
     const int64_t bytes = mask_bytes_per_row(cols);
-    for (int64_t r = 0; r < count; ++r) {
-      uint8_t* __restrict__ mask = p.mask + (first + r) * bytes;
-      const uint8_t* on = active + r * cols;
-      for (int64_t byte = 0; byte < bytes; ++byte) {
-        // Eight 0/1 bytes -> one byte, bit i from byte i: one multiply gathers them into the
-        // top byte (each lands at a distinct bit; no carries). Past the row's last column the
-        // bytes belong to the next row (or the buffer's zero tail): cleared.
-        uint64_t eight;
-        std::memcpy(&eight, on + byte * kMaskBitsPerByte, sizeof eight);
-        uint8_t bits = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
-        const int64_t left = cols - byte * kMaskBitsPerByte;
-        if (left < kMaskBitsPerByte) bits &= static_cast<uint8_t>((1u << left) - 1);
-        mask[byte] = bits;
-      }
-    }
+    for (int64_t r = 0; r < count; ++r) pack_row_bits(active + r * cols, cols, bytes, p.mask + (first + r) * bytes);
   }
 }
 
