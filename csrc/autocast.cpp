@@ -19,7 +19,7 @@ namespace fusedskip {
 namespace {
 
 template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
+std::tuple<at::Tensor, at::Tensor> autocast_kernel(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
@@ -62,12 +62,24 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
+    c10::DeviceType device, at::TensorList inputs, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, bool relu,
+    bool residual_before_relu) {
+  TORCH_INTERNAL_ASSERT(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA);
+  return device == c10::DeviceType::CUDA
+             ? autocast_kernel<c10::DeviceType::CUDA>(inputs, weight, bias, residual, relu,
+                                                      residual_before_relu)
+             : autocast_kernel<c10::DeviceType::CPU>(inputs, weight, bias, residual, relu,
+                                                     residual_before_relu);
+}
+
 TORCH_LIBRARY_IMPL(fusedskip, AutocastCPU, m) {
-  m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CPU>);
+  m.impl("fused_linear", &autocast_kernel<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(fusedskip, AutocastCUDA, m) {
-  m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("fused_linear", &autocast_kernel<c10::DeviceType::CUDA>);
 }
 
 }  // namespace fusedskip

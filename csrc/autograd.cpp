@@ -5,6 +5,7 @@
 // Saved for backward: the inputs and weight (as autograd already keeps them alive) and the packed
 // 1-bit ReLU mask. Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -218,10 +219,28 @@ at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
 
 TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }
 
+namespace {
+
 // torch.func.vmap: the op has no batching rule of its own; the composite's ATen ops have theirs
-// (as functorch decomposes ATen's composite ops), for batched inputs, weights or both.
+// (as functorch decomposes ATen's composite ops), for batched inputs, weights or both. vmap's
+// dispatch key comes before autocast's, so under autocast the op's autocast kernel runs first,
+// as it would without vmap, and its call of the op (autocast off) comes back here.
+std::tuple<at::Tensor, at::Tensor> fused_linear_batched(
+    at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
+  const c10::DeviceType device = weight.device().type();
+  if ((device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA) &&
+      at::autocast::is_autocast_enabled(device)) {
+    return fused_linear_autocast(device, inputs, weight, bias, residual, relu,
+                                 residual_before_relu);
+  }
+  return fused_linear_composite(inputs, weight, bias, residual, relu, residual_before_relu);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fusedskip, FuncTorchBatched, m) {
-  m.impl("fused_linear", &fused_linear_composite);
+  m.impl("fused_linear", &fused_linear_batched);
 }
 
 }  // namespace fusedskip

@@ -94,6 +94,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
 // ops (any device): bit c % 8 of byte c / 8 set where relu_active (csrc/epilogue.h), NaN included.
 at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows);
 
+// The op's autocast kernel for a CPU or CUDA `device` (csrc/autocast.cpp): the arguments cast as
+// nn.Linear's are, then the op without autocast.
+std::tuple<at::Tensor, at::Tensor> fused_linear_autocast(
+    c10::DeviceType device, at::TensorList inputs, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, bool relu,
+    bool residual_before_relu);
+
 // The ops as the dispatcher holds them (all dispatch keys: autograd, fake, CPU, CUDA).
 const c10::TypedOperatorHandle<decltype(fused_linear)>& fused_linear_op();
 const c10::TypedOperatorHandle<decltype(fused_linear_backward)>& fused_linear_backward_op();

@@ -169,3 +169,30 @@ def test_a_residual_dtype_the_op_refuses_is_named_under_autocast(device, dtype):
                     call()
             assert str(plain.value) == expected
             assert str(autocast.value) == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_vmap_under_autocast_casts_as_without_vmap(device, residual_dtype):
+    # vmap's dispatch key comes before autocast's: the batched op must still cast (and add a
+    # wider residual after) as the op does unbatched, so each slice is the unbatched call's dtype
+    # and values, up to bfloat16's rounding (the batched op computes through ATen's composite,
+    # which rounds once; the unbatched kernel rounds the GEMM's result first).
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 10, generator=generator).to(device)
+    w = torch.randn(5, 10, generator=generator).to(device)
+    b = torch.randn(5, generator=generator).to(device)
+    r = torch.randn(4, 6, 5, generator=generator).to(device, residual_dtype)
+    for order in ("relu_add", "add_relu"):
+        def layer(x, r):
+            return fusedskip.linear_relu_residual(x, w, b, r, order=order)
+
+        def concat(x):
+            return fusedskip.linear_concat([x[:, :3], x[:, 3:]], w, b, activation="relu")
+
+        with torch.autocast(device, dtype=torch.bfloat16):
+            for batched, looped in ((torch.func.vmap(layer)(x, r),
+                                     [layer(x[i], r[i]) for i in range(4)]),
+                                    (torch.func.vmap(concat)(x), [concat(x[i]) for i in range(4)])):
+                assert batched.dtype == looped[0].dtype
+                assert_close_rel(batched, torch.stack(looped).double(), torch.bfloat16, order)
