@@ -19,13 +19,19 @@ def test_forward_and_grads_match_reference(dtype):
         check_against_reference(sample, dtype)
 
 
-@pytest.mark.parametrize("cols", [1, 7, 8, 9, 16, 17, 33])
+# 5 rows by 4 take the CPU's direct loops (the bias in the row-by-row pass); 300 by 128 an ATen
+# GEMM (the bias inside it), whose pass runs over chunks of back-to-back rows, several at the
+# wider widths. Small integers: every path computes the pre-activation exactly, zeros included.
+@pytest.mark.parametrize("rows, depth", [(5, 4), (300, 128)])
+@pytest.mark.parametrize("cols", [1, 7, 8, 9, 15, 16, 17, 24, 32, 33, 130])
 @pytest.mark.parametrize("order", ["relu_add", "add_relu"])
-def test_mask_packs_preactivation_sign(cols, order):
-    x, w, b = torch.randn(5, 4), torch.randn(cols, 4), torch.randn(cols)
-    r = torch.randn(5, cols)
+def test_mask_packs_preactivation_sign(rows, depth, cols, order):
+    def ints(*shape):
+        return torch.randint(-3, 4, shape).float()
+
+    x, w, b, r = ints(rows, depth), ints(cols, depth), ints(cols), ints(rows, cols)
     out, mask = torch.ops.fusedskip.fused_linear([x], w, b, r, True, order == "add_relu")
-    assert mask.dtype == torch.uint8 and mask.shape == (5, (cols + 7) // 8)
+    assert mask.dtype == torch.uint8 and mask.shape == (rows, (cols + 7) // 8)
     preact = x.double() @ w.double().T + b.double() + (r.double() if order == "add_relu" else 0)
     assert torch.equal(unpack_mask(mask, cols), ~(preact <= 0))
     # padding bits of the last byte are zero

@@ -5,8 +5,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__SSE2__)
+#if defined(__SSE2__) || defined(_M_X64)
 #include <emmintrin.h>
+#endif
+// The mask's bytes are read and written as 64-bit words of eight 0/1 bytes (the packing below,
+// kSpreadBits), byte i holding bit i: little-endian order.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "fusedskip's CPU passes assume a little-endian CPU"
 #endif
 
 #include <ATen/Dispatch.h>
@@ -37,11 +42,11 @@ int64_t grain_rows(int64_t elements_per_row) {
 constexpr int64_t kChunk = 4096;
 
 // One row's 0/1 bytes `on` -> its `bytes` mask bytes, bit i of byte j from on[8 j + i]. Reads
-// whole 8-byte words: past the row's last column they belong to the next row (or the buffer's
-// zero tail), and their bits are cleared.
+// 8 bytes per mask byte, up to 7 past the row's last column: those belong to the next row (or
+// the buffer's zero tail), and their bits are cleared.
 inline void pack_row_bits(const uint8_t* on, int64_t cols, int64_t bytes, uint8_t* mask) {
   int64_t byte = 0;
-#if defined(__SSE2__)
+#if defined(__SSE2__) || defined(_M_X64)
   // Sixteen bytes -> two mask bytes: each byte's low bit shifted to its top bit, where one
   // movemask gathers them (little-endian: the first eight bytes make the first mask byte).
   for (; byte + 2 <= bytes; byte += 2) {
@@ -92,7 +97,9 @@ void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_
   }
   if constexpr (kRelu) {
     const int64_t bytes = mask_bytes_per_row(cols);
-    for (int64_t r = 0; r < count; ++r) pack_row_bits(active + r * cols, cols, bytes, p.mask + (first + r) * bytes);
+    for (int64_t r = 0; r < count; ++r) {
+      pack_row_bits(active + r * cols, cols, bytes, p.mask + (first + r) * bytes);
+    }
   }
 }
 
