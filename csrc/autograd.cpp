@@ -30,6 +30,18 @@ at::Tensor unpack_relu_mask(const at::Tensor& mask, int64_t cols) {
 // Non-empty only when asked for: the op returns empty placeholders for the rest.
 at::Tensor if_wanted(bool wanted, const at::Tensor& grad) { return wanted ? grad : at::Tensor(); }
 
+// Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: functorch includes
+// its dynamic-layer keys in this thread's dispatch keys while its stack of transforms is not
+// empty. (The stack's own header, ATen/functorch/DynamicLayer.h, needs nlohmann/json, which
+// torch does not ship.) Also the older vmap that autograd.grad's is_grads_batched and
+// jacobian's vectorize run the backward under, which includes VmapMode.
+bool transform_active() {
+  using c10::impl::tls_is_dispatch_key_included;
+  return tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         tls_is_dispatch_key_included(c10::DispatchKey::VmapMode);
+}
+
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
@@ -83,9 +95,10 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     const bool residual_takes_preact = residual == Residual::kBeforeRelu;
 
     at::Tensor grad_preact;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True (double backward): the same maths in differentiable ATen ops. The mask
-      // is a constant here: ReLU's second derivative is zero.
+    if (at::GradMode::is_enabled() || transform_active()) {
+      // create_graph=True (double backward), or under a transform (vmap of this backward, for
+      // which the backward op has no batching rule): the same maths in differentiable ATen ops.
+      // The mask is a constant here: ReLU's second derivative is zero.
       grad_preact = grad_output;
       if (relu) {
         const at::Tensor active =
@@ -155,20 +168,16 @@ bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
          (residual.has_value() && has_tangent(*residual));
 }
 
-// Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: functorch includes
-// its dynamic-layer keys in this thread's dispatch keys while its stack of transforms is not
-// empty (its stack itself is not reachable from an extension's headers).
-bool functorch_transform_active() {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
-         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-}
-
 // A C++ autograd::Function has no forward-mode formula, and torch.func's transforms refuse one
 // outright. A call with tangents, or under a transform, computes the op's maths in ATen ops
 // instead (one linear over the cat), whose formulas and batching rules serve forward mode,
 // torch.autograd's reverse mode over and under it, and every torch.func transform (vmap
-// reaches it through the FuncTorchBatched registration below). Like the kernels, it adds bias and residual and applies the ReLU in float32 (float64
-// for float64) and rounds once, so output and mask are the kernels'. Not a fast path.
+// reaches it through the FuncTorchBatched registration below). It adds bias and residual and
+// applies the ReLU in float32 (float64 for float64) and rounds once, as the direct loops, the
+// native kernel and the cutlass epilogue do: their output and mask. Where the op's GEMM is a
+// library's that rounds x W^T + b to a half type first (ATen's on a CPU above the direct loops'
+// size, cuBLAS), a half-precision output may differ by a rounding, and a mask bit where that
+// rounding reaches zero. Not a fast path.
 std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
@@ -192,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
-  if (functorch_transform_active() || any_tangent(inputs, weight, bias, residual)) {
+  if (transform_active() || any_tangent(inputs, weight, bias, residual)) {
     return fused_linear_composite(inputs, weight, bias, residual, relu, residual_before_relu);
   }
   if (!at::GradMode::is_enabled() || !any_requires_grad(inputs, weight, bias, residual)) {
@@ -224,7 +233,8 @@ namespace {
 // torch.func.vmap: the op has no batching rule of its own; the composite's ATen ops have theirs
 // (as functorch decomposes ATen's composite ops), for batched inputs, weights or both. vmap's
 // dispatch key comes before autocast's, so under autocast the op's autocast kernel runs first,
-// as it would without vmap, and its call of the op (autocast off) comes back here.
+// as it would without vmap, and its call of the op comes back here with autocast off: that
+// kernel excludes autocast's key, which is what is_autocast_enabled reads.
 std::tuple<at::Tensor, at::Tensor> fused_linear_batched(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {

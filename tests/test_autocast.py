@@ -177,7 +177,7 @@ def test_vmap_under_autocast_casts_as_without_vmap(device, residual_dtype):
     # vmap's dispatch key comes before autocast's: the batched op must still cast (and add a
     # wider residual after) as the op does unbatched, so each slice is the unbatched call's dtype
     # and values, up to bfloat16's rounding (the batched op computes through ATen's composite,
-    # which rounds once; the unbatched kernel rounds the GEMM's result first).
+    # whose float32 GEMM sums in another order than the op's CPU loops).
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(4, 6, 10, generator=generator).to(device)
     w = torch.randn(5, 10, generator=generator).to(device)

@@ -151,6 +151,61 @@ def test_vmap(sample):
     torch.testing.assert_close(torch.func.vmap(fused, in_dims=in_dims)(*args), looped)
 
 
+def test_vmap_dims_chunks_and_nesting():
+    """vmap with the batch dim elsewhere than first (in and out), in chunks, nested over an
+    ensemble of weights, and over some of a concat's inputs only, against loops of plain calls."""
+    generator = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    x, w, b, r = rand(4, 3, 6), rand(5, 6), rand(5), rand(4, 5)
+
+    def layer(x, w, r):
+        return fusedskip.linear_relu_residual(x, w, b, r, order="add_relu")
+
+    loop = torch.stack([layer(x[:, i], w, r) for i in range(3)], 1)
+    torch.testing.assert_close(torch.func.vmap(layer, in_dims=(1, None, None), out_dims=1,
+                                               chunk_size=2)(x, w, r), loop)
+    ws, xs = rand(2, 5, 6), rand(3, 4, 6)
+    nested = torch.func.vmap(torch.func.vmap(layer, in_dims=(0, None, None)),
+                             in_dims=(None, 0, None))(xs, ws, r)
+    loop = torch.stack([torch.stack([layer(xs[j], ws[i], r) for j in range(3)]) for i in range(2)])
+    torch.testing.assert_close(nested, loop)
+    wc, shared = rand(5, 9), rand(4, 3)
+
+    def concat(a, c):
+        return fusedskip.linear_concat([a, shared, c], wc, b, activation="relu")
+
+    a, c = rand(3, 4, 2), rand(4, 3, 4)
+    loop = torch.stack([concat(a[i], c[:, i]) for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(concat, in_dims=(0, 1))(a, c), loop)
+
+
+def test_batched_gradients_of_a_graph():
+    """torch.autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) run the
+    backward of a graph built outside any transform under vmap."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=generator)
+    w = torch.randn(5, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    r = torch.randn(4, 5, dtype=torch.float64, generator=generator)
+    out = fusedskip.linear_relu_residual(x, w, b, r)
+    vectors = torch.randn(3, 4, 5, dtype=torch.float64, generator=generator)
+    batched = torch.autograd.grad(out, (w, b), vectors, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        for got, want in zip(batched, torch.autograd.grad(out, (w, b), vectors[i],
+                                                          retain_graph=True)):
+            torch.testing.assert_close(got[i], want)
+
+    def concat(api):
+        return lambda w: api.linear_concat([x[:, :2], x[:, 2:]], w, b.detach(), activation="relu")
+
+    torch.testing.assert_close(
+        torch.autograd.functional.jacobian(concat(fusedskip), w.detach(), vectorize=True),
+        torch.autograd.functional.jacobian(concat(fusedskip.reference), w.detach()))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
 def test_per_sample_gradients(device):
     """The torch.func recipe for per-sample gradients, vmap(grad(loss)), through a two-layer
