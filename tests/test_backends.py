@@ -147,7 +147,7 @@ PASS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 # The backward's element-wise pass (the output gradient through the ReLU mask, the bias gradient)
-# runs row by row on a CPU; the GPU's units (csrc/epilogue.h: backward_epilogue_unit) walk 8
+# runs in chunks of rows on a CPU; the GPU's units (csrc/epilogue.h: backward_epilogue_unit) walk 8
 # columns down blocks of rows, and run on a CPU under cuda_emulation. Both sum each column's rows
 # in the same order, so they agree bit for bit: at odd widths and whole words, on word
 # boundaries or off them, with a column-strided or expanded gradient, NaN and Inf included.

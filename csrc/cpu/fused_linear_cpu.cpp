@@ -116,39 +116,79 @@ constexpr std::array<uint64_t, 256> spread_bits_table() {
 constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
 
 // One block of p.rows_per_block rows of the backward pass: the output gradient through the mask
-// into grad_preact, and the block's column sums into its row of bias_partials. Row by row with
-// the column loop innermost, which vectorises; the GPU's units (backward_epilogue_unit) walk 8
-// columns down the block instead, a strided walk that is slow here (benchmarks/NOTES.md, "CPU
-// element-wise pass"). Both add each column's rows in the same order: the same bits.
-// `active`: room for a row's mask as bytes, mask_bytes_per_row(cols) * 8.
+// into grad_preact, and the block's column sums into its row of bias_partials. The GPU's units
+// (backward_epilogue_unit) walk 8 columns down the block, a strided walk that is slow here
+// (benchmarks/NOTES.md, "CPU element-wise pass"). Here the block goes in chunks of rows of up to
+// kChunk elements, which stay in cache between two loops: the masked copy, over the whole chunk
+// at once where its rows lie back to back (at 30 columns a loop per row costs more in set-up than
+// in work), else row by row; then the sums, eight columns at a time down the chunk's rows in
+// registers, reading back what the copy wrote. Both add each column's rows in the same order:
+// the same bits.
+// `active`: room for a chunk's mask as bytes, max(kChunk, cols) + 8.
 template <bool kRelu, bool kBias, bool kUnitStride, typename scalar_t>
 void backward_epilogue_block(const BackwardEpilogueParams<scalar_t>& p, int64_t block,
                              uint8_t* active) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t cols = p.cols, bytes = mask_bytes_per_row(cols);
   const int64_t stride_col = kUnitStride ? 1 : p.grad_out_stride_col;
-  const int64_t first = block * p.rows_per_block;
-  const int64_t end = std::min(first + p.rows_per_block, p.rows);
+  const int64_t block_first = block * p.rows_per_block;
+  const int64_t block_end = std::min(block_first + p.rows_per_block, p.rows);
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1));
   acc_t* __restrict__ sums = kBias ? p.bias_partials + block * cols : nullptr;
   if constexpr (kBias) std::fill(sums, sums + cols, acc_t(0));
-  for (int64_t row = first; row < end; ++row) {
+  for (int64_t first = block_first; first < block_end; first += chunk_rows) {
+    const int64_t count = std::min(chunk_rows, block_end - first);
     if constexpr (kRelu) {
-      const uint8_t* mask = p.mask + row * bytes;
-      for (int64_t byte = 0; byte < bytes; ++byte) {
-        std::memcpy(active + byte * kMaskBitsPerByte, &kSpreadBits[mask[byte]], sizeof(uint64_t));
+      // A byte per element, rows back to back: each row's last word spills into the next
+      // row's first bytes, which that row's own words then overwrite.
+      for (int64_t r = 0; r < count; ++r) {
+        const uint8_t* mask = p.mask + (first + r) * bytes;
+        for (int64_t byte = 0; byte < bytes; ++byte) {
+          std::memcpy(active + r * cols + byte * kMaskBitsPerByte, &kSpreadBits[mask[byte]],
+                      sizeof(uint64_t));
+        }
+      }
+      const bool flat = kUnitStride && p.grad_out_stride_row == cols;
+      const int64_t runs = flat ? 1 : count, run_length = flat ? count * cols : cols;
+      for (int64_t run = 0; run < runs; ++run) {
+        // Restricted from here to the run's end, where nothing else writes what they point to.
+        const scalar_t* __restrict__ grad = p.grad_out + (first + run) * p.grad_out_stride_row;
+        scalar_t* __restrict__ preact = p.grad_preact + (first + run) * cols;
+        const uint8_t* __restrict__ on = active + run * cols;
+        for (int64_t i = 0; i < run_length; ++i) {
+          // Loaded whatever the mask says, then a select (as in the units: NaN where off gives
+          // 0): a load under the mask's branch would not vectorise.
+          const scalar_t g = grad[i * stride_col];
+          preact[i] = on[i] ? g : scalar_t(0);
+        }
       }
     }
-    // Restricted from here to the row's end, where nothing else writes what they point to.
-    const scalar_t* __restrict__ grad = p.grad_out + row * p.grad_out_stride_row;
-    scalar_t* __restrict__ preact = kRelu ? p.grad_preact + row * cols : nullptr;
-    const uint8_t* __restrict__ on = active;
-    for (int64_t col = 0; col < cols; ++col) {
-      scalar_t g = grad[col * stride_col];
-      if constexpr (kRelu) {
-        g = on[col] ? g : scalar_t(0);  // a select, as in the units: NaN where off gives 0
-        preact[col] = g;
+    if constexpr (kBias) {
+      // What the mask let through (unit stride), or the output gradient itself. Eight columns
+      // at a time go down the chunk's rows in registers, each column's rows added in order.
+      const scalar_t* src = kRelu ? p.grad_preact + first * cols
+                                  : p.grad_out + first * p.grad_out_stride_row;
+      const int64_t row_step = kRelu ? cols : p.grad_out_stride_row;
+      const int64_t col_step = kRelu ? 1 : stride_col;
+      int64_t col = 0;
+      for (; col + kMaskBitsPerByte <= cols; col += kMaskBitsPerByte) {
+        acc_t acc[kMaskBitsPerByte];
+        for (int j = 0; j < kMaskBitsPerByte; ++j) acc[j] = sums[col + j];
+        for (int64_t r = 0; r < count; ++r) {
+          const scalar_t* row = src + r * row_step + col * col_step;
+          for (int j = 0; j < kMaskBitsPerByte; ++j) {
+            acc[j] += static_cast<acc_t>(row[j * col_step]);
+          }
+        }
+        for (int j = 0; j < kMaskBitsPerByte; ++j) sums[col + j] = acc[j];
       }
-      if constexpr (kBias) sums[col] += static_cast<acc_t>(g);
+      for (; col < cols; ++col) {
+        acc_t acc = sums[col];
+        for (int64_t r = 0; r < count; ++r) {
+          acc += static_cast<acc_t>(src[r * row_step + col * col_step]);
+        }
+        sums[col] = acc;
+      }
     }
   }
 }
@@ -218,7 +258,7 @@ void backward_epilogue_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
         }
         FS_BOOL_SWITCH(p.grad_out_stride_col == 1, kUnitStride, [&] {
           at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
-            std::vector<uint8_t> active(kRelu ? bytes_per_row * kMaskBitsPerByte : 0);
+            std::vector<uint8_t> active(kRelu ? std::max(kChunk, cols) + kMaskBitsPerByte : 0);
             for (int64_t block = begin; block < end; ++block) {
               backward_epilogue_block<kRelu, kBias, kUnitStride>(p, block, active.data());
             }
