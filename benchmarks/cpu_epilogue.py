@@ -2,7 +2,7 @@
 against the eager composition and against the linear alone (the pass's cost is the
 difference). Backward: the pass alone (the output gradient through the ReLU mask and the bias
 gradient, no GEMMs) against eager's threshold_backward and sum, and a whole forward+backward of
-add_relu, at 4096x30->30 and 1024x256->256. Writes <out>/cpu-epilogue-<date>.md.
+add_relu, at widths 10 to 512. Writes <out>/cpu-epilogue-<date>.md.
 
     .venv/bin/python benchmarks/cpu_epilogue.py [--out benchmarks/results]
 """
@@ -77,7 +77,8 @@ def main():
               "forward + autograd.grad of weight, bias and residual:", "",
               "| M×K->N | pass fused (µs) | threshold_backward + sum (µs) | step fused (µs) | "
               "step eager (µs) |", "|---|---:|---:|---:|---:|"]
-    lines += [backward_rows(*size) for size in ((4096, 30, 30), (1024, 256, 256))]
+    lines += [backward_rows(*size) for size in ((4096, 10, 10), (4096, 30, 30), (4096, 64, 64),
+                                                (1024, 256, 256), (512, 512, 512))]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
