@@ -237,8 +237,11 @@ def test_cpu_backward_pass_each_gradient_any_thread_count(relu, dtype):
             assert torch.equal(one, two)
         _, _, grad_bias, grad_preact = results[0]
         if want_bias:
-            torch.testing.assert_close(grad_bias.double(), expected.double().sum(0),
-                                       rtol=tolerance, atol=tolerance)
+            # A sum's rounding error scales with its terms' magnitudes, not with the sum: a
+            # column of 5000 terms that cancel to near zero is right with a float32 error of
+            # ~5e-5 (an element-wise tolerance of 1e-5 failed one random seed in five).
+            error = (grad_bias.double() - expected.double().sum(0)).abs()
+            assert (error <= tolerance * expected.double().abs().sum(0)).all(), error.max()
         if want_preact:
             assert torch.equal(grad_preact, expected)
 
