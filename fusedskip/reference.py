@@ -313,6 +313,7 @@ class _LinearParameters(nn.Module):
                      dtype=linear.weight.dtype, **kwargs)
         module.weight = linear.weight
         module.bias = linear.bias
+        module.train(linear.training)  # in an eval model, an eval layer
         return module
 
 

@@ -94,6 +94,13 @@ def test_from_linear_shares_parameters():
     assert no_bias(torch.randn(2, 4)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_from_linear_keeps_the_training_mode(training):
+    linear = nn.Linear(6, 4).train(training)
+    assert fusedskip.LinearReLUResidual.from_linear(linear).training is training
+    assert fusedskip.ConcatLinear.from_linear(linear, [2, 4]).training is training
+
+
 def test_from_linear_keeps_dtype_and_device():
     linear = nn.Linear(6, 4, dtype=torch.float64)
     module = fusedskip.LinearReLUResidual.from_linear(linear)
