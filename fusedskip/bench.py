@@ -499,6 +499,7 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                     for s in range(sets)]
         grad = torch.randn(m, n, device=device, dtype=dtype)
         eager_p50 = None
+        case_rows = []  # this case's: each row's speedup is against eager on the same case
         for provider in providers:
             progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
             fn = provider_fn(provider, op, mode)
@@ -515,10 +516,10 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                                     min_run_time)
                 except Exception as error:  # e.g. a compile failure: recorded, not fatal
                     row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
-                    rows.append(row)
+                    case_rows.append(row)
                     continue
             if times is None:  # not measured; row["status"] says why
-                rows.append(row)
+                case_rows.append(row)
                 continue
             p20, p50, p80 = quantiles(times)
             row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
@@ -527,11 +528,11 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
             row["roofline_fraction"] = floor_us / p50
             if provider == "eager":
                 eager_p50 = p50
-            rows.append(row)
-        for row in rows:
-            if (row["op"], row["mode"], row["M"], row["N"], row["dtype"]) == (
-                    op, mode, m, n, str(dtype).split(".")[-1]) and row.get("p50_us") and eager_p50:
+            case_rows.append(row)
+        for row in case_rows:
+            if row.get("p50_us") and eager_p50:
                 row["speedup_vs_eager"] = eager_p50 / row["p50_us"]
+        rows += case_rows
     progress.close()
     return rows
 
@@ -583,15 +584,25 @@ def unet_mlp(fused: bool, width: int):
     return UNetMLP()
 
 
+MODEL_PROVIDERS = ("fused", "eager", "compile")
+
+
 def run_models(args, device: str, env) -> List[dict]:
     dtype = parse_dtypes(args.dtype)[0]
     batch, width = (256, 64) if args.quick else ((8192, 1024) if device == "cuda" else (1024, 128))
     rows = []
+    # The models come in three forms; --providers picks among them.
+    providers = [p for p in (args.providers.split(",") if args.providers else MODEL_PROVIDERS)
+                 if p in MODEL_PROVIDERS]
+    if not providers:
+        print(f"note: --model times only {', '.join(MODEL_PROVIDERS)}, none of which --providers "
+              "names: no model rows", flush=True)
+        return rows
     if device != "cuda":
         print("note: on a CPU the fused modules compute through the reference path (README, "
               "'Where each path runs'), so 'fused' here times that path", flush=True)
     for model_name in ("residual_mlp16", "unet_mlp"):
-        for provider in ("fused", "eager", "compile"):
+        for provider in providers:
             fused = provider == "fused"
             torch.manual_seed(0)
             model = (residual_mlp(fused, width, 16) if model_name == "residual_mlp16"
@@ -739,7 +750,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mode", help=f"comma-separated from {list(MODES)}")
     parser.add_argument("--providers", help=f"comma-separated from {list(KNOWN_PROVIDERS)}")
     parser.add_argument("--sizes", help="MxKxN[,MxKxN...]")
-    parser.add_argument("--model", action="store_true", help="also time two models' training steps")
+    parser.add_argument("--model", action="store_true", help="also time two models' training steps "
+                        f"(as {', '.join(MODEL_PROVIDERS)}, or those --providers names)")
     parser.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>)")
     parser.add_argument("--plot", metavar="DIR", help="redraw DIR's plots from DIR/rows.jsonl")
     args = parser.parse_args(argv)

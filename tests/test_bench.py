@@ -229,3 +229,30 @@ def test_command_line_mistakes_are_named(tmp_path):
     with pytest.raises(SystemExit, match="nothing to time: .*cublaslt runs under --mode no_grad"):
         bench.main(["--device", "cpu", "--providers", "cublaslt", "--op", "relu_add",
                     "--mode", "forward", "--sizes", "8x8x8", "--out", str(tmp_path)])
+
+
+def test_each_row_is_compared_with_eager_on_its_own_case(tmp_path):
+    """Two sizes with the same M and N but different K: each row's speedup is against the eager
+    row of its own size, not the other's."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager",
+                       "--op", "relu_add", "--mode", "forward", "--sizes", "64x10x10,64x400x10",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert sorted(r["K"] for r in rows) == [[10], [10], [400], [400]]
+    for k in ([10], [400]):
+        eager, = [r for r in rows if r["K"] == k and r["provider"] == "eager"]
+        fused, = [r for r in rows if r["K"] == k and r["provider"] == "fused"]
+        assert eager["speedup_vs_eager"] == 1.0
+        assert fused["speedup_vs_eager"] == pytest.approx(eager["p50_us"] / fused["p50_us"])
+
+
+def test_model_steps_follow_providers(tmp_path):
+    """--model times the providers --providers names, of the three the models come in."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--model", "--providers", "fused,eager",
+                       "--op", "relu_add", "--mode", "forward", "--sizes", "64x10x10",
+                       "--out", str(out)]) == 0
+    models = [json.loads(line) for line in (out / "models.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in models} == {"fused", "eager"}
+    assert all(r["status"] == "ok" for r in models)
