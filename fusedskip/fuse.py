@@ -24,8 +24,11 @@ them in place stay in the fused model.
 
 A fused layer takes the place of its Linear under the Linear's own name, so the state_dict keys stay
 those of the model (``blocks.0.weight``) and state_dicts load across the two. A Linear called from
-several places keeps its name for the calls left unfused, and its fused call gets a new one
-(``<name>_fused``), sharing the parameters.
+several places stays for the calls left unfused, and its fused call computes the layer's function
+on the Linear's own parameters. The fused model holds all of the model's parameters and buffers,
+forward's or not (an auxiliary head, a buffer another method reads), in the model's order: its
+parameters() are the model's, for an optimizer. It runs forward only; the model's other methods
+stay on the model, which shares the parameters.
 
 Code that FX cannot trace is left alone: the model comes back unchanged, and the report says why.
 """
@@ -33,6 +36,7 @@ Code that FX cannot trace is left alone: the model comes back unchanged, and the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import io
@@ -47,7 +51,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .modules import ConcatLinear, LinearReLUResidual
+from .modules import (ConcatLinear, LinearReLUResidual, linear_concat_layer,
+                      linear_relu_residual_layer)
 from .reference import MAX_INPUTS
 
 __all__ = ["fuse", "FuseReport"]
@@ -248,25 +253,15 @@ def _meta(node) -> Optional[Any]:
     return node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
 
 
-def _add_module(gm: torch.fx.GraphModule, base: str, module: nn.Module) -> str:
-    """Install `module` for the call of the Linear at `base`: at `base` itself where that is the
-    Linear's only call (the state_dict keeps its keys), else under a new name.
-
-    In place only where the Linear's parent is a container the GraphModule made for itself (a
-    plain nn.Module, or the GraphModule): where the parent is one of the model's own modules (one
-    FX called whole, e.g. a TransformerEncoderLayer whose linear1 the model also calls), the
+def _takes_the_linears_place(gm: torch.fx.GraphModule, base: str) -> bool:
+    """Whether a fused layer may replace the Linear at `base` under its name: where the graph
+    calls it once, and its parent is a container the GraphModule made for itself (a plain
+    nn.Module, or the GraphModule). Where the parent is one of the model's own modules (one FX
+    called whole, e.g. a TransformerEncoderLayer whose linear1 the model also calls), the
     GraphModule shares it with the model, and replacing its child would change the model."""
     calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == base)
     parent = gm.get_submodule(base.rpartition(".")[0])
-    if calls == 1 and (parent is gm or type(parent) is nn.Module):
-        gm.add_submodule(base, module)
-        return base
-    name, i = f"{base.replace('.', '_')}_fused", 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base.replace('.', '_')}_fused{i}"
-    gm.add_module(name, module)
-    return name
+    return calls == 1 and (parent is gm or type(parent) is nn.Module)
 
 
 def _chain(first: torch.fx.Node, last: torch.fx.Node) -> List[torch.fx.Node]:
@@ -279,16 +274,33 @@ def _chain(first: torch.fx.Node, last: torch.fx.Node) -> List[torch.fx.Node]:
 
 def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, args,
              base: str) -> str:
-    """Call `module` in place of the single-user chain first -> ... -> last."""
+    """Compute `module` in place of the single-user chain first -> ... -> last: as a call of
+    `module` under the Linear's name where it takes the Linear's place, else as a call of the
+    layer's function on the Linear's own parameters (the Linear stays for its other calls, and
+    the state_dict keeps the model's keys, once each). Returns what the report names."""
     chain = _chain(first, last)
-    name = _add_module(gm, base, module)
     with gm.graph.inserting_before(last):  # every argument is defined before the chain's end
-        new = gm.graph.call_module(name, tuple(args))
+        if _takes_the_linears_place(gm, base):
+            gm.add_submodule(base, module)
+            new = gm.graph.call_module(base, tuple(args))
+            what = f"{base} = {module}"
+        else:
+            weight = gm.graph.get_attr(f"{base}.weight")
+            bias = gm.graph.get_attr(f"{base}.bias") if module.bias is not None else None
+            if isinstance(module, ConcatLinear):
+                function, kwargs = linear_concat_layer, {"activation": module.activation}
+                new = gm.graph.call_function(function, (list(args), weight, bias), kwargs)
+            else:
+                function, kwargs = linear_relu_residual_layer, {"order": module.order}
+                residual = args[1] if len(args) > 1 else None
+                new = gm.graph.call_function(function, (args[0], weight, bias, residual), kwargs)
+            what = (f"{function.__name__}(..., {base}.weight, {base}.bias, "
+                    f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
     new.meta.update(last.meta)
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         gm.graph.erase_node(node)
-    return name
+    return what
 
 
 def _residual_of(add: torch.fx.Node, previous: torch.fx.Node):
@@ -394,8 +406,8 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         pattern = ("Linear -> ReLU" if residual is None else
                    "Linear -> ReLU -> add" if order == "relu_add" else "Linear -> add -> ReLU")
         args = (x,) if residual is None else (x, residual)
-        name = _replace(gm, node, last, fused, args, node.target)
-        report.fused.append((node.name, pattern, f"{name} = {fused}"))
+        report.fused.append((node.name, pattern, _replace(gm, node, last, fused, args,
+                                                          node.target)))
 
 
 def _fuse_concats(gm, modules, report: FuseReport):
@@ -458,9 +470,9 @@ def _fuse_concats(gm, modules, report: FuseReport):
                                               "fused layer would read after it"))
             continue
         fused = ConcatLinear.from_linear(linear, widths, activation=activation)
-        name = _replace(gm, node, last, fused, tuple(parts), user.target)
         pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
-        report.fused.append((user.name, pattern, f"{name} = {fused}"))
+        report.fused.append((user.name, pattern, _replace(gm, node, last, fused, tuple(parts),
+                                                          user.target)))
 
 
 def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
@@ -597,6 +609,72 @@ class _ModelState:
             p.requires_grad_(flag)
 
 
+def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value) -> None:
+    """Give `target`, a GraphModule of `source`'s forward, all of `source`'s state, under the same
+    names and in the same order. A GraphModule holds only what its graph reads: without this, a
+    parameter or buffer forward leaves alone (an auxiliary head, a buffer another method reads)
+    would be missing from parameters() (so from an optimizer) and from state_dict(). The modules
+    and tensors are `take(...)` of source's (the same ones by default); plain attributes come
+    along where target has none of that name, buffers keep their persistence, and a buffer only
+    target has (a constant FX made of a tensor in forward) stays out of the state_dict."""
+    for path, module in source.named_modules(remove_duplicate=False):
+        parent, _, name = path.rpartition(".")
+        try:
+            held = target.get_submodule(path)
+        except AttributeError:
+            target.get_submodule(parent).add_module(name, take(module))
+            continue
+        if path and held is take(module):  # the module itself (the root: the copy being made)
+            continue
+        for key, param in module._parameters.items():
+            if key not in held._parameters and not hasattr(held, key):
+                held.register_parameter(key, take(param))
+        for key, buffer in module._buffers.items():
+            if key not in held._buffers and not hasattr(held, key):
+                held.register_buffer(key, take(buffer))
+            if key in held._buffers and key in module._non_persistent_buffers_set:
+                held._non_persistent_buffers_set.add(key)
+        held._non_persistent_buffers_set.update(set(held._buffers) - set(module._buffers))
+        for key, value in vars(module).items():
+            if not key.startswith("_") and not hasattr(held, key):
+                setattr(held, key, take(value))
+    for path, module in source.named_modules(remove_duplicate=False):  # all there now: the order
+        held = target.get_submodule(path)
+        for mine, theirs in ((held._modules, module._modules), (held._parameters, module._parameters),
+                             (held._buffers, module._buffers)):
+            order = {key: i for i, key in enumerate(theirs)}
+            items = sorted(mine.items(), key=lambda item: order.get(item[0], len(order)))
+            mine.clear()
+            mine.update(items)
+
+
+class _FusedModel(torch.fx.GraphModule):
+    """What fuse() returns: a GraphModule running the fused graph that holds all of the model's
+    state (_carry_state), through deepcopy and pickle too (GraphModule's own rebuild them from
+    the graph, keeping only what it reads)."""
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        type(copied).__name__ = type(self).__name__  # GraphModule's copy names itself GraphModule
+        # The rebuild deep-copied all of self.__dict__ under `memo`, so these are those copies.
+        _carry_state(self, copied, lambda value: copy.deepcopy(value, memo))
+        return copied
+
+    def __reduce__(self):
+        rebuild, (body, import_block) = super().__reduce__()
+        return (_unpickle_fused_model, (body, import_block, type(self).__name__))
+
+
+def _unpickle_fused_model(body, import_block, class_name) -> _FusedModel:
+    plain = torch.fx.graph_module.reduce_graph_module(body, import_block)
+    source = nn.Module()
+    source.__dict__ = body  # the pickled model's root, with all of its children and tensors
+    fused = _FusedModel(source, copy.deepcopy(plain.graph), class_name)
+    _carry_state(source, fused)
+    fused.meta = plain.meta
+    return fused
+
+
 def _hooks_traced_through(model: nn.Module) -> List[str]:
     """Hooks that would run while tracing, on traced values, and be missing from the graph: on
     modules FX traces into (not leaves), and global module hooks (on every module)."""
@@ -659,7 +737,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
                                "traced graph fixes at one mode; nn.Dropout and the like follow "
                                "the mode")
         state.restore(keep_constants=True)
-        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return _FusedModel(tracer.root, graph, type(model).__name__)
     finally:
         state.restore()
 
@@ -704,6 +782,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     # No eliminate_dead_code(): _replace has erased the chains, and a node whose result is unused
     # may still act (an in-place ReLU, a buffer update) and must stay.
     gm.delete_all_unused_submodules()
+    _carry_state(model, gm)  # after the deletion, which would take what forward leaves alone
     gm.graph.lint()
     gm.recompile()
     gm.fuse_report = report

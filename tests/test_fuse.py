@@ -69,12 +69,14 @@ def check_equal(model, x, fused):
     out, ref = fused(x), model(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     out.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}  # None: forward leaves it alone
     for p in model.parameters():
         p.grad = None
     ref.square().sum().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
+        assert (grads[n] is None) == (p.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
 
 
 def fuse_in_float64(make, *shape):
@@ -218,7 +220,61 @@ def test_a_linear_called_twice_keeps_its_name_for_the_unfused_call():
     x = torch.randn(4, 5, dtype=torch.float64)
     fused = fusedskip.fuse(model, example_inputs=(x,))
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
-    assert isinstance(fused.linear, nn.Linear) and fused.linear_fused.weight is model.linear.weight
+    # The fused call runs the layer's function on the Linear's own parameters: no second name.
+    assert isinstance(fused.linear, nn.Linear) and fused.linear.weight is model.linear.weight
+    assert list(fused.state_dict()) == list(model.state_dict())
+    called = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert fusedskip.modules.linear_relu_residual_layer in called
+    check_equal(model, x, fused)
+
+
+class WithMoreThanForward(nn.Module):
+    """State forward never reads: a head, a parameter and buffers other methods use, a plain
+    attribute, and a non-persistent buffer; forward also makes a tensor constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux_head = nn.Linear(8, 3)
+        self.body = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))  # blocks.1: unused
+        self.num_classes = 3
+
+    def forward(self, x):
+        h = torch.relu(self.body(x)) + x
+        return torch.relu(self.blocks[0](h)) + torch.tensor([1.0], dtype=torch.float64)
+
+    def aux(self, x):
+        return self.aux_head(x) * self.scale
+
+
+def test_state_forward_leaves_alone_is_kept():
+    """parameters(), buffers() and state_dict() are the model's, names and order, including
+    what forward never reads; so an optimizer gets every parameter and checkpoints load both
+    ways, strictly. Through deepcopy and pickle too."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = WithMoreThanForward().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert len(fused.fuse_report.fused) == 2
+    for copied in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert type(copied).__name__ == "WithMoreThanForward"
+        assert list(copied.state_dict()) == list(model.state_dict())
+        assert [n for n, _ in copied.named_parameters()] == \
+            [n for n, _ in model.named_parameters()]
+        # The model's buffers, then the graph's tensor constant (not in the state_dict).
+        assert [n for n, _ in copied.named_buffers()] == ["steps", "scratch", "_tensor_constant0"]
+        assert copied.num_classes == 3
+        copied.load_state_dict(model.state_dict())
+        model.load_state_dict(copied.state_dict())
+        torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    # Shared with the model, not copied.
+    assert fused.aux_head.weight is model.aux_head.weight and fused.scale is model.scale
+    assert fused.get_submodule("blocks.1") is model.blocks[1] and fused.steps is model.steps
     check_equal(model, x, fused)
 
 
