@@ -130,12 +130,17 @@ struct ConcatMainloop : Base {
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     const auto [M, N, K, L] = append<4>(problem_shape, 1);
     (void)M, (void)N, (void)L;
-    if (args.count < 1 || args.count > kMaxConcatInputs || args.weight == nullptr ||
+    // TMA reads from 16-byte aligned addresses only; each input's weight block starts 8 elements
+    // apart (widths are multiples of 8), so the weight's own address suffices.
+    const auto aligned = [](const void* ptr) {
+      return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+    };
+    if (args.count < 1 || args.count > kMaxConcatInputs || !aligned(args.weight) ||
         args.weight_row_stride % 8 != 0 || K != padded_depth(args)) {
       return false;
     }
     for (int i = 0; i < args.count; ++i) {
-      if (args.inputs[i] == nullptr || args.widths[i] <= 0 || args.widths[i] % 8 != 0 ||
+      if (!aligned(args.inputs[i]) || args.widths[i] <= 0 || args.widths[i] % 8 != 0 ||
           args.input_row_stride[i] % 8 != 0) {
         return false;
       }
