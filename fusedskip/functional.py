@@ -23,8 +23,10 @@ from . import _ops, reference
 __all__ = ["linear_relu_residual", "linear_concat"]
 
 
-def _refuse_non_tensor(name, value):
-    if not isinstance(value, torch.Tensor):
+def _refuse_non_tensor(name, value, optional=False):
+    """Under torch.compile, where the eager entry's checks do not run: the same message, not the
+    dispatcher's schema error."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
         raise TypeError(f"fusedskip: {name} must be a Tensor, got {type(value).__name__}")
 
 
@@ -53,6 +55,9 @@ def linear_relu_residual(input: torch.Tensor, weight: torch.Tensor,
     if not is_compiling():
         return _ops.fused_linear_eager([input], weight, bias, residual, True, residual_before_relu)
     _refuse_non_tensor("input", input)
+    _refuse_non_tensor("weight", weight)
+    _refuse_non_tensor("bias", bias, optional=True)
+    _refuse_non_tensor("residual", residual, optional=True)
     return _ops.fused_linear([input], weight, bias, residual, True, residual_before_relu)[0]
 
 
@@ -82,4 +87,6 @@ def linear_concat(inputs: Sequence[torch.Tensor], weight: torch.Tensor,
         return _ops.fused_linear_eager(inputs, weight, bias, None, relu, False)
     for i, x in enumerate(inputs):
         _refuse_non_tensor(f"inputs[{i}]", x)
+    _refuse_non_tensor("weight", weight)
+    _refuse_non_tensor("bias", bias, optional=True)
     return _ops.fused_linear(inputs, weight, bias, None, relu, False)[0]

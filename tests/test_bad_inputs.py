@@ -2,6 +2,7 @@
 reference path and the fake kernel (torch.compile); never a crash or a silent answer."""
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -77,6 +78,16 @@ CASES = [
      "order must be 'relu_add'"),
     ("input-not-tensor", "linear_relu_residual", ([[1.0, 2.0, 3.0]], W), {}, TypeError,
      "input must be a Tensor"),
+    ("weight-not-tensor", "linear_relu_residual", (X, [[1.0] * 3] * 5), {}, TypeError,
+     "weight must be a Tensor, got list"),
+    ("bias-not-tensor", "linear_relu_residual", (X, W, 1.0), {}, TypeError,
+     "bias must be a Tensor, got float"),
+    ("residual-not-tensor", "linear_relu_residual", (X, W, B, 1.0), {}, TypeError,
+     "residual must be a Tensor, got float"),
+    ("concat-weight-not-tensor", "linear_concat", ([X], 3.0), {}, TypeError,
+     "weight must be a Tensor, got float"),
+    ("concat-bias-not-tensor", "linear_concat", ([X], W, 2), {}, TypeError,
+     "bias must be a Tensor, got int"),
     ("concat-widths", "linear_concat", ([t(4, 1), t(4, 1)], W), {}, ValueError,
      "the inputs' last dims [1, 1] sum to 2 but weight has in_features 3"),
     ("concat-leading", "linear_concat", ([t(4, 1), t(3, 2)], W), {}, ValueError,
@@ -177,6 +188,18 @@ def test_bad_input_under_compile_fails_at_trace_time():
     fn = torch.compile(fusedskip.linear_relu_residual, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="input has 4 features"):
         fn(t(4, 4), W)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].endswith("not-tensor")],
+                         ids=[c[0] for c in CASES if c[0].endswith("not-tensor")])
+def test_a_non_tensor_argument_is_named_under_compile(case):
+    """Under torch.compile the eager entry's checks do not run: the traced call names the
+    argument as eager does, not with the dispatcher's schema error."""
+    _, name, args, kwargs, _, text = case
+    torch._dynamo.reset()
+    fn = torch.compile(getattr(fusedskip, name), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=re.escape(text)):
+        fn(*args, **kwargs)
 
 
 MODULE_CASES = [
