@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Build the extension here for a GPU machine that cannot build it itself (no network, so no
+# CUTLASS headers there; or a build there would cost its time): a venv with that machine's Python
+# and torch, CUTLASS's headers, a build of this commit in a worktree of its own (the checkout's
+# own build is left alone), and its .so files copied into fusedskip/ here, stripped. Then carry
+# them to the GPU machine and run `FUSEDSKIP_PREBUILT=1 bash scripts/gpu_check.sh` there.
+#
+#   bash scripts/build_for_device.sh                  # Python 3.12, torch 2.11, sm_90a (an H100)
+#   DEVICE_PYTHON=python3.11 DEVICE_TORCH=2.14.1 bash scripts/build_for_device.sh
+#
+# Knobs: DEVICE_PYTHON (interpreter to build the venv from), DEVICE_TORCH (a pip version spec),
+# FUSEDSKIP_CUDA_ARCHS (default 9.0a), FUSEDSKIP_CUTLASS_CONFIGS (default 1: also the tile-shape
+# configs that gpu_check.sh benchmarks), WORK (default /tmp/fusedskip-device: the venv and the
+# worktree), MAX_JOBS (default: all cores). A second run reuses the venv and rebuilds only what
+# changed. With two cores the first build takes ~20 minutes (the CUTLASS kernels).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+DEVICE_PYTHON="${DEVICE_PYTHON:-python3.12}"
+DEVICE_TORCH="${DEVICE_TORCH:-2.11.*}"
+WORK="${WORK:-/tmp/fusedskip-device}"
+VENV="$WORK/venv"
+TREE="$WORK/tree"
+export FUSEDSKIP_CUDA_ARCHS="${FUSEDSKIP_CUDA_ARCHS:-9.0a}"
+export FUSEDSKIP_CUTLASS_CONFIGS="${FUSEDSKIP_CUTLASS_CONFIGS:-1}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+if ! "$DEVICE_PYTHON" --version > /dev/null 2>&1; then
+  # pyenv's shim names a version it has but does not run it unless selected: take it directly.
+  found=$(ls -d "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/*/bin/"$DEVICE_PYTHON" \
+    2>/dev/null | tail -n 1)
+  [[ -n "$found" ]] ||
+    { echo "build_for_device: no $DEVICE_PYTHON here (set DEVICE_PYTHON)" >&2; exit 2; }
+  DEVICE_PYTHON="$found"
+fi
+mkdir -p "$WORK"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "$DEVICE_PYTHON" -m venv "$VENV"
+fi
+# The CUDA 13.0 build, as on the lent GPUs; a different CUDA major would not load there.
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet "torch==$DEVICE_TORCH" setuptools ninja pytest numpy
+fi
+"$VENV/bin/pip" install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
+"$VENV/bin/python" -c "import torch; print('build_for_device: torch', torch.__version__, \
+'CUDA', torch.version.cuda)"
+
+# A worktree at this checkout's commit; uncommitted changes are not in it.
+if [[ ! -e "$TREE/.git" ]]; then
+  git worktree add --detach "$TREE" HEAD
+else
+  git -C "$TREE" checkout --quiet --detach "$(git rev-parse HEAD)"
+fi
+git diff --quiet HEAD -- csrc setup.py ||
+  echo "build_for_device: csrc/ or setup.py has uncommitted changes, which this build leaves out" >&2
+(cd "$TREE" && "$VENV/bin/python" setup.py build_ext --inplace)
+for so in "$TREE"/fusedskip/_C.*.so "$TREE"/fusedskip/_cutlass_configs.*.so; do
+  [[ -e "$so" ]] || continue
+  strip --strip-debug "$so"
+  cp "$so" "$REPO/fusedskip/"
+  echo "build_for_device: fusedskip/$(basename "$so") ($(du -h "$so" | cut -f1)), from $(git rev-parse --short HEAD)"
+done
