@@ -39,7 +39,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 # The CUDA 13.0 build, as on the lent GPUs; a different CUDA major would not load there.
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-  "$VENV/bin/pip" install --quiet "torch==$DEVICE_TORCH" setuptools ninja pytest numpy
+  "$VENV/bin/pip" install --quiet "torch==$DEVICE_TORCH" -r requirements.txt
 fi
 "$VENV/bin/pip" install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
 "$VENV/bin/python" -c "import torch; print('build_for_device: torch', torch.__version__, \
@@ -60,3 +60,4 @@ for so in "$TREE"/fusedskip/_C.*.so "$TREE"/fusedskip/_cutlass_configs.*.so; do
   cp "$so" "$REPO/fusedskip/"
   echo "build_for_device: fusedskip/$(basename "$so") ($(du -h "$so" | cut -f1)), from $(git rev-parse --short HEAD)"
 done
+echo "build_for_device: to run the CPU suite on it here: PYTHONPATH=$REPO $VENV/bin/python -m pytest -q tests"
