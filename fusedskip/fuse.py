@@ -60,7 +60,8 @@ __all__ = ["fuse", "FuseReport"]
 
 @dataclasses.dataclass
 class FuseReport:
-    """What fuse() did: `fused` holds (where, pattern, replacement), `skipped` (where, why)."""
+    """What fuse() did: `fused` holds (where, pattern, replacement), `skipped` (where, why);
+    `traced` is False where fuse() returned the model itself (`skipped` says why)."""
 
     fused: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -294,7 +295,8 @@ def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, a
                 function, kwargs = linear_relu_residual_layer, {"order": module.order}
                 residual = args[1] if len(args) > 1 else None
                 new = gm.graph.call_function(function, (args[0], weight, bias, residual), kwargs)
-            what = (f"{function.__name__}(..., {base}.weight, {base}.bias, "
+            parameters = f"{base}.weight" + (f", {base}.bias" if bias is not None else "")
+            what = (f"{function.__name__}(..., {parameters}, "
                     f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
     new.meta.update(last.meta)
     last.replace_all_uses_with(new)
@@ -614,25 +616,43 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
     names and in the same order. A GraphModule holds only what its graph reads: without this, a
     parameter or buffer forward leaves alone (an auxiliary head, a buffer another method reads)
     would be missing from parameters() (so from an optimizer) and from state_dict(). The modules
-    and tensors are `take(...)` of source's (the same ones by default); plain attributes come
-    along where target has none of that name, buffers keep their persistence, and a buffer only
-    target has (a constant FX made of a tensor in forward) stays out of the state_dict."""
+    and tensors are `take(...)` of source's (the same ones by default); a module source holds
+    under two names is one module in target too; plain attributes come along where target has
+    none of that name, buffers keep their persistence, and a buffer only target has (a constant
+    FX made of a tensor in forward) stays out of the state_dict. Raises where a name is taken by
+    the GraphModule's own attributes (graph, code, meta)."""
+
+    def taken(where: nn.Module, path: str, key: str) -> RuntimeError:
+        return RuntimeError(f"the model's {path + '.' if path else ''}{key} has the name of an "
+                            f"attribute of torch.fx's GraphModule ({type(getattr(where, key)).__name__}), "
+                            "which the fused model is: rename it to fuse this model")
+
+    placed = {}  # id of a source module -> what target holds for it
     for path, module in source.named_modules(remove_duplicate=False):
         parent, _, name = path.rpartition(".")
         try:
             held = target.get_submodule(path)
         except AttributeError:
-            target.get_submodule(parent).add_module(name, take(module))
+            container = target.get_submodule(parent)
+            if hasattr(container, name):
+                raise taken(container, parent, name) from None
+            alias = placed.get(id(module))
+            container.add_module(name, take(module) if alias is None else alias)
             continue
+        placed.setdefault(id(module), held)
         if path and held is take(module):  # the module itself (the root: the copy being made)
             continue
         for key, param in module._parameters.items():
-            if key not in held._parameters and not hasattr(held, key):
+            if key not in held._parameters:
+                if hasattr(held, key):
+                    raise taken(held, path, key)
                 held.register_parameter(key, take(param))
         for key, buffer in module._buffers.items():
-            if key not in held._buffers and not hasattr(held, key):
+            if key not in held._buffers:
+                if hasattr(held, key):
+                    raise taken(held, path, key)
                 held.register_buffer(key, take(buffer))
-            if key in held._buffers and key in module._non_persistent_buffers_set:
+            if key in module._non_persistent_buffers_set:
                 held._non_persistent_buffers_set.add(key)
         held._non_persistent_buffers_set.update(set(held._buffers) - set(module._buffers))
         for key, value in vars(module).items():
@@ -648,6 +668,30 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
             mine.update(items)
 
 
+# What a module may do its own way when saving or loading its state.
+_STATE_DICT_METHODS = ("get_extra_state", "set_extra_state", "_save_to_state_dict",
+                       "_load_from_state_dict", "state_dict", "load_state_dict")
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+def _state_dict_problem(model: nn.Module, gm: torch.fx.GraphModule) -> Optional[str]:
+    """Why the fused model's state_dict would not be the model's, if it would not: a module FX
+    traced through (the root among them) that saves or loads its state its own way, whose place
+    in the fused model a plain container (at the root: the GraphModule) holds."""
+    for path, module in model.named_modules():
+        if path and gm.get_submodule(path) is module:
+            continue
+        custom = [name for name in _STATE_DICT_METHODS
+                  if getattr(type(module), name) is not getattr(nn.Module, name)]
+        custom += [name for name in _STATE_DICT_HOOKS if getattr(module, name, None)]
+        if custom:
+            return (f"{path or type(model).__name__} saves or loads its state its own way "
+                    f"({', '.join(custom)}), which the container FX puts in its place would not: "
+                    "the fused model's state_dict would not be the model's")
+    return None
+
+
 class _FusedModel(torch.fx.GraphModule):
     """What fuse() returns: a GraphModule running the fused graph that holds all of the model's
     state (_carry_state), through deepcopy and pickle too (GraphModule's own rebuild them from
@@ -658,6 +702,12 @@ class _FusedModel(torch.fx.GraphModule):
         type(copied).__name__ = type(self).__name__  # GraphModule's copy names itself GraphModule
         # The rebuild deep-copied all of self.__dict__ under `memo`, so these are those copies.
         _carry_state(self, copied, lambda value: copy.deepcopy(value, memo))
+        return copied
+
+    def __copy__(self):
+        copied = _FusedModel(self, self.graph, type(self).__name__)  # shares the graph, as
+        _carry_state(self, copied)                                    # GraphModule's copy does
+        copied.meta = self.meta
         return copied
 
     def __reduce__(self):
@@ -742,6 +792,14 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         state.restore()
 
 
+def _unchanged(model: nn.Module, why: str) -> nn.Module:
+    """The model itself, with a report of why nothing was fused."""
+    report = FuseReport(traced=False)
+    report.skip((type(model).__name__, why))
+    model.fuse_report = report
+    return model
+
+
 def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) -> nn.Module:
     """A copy of `model`'s graph using the fused layers, with `model`'s parameters (shared, not
     copied); its `.fuse_report` says what was fused and what was skipped and why.
@@ -753,14 +811,11 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     try:
         gm = _trace(model)
     except Exception as error:  # anything FX raises: report it, never crash the caller
-        report.traced = False
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
-        report.skip((type(model).__name__,
-                               f"not traceable by torch.fx ({type(error).__name__}: "
-                               f"{(str(error).splitlines() or [''])[0][:200]}); model left unchanged{hint}"))
-        model.fuse_report = report
-        return model
+        return _unchanged(model, f"not traceable by torch.fx ({type(error).__name__}: "
+                                 f"{(str(error).splitlines() or [''])[0][:200]}); model left "
+                                 f"unchanged{hint}")
     if example_inputs is not None:
         args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
             else (example_inputs,)
@@ -782,7 +837,13 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     # No eliminate_dead_code(): _replace has erased the chains, and a node whose result is unused
     # may still act (an in-place ReLU, a buffer update) and must stay.
     gm.delete_all_unused_submodules()
-    _carry_state(model, gm)  # after the deletion, which would take what forward leaves alone
+    try:
+        _carry_state(model, gm)  # after the deletion, which would take what forward leaves alone
+        problem = _state_dict_problem(model, gm)
+    except RuntimeError as error:
+        problem = str(error)
+    if problem:
+        return _unchanged(model, f"{problem}; model left unchanged")
     gm.graph.lint()
     gm.recompile()
     gm.fuse_report = report

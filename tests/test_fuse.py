@@ -278,6 +278,92 @@ def test_state_forward_leaves_alone_is_kept():
     check_equal(model, x, fused)
 
 
+def test_a_shallow_copy_and_a_module_under_two_names_keep_the_state():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a  # one module, two names; forward calls it by the second
+            self.unused = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return torch.relu(self.b(x)) + x
+
+    model = Aliased()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert fused.fuse_report.fused
+    for copied in (fused, copy.copy(fused), copy.deepcopy(fused)):
+        assert type(copied).__name__ == "Aliased" and copied.fuse_report is not None
+        assert copied.a is copied.b  # still one module
+        assert [n for n, _ in copied.named_modules()] == [n for n, _ in model.named_modules()]
+        assert list(copied.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(copy.copy(fused)(x), model(x))
+
+
+class Holding(nn.Module):
+    """A fusable model holding `name`, unused by forward, as a module or a parameter."""
+
+    def __init__(self, name, kind):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        if kind == "module":
+            self.add_module(name, nn.Linear(8, 8))
+        else:
+            self.register_parameter(name, nn.Parameter(torch.ones(1)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x)) + x
+
+
+class CustomState(nn.Module):
+    """A block that saves extra state of its own, which FX's container in its place would not."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x)) + x
+
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state):
+        pass
+
+
+@pytest.mark.parametrize("case", ["meta-module", "graph-parameter", "code-module",
+                                  "extra-state", "state-dict-hook"])
+def test_state_the_fused_model_could_not_hold_leaves_the_model_unchanged(case):
+    """Rather than a fused model whose state_dict is not the model's: the model itself, with
+    the reason."""
+    if case == "extra-state":
+        model, why = nn.Sequential(CustomState()), "saves or loads its state its own way"
+    elif case == "state-dict-hook":
+        model, why = Holding("head", "module"), "_load_state_dict_pre_hooks"
+        model.register_load_state_dict_pre_hook(lambda *args: None)
+    else:
+        name, kind = case.split("-")
+        model, why = Holding(name, kind), f"the model's {name} has the name of an attribute"
+    before = list(model.state_dict())
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert out is model and not out.fuse_report.traced and not out.fuse_report.fused
+    assert why in str(out.fuse_report) and "model left unchanged" in str(out.fuse_report)
+    assert list(model.state_dict()) == before
+
+
+def test_a_module_with_its_own_state_is_fine_where_forward_leaves_it_alone():
+    """Held whole (forward never traced into it), it saves its extra state as in the model."""
+    model = ResidualMLP()
+    model.extra = CustomState()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 16),))
+    assert fused is not model and fused.fuse_report.fused and fused.extra is model.extra
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert "extra._extra_state" in fused.state_dict()
+    fused.load_state_dict(model.state_dict())
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
