@@ -734,7 +734,23 @@ def _hooks_traced_through(model: nn.Module) -> List[str]:
     return found + ["every module (global module hooks)"] if _global_module_hooks() else found
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+def _defaults_to_specialise(model: nn.Module, given: Optional[int]) -> dict:
+    """forward's parameters whose default is None and which the example inputs (`given` of
+    them, positional; None: no example) leave out, each as None. Traced as a value, such a
+    parameter would pass every `if x is not None:` (a traced value is never None), so the graph
+    would fail, or compute the other branch, when called without it. Specialised, the graph
+    takes that branch and asserts the parameter is None (torch.fx's concrete_args)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: None for i, p in enumerate(parameters)
+            if p.default is None and p.kind != inspect.Parameter.POSITIONAL_ONLY
+            and (given is None or p.kind not in positional or i >= given)}
+
+
+def _trace(model: nn.Module, given: Optional[int] = None) -> torch.fx.GraphModule:
     """torch.fx.symbolic_trace, made safe for what a graph cannot hold, leaving the model as it
     was (_ModelState) whatever happens.
 
@@ -745,7 +761,9 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
     and the two must agree. Like every FX trace, it patches torch.nn.Module calls for the whole
-    process while it runs: run no other model in another thread meanwhile."""
+    process while it runs: run no other model in another thread meanwhile. `given`: how many
+    positional example inputs there are (_defaults_to_specialise)."""
+    concrete = _defaults_to_specialise(model, given) or None
     hooked = _hooks_traced_through(model)
     if hooked:
         raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
@@ -755,20 +773,21 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         with torch.enable_grad():
             tracer = _Tracer(proxy_buffers=True)
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=concrete)
                 proxied_error = None
             except Exception as error:
                 proxied_error = error
                 state.restore()
                 tracer = _Tracer(proxy_buffers=False)
                 try:
-                    graph = tracer.trace(model)
+                    graph = tracer.trace(model, concrete_args=concrete)
                 except Exception:
                     raise proxied_error from None
             for module in state.modules:
                 module.training = not module.training
             try:
-                other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(model)
+                other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(
+                    model, concrete_args=concrete)
             except Exception:
                 other = None
             for module, attributes in zip(state.modules, state.attributes):
@@ -787,9 +806,26 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
                                "traced graph fixes at one mode; nn.Dropout and the like follow "
                                "the mode")
         state.restore(keep_constants=True)
+        for node in graph.find_nodes(op="placeholder"):
+            # FX names a specialised parameter's placeholder `<name>_1`: the signature keeps the
+            # parameter's own name, so that a keyword call (`mask=None`) still works.
+            name = node.target[:-len("_1")] if node.target.endswith("_1") else None
+            if concrete and name in concrete:
+                node.target = name
+                for check in list(node.users):  # FX's guard that it is None: say what to do instead
+                    if getattr(check.target, "__name__", "") == "_assert_is_none":
+                        check.args = (node, f"fusedskip.fuse: this model was fused for calls "
+                                            f"without `{name}` (example_inputs left it out); "
+                                            f"pass example_inputs that include it to fuse the "
+                                            f"model for calls with it")
         return _FusedModel(tracer.root, graph, type(model).__name__)
     finally:
         state.restore()
+
+
+def _as_args(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
+        else (example_inputs,)
 
 
 def _unchanged(model: nn.Module, why: str) -> nn.Module:
@@ -805,11 +841,13 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     copied); its `.fuse_report` says what was fused and what was skipped and why.
 
     example_inputs: arguments of one forward call (a tuple); with them the residual and concat
-    patterns are checked against real shapes and fused. If FX cannot trace the model, `model`
+    patterns are checked against real shapes and fused. forward's parameters whose default is
+    None and which they leave out (all of them, without example_inputs) are fused at None: the
+    result refuses calls that pass them. If FX cannot trace the model, `model`
     itself is returned unchanged, with the reason in `model.fuse_report`."""
     report = FuseReport()
     try:
-        gm = _trace(model)
+        gm = _trace(model, None if example_inputs is None else len(_as_args(example_inputs)))
     except Exception as error:  # anything FX raises: report it, never crash the caller
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
@@ -817,8 +855,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
                                  f"{(str(error).splitlines() or [''])[0][:200]}); model left "
                                  f"unchanged{hint}")
     if example_inputs is not None:
-        args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
-            else (example_inputs,)
+        args = _as_args(example_inputs)
         try:
             _propagate_shapes(gm, args)
         except Exception as error:

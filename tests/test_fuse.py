@@ -364,6 +364,38 @@ def test_a_module_with_its_own_state_is_fine_where_forward_leaves_it_alone():
     fused.load_state_dict(model.state_dict())
 
 
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.linear(x)) + x
+        if mask is not None:
+            h = h * mask
+        return h
+
+
+def test_a_parameter_the_example_leaves_out_keeps_its_default():
+    """A traced value is never None, so `if mask is not None:` would always take the branch: the
+    fused model would fail, or compute the wrong branch, when called without `mask`. Left out of
+    example_inputs (or with none), the parameter is fused at its default, and a call with it is
+    refused, saying what to do; given in them, it is fused for calls with it."""
+    torch.manual_seed(0)
+    model = OptionalMask().double()
+    x, mask = torch.randn(4, 8, dtype=torch.float64), torch.rand(4, 8, dtype=torch.float64)
+    for fused in (fusedskip.fuse(model, example_inputs=(x,)), fusedskip.fuse(model)):
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(fused(x, mask=None), model(x), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="fused for calls without `mask`.*example_inputs"):
+            fused(x, mask)
+    assert fusedskip.fuse(model, example_inputs=(x,)).fuse_report.fused
+    with_mask = fusedskip.fuse(model, example_inputs=(x, mask))
+    assert with_mask.fuse_report.fused
+    torch.testing.assert_close(with_mask(x, mask), model(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(with_mask(x, mask=mask), model(x, mask), rtol=0, atol=0)
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
