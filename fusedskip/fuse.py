@@ -734,9 +734,9 @@ def _hooks_traced_through(model: nn.Module) -> List[str]:
     return found + ["every module (global module hooks)"] if _global_module_hooks() else found
 
 
-def _defaults_to_specialise(model: nn.Module, given: Optional[int]) -> dict:
-    """forward's parameters whose default is None and which the example inputs (`given` of
-    them, positional; None: no example) leave out, each as None. Traced as a value, such a
+def _defaults_to_specialise(model: nn.Module, example: Optional[tuple]) -> dict:
+    """forward's parameters whose default is None and which the example inputs (positional;
+    None: no example) leave out or give as None, each as None. Traced as a value, such a
     parameter would pass every `if x is not None:` (a traced value is never None), so the graph
     would fail, or compute the other branch, when called without it. Specialised, the graph
     takes that branch and asserts the parameter is None (torch.fx's concrete_args)."""
@@ -747,10 +747,11 @@ def _defaults_to_specialise(model: nn.Module, given: Optional[int]) -> dict:
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return {p.name: None for i, p in enumerate(parameters)
             if p.default is None and p.kind != inspect.Parameter.POSITIONAL_ONLY
-            and (given is None or p.kind not in positional or i >= given)}
+            and (example is None or p.kind not in positional or i >= len(example)
+                 or example[i] is None)}
 
 
-def _trace(model: nn.Module, given: Optional[int] = None) -> torch.fx.GraphModule:
+def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphModule:
     """torch.fx.symbolic_trace, made safe for what a graph cannot hold, leaving the model as it
     was (_ModelState) whatever happens.
 
@@ -761,9 +762,9 @@ def _trace(model: nn.Module, given: Optional[int] = None) -> torch.fx.GraphModul
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
     and the two must agree. Like every FX trace, it patches torch.nn.Module calls for the whole
-    process while it runs: run no other model in another thread meanwhile. `given`: how many
-    positional example inputs there are (_defaults_to_specialise)."""
-    concrete = _defaults_to_specialise(model, given) or None
+    process while it runs: run no other model in another thread meanwhile. `example`: the
+    example inputs, if any (_defaults_to_specialise)."""
+    concrete = _defaults_to_specialise(model, example) or None
     hooked = _hooks_traced_through(model)
     if hooked:
         raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
@@ -842,12 +843,13 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
 
     example_inputs: arguments of one forward call (a tuple); with them the residual and concat
     patterns are checked against real shapes and fused. forward's parameters whose default is
-    None and which they leave out (all of them, without example_inputs) are fused at None: the
+    None and which they leave out or give as None (all of them, without example_inputs) are
+    fused at None: the
     result refuses calls that pass them. If FX cannot trace the model, `model`
     itself is returned unchanged, with the reason in `model.fuse_report`."""
     report = FuseReport()
     try:
-        gm = _trace(model, None if example_inputs is None else len(_as_args(example_inputs)))
+        gm = _trace(model, None if example_inputs is None else _as_args(example_inputs))
     except Exception as error:  # anything FX raises: report it, never crash the caller
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")

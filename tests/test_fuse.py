@@ -384,12 +384,14 @@ def test_a_parameter_the_example_leaves_out_keeps_its_default():
     torch.manual_seed(0)
     model = OptionalMask().double()
     x, mask = torch.randn(4, 8, dtype=torch.float64), torch.rand(4, 8, dtype=torch.float64)
-    for fused in (fusedskip.fuse(model, example_inputs=(x,)), fusedskip.fuse(model)):
+    for fused in (fusedskip.fuse(model, example_inputs=(x,)), fusedskip.fuse(model),
+                  fusedskip.fuse(model, example_inputs=(x, None))):
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
         torch.testing.assert_close(fused(x, mask=None), model(x), rtol=0, atol=0)
         with pytest.raises(AssertionError, match="fused for calls without `mask`.*example_inputs"):
             fused(x, mask)
     assert fusedskip.fuse(model, example_inputs=(x,)).fuse_report.fused
+    assert fusedskip.fuse(model, example_inputs=(x, None)).fuse_report.fused
     with_mask = fusedskip.fuse(model, example_inputs=(x, mask))
     assert with_mask.fuse_report.fused
     torch.testing.assert_close(with_mask(x, mask), model(x, mask), rtol=0, atol=0)
