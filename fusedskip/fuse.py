@@ -844,9 +844,9 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     example_inputs: arguments of one forward call (a tuple); with them the residual and concat
     patterns are checked against real shapes and fused. forward's parameters whose default is
     None and which they leave out or give as None (all of them, without example_inputs) are
-    fused at None: the
-    result refuses calls that pass them. If FX cannot trace the model, `model`
-    itself is returned unchanged, with the reason in `model.fuse_report`."""
+    fused at None: the result refuses calls that pass them. If FX cannot trace the model, or
+    the result could not hold its state as the model does, `model` itself is returned
+    unchanged, with the reason in `model.fuse_report`."""
     report = FuseReport()
     try:
         gm = _trace(model, None if example_inputs is None else _as_args(example_inputs))
