@@ -99,10 +99,16 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
+def _runs_its_class_forward(module: nn.Module) -> bool:
+    """Not a forward set on the instance (`m.forward = ...`, as adapters do), which the call runs
+    instead of the class's."""
+    return "forward" not in vars(module)
+
+
 def _is_relu(node: torch.fx.Node, modules) -> bool:
     if node.op == "call_module":
         module = modules.get(node.target)
-        return isinstance(module, nn.ReLU) and not _hooked(module)
+        return type(module) is nn.ReLU and not _hooked(module) and _runs_its_class_forward(module)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -196,12 +202,26 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
     return None
 
 
-def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules):
+def _before(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether node `a` comes before node `b` in their graph."""
+    node = a.next
+    while node.op != "root":
+        if node is b:
+            return True
+        node = node.next
+    return False
+
+
+def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules, residual=None,
+                   add=None):
     """A node after `first` and before `last` (graph order) that may write into a tensor the
     pattern reads, if any: the fused call runs where `last` is, so it would read what such a node
     wrote, where `first` read the value before. A write into a tensor made after `first` (an
-    in-place ReLU on another branch's Linear) reaches nothing the pattern read there."""
-    after_first = set()
+    in-place ReLU on another branch's Linear) reaches nothing the pattern read there; but the
+    `residual`, read at `add` (before `last` in the add_relu order), may be such a tensor: after
+    the add, a write may touch only a tensor provably not the residual's."""
+    after_first, after_add = set(), False
+    residual_base = _fresh_base(residual, modules) if residual is not None else None
     node = first.next
     while node is not last:
         after_first.add(node)
@@ -210,6 +230,12 @@ def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules):
                 base = _fresh_base(target, modules)
                 if base is None or base not in after_first:
                     return node
+                # A tensor made at `base` may be the residual, or the residual a view of it,
+                # unless the residual was made anew elsewhere or existed before `base`.
+                if after_add and (residual_base is base or (
+                        residual_base is None and _before(base, residual))):
+                    return node
+        after_add = after_add or node is add
         node = node.next
     return None
 
@@ -222,7 +248,8 @@ def _is_add(node: torch.fx.Node) -> bool:
 
 
 def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
-    if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear:
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear \
+            and _runs_its_class_forward(modules[node.target]):
         return modules[node.target]
     return None
 
@@ -234,6 +261,12 @@ def _linear_problem(linear: nn.Linear) -> Optional[str]:
                 "fused layer would not run")
     if not all(p is None or isinstance(p, nn.Parameter) for p in (linear.weight, linear.bias)):
         return "the Linear's weight or bias is not an nn.Parameter"
+    expected = (linear.out_features, linear.in_features)
+    if tuple(linear.weight.shape) != expected:
+        return (f"the Linear's weight has shape {tuple(linear.weight.shape)}, not (out_features, "
+                f"in_features) = {expected}")
+    if not linear.weight.is_floating_point():
+        return f"the Linear's weight has dtype {linear.weight.dtype}, not a floating-point one"
     return None
 
 
@@ -392,7 +425,8 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         if problem:
             report.skip((node.name, problem))
             continue
-        writer = _write_between(node, last, _chain(node, last), modules)
+        writer = _write_between(node, last, _chain(node, last), modules, residual,
+                                add if order == "add_relu" else None)
         if writer is not None and last is add and order == "relu_add" \
                 and _write_between(node, relu, _chain(node, relu), modules) is None:
             # The write falls between the ReLU and the add: Linear -> ReLU alone is safe.
@@ -501,14 +535,23 @@ def _in_place_operator(op):
 
 
 class _StrictProxy(torch.fx.Proxy):
-    """A traced value that records `x += y` as the in-place operator it is (FX's Proxy records
-    an out-of-place add, so the write vanished from the graph) and refuses attribute assignment
+    """A traced value that records `x += y` (and every augmented assignment) as the in-place
+    operator it is (FX's Proxy records an out-of-place add, so the write vanished from the graph) and refuses attribute assignment
     (`self.buffer.data = t`), which a graph cannot record."""
 
     __iadd__ = _in_place_operator(operator.iadd)
     __isub__ = _in_place_operator(operator.isub)
     __imul__ = _in_place_operator(operator.imul)
     __itruediv__ = _in_place_operator(operator.itruediv)
+    __ifloordiv__ = _in_place_operator(operator.ifloordiv)
+    __imod__ = _in_place_operator(operator.imod)
+    __ipow__ = _in_place_operator(operator.ipow)
+    __imatmul__ = _in_place_operator(operator.imatmul)
+    __iand__ = _in_place_operator(operator.iand)
+    __ior__ = _in_place_operator(operator.ior)
+    __ixor__ = _in_place_operator(operator.ixor)
+    __ilshift__ = _in_place_operator(operator.ilshift)
+    __irshift__ = _in_place_operator(operator.irshift)
 
     def __setattr__(self, name, value):
         if name not in ("node", "tracer"):
@@ -734,21 +777,41 @@ def _hooks_traced_through(model: nn.Module) -> List[str]:
     return found + ["every module (global module hooks)"] if _global_module_hooks() else found
 
 
-def _defaults_to_specialise(model: nn.Module, example: Optional[tuple]) -> dict:
-    """forward's parameters whose default is None and which the example inputs (positional;
-    None: no example) leave out or give as None, each as None. Traced as a value, such a
-    parameter would pass every `if x is not None:` (a traced value is never None), so the graph
-    would fail, or compute the other branch, when called without it. Specialised, the graph
-    takes that branch and asserts the parameter is None (torch.fx's concrete_args)."""
+def _optional_parameters(model: nn.Module, example: Optional[tuple]) -> Tuple[dict, List[str]]:
+    """forward's parameters whose default is None: those the example inputs (positional; None:
+    no example) leave out or give as None, each mapped to None, and those they give. A traced
+    value is never None, so `if x is not None:` always takes its branch: traced as a value, a
+    parameter left out would make the graph fail, or compute the other branch, when called
+    without it. So the first kind are specialised to None (torch.fx's concrete_args, which
+    asserts the parameter is None), and the graph asserts the second kind are given. **kwargs
+    would hide such a parameter: refused."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
+        return {}, []
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+        raise RuntimeError("forward takes **kwargs, which a trace fixes at what it is given "
+                           "(a `kwargs.get(name)` is never None in it)")
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name: None for i, p in enumerate(parameters)
-            if p.default is None and p.kind != inspect.Parameter.POSITIONAL_ONLY
-            and (example is None or p.kind not in positional or i >= len(example)
-                 or example[i] is None)}
+    specialised, given = {}, []
+    for i, p in enumerate(parameters):
+        if p.default is not None:
+            continue
+        if example is None or p.kind not in positional or i >= len(example) or example[i] is None:
+            specialised[p.name] = None
+        else:
+            given.append(p.name)
+    return specialised, given
+
+
+def _assert_given(value, name: str) -> None:
+    if isinstance(value, torch.fx.Proxy):  # traced again (unpickling, fusing again): stay a node
+        value.tracer.create_proxy("call_function", _assert_given, (value, name), {})
+        return
+    if value is None:
+        raise AssertionError(f"fusedskip.fuse: this model was fused for calls with `{name}` "
+                             "(example_inputs gave it); fuse it with example_inputs that leave it "
+                             "out for calls without it")
 
 
 def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphModule:
@@ -764,7 +827,8 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     and the two must agree. Like every FX trace, it patches torch.nn.Module calls for the whole
     process while it runs: run no other model in another thread meanwhile. `example`: the
     example inputs, if any (_defaults_to_specialise)."""
-    concrete = _defaults_to_specialise(model, example) or None
+    concrete, given = _optional_parameters(model, example)
+    concrete = concrete or None
     hooked = _hooks_traced_through(model)
     if hooked:
         raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
@@ -807,7 +871,8 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                                "traced graph fixes at one mode; nn.Dropout and the like follow "
                                "the mode")
         state.restore(keep_constants=True)
-        for node in graph.find_nodes(op="placeholder"):
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        for node in placeholders:
             # FX names a specialised parameter's placeholder `<name>_1`: the signature keeps the
             # parameter's own name, so that a keyword call (`mask=None`) still works.
             name = node.target[:-len("_1")] if node.target.endswith("_1") else None
@@ -819,6 +884,9 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                                             f"without `{name}` (example_inputs left it out); "
                                             f"pass example_inputs that include it to fuse the "
                                             f"model for calls with it")
+            elif node.target in given:
+                with graph.inserting_after(placeholders[-1]):
+                    graph.call_function(_assert_given, (node, node.target))
         return _FusedModel(tracer.root, graph, type(model).__name__)
     finally:
         state.restore()

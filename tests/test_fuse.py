@@ -398,6 +398,138 @@ def test_a_parameter_the_example_leaves_out_keeps_its_default():
     torch.testing.assert_close(with_mask(x, mask=mask), model(x, mask), rtol=0, atol=0)
 
 
+def test_a_parameter_the_example_gives_is_asserted_given_and_kwargs_are_refused():
+    """Given in example_inputs, an optional parameter is fused for calls with it: a call without
+    it is refused (also after deepcopy and pickling), not run down the other branch. A
+    positional-only one left out is fused at None as any other. **kwargs is refused: a trace
+    cannot tell which it is given."""
+    import pickle
+
+    class PositionalOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x, bias=None, /):
+            if bias is None:
+                return torch.relu(self.linear(x)) + x
+            return F.linear(x, self.linear.weight, bias)
+
+    class Kwargs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x, **kwargs):
+            h = torch.relu(self.linear(x)) + x
+            return h if kwargs.get("mask") is None else h * kwargs["mask"]
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 8), torch.rand(4, 8)
+    model = OptionalMask()
+    fused = fusedskip.fuse(model, example_inputs=(x, mask))
+    for copied in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        torch.testing.assert_close(copied(x, mask), model(x, mask), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="fused for calls with `mask`"):
+            copied(x)
+    model = PositionalOnly()
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert fused.fuse_report.fused
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="fused for calls without `bias`"):
+        fused(x, torch.randn(8))
+    model = Kwargs()
+    out = fusedskip.fuse(model, example_inputs=(x,))
+    assert out is model and "**kwargs" in str(out.fuse_report)
+
+
+def test_a_write_into_the_residual_after_the_add_stops_add_relu():
+    """relu(h + r) with r written in place after the add: the fused layer, where the ReLU was,
+    would read the written r."""
+
+    class WriteAfterAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.shortcut = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x, y):
+            h = self.fc(x)
+            r = self.shortcut(y)
+            z = h + r
+            side = self.act(r)  # writes r, after the add read it
+            return torch.relu(z), side
+
+    torch.manual_seed(0)
+    model = WriteAfterAdd().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x, y))
+    assert not fused.fuse_report.fused
+    assert "act may write in place" in str(fused.fuse_report)
+    for out, ref in zip(fused(x, y), model(x, y)):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["**=", "//=", "%="])
+def test_every_augmented_assignment_is_recorded_in_place(op):
+    """`g **= 2` on an alias of h writes h (Python falls back to `g = g ** 2` on a value without
+    __ipow__, which a graph recorded as a new tensor, leaving h as it was)."""
+
+    class Explicit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.linear(x)
+            g = h
+            if op == "**=":
+                g **= 3
+            elif op == "//=":
+                g //= 3
+            else:
+                g %= 3
+            return torch.relu(h) + x
+
+    torch.manual_seed(0)
+    model = Explicit().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_an_instance_forward_and_an_inconsistent_or_integer_linear_are_not_fused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.linear(x)) + x
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    patched = Block()
+    patched.linear.forward = lambda t: F.linear(t, patched.linear.weight) * 2  # an adapter
+    relu_patched = Block()
+    relu_patched.act.forward = lambda t: t.clamp(min=-1)
+    for model in (patched, relu_patched):
+        fused = fusedskip.fuse(model, example_inputs=(x,))
+        assert not fused.fuse_report.fused
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    wide = Block()
+    wide.linear.weight = nn.Parameter(torch.randn(4, 6))  # in_features still says 4
+    report = str(fusedskip.fuse(wide, example_inputs=(torch.randn(3, 6),)).fuse_report)
+    assert "weight has shape (4, 6), not (out_features, in_features) = (4, 4)" in report
+    integer = Block()
+    integer.linear.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int64), requires_grad=False)
+    integer.linear.bias = nn.Parameter(torch.ones(4, dtype=torch.int64), requires_grad=False)
+    report = str(fusedskip.fuse(integer, example_inputs=(torch.ones(3, 4, dtype=torch.int64),))
+                 .fuse_report)
+    assert "dtype torch.int64, not a floating-point one" in report
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
