@@ -601,10 +601,21 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _holds_the_same(container, held) -> bool:
+    """Whether a list, dict or set holds the very objects `held` (its earlier copy) holds: by
+    identity (a traced value compares by building a node)."""
+    if isinstance(container, dict):
+        return container.keys() == held.keys() and all(container[k] is held[k] for k in held)
+    if isinstance(container, set):
+        return {id(v) for v in container} == {id(v) for v in held}
+    return len(container) == len(held) and all(a is b for a, b in zip(container, held))
+
+
 class _ModelState:
     """What tracing may change in a model and a graph does not record: each module's plain
-    attributes, its buffers (which tensor, and its values) and training flag, and each
-    parameter's requires_grad. `changed()` names what differs; `restore()` puts it back."""
+    attributes (and what its public lists, dicts and sets hold: `self.log.append(h)`), its
+    buffers (which tensor, and its values) and training flag, and each parameter's
+    requires_grad. `changed()` names what differs; `restore()` puts it back."""
 
     _SLOTS = ("_modules", "_parameters", "_buffers")
 
@@ -612,6 +623,9 @@ class _ModelState:
         self.modules = list(model.modules())
         self.attributes = [{k: v for k, v in vars(m).items() if k not in self._SLOTS}
                            for m in self.modules]
+        self.contents = [{k: copy.copy(v) for k, v in attributes.items()
+                          if not k.startswith("_") and type(v) in (list, dict, set)}
+                         for attributes in self.attributes]
         self.buffers = [dict(m._buffers) for m in self.modules]
         self.values = [{k: v.detach().clone() for k, v in b.items() if v is not None}
                        for b in self.buffers]
@@ -633,6 +647,9 @@ class _ModelState:
                       if module._buffers.get(k) is not v
                       or (v is not None and (v._version != self.versions[id(v)]
                                              or not _same_tensor(v, values[k])))]
+        for module, attributes, contents in zip(self.modules, self.attributes, self.contents):
+            found += [f"{type(module).__name__}.{k}" for k, held in contents.items()
+                      if not _holds_the_same(attributes[k], held)]
         found += ["requires_grad" for p, flag in self.requires_grad if p.requires_grad != flag]
         return found
 
@@ -646,6 +663,14 @@ class _ModelState:
                 delattr(module, k)  # what tracing added (FX's tensor constants, ...)
             module.__dict__.update(attributes)
             module._buffers.update(buffers)
+        for attributes, contents in zip(self.attributes, self.contents):
+            for k, held in contents.items():
+                if not _holds_the_same(attributes[k], held):
+                    attributes[k].clear()
+                    if isinstance(held, list):
+                        attributes[k].extend(held)
+                    else:
+                        attributes[k].update(held)
             with torch.no_grad():
                 for k, v in values.items():
                     if not _same_tensor(buffers[k], v):

@@ -530,6 +530,32 @@ def test_an_instance_forward_and_an_inconsistent_or_integer_linear_are_not_fused
     assert "dtype torch.int64, not a floating-point one" in report
 
 
+@pytest.mark.parametrize("write", ["append", "item"])
+def test_what_forward_puts_into_a_list_or_dict_attribute_is_refused_and_undone(write):
+    """`self.log.append(h)` or `self.stats["n"] += 1`: the graph records neither, and tracing
+    ran them on the model (twice: both modes are traced). Refused, with the model as it was."""
+
+    class Logging(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.log, self.stats = [], {"n": 0}
+
+        def forward(self, x):
+            h = torch.relu(self.linear(x)) + x
+            if write == "append":
+                self.log.append(h)
+            else:
+                self.stats["n"] += 1
+            return h
+
+    model = Logging()
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and not out.fuse_report.traced
+    assert ("Logging.log" if write == "append" else "Logging.stats") in str(out.fuse_report)
+    assert model.log == [] and model.stats == {"n": 0}
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
