@@ -849,7 +849,8 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     Where that fails (a buffer in Python control flow: `int(self.n)`, `if self.initialized:`),
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
-    and the two must agree. Like every FX trace, it patches torch.nn.Module calls for the whole
+    and the two must agree; so must a trace under no_grad (`torch.is_grad_enabled()` read in
+    Python). Like every FX trace, it patches torch.nn.Module calls for the whole
     process while it runs: run no other model in another thread meanwhile. `example`: the
     example inputs, if any (_defaults_to_specialise)."""
     concrete, given = _optional_parameters(model, example)
@@ -882,6 +883,12 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                 other = None
             for module, attributes in zip(state.modules, state.attributes):
                 module.training = attributes["training"]
+            with torch.no_grad():  # the same for a forward that reads the grad mode in Python
+                try:
+                    without_grad = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(
+                        model, concrete_args=concrete)
+                except Exception:
+                    without_grad = None
         changed = state.changed()
         if changed and proxied_error is not None:
             raise proxied_error  # why the graph could not hold what forward changes
@@ -895,6 +902,10 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                                "F.dropout(x, p, self.training), `if self.training:`), which a "
                                "traced graph fixes at one mode; nn.Dropout and the like follow "
                                "the mode")
+        if without_grad is None or _code(without_grad) != _code(graph):
+            raise RuntimeError("forward depends on the grad mode in Python (e.g. "
+                               "`if torch.is_grad_enabled():`), which a traced graph fixes at "
+                               "one mode")
         state.restore(keep_constants=True)
         placeholders = list(graph.find_nodes(op="placeholder"))
         for node in placeholders:

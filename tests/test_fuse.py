@@ -556,6 +556,21 @@ def test_what_forward_puts_into_a_list_or_dict_attribute_is_refused_and_undone(w
     assert model.log == [] and model.stats == {"n": 0}
 
 
+def test_a_forward_reading_the_grad_mode_is_refused():
+    class GradModeBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.linear(x)) + x
+            return h * 2 if torch.is_grad_enabled() else h
+
+    model = GradModeBranch()
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and "depends on the grad mode" in str(out.fuse_report)
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
