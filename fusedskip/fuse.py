@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import inspect
 import io
+import itertools
 import operator
 import re
 from typing import Any, List, Optional, Sequence, Tuple
@@ -141,17 +142,35 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     or of a function this pass does not know."""
     if "out" in node.kwargs:
         return _node_args(node)
-    first = [node.args[0]] if node.args and isinstance(node.args[0], torch.fx.Node) else []
+    first: List[torch.fx.Node] = []  # the written argument: a tensor, or a list of them
+    if node.args:
+        torch.fx.node.map_arg(node.args[0], first.append)
     if node.op == "call_method":
         name = node.target
         in_place = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" \
             or (name.startswith("__i") and name.endswith("__"))
         return first if in_place else []
     if node.op == "call_module":
-        return first if getattr(modules.get(node.target), "inplace", False) else []
+        module = modules.get(node.target)
+        written = first if getattr(module, "inplace", False) else []
+        own = _state_it_may_write(module)
+        if own:  # the graph's reads of that state
+            written += [n for n in node.graph.find_nodes(op="get_attr")
+                        if id(_attribute(node.graph.owning_module, n.target)) in own]
+        return written
     if node.op != "call_function":
         return []
     target = node.target
+    if target in _RUNNING_STATS_FUNCTIONS:  # F.batch_norm(x, mean, var, training=True)
+        try:
+            call = inspect.signature(target).bind(*node.args, **node.kwargs)
+        except TypeError:
+            return _node_args(node)
+        call.apply_defaults()
+        bound = call.arguments
+        if bound.get("training", bound.get("use_input_stats")) is not False:
+            return [bound[k] for k in ("running_mean", "running_var")
+                    if isinstance(bound.get(k), torch.fx.Node)]
     if target in _INPLACE_OPERATORS or node.kwargs.get("inplace", False):
         return first
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -168,6 +187,31 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     except (TypeError, ValueError):  # no signature (a builtin), or not these arguments
         return []
     return first if bound.arguments.get("inplace", False) else []
+
+
+# Leaf modules that write none of their own parameters and buffers in forward (BatchNorm updates
+# its running statistics, Embedding(max_norm=...) renormalises its weight: any other may).
+_STATELESS_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.ReLU,
+                      nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
+# Functions that update the running statistics they are given, unless told not to.
+_RUNNING_STATS_FUNCTIONS = (F.batch_norm, F.instance_norm)
+
+
+def _state_it_may_write(module: Optional[nn.Module]) -> set:
+    """The ids of the parameters and buffers a leaf module's forward may write."""
+    if module is None or isinstance(module, _STATELESS_MODULES):
+        return set()
+    return {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+
+
+def _attribute(root, target: str):
+    try:
+        value = root
+        for name in target.split("."):
+            value = getattr(value, name)
+        return value
+    except AttributeError:
+        return None
 
 
 # Ops whose result is a new tensor, sharing memory with none of their inputs (where they do not
@@ -219,12 +263,21 @@ def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules, re
     wrote, where `first` read the value before. A write into a tensor made after `first` (an
     in-place ReLU on another branch's Linear) reaches nothing the pattern read there; but the
     `residual`, read at `add` (before `last` in the add_relu order), may be such a tensor: after
-    the add, a write may touch only a tensor provably not the residual's."""
+    the add, a write may touch only a tensor provably not the residual's. Nor may a leaf module that
+    may write its own state (not _STATELESS_MODULES) share a tensor with the Linear."""
+    linear = modules.get(first.target) if first.op == "call_module" else None
+    if linear is None and first.users:  # a cat's: the Linear is its user
+        user = next(iter(first.users))
+        linear = modules.get(user.target) if user.op == "call_module" else None
+    shared = {id(p) for p in linear.parameters()} if isinstance(linear, nn.Linear) else set()
     after_first, after_add = set(), False
     residual_base = _fresh_base(residual, modules) if residual is not None else None
     node = first.next
     while node is not last:
         after_first.add(node)
+        if node not in chain and node.op == "call_module" and \
+                shared & _state_it_may_write(modules.get(node.target)):
+            return node  # it may write the Linear's weight or bias (a tied Embedding(max_norm))
         if node not in chain:
             for target in _written(node, modules):
                 base = _fresh_base(target, modules)

@@ -571,6 +571,49 @@ def test_a_forward_reading_the_grad_mode_is_refused():
     assert out is model and "depends on the grad mode" in str(out.fuse_report)
 
 
+class ReadsStateWrittenLater(nn.Module):
+    """Between the Linear and the pattern's end, something writes a tensor the Linear read, in a
+    way no in-place op in the graph shows: a BatchNorm updating the running mean the Linear read,
+    an Embedding(max_norm) renormalising the weight it shares with the Linear, F.batch_norm
+    updating the buffers it is given, a _foreach_ op writing a list holding the Linear's input."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.fc = nn.Linear(4, 4, bias=case != "embedding")
+        self.bn = nn.BatchNorm1d(4)
+        self.emb = nn.Embedding(4, 4, max_norm=0.5)
+        if case == "embedding":
+            self.emb.weight = self.fc.weight
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x, w):
+        if self.case == "batchnorm":
+            h, side = self.fc(self.bn.running_mean.expand(3, 4)), self.bn(w)
+        elif self.case == "embedding":
+            h, side = self.fc(x), self.emb(torch.tensor([0, 1]))
+        elif self.case == "batch_norm":
+            h = self.fc(self.mean.expand(3, 4))
+            side = F.batch_norm(w, self.mean, self.var, training=True)
+        else:
+            h = self.fc(x)
+            side = torch._foreach_mul_([x], 2.0)
+        return torch.relu(h) + w, side
+
+
+@pytest.mark.parametrize("case", ["batchnorm", "embedding", "batch_norm", "foreach"])
+def test_writes_no_in_place_op_shows_stop_fusion(case):
+    torch.manual_seed(0)
+    model = ReadsStateWrittenLater(case).double()
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(copy.deepcopy(model), example_inputs=(x.clone(), w))
+    assert not fused.fuse_report.fused
+    assert "may write in place between the Linear" in str(fused.fuse_report)
+    out, ref = fused(x.clone(), w), model(x.clone(), w)
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+
+
 def test_unused_results_that_act_are_kept():
     """An in-place op or a buffer update whose result nobody reads still acts: fusing must keep
     it, even where nothing is fused."""
