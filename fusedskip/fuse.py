@@ -588,29 +588,21 @@ def _in_place_operator(op):
 
 
 class _StrictProxy(torch.fx.Proxy):
-    """A traced value that records `x += y` (and every augmented assignment) as the in-place
-    operator it is (FX's Proxy records an out-of-place add, so the write vanished from the graph) and refuses attribute assignment
-    (`self.buffer.data = t`), which a graph cannot record."""
-
-    __iadd__ = _in_place_operator(operator.iadd)
-    __isub__ = _in_place_operator(operator.isub)
-    __imul__ = _in_place_operator(operator.imul)
-    __itruediv__ = _in_place_operator(operator.itruediv)
-    __ifloordiv__ = _in_place_operator(operator.ifloordiv)
-    __imod__ = _in_place_operator(operator.imod)
-    __ipow__ = _in_place_operator(operator.ipow)
-    __imatmul__ = _in_place_operator(operator.imatmul)
-    __iand__ = _in_place_operator(operator.iand)
-    __ior__ = _in_place_operator(operator.ior)
-    __ixor__ = _in_place_operator(operator.ixor)
-    __ilshift__ = _in_place_operator(operator.ilshift)
-    __irshift__ = _in_place_operator(operator.irshift)
+    """A traced value that records `x += y` (and every augmented assignment, set below) as the
+    in-place operator it is (FX's Proxy records an out-of-place add, so the write vanished from
+    the graph) and refuses attribute assignment (`self.buffer.data = t`), which a graph cannot
+    record."""
 
     def __setattr__(self, name, value):
         if name not in ("node", "tracer"):
             raise RuntimeError(f"forward sets the attribute {name!r} of a traced tensor (e.g. "
                                "`buffer.data = ...`), which a traced graph cannot do")
         object.__setattr__(self, name, value)
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+              "xor", "lshift", "rshift"):
+    setattr(_StrictProxy, f"__i{_name}__", _in_place_operator(getattr(operator, f"i{_name}")))
 
 
 def _modes() -> Tuple:
