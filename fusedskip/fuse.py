@@ -736,9 +736,10 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
     the GraphModule's own attributes (graph, code, meta)."""
 
     def taken(where: nn.Module, path: str, key: str) -> RuntimeError:
+        kind = type(getattr(where, key)).__name__
         return RuntimeError(f"the model's {path + '.' if path else ''}{key} has the name of an "
-                            f"attribute of torch.fx's GraphModule ({type(getattr(where, key)).__name__}), "
-                            "which the fused model is: rename it to fuse this model")
+                            f"attribute of torch.fx's GraphModule ({kind}), which the fused "
+                            "model is: rename it to fuse this model")
 
     placed = {}  # id of a source module -> what target holds for it
     for path, module in source.named_modules(remove_duplicate=False):
@@ -773,7 +774,8 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
                 setattr(held, key, take(value))
     for path, module in source.named_modules(remove_duplicate=False):  # all there now: the order
         held = target.get_submodule(path)
-        for mine, theirs in ((held._modules, module._modules), (held._parameters, module._parameters),
+        for mine, theirs in ((held._modules, module._modules),
+                             (held._parameters, module._parameters),
                              (held._buffers, module._buffers)):
             order = {key: i for i, key in enumerate(theirs)}
             items = sorted(mine.items(), key=lambda item: order.get(item[0], len(order)))
