@@ -708,6 +708,10 @@ class _ModelState:
                 delattr(module, k)  # what tracing added (FX's tensor constants, ...)
             module.__dict__.update(attributes)
             module._buffers.update(buffers)
+            with torch.no_grad():
+                for k, v in values.items():
+                    if not _same_tensor(buffers[k], v):
+                        buffers[k].copy_(v)
         for attributes, contents in zip(self.attributes, self.contents):
             for k, held in contents.items():
                 if not _holds_the_same(attributes[k], held):
@@ -716,10 +720,6 @@ class _ModelState:
                         attributes[k].extend(held)
                     else:
                         attributes[k].update(held)
-            with torch.no_grad():
-                for k, v in values.items():
-                    if not _same_tensor(buffers[k], v):
-                        buffers[k].copy_(v)
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
 
