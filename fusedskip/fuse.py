@@ -256,20 +256,16 @@ def _before(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return False
 
 
-def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules, residual=None,
-                   add=None):
+def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules, linear: nn.Linear,
+                   residual=None, add=None):
     """A node after `first` and before `last` (graph order) that may write into a tensor the
     pattern reads, if any: the fused call runs where `last` is, so it would read what such a node
     wrote, where `first` read the value before. A write into a tensor made after `first` (an
     in-place ReLU on another branch's Linear) reaches nothing the pattern read there; but the
     `residual`, read at `add` (before `last` in the add_relu order), may be such a tensor: after
-    the add, a write may touch only a tensor provably not the residual's. Nor may a leaf module that
-    may write its own state (not _STATELESS_MODULES) share a tensor with the Linear."""
-    linear = modules.get(first.target) if first.op == "call_module" else None
-    if linear is None and first.users:  # a cat's: the Linear is its user
-        user = next(iter(first.users))
-        linear = modules.get(user.target) if user.op == "call_module" else None
-    shared = {id(p) for p in linear.parameters()} if isinstance(linear, nn.Linear) else set()
+    the add, a write may touch only a tensor provably not the residual's. Nor may a leaf module
+    that may write its own state (not _STATELESS_MODULES) share a tensor with `linear`."""
+    shared = {id(p) for p in linear.parameters()}
     after_first, after_add = set(), False
     residual_base = _fresh_base(residual, modules) if residual is not None else None
     node = first.next
@@ -478,10 +474,10 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         if problem:
             report.skip((node.name, problem))
             continue
-        writer = _write_between(node, last, _chain(node, last), modules, residual,
+        writer = _write_between(node, last, _chain(node, last), modules, linear, residual,
                                 add if order == "add_relu" else None)
         if writer is not None and last is add and order == "relu_add" \
-                and _write_between(node, relu, _chain(node, relu), modules) is None:
+                and _write_between(node, relu, _chain(node, relu), modules, linear) is None:
             # The write falls between the ReLU and the add: Linear -> ReLU alone is safe.
             report.skip((node.name, f"{writer.name} may write in place before the "
                                               f"add {add.name}: only Linear -> ReLU fused"))
@@ -552,7 +548,7 @@ def _fuse_concats(gm, modules, report: FuseReport):
         relu = _only_user(user)
         activation = "relu" if relu is not None and _is_relu(relu, modules) else None
         last = relu if activation else user
-        writer = _write_between(node, last, _chain(node, last), modules)
+        writer = _write_between(node, last, _chain(node, last), modules, linear)
         if writer is not None:
             report.skip((user.name, f"{writer.name} may write in place between the "
                                               f"concatenation and {last.name}, whose values the "
@@ -820,8 +816,9 @@ class _FusedModel(torch.fx.GraphModule):
         return copied
 
     def __copy__(self):
-        copied = _FusedModel(self, self.graph, type(self).__name__)  # shares the graph, as
-        _carry_state(self, copied)                                    # GraphModule's copy does
+        # Sharing the graph, as GraphModule's copy does.
+        copied = _FusedModel(self, self.graph, type(self).__name__)
+        _carry_state(self, copied)
         copied.meta = self.meta
         return copied
 
@@ -897,9 +894,9 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
     and the two must agree; so must a trace under no_grad (`torch.is_grad_enabled()` read in
-    Python). Like every FX trace, it patches torch.nn.Module calls for the whole
-    process while it runs: run no other model in another thread meanwhile. `example`: the
-    example inputs, if any (_defaults_to_specialise)."""
+    Python). Like every FX trace, it patches torch.nn.Module calls for the whole process while
+    it runs: run no other model in another thread meanwhile. `example`: the example inputs, if
+    any (_optional_parameters)."""
     concrete, given = _optional_parameters(model, example)
     concrete = concrete or None
     hooked = _hooks_traced_through(model)
@@ -921,21 +918,21 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                     graph = tracer.trace(model, concrete_args=concrete)
                 except Exception:
                     raise proxied_error from None
-            for module in state.modules:
-                module.training = not module.training
-            try:
-                other = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(
-                    model, concrete_args=concrete)
-            except Exception:
-                other = None
-            for module, attributes in zip(state.modules, state.attributes):
-                module.training = attributes["training"]
-            with torch.no_grad():  # the same for a forward that reads the grad mode in Python
+
+            def again():  # the graph in another mode, which must be the same
                 try:
-                    without_grad = _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(
+                    return _Tracer(proxy_buffers=tracer.proxy_buffer_attributes).trace(
                         model, concrete_args=concrete)
                 except Exception:
-                    without_grad = None
+                    return None
+
+            for module in state.modules:
+                module.training = not module.training
+            other = again()
+            for module, attributes in zip(state.modules, state.attributes):
+                module.training = attributes["training"]
+            with torch.no_grad():  # for a forward that reads the grad mode in Python
+                without_grad = again()
         changed = state.changed()
         if changed and proxied_error is not None:
             raise proxied_error  # why the graph could not hold what forward changes
@@ -961,7 +958,7 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
             name = node.target[:-len("_1")] if node.target.endswith("_1") else None
             if concrete and name in concrete:
                 node.target = name
-                for check in list(node.users):  # FX's guard that it is None: say what to do instead
+                for check in list(node.users):  # FX's guard that it is None: say what to do
                     if getattr(check.target, "__name__", "") == "_assert_is_none":
                         check.args = (node, f"fusedskip.fuse: this model was fused for calls "
                                             f"without `{name}` (example_inputs left it out); "
@@ -999,16 +996,16 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
     the result could not hold its state as the model does, `model` itself is returned
     unchanged, with the reason in `model.fuse_report`."""
     report = FuseReport()
+    args = None if example_inputs is None else _as_args(example_inputs)
     try:
-        gm = _trace(model, None if example_inputs is None else _as_args(example_inputs))
+        gm = _trace(model, args)
     except Exception as error:  # anything FX raises: report it, never crash the caller
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
                 "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
         return _unchanged(model, f"not traceable by torch.fx ({type(error).__name__}: "
                                  f"{(str(error).splitlines() or [''])[0][:200]}); model left "
                                  f"unchanged{hint}")
-    if example_inputs is not None:
-        args = _as_args(example_inputs)
+    if args is not None:
         try:
             _propagate_shapes(gm, args)
         except Exception as error:
