@@ -12,7 +12,7 @@
 # FUSEDSKIP_CUDA_ARCHS (default 9.0a), FUSEDSKIP_CUTLASS_CONFIGS (default 1: also the tile-shape
 # configs that gpu_check.sh benchmarks), WORK (default /tmp/fusedskip-device: the venv and the
 # worktree), MAX_JOBS (default: all cores). A second run reuses the venv and rebuilds only what
-# changed. With two cores the first build takes ~20 minutes (the CUTLASS kernels).
+# changed. With two cores the first run took ~10 minutes here, most of it the CUTLASS kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
