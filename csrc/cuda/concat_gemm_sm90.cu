@@ -27,6 +27,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "backend.h"
@@ -274,6 +275,10 @@ template <typename Element>
 bool concat_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& weight,
                     const at::Tensor& bias, const at::Tensor& out, const at::Tensor& mask) {
   using Relu = FusedGemm<Element, Residual::kNone>;
+  // The host checks the mask's layout (fused_gemm_mask_layout_error) on FusedGemm's epilogue:
+  // this kernel's must stay that very type.
+  static_assert(std::is_same_v<typename ConcatGemm<Element, typename Relu::Tree>::Types::Epilogue,
+                               typename Relu::Epilogue>);
   const Element* bias_ptr =
       bias.defined() ? reinterpret_cast<const Element*>(bias.data_ptr()) : nullptr;
   if (mask.defined()) {
