@@ -2,13 +2,17 @@
 // call. (Autograd registered from Python would cost more host time per call than the eager ops
 // the fused op replaces, which decides the speed-up at small sizes.)
 //
-// Saved for backward: the inputs and weight (as autograd already keeps them alive) and the packed
-// 1-bit ReLU mask. Never the pre-activation, never the concatenation.
+// Saved for backward: the packed 1-bit ReLU mask, and as eager's linear saves them, the inputs
+// where the weight's gradient is wanted (it is their product with the output gradient) and the
+// weight where an input's is. Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <numeric>
+#include <vector>
 
 #include "fused_linear.h"
 
@@ -55,11 +59,21 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
           fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
     }
     const bool has_residual = residual.has_value() && residual->defined();
-    std::vector<at::Tensor> saved(inputs.begin(), inputs.end());
-    saved.push_back(weight);
+    // By requires_grad, as eager decides (not by what the running backward asks for: a forward
+    // recomputed inside a backward, as checkpointing does, must save what the first one did).
+    // One not saved stays out of the way of in-place writes and can be freed, as with eager.
+    bool any_input_grad = false;
+    for (const at::Tensor& x : inputs) any_input_grad = any_input_grad || x.requires_grad();
+    std::vector<at::Tensor> saved;
+    std::vector<int64_t> widths;
+    for (const at::Tensor& x : inputs) {
+      saved.push_back(weight.requires_grad() ? x : at::Tensor());
+      widths.push_back(x.size(-1));
+    }
+    saved.push_back(any_input_grad ? weight : at::Tensor());
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
-    ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());
+    ctx->saved_data["widths"] = widths;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["residual"] =
@@ -70,19 +84,36 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const int64_t count = ctx->saved_data["count"].toInt();
+    const std::vector<int64_t> widths = ctx->saved_data["widths"].toIntVector();
+    const auto count = static_cast<int64_t>(widths.size());
     const bool relu = ctx->saved_data["relu"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const auto residual = static_cast<Residual>(ctx->saved_data["residual"].toInt());
-    const variable_list saved = ctx->get_saved_variables();
-    const at::TensorList inputs(saved.data(), count);
-    const at::Tensor& weight = saved[count];
-    const at::Tensor& mask = saved[count + 1];
+    variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_output = grad_outputs[0];
 
     // One gradient per forward argument: inputs..., weight, bias, residual, relu, order.
     variable_list grads(count + 5);
     if (!grad_output.defined()) return grads;
+
+    // An operand forward did not save is read for its shape only (no wanted gradient reads its
+    // values): a row of zeros expanded to that shape stands in for it.
+    const auto stand_in = [&](std::vector<int64_t> shape) {
+      return at::zeros({shape.back()}, grad_output.options()).expand(shape);
+    };
+    for (int64_t i = 0; i < count; ++i) {
+      if (saved[i].defined()) continue;
+      std::vector<int64_t> shape = grad_output.sizes().vec();
+      shape.back() = widths[i];
+      saved[i] = stand_in(std::move(shape));
+    }
+    if (!saved[count].defined()) {
+      saved[count] =
+          stand_in({grad_output.size(-1), std::accumulate(widths.begin(), widths.end(), int64_t{0})});
+    }
+    const at::TensorList inputs(saved.data(), count);
+    const at::Tensor& weight = saved[count];
+    const at::Tensor& mask = saved[count + 1];
 
     // needs_input_grad counts only the tensor arguments: inputs, weight, then bias and residual
     // where they were given.

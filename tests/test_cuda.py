@@ -444,6 +444,20 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
             else:
                 assert grad_weight.numel() == 0
 
+    # Through autograd, the operand no wanted gradient reads is not saved and a stand-in of its
+    # shape (zeros expanded) reaches the kernels: the grouped GEMMs must not refuse it.
+    for frozen in ("weight", "inputs"):
+        xs = [t.clone().requires_grad_(frozen == "weight") for t in x]
+        wt = w.clone().requires_grad_(frozen == "inputs")
+        with fusedskip.use_backend("cutlass"):
+            out = fusedskip.linear_concat(xs, wt)
+            before = grouped_launches()
+            grads = torch.autograd.grad(out, xs if frozen == "weight" else [wt], g)
+            assert grouped_launches() == before + 1, frozen
+        for i, (got, want) in enumerate(zip(grads, ref_inputs if frozen == "weight"
+                                            else [ref_weight])):
+            assert_close_rel(got, want, torch.bfloat16, f"{frozen} frozen, gradient {i}")
+
 
 @needs_cutlass_gpu
 def test_cutlass_concat_kernels_take_row_strided_views():

@@ -1,11 +1,14 @@
 """gradcheck (backward and forward mode) and gradgradcheck (float64) of every form through the
 public functional API, and torch.library.opcheck of both ops on the same samples."""
 
+import weakref
+
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import fusedskip
-from conftest import CUDA_MARKS, ids, sample_grid
+from conftest import CUDA_MARKS, ids, make_sample, sample_grid
 
 SAMPLES = sample_grid()
 
@@ -52,6 +55,106 @@ def test_gradient_only_where_asked():
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gb, rb)
     assert w.grad is None and r.grad is None
+
+
+FORMS = {
+    "concat": dict(widths=[3, 5], residual=None),
+    "add_relu": dict(widths=[7], residual="add_relu"),
+}
+CPU_BACKENDS = ("native", "gemm_epilogue", "cuda_emulation")
+
+
+def _frozen_sample(form, frozen, device="cpu"):
+    sample = make_sample(FORMS[form]["widths"], 6, (2, 4), residual=FORMS[form]["residual"],
+                         device=device)
+    for t in (sample.inputs if frozen == "inputs" else [sample.weight]):
+        t.requires_grad_(False)
+    return sample
+
+
+def _grads(sample, api, write):
+    """Gradients of every tensor that wants one, after `write` changed in place some of the
+    tensors the call used, between forward and backward (each call gets fresh copies, so fused
+    and reference see the same)."""
+    tensors = [t.detach().clone().requires_grad_(t.requires_grad) for t in sample.tensors()]
+    # Inputs are used through a non-leaf view of themselves, which an in-place write may change.
+    used = [t * 1 if t.requires_grad else t.clone() for t in tensors]
+    out = sample.call(api, *used)
+    with torch.no_grad():
+        write(used)
+    wanted = [t for t in tensors if t.requires_grad]
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
+    return torch.autograd.grad((out * weights).sum(), wanted)
+
+
+@pytest.mark.parametrize("device, backend",
+                         [("cpu", b) for b in CPU_BACKENDS] +
+                         [pytest.param("cuda", b, marks=CUDA_MARKS)
+                          for b in ("native", "gemm_epilogue")])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("frozen", ["weight", "inputs"])
+def test_saves_only_what_a_wanted_gradient_reads(frozen, form, device, backend):
+    """As eager's linear: the inputs are saved only where the weight's gradient is wanted, the
+    weight only where an input's is. So, as in eager, writing in place into the one that is not
+    saved, between forward and backward, is no error, and the gradients are the reference's."""
+    sample = _frozen_sample(form, frozen, device)
+    n = len(sample.inputs)
+
+    def write(used):
+        for t in (used[:n] if frozen == "weight" else [used[n]]):
+            t.mul_(3)
+
+    with fusedskip.use_backend(backend):
+        got = _grads(sample, fusedskip, write)
+    want = _grads(sample, fusedskip.reference, write)
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+    # The one that is saved still guards itself. (Eager's concat saves its cat, a copy, where
+    # the fused op saves the inputs themselves: a write into an input is refused there too.)
+    def write_saved(used):
+        used[n if frozen == "weight" else 0].mul_(3)
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _grads(sample, fusedskip, write_saved)
+
+
+def test_inputs_of_a_frozen_layer_are_not_kept_alive():
+    """With the weight frozen, nothing in backward reads the inputs: the graph does not hold them
+    (the residual stream's gradient alone is wanted here)."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    w = torch.randn(8, 8, dtype=torch.float64)
+    r = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    x_alive = weakref.ref(x)
+    y = fusedskip.linear_relu_residual(x, w, None, r)
+    del x
+    assert x_alive() is None
+    (g,) = torch.autograd.grad(y.sum(), r)
+    torch.testing.assert_close(g, torch.ones_like(r))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("frozen", ["weight", "inputs"])
+def test_gradgradcheck_with_a_frozen_part(frozen, form):
+    """Double backward, where the unsaved operand's stand-in is in the graph's maths."""
+    sample = _frozen_sample(form, frozen)
+    assert torch.autograd.gradgradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
+
+
+def test_checkpoint_recompute_asking_for_part_of_the_gradients():
+    """A forward that checkpointing recomputes inside a backward that wants only some gradients
+    must save what the first forward saved."""
+    sample = make_sample([3, 5], 6, (4,), relu=True)
+    x0, x1, w, b = [t.detach().clone().requires_grad_() for t in sample.tensors()]
+
+    def layer(api, a, c):
+        return api.linear_concat([a, c], w, b, activation="relu").square()
+
+    got = torch.autograd.grad(
+        checkpoint(lambda a, c: layer(fusedskip, a, c), x0, x1, use_reentrant=False).sum(), (x0,))
+    want = torch.autograd.grad(layer(fusedskip.reference, x0, x1).sum(), (x0,))
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("sample", SAMPLES[:: max(1, len(SAMPLES) // 12)],

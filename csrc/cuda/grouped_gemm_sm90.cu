@@ -269,8 +269,13 @@ bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
   if (rows == 0 || rows > int_max - 512 || cols == 0 || cols % 8 != 0 || cols > int_max - 512) {
     return false;
   }
-  bool any = grad_weight.defined();
-  if (!tma_operand(grad_preact) || !tma_operand(weight) ||
+  // The weight is read for the input gradients only, the inputs for the weight gradient only:
+  // where that is not wanted, autograd hands over a stand-in of the right shape (zeros expanded,
+  // which TMA cannot take), not the tensor.
+  bool any_input = false;
+  for (const at::Tensor& grad : grad_inputs) any_input = any_input || grad.defined();
+  if (!any_input && !grad_weight.defined()) return false;
+  if (!tma_operand(grad_preact) || (any_input && !tma_operand(weight)) ||
       (grad_weight.defined() && !tma_operand(grad_weight))) {
     return false;
   }
@@ -278,13 +283,12 @@ bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
     // Widths of whole 16-byte words also keep every column block of weight and grad_weight on
     // 16-byte bounds.
     const int64_t width = inputs[i].size(1);
-    if (width == 0 || width % 8 != 0 || width > int_max - 512 || !tma_operand(inputs[i])) {
+    if (width == 0 || width % 8 != 0 || width > int_max - 512 ||
+        (grad_weight.defined() && !tma_operand(inputs[i]))) {
       return false;
     }
     if (grad_inputs[i].defined() && !tma_operand(grad_inputs[i])) return false;
-    any = any || grad_inputs[i].defined();
   }
-  if (!any) return false;
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
   if (device->major != 9 || device->minor != 0) return false;  // sm_90a code runs on sm_90 only
