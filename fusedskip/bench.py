@@ -495,9 +495,13 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
         # Enough input sets that one rotation is larger than the last-level cache.
         one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)
         sets = max(1, min(8, (64 << 20) // max(1, one_set))) if device == "cuda" else 1
-        arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
-                    for s in range(sets)]
-        grad = torch.randn(m, n, device=device, dtype=dtype)
+        inputs_error = None
+        try:
+            arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
+                        for s in range(sets)]
+            grad = torch.randn(m, n, device=device, dtype=dtype)
+        except (RuntimeError, MemoryError) as error:  # a size this device cannot hold
+            inputs_error = f"error: inputs: {type(error).__name__}: {str(error)[:200]}"
         eager_p50 = None
         case_rows = []  # this case's: each row's speedup is against eager on the same case
         for provider in providers:
@@ -510,6 +514,10 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
                                         residual=order is not None)}
             if fn is None:
                 continue  # not a meaningful comparison for this op / mode
+            if inputs_error:
+                row.update(status=inputs_error)
+                case_rows.append(row)
+                continue
             with provider_backend(provider):
                 try:
                     times = measure(case, provider, fn, mode, arg_sets, grad, row, repeats,
@@ -668,11 +676,12 @@ def markdown_table(rows: List[dict]) -> str:
     for r in rows:
         if r.get("status") == "ok":
             mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else ""
+            speedup = r.get("speedup_vs_eager")  # none without an eager row for the case
             lines.append(
                 f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | {r['N']} | "
                 f"{r['provider']} | {r['p50_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | "
                 f"{r['tflops']:.3f} | {r['gbps']:.1f} | {r['roofline_fraction']:.3f} | "
-                f"{r.get('speedup_vs_eager', float('nan')):.2f} | {mem} | ok |")
+                f"{f'{speedup:.2f}' if speedup else '–'} | {mem} | ok |")
         else:
             lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | "
                          f"{r['N']} | {r['provider']} | | | | | | | | {r.get('status')} |")
@@ -782,6 +791,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out or os.path.join(
         results, f"{re.sub(r'[^A-Za-z0-9]+', '-', env['device_name']).strip('-').lower()}-"
                  f"{env['date']}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out: {out!r} exists and is not a folder; name a folder (it is "
+                         "created if missing)")
     print(f"fusedskip {fusedskip.__version__}, torch {env['torch']}, {env['device_name']}, "
           f"commit {env['commit']} -> {out}", flush=True)
 

@@ -229,6 +229,25 @@ def test_command_line_mistakes_are_named(tmp_path):
     with pytest.raises(SystemExit, match="nothing to time: .*cublaslt runs under --mode no_grad"):
         bench.main(["--device", "cpu", "--providers", "cublaslt", "--op", "relu_add",
                     "--mode", "forward", "--sizes", "8x8x8", "--out", str(tmp_path)])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="--out: .*a_file' exists and is not a folder"):
+        bench.main(["--quick", "--device", "cpu", "--out", str(a_file)])
+
+
+def test_a_size_the_device_cannot_hold_costs_its_rows_only(tmp_path):
+    """Inputs that cannot be allocated are that case's rows' status, not the end of the sweep;
+    and a row with no eager row to compare with shows no speed-up."""
+    out = tmp_path / "results"
+    huge = "99999999999x99999999x999999999"  # more elements than a tensor can have
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused", "--op", "relu_add",
+                       "--mode", "forward", "--sizes", f"{huge},8x8x8", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["M"] for r in rows] == [99999999999, 8]
+    assert rows[0]["status"].startswith("error: inputs: RuntimeError")
+    assert rows[1]["status"] == "ok" and "speedup_vs_eager" not in rows[1]
+    table = (out / "table.md").read_text()
+    assert "| fused | " in table and "| – |" in table and "nan" not in table
 
 
 def test_each_row_is_compared_with_eager_on_its_own_case(tmp_path):
