@@ -270,6 +270,13 @@ class _LinearParameters(nn.Module):
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling it; without it, the user
+        # would get TorchScript's complaint about a keyword-only argument deep inside the layer.
+        raise RuntimeError(f"fusedskip: {type(self).__name__} does not support TorchScript "
+                           "(torch.jit.script); use torch.compile, torch.export or "
+                           "torch.jit.trace instead")
+
     # What from_linear's kwargs may set: the rest comes from the Linear.
     _FROM_LINEAR_OPTIONS = ()
 

@@ -163,5 +163,8 @@ def test_jit_trace_works_and_jit_script_refuses():
     traced = torch.jit.trace(layer, (x, r))
     x2, r2 = torch.randn(5, 6), torch.randn(5, 6)
     torch.testing.assert_close(traced(x2, r2), layer(x2, r2), rtol=0, atol=0)
-    with pytest.raises(Exception):
-        torch.jit.script(layer)
+    # With a message saying what to use instead, for the layers themselves and inside a model.
+    for module in (layer, torch.nn.Sequential(fusedskip.ConcatLinear([2, 4], 6)),
+                   fusedskip.reference.LinearReLUResidual(6, 6)):
+        with pytest.raises(RuntimeError, match=r"does not support TorchScript .*torch\.compile"):
+            torch.jit.script(module)
