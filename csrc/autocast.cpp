@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> autocast_kernel(
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  check_autocast_operands(inputs, weight, bias, kDevice);
   std::vector<at::Tensor> cast_inputs;
   cast_inputs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) cast_inputs.push_back(at::autocast::cached_cast(dtype, x, kDevice));

@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 namespace fusedskip {
@@ -103,6 +104,29 @@ void check_tensor(const ArgName& name, const at::Tensor& tensor, const at::Tenso
 }
 
 }  // namespace
+
+void check_autocast_operands(at::TensorList inputs, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, c10::DeviceType device) {
+  std::optional<ArgName> wide, narrow;
+  at::ScalarType narrow_dtype = at::kFloat;
+  const auto look = [&](const ArgName& name, const at::Tensor& t) {
+    if (!t.defined() || !t.is_floating_point() || t.device().type() != device) return;
+    if (t.scalar_type() == at::kDouble) {
+      if (!wide) wide = name;
+    } else if (!narrow) {
+      narrow = name;
+      narrow_dtype = t.scalar_type();
+    }
+  };
+  for (size_t i = 0; i < inputs.size(); ++i) look(input_arg(i, inputs.size()), inputs[i]);
+  look({"weight"}, weight);
+  if (bias.has_value()) look({"bias"}, *bias);
+  TORCH_CHECK_TYPE(!wide || !narrow, "fusedskip: under torch.autocast, ", *narrow, " (",
+                   dtype_name(narrow_dtype), ") is cast to ",
+                   dtype_name(at::autocast::get_autocast_dtype(device)), " but ", *wide,
+                   " is torch.float64, which autocast leaves alone; pass the inputs, weight and "
+                   "bias all as float64, or none of them");
+}
 
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,

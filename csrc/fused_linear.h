@@ -65,6 +65,12 @@ inline bool tma_operand(const at::Tensor& t) {
          stride < (int64_t{1} << 40) / static_cast<int64_t>(t.element_size());
 }
 
+// Autocast casts the floating operands on its device to its dtype but leaves float64 ones alone:
+// mixed, they would reach the op in two dtypes, and its error would name the autocast dtype, not
+// the one passed. Raises TypeError naming both.
+void check_autocast_operands(at::TensorList inputs, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, c10::DeviceType device);
+
 // Raises ValueError / TypeError / RuntimeError naming the offending argument.
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,

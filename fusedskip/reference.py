@@ -181,18 +181,34 @@ def _autocast_on(weight) -> bool:
         return False
 
 
-def autocast_args(weight, *tensors):
-    """`(weight, *tensors)` as the op's autocast kernel hands them on to the linear
+def autocast_args(weight, bias, inputs):
+    """`(weight, bias, inputs)` as the op's autocast kernel hands them on to the linear
     (csrc/autocast.cpp): under torch.autocast on weight's device, each floating tensor there other
     than float64 cast to the autocast dtype, as nn.Linear's are. So a layer gives the same dtype on
-    the reference path (the modules' CPU path) as through the op."""
-    args = (weight, *tensors)
+    the reference path (the modules' CPU path) as through the op, and the same error where a
+    float64 operand meets others autocast casts (csrc/fused_linear.cpp, check_autocast_operands)."""
     if not _autocast_on(weight):
-        return args
+        return weight, bias, inputs
     device = weight.device.type
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                 and t.dtype != torch.float64 and t.device.type == device else t for t in args)
+
+    def castable(t):
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device
+
+    named = [("input" if len(inputs) == 1 else f"inputs[{i}]", x) for i, x in enumerate(inputs)]
+    named += [("weight", weight), ("bias", bias)]
+    wide = next((name for name, t in named if castable(t) and t.dtype == torch.float64), None)
+    narrow = next(((name, t.dtype) for name, t in named
+                   if castable(t) and t.dtype != torch.float64), None)
+    if wide and narrow:
+        raise TypeError(f"fusedskip: under torch.autocast, {narrow[0]} ({narrow[1]}) is cast to "
+                        f"{dtype} but {wide} is torch.float64, which autocast leaves alone; pass "
+                        "the inputs, weight and bias all as float64, or none of them")
+
+    def cast(t):
+        return t.to(dtype) if castable(t) and t.dtype != torch.float64 else t
+
+    return cast(weight), cast(bias), [cast(x) for x in inputs]
 
 
 def autocast_residual(weight, residual):
@@ -224,7 +240,7 @@ def linear_relu_residual(input, weight, bias=None, residual=None, *, order="relu
     check_order(order)
     wider_residual = False
     if _any_autocast() and _autocast_on(weight):
-        weight, input, bias = autocast_args(weight, input, bias)
+        weight, bias, (input,) = autocast_args(weight, bias, [input])
         residual, wider_residual = autocast_residual(weight, residual)
     check_call([input], weight, bias, residual, wider_residual=wider_residual)
     out = F.linear(input, weight, bias)
@@ -243,7 +259,7 @@ def linear_concat(inputs, weight, bias=None, *, activation=None):
     inputs = as_input_list(inputs)
     check_activation(activation)
     if _any_autocast():
-        weight, bias, *inputs = autocast_args(weight, bias, *inputs)
+        weight, bias, inputs = autocast_args(weight, bias, inputs)
     check_call(inputs, weight, bias)
     out = F.linear(torch.cat(inputs, -1), weight, bias)
     return torch.relu(out) if activation == "relu" else out

@@ -63,6 +63,28 @@ def test_float64_is_left_alone():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float64_next_to_operands_autocast_casts_is_named_as_passed(device):
+    """Autocast casts float32 operands and leaves float64 ones: the error names the dtypes passed
+    (not the one autocast made), through the op and through the modules' reference path."""
+    f32 = torch.randn(4, 2, device=device)
+    f64 = torch.randn(4, 3, device=device, dtype=torch.float64)
+    w64 = torch.randn(6, 5, device=device, dtype=torch.float64)
+    calls = {
+        r"inputs\[0\] \(torch.float32\) .* but inputs\[1\] is torch.float64":
+            lambda api: api.linear_concat([f32, f64], w64),
+        r"input \(torch.float32\) .* but weight is torch.float64":
+            lambda api: api.linear_relu_residual(f32, w64[:, :2]),
+        r"bias \(torch.float32\) .* but input is torch.float64":
+            lambda api: api.linear_relu_residual(f64, w64[:, :3], torch.randn(6, device=device)),
+    }
+    for pattern, call in calls.items():
+        for api in (fusedskip, fusedskip.reference):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                with pytest.raises(TypeError, match=pattern + ", which autocast leaves alone"):
+                    call(api)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_modules_under_autocast(device):
     """The modules (whose CPU path is the reference one) cast as the op does: a layer fed by an
     autocast nn.Linear works, and its result has the autocast dtype on every path."""
