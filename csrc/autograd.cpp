@@ -65,15 +65,16 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     bool any_input_grad = false;
     for (const at::Tensor& x : inputs) any_input_grad = any_input_grad || x.requires_grad();
     std::vector<at::Tensor> saved;
-    std::vector<int64_t> widths;
+    // Symbolic under torch.compile / export: an int read from a traced size would fix it.
+    std::vector<c10::SymInt> widths;
     for (const at::Tensor& x : inputs) {
       saved.push_back(weight.requires_grad() ? x : at::Tensor());
-      widths.push_back(x.size(-1));
+      widths.push_back(x.sym_size(-1));
     }
     saved.push_back(any_input_grad ? weight : at::Tensor());
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
-    ctx->saved_data["widths"] = widths;
+    ctx->saved_data["widths"] = c10::IValue(c10::SymIntArrayRef(widths));
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["residual"] =
@@ -84,7 +85,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const std::vector<int64_t> widths = ctx->saved_data["widths"].toIntVector();
+    const std::vector<c10::SymInt> widths = ctx->saved_data["widths"].toSymIntVector();
     const auto count = static_cast<int64_t>(widths.size());
     const bool relu = ctx->saved_data["relu"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -98,18 +99,18 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
 
     // An operand forward did not save is read for its shape only (no wanted gradient reads its
     // values): a row of zeros expanded to that shape stands in for it.
-    const auto stand_in = [&](std::vector<int64_t> shape) {
-      return at::zeros({shape.back()}, grad_output.options()).expand(shape);
+    const auto stand_in = [&](std::vector<c10::SymInt> shape) {
+      return at::zeros_symint({shape.back()}, grad_output.options()).expand_symint(shape);
     };
     for (int64_t i = 0; i < count; ++i) {
       if (saved[i].defined()) continue;
-      std::vector<int64_t> shape = grad_output.sizes().vec();
+      std::vector<c10::SymInt> shape = grad_output.sym_sizes().vec();
       shape.back() = widths[i];
       saved[i] = stand_in(std::move(shape));
     }
     if (!saved[count].defined()) {
-      saved[count] =
-          stand_in({grad_output.size(-1), std::accumulate(widths.begin(), widths.end(), int64_t{0})});
+      const c10::SymInt in_features = std::accumulate(widths.begin(), widths.end(), c10::SymInt(0));
+      saved[count] = stand_in({grad_output.sym_size(-1), in_features});
     }
     const at::TensorList inputs(saved.data(), count);
     const at::Tensor& weight = saved[count];
@@ -263,9 +264,9 @@ namespace {
 
 // torch.func.vmap: the op has no batching rule of its own; the composite's ATen ops have theirs
 // (as functorch decomposes ATen's composite ops), for batched inputs, weights or both. vmap's
-// dispatch key comes before autocast's, so under autocast the op's autocast kernel runs first,
-// as it would without vmap, and its call of the op comes back here with autocast off: that
-// kernel excludes autocast's key, which is what is_autocast_enabled reads.
+// key is dispatched before autocast's, so autocast is still on here: this calls the autocast
+// kernel, as the dispatcher would without vmap, and that kernel's call of the op comes back here
+// with autocast's key excluded, which is what is_autocast_enabled reads.
 std::tuple<at::Tensor, at::Tensor> fused_linear_batched(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {

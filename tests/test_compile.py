@@ -51,13 +51,26 @@ def test_compiled_matches_eager(backend):
         torch.testing.assert_close(cg, g)
 
 
-def test_dynamic_shapes():
+@pytest.mark.parametrize("frozen", [None, "weights", "input"])
+def test_dynamic_shapes(frozen):
+    """One graph for every batch size, whichever operands want gradients (what autograd saves
+    must not fix a size), and the gradients are eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     model = SkipBlock()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    model.requires_grad_(frozen != "weights")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
     for rows in (3, 8, 17):
-        x = torch.randn(2, rows, 12, requires_grad=True)
-        torch.testing.assert_close(compiled(x), model(x))
+        x = torch.randn(2, rows, 12, requires_grad=frozen != "input")
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x))
+        wanted = [t for t in (x, *model.parameters()) if t.requires_grad]
+        for got, want in zip(torch.autograd.grad(out.square().sum(), wanted),
+                             torch.autograd.grad(model(x).square().sum(), wanted)):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
 
 
 def test_compiled_graphs_call_the_fused_ops():
@@ -88,6 +101,16 @@ def test_export_runs():
     exported = torch.export.export(model, (x,))
     assert "fusedskip.fused_linear" in str(exported.graph)
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_export_with_a_dynamic_batch_of_a_training_model():
+    """Parameters that want gradients (a model in training) keep the batch dim dynamic."""
+    model = SkipBlock()
+    exported = torch.export.export(model, (torch.randn(6, 12),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    for rows in (1, 11):
+        x = torch.randn(rows, 12)
+        torch.testing.assert_close(exported.module()(x), model(x))
 
 
 @pytest.mark.parametrize("form", ["relu_add", "concat"])
