@@ -142,8 +142,7 @@ def measure(fn, mode, min_run_time):
             with torch.no_grad():
                 fn()
     timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e6, m
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
 def main(argv=None):
@@ -161,7 +160,7 @@ def main(argv=None):
     # This machine is shared: a median can be inflated by a neighbour. Each provider is measured
     # in `rounds` alternating rounds and the smallest median kept (interference only adds time).
     def best_of(fn, mode):
-        return min(measure(fn, mode, args.min_run_time / args.rounds)[0]
+        return min(measure(fn, mode, args.min_run_time / args.rounds)
                    for _ in range(args.rounds))
 
     rows = []
@@ -170,8 +169,8 @@ def main(argv=None):
         for mode in ("forward", "forward+backward", "no_grad"):
             eager_us, fused_us = float("inf"), float("inf")
             for _ in range(args.rounds):
-                eager_us = min(eager_us, measure(eager, mode, args.min_run_time / args.rounds)[0])
-                fused_us = min(fused_us, measure(fused, mode, args.min_run_time / args.rounds)[0])
+                eager_us = min(eager_us, measure(eager, mode, args.min_run_time / args.rounds))
+                fused_us = min(fused_us, measure(fused, mode, args.min_run_time / args.rounds))
             rows.append({"op": op, "mode": mode, "eager_us": round(eager_us, 2),
                          "fused_us": round(fused_us, 2),
                          "speedup": round(eager_us / fused_us, 3)})

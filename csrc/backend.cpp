@@ -23,12 +23,24 @@ bool parse(const std::string& name, Backend* backend) {
   return false;
 }
 
+}  // namespace
+
+std::string backend_choices() {
+  std::string choices;
+  for (const char* name : kNames) {
+    choices += (choices.empty() ? "'" : ", '") + std::string(name) + "'";
+  }
+  return choices;
+}
+
+namespace {
+
 Backend from_environment() {
   const char* value = std::getenv("FUSEDSKIP_BACKEND");
   Backend backend = Backend::kAuto;
   if (value != nullptr && value[0] != '\0' && !parse(value, &backend)) {
-    TORCH_WARN("fusedskip: FUSEDSKIP_BACKEND=", value,
-               " is not one of auto, native, gemm_epilogue, cuda_emulation, cutlass; using auto");
+    TORCH_WARN("fusedskip: FUSEDSKIP_BACKEND=", value, " is not one of ", backend_choices(),
+               "; using auto");
   }
   return backend;
 }
@@ -43,9 +55,10 @@ std::atomic<Backend>& selected() {
 constexpr int64_t kCpuLoopsMaxWork = int64_t{1} << 15;
 
 // CUDA: the native kernel up to this many multiply-adds, cuBLAS + element-wise pass above.
-// Measured on an H200 (bf16, benchmarks/NOTES.md "Native or cuBLAS"): the native kernel was
-// faster at every size up to 4096x256x256 = 2^28 (forward 61 vs 75 us there, forward+backward
-// 349 vs 449), and 5x and 18x slower at 2^32 and 2^37 (forward), where its mainloop (no software pipelining,
+// Measured on an H200 (bf16, benchmarks/NOTES.md "Native kernel", run 3): the native kernel was
+// faster up to 4096x256x256 = 2^28 (forward 62.5 vs 64.0 us there, forward+backward 248 vs 407;
+// one exception, noise-level between runs: the backward of 65536x30x30), slower from 2^29, and
+// 5x and 18x slower at 2^32 and 2^37 (forward), where its mainloop (no software pipelining,
 // element-wise bounds-checked loads) runs at ~22 TFLOP/s against cuBLAS's hundreds.
 constexpr int64_t kCudaNativeMaxWork = int64_t{1} << 28;
 
@@ -87,8 +100,7 @@ Backend current_backend() { return selected().load(std::memory_order_relaxed); }
 void set_backend(const std::string& name) {
   Backend backend;
   TORCH_CHECK_VALUE(parse(name, &backend), "fusedskip: unknown backend '", name,
-                    "'; choose one of 'auto', 'native', 'gemm_epilogue', 'cuda_emulation', ",
-                    "'cutlass'");
+                    "'; choose one of ", backend_choices());
   selected().store(backend, std::memory_order_relaxed);
 }
 

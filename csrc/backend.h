@@ -32,6 +32,8 @@ Backend current_backend();
 // Raises ValueError naming the choices for an unknown name.
 void set_backend(const std::string& name);
 const char* backend_name(Backend backend);
+// The names set_backend takes, quoted, for messages: "'auto', 'native', ...".
+std::string backend_choices();
 
 enum class GemmPath {
   kLibrary,   // ATen GEMM(s) + the element-wise pass

@@ -133,9 +133,8 @@ PyObject* set_backend_py(PyObject* /*module*/, PyObject* name) {
   const char* text = PyUnicode_AsUTF8AndSize(name, &size);
   if (text == nullptr) {  // a lone surrogate: no UTF-8 for it, so no backend's name either
     PyErr_Clear();
-    TORCH_CHECK_VALUE(false, "fusedskip: backend must be one of 'auto', 'native', ",
-                      "'gemm_epilogue', 'cuda_emulation', 'cutlass', got a str that is not ",
-                      "valid text");
+    TORCH_CHECK_VALUE(false, "fusedskip: backend must be one of ", backend_choices(),
+                      ", got a str that is not valid text");
   }
   set_backend(std::string(text, static_cast<size_t>(size)));  // with any embedded NUL
   Py_RETURN_NONE;

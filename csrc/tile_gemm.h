@@ -17,7 +17,6 @@
 // (compute-sanitizer racecheck, scripts/gpu_check.sh).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include "epilogue.h"

@@ -43,14 +43,19 @@ else:
     def _mask_shape(rows, out_features, relu):
         return (rows, (out_features + 7) // 8) if relu else (0,)
 
+    def _rows(shape):
+        """The rows of a (..., features) shape: the product of its leading dims."""
+        rows = 1
+        for size in shape[:-1]:
+            rows *= size
+        return rows
+
     @torch.library.register_fake("fusedskip::fused_linear")
     def _fused_linear_fake(inputs, weight, bias, residual, relu, residual_before_relu):
         out_shape = reference.check_args(inputs, weight, bias, residual)
-        rows = 1
-        for size in out_shape[:-1]:
-            rows = rows * size
         output = weight.new_empty(out_shape)
-        mask = weight.new_empty(_mask_shape(rows, weight.shape[0], relu), dtype=torch.uint8)
+        mask = weight.new_empty(_mask_shape(_rows(out_shape), weight.shape[0], relu),
+                                dtype=torch.uint8)
         return output, mask
 
     # torch.utils.flop_counter (FlopCounterMode, and what is built on it) counts the GEMMs, as it
@@ -72,12 +77,6 @@ else:
         if output_mask[len(inputs_shape)]:  # the weight's
             flops += per_column * in_total
         return flops
-
-    def _rows(shape):
-        rows = 1
-        for size in shape[:-1]:
-            rows *= size
-        return rows
 
     @torch.library.register_fake("fusedskip::fused_linear_backward")
     def _fused_linear_backward_fake(grad_output, inputs, weight, relu_mask, relu, output_mask):

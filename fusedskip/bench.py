@@ -175,7 +175,7 @@ class Case:
             t = torch.randn(*shape, generator=generator) * scale
             return t.to(self.device, self.dtype).requires_grad_(requires_grad)
 
-        count, relu, order = OPS[self.op]
+        order = OPS[self.op][2]
         xs = [rand(self.m, w) for w in self.widths]
         w = rand(self.n, self.k, scale=self.k ** -0.5)
         b = rand(self.n)
@@ -490,7 +490,7 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
     for dtype, (m, k, n), op, mode in ((d, s, o, md) for d in dtypes for s in sizes
                                         for o in ops for md in modes):
         case = Case(op, m, max(k, OPS[op][0]), n, dtype, device)
-        count, relu, order = OPS[op]
+        order = OPS[op][2]
         element = torch.empty((), dtype=dtype).element_size()
         # Enough input sets that one rotation is larger than the last-level cache.
         one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)

@@ -31,7 +31,6 @@
 #include <vector>
 
 #include "backend.h"
-#include "dispatch.h"
 #include "fused_linear.h"
 
 namespace fusedskip {
