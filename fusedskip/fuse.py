@@ -480,12 +480,12 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
                 and _write_between(node, relu, _chain(node, relu), modules, linear) is None:
             # The write falls between the ReLU and the add: Linear -> ReLU alone is safe.
             report.skip((node.name, f"{writer.name} may write in place before the "
-                                              f"add {add.name}: only Linear -> ReLU fused"))
+                                    f"add {add.name}: only Linear -> ReLU fused"))
             last, residual, writer = relu, None, None
         if writer is not None:
             report.skip((node.name, f"{writer.name} may write in place between the "
-                                              f"Linear and {last.name}, whose values the fused "
-                                              "layer would read after it"))
+                                    f"Linear and {last.name}, whose values the fused "
+                                    "layer would read after it"))
             continue
         fused = LinearReLUResidual.from_linear(linear, order=order)
         pattern = ("Linear -> ReLU" if residual is None else
@@ -516,27 +516,27 @@ def _fuse_concats(gm, modules, report: FuseReport):
             continue
         if not isinstance(parts, (list, tuple)):
             report.skip((user.name, "the concatenated tensors come as one value (e.g. "
-                                              "x.chunk(...)), not a list: their number is not "
-                                              "known when tracing"))
+                                    "x.chunk(...)), not a list: their number is not "
+                                    "known when tracing"))
             continue
         metas = [_meta(p) for p in parts]
         if any(m is None for m in metas):
             report.skip((user.name, "shapes unknown: pass example_inputs so the "
-                                              "concatenated widths can be read"))
+                                    "concatenated widths can be read"))
             continue
         ndim = len(metas[0].shape)
         if any(len(m.shape) != ndim or not all(map(_same_size, m.shape[:-1], metas[0].shape[:-1]))
                for m in metas):
             report.skip((user.name, "the concatenated tensors' leading dims are not "
-                                              "provably the same (torch.cat also takes empty 1-D "
-                                              "tensors)"))
+                                    "provably the same (torch.cat also takes empty 1-D "
+                                    "tensors)"))
             continue
         if dim not in (-1, ndim - 1):
             report.skip((user.name, f"torch.cat along dim {dim}, not the last"))
             continue
         if not 1 <= len(parts) <= MAX_INPUTS:
             report.skip((user.name, f"{len(parts)} concatenated inputs (at most "
-                                              f"{MAX_INPUTS} are fused)"))
+                                    f"{MAX_INPUTS} are fused)"))
             continue
         if len({m.dtype for m in metas}) != 1:
             report.skip((user.name, "concatenated inputs of different dtypes"))
@@ -551,8 +551,8 @@ def _fuse_concats(gm, modules, report: FuseReport):
         writer = _write_between(node, last, _chain(node, last), modules, linear)
         if writer is not None:
             report.skip((user.name, f"{writer.name} may write in place between the "
-                                              f"concatenation and {last.name}, whose values the "
-                                              "fused layer would read after it"))
+                                    f"concatenation and {last.name}, whose values the "
+                                    "fused layer would read after it"))
             continue
         fused = ConcatLinear.from_linear(linear, widths, activation=activation)
         pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
