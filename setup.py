@@ -10,6 +10,8 @@ Environment knobs:
   FUSEDSKIP_CUTLASS_CONFIGS=1    also build fusedskip._cutlass_configs, the `cutlass` kernel at
                                  several tile shapes, for benchmarks/cutlass_configs.py
   MAX_JOBS                       parallel compile jobs (ninja)
+  FUSEDSKIP_DEBUG=1              -O0 -g host code, for a debugger
+  FUSEDSKIP_PTXAS_VERBOSE=1      ptxas's registers / shared memory / spills of every kernel
 """
 
 import glob
@@ -140,7 +142,7 @@ def extensions():
         nvcc.append("-Xptxas=-v")
     macros = [("FUSEDSKIP_WITH_CUDA", "1")]
     cutlass = cutlass_include_dir()
-    # The CUTLASS GEMM (csrc/cuda/fused_gemm_sm90.cu) is Hopper code: only worth building for 9.0a.
+    # The CUTLASS kernels (csrc/cuda/*_sm90.cu) are Hopper code: only worth building for 9.0a.
     if cutlass and "9.0a" in archs:
         print(f"fusedskip: with the CUTLASS sm_90a GEMM (headers: {cutlass})", file=sys.stderr)
         include_dirs.append(cutlass)

@@ -134,8 +134,8 @@ FS_UNROLL
   return bits;
 }
 
-// One row, the 8 columns of one mask byte: the unit of work of a CPU loop iteration and of a
-// CUDA thread, in the element-wise pass and in the native kernel's epilogue alike. Everything is
+// One row, the 8 columns of one mask byte: the unit of work of a CUDA thread, in the element-wise
+// pass and in the native kernel's epilogue alike (on a CPU, under cuda_emulation). Everything is
 // computed in opmath (float for half types), rounded once at the end. `gemm` points at x W^T's
 // element (row, 8 * byte).
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>

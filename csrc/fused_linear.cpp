@@ -1,7 +1,8 @@
-// The fused linear op, device-generic part: argument checks, then one of three paths
-// (csrc/backend.cpp chooses): the native kernel (GEMM and epilogue in one launch), the CPU direct
-// loops, or the library GEMMs (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) followed by the device's
-// element-wise pass.
+// The fused linear op, device-generic part: argument checks, then one of four paths
+// (csrc/backend.cpp chooses, GemmPath): the native kernel (GEMM and epilogue in one launch), the
+// CPU direct loops, the library GEMMs (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) followed by the
+// device's element-wise pass, or on sm_90 the CUTLASS GEMM with the epilogue inside (where it
+// does not apply, as the library path).
 //
 // The concat form: the native kernel and the CPU loops never materialise cat(inputs) (input i
 // multiplies weight's column block i, accumulating on chip / in registers; in backward each

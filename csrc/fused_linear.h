@@ -8,9 +8,11 @@
 //                              csrc/cuda/grouped_gemm_sm90.cu (concat backward)
 //   native kernel              csrc/tile_gemm.h (block body), csrc/tile_plan.h (launch plan),
 //                              csrc/cuda/tile_kernels.cu, csrc/cpu/tile_emulation.cpp
+//   CPU direct loops           csrc/cpu/fused_linear_cpu.cpp
 //   element-wise passes        csrc/cpu/fused_linear_cpu.cpp, csrc/cuda/fused_linear_cuda.cu
 //   element-wise maths         csrc/epilogue.h
-//   autograd                   csrc/autograd.cpp
+//   autograd, torch.func       csrc/autograd.cpp (Autograd and FuncTorchBatched keys)
+//   autocast                   csrc/autocast.cpp
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 // The schemas of the fusedskip ops: the one place that says what the ops are.
 //
-// Kernels: CPU in csrc/cpu/, CUDA in csrc/cuda/, autograd in csrc/autograd.cpp; the fake
-// (shape-only) kernels for torch.compile / torch.export are in fusedskip/_ops.py.
+// Kernels: CPU in csrc/cpu/, CUDA in csrc/cuda/, autograd and vmap in csrc/autograd.cpp, autocast
+// in csrc/autocast.cpp, sparse tensors' (checks that refuse them) in csrc/fused_linear.cpp; the
+// fake (shape-only) kernels for torch.compile / torch.export are in fusedskip/_ops.py.
 #include <torch/library.h>
 
 #include "fused_linear.h"

@@ -22,7 +22,7 @@ import fusedskip
 
 
 class AddSkipMLP(nn.Module):
-    """linear4 sees h2 + h3: an add skip needs linear2 and linear3 to have the same width (10)."""
+    """ResNet-like: h3 = relu(linear3(h2)) + h2, so linear2 and linear3 are 10 wide."""
 
     def __init__(self, api):
         super().__init__()

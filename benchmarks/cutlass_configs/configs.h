@@ -1,5 +1,6 @@
 // A configuration of the `cutlass` backend's kernel, as benchmarks/cutlass_configs.py sees it:
-// its name and entry points. configs.cuh makes one from a tile and cluster shape.
+// its name and entry points. configs.cuh makes one from a tile and cluster shape, and with
+// FUSEDSKIP_SOURCE_CONFIG from a residual (source) pipeline setting too.
 #pragma once
 
 #include <string>

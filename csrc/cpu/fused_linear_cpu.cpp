@@ -1,5 +1,6 @@
 // CPU kernels: the element-wise passes, with csrc/epilogue.h's per-element maths, in one parallel
-// sweep each, and the op's CPU registration (the GEMMs are ATen's, in csrc/fused_linear.cpp).
+// sweep each; the direct loops (GEMM and epilogue in one pass, for layers too small for BLAS);
+// and the op's CPU registration. The BLAS GEMMs are ATen's, called from csrc/fused_linear.cpp.
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -34,11 +35,7 @@ int64_t grain_rows(int64_t elements_per_row) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
 
-// Rows [first, first + count) of the forward epilogue, with count * cols <= kChunk. The element
-// loop vectorises (the GPU's per-byte units would not): over the whole chunk at once where the
-// rows lie back to back (no bias, out and residual rows contiguous; at the narrow widths of a
-// skip-connection MLP a loop per 30-column row costs more in set-up than in work), else row by
-// row. `active` receives a byte per element; the mask bytes are packed from it afterwards.
+// Elements of the forward epilogue per call of forward_epilogue_rows.
 constexpr int64_t kChunk = 4096;
 
 // One row's 0/1 bytes `on` -> its `bytes` mask bytes, bit i of byte j from on[8 j + i]. Reads
@@ -67,6 +64,11 @@ inline void pack_row_bits(const uint8_t* on, int64_t cols, int64_t bytes, uint8_
   if (tail != 0) mask[bytes - 1] &= static_cast<uint8_t>((1u << tail) - 1);
 }
 
+// Rows [first, first + count) of the forward epilogue, with count * cols <= kChunk. The element
+// loop vectorises (the GPU's per-byte units would not): over the whole chunk at once where the
+// rows lie back to back (no bias, out and residual rows contiguous; at the narrow widths of a
+// skip-connection MLP a loop per 30-column row costs more in set-up than in work), else row by
+// row. `active` receives a byte per element; the mask bytes are packed from it afterwards.
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
 void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_t* gemm,
                            int64_t first, int64_t count, uint8_t* active) {
