@@ -29,7 +29,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -334,15 +334,13 @@ def time_cpu(steps: List[Callable], min_run_time: float) -> List[float]:
     return [t * 1e6 for t in measurement.times]
 
 
-def peak_memory_mb(fn: Callable, args, grad) -> Optional[float]:
-    """Peak of torch.cuda.max_memory_allocated over one forward+backward, above what was
-    allocated before it (inputs and parameters excluded)."""
-    if not torch.cuda.is_available() or args[1].device.type != "cuda":
-        return None
+def peak_memory_mb(step: Callable[[], Any]) -> float:
+    """Peak of torch.cuda.max_memory_allocated over one call of `step`, above what was allocated
+    before it (inputs and parameters excluded)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    step_fn(fn, "forward+backward", args, grad)()
+    step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -433,7 +431,7 @@ def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, 
     times = (time_cuda(steps, repeats) if case.device == "cuda"
              else time_cpu(steps, min_run_time))
     if mode == "forward+backward":
-        row["peak_mem_mb"] = peak_memory_mb(fn, arg_sets[0], grad)
+        row["peak_mem_mb"] = peak_memory_mb(steps[0]) if case.device == "cuda" else None
     return times
 
 
@@ -637,14 +635,7 @@ def run_models(args, device: str, env) -> List[dict]:
                 print(f"{model_name:15s} {provider:8s} {rows[-1]['status']}", flush=True)
                 continue
             p20, p50, p80 = quantiles(times)
-            peak = None
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            peak = peak_memory_mb(step) if device == "cuda" else None
             rows.append({"model": model_name, "provider": provider, "batch": batch, "width": width,
                          "dtype": str(dtype).split(".")[-1], "status": "ok", "p20_us": p20,
                          "p50_us": p50, "p80_us": p80, "peak_mem_mb": peak, **env})
