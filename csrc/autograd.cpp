@@ -2,16 +2,15 @@
 // call. (Autograd registered from Python would cost more host time per call than the eager ops
 // the fused op replaces, which decides the speed-up at small sizes.)
 //
-// Saved for backward: the packed 1-bit ReLU mask, and as eager's linear saves them, the inputs
-// where the weight's gradient is wanted (it is their product with the output gradient) and the
-// weight where an input's is. Never the pre-activation, never the concatenation.
+// Saved for backward: the weight, the packed 1-bit ReLU mask and, as eager's linear saves them,
+// the inputs only where the weight's gradient is wanted (it is their product with the output
+// gradient). Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <numeric>
 #include <vector>
 
 #include "fused_linear.h"
@@ -59,22 +58,26 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
           fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
     }
     const bool has_residual = residual.has_value() && residual->defined();
-    // By requires_grad, as eager decides (not by what the running backward asks for: a forward
-    // recomputed inside a backward, as checkpointing does, must save what the first one did).
-    // One not saved stays out of the way of in-place writes and can be freed, as with eager.
-    bool any_input_grad = false;
-    for (const at::Tensor& x : inputs) any_input_grad = any_input_grad || x.requires_grad();
+    // The inputs only where the weight's gradient is wanted, decided by requires_grad as eager
+    // decides (not by what the running backward asks for: a forward that checkpointing recomputes
+    // inside a backward must save what the first one did). Not saved, they can be freed and
+    // written in place before backward, as with eager. The weight always: a parameter is alive
+    // anyway, and standing in for it would cost every backward an allocation, host time the
+    // launch-bound layers cannot spare.
+    const bool save_inputs = weight.requires_grad();
     std::vector<at::Tensor> saved;
-    // Symbolic under torch.compile / export: an int read from a traced size would fix it.
-    std::vector<c10::SymInt> widths;
-    for (const at::Tensor& x : inputs) {
-      saved.push_back(weight.requires_grad() ? x : at::Tensor());
-      widths.push_back(x.sym_size(-1));
-    }
-    saved.push_back(any_input_grad ? weight : at::Tensor());
+    for (const at::Tensor& x : inputs) saved.push_back(save_inputs ? x : at::Tensor());
+    saved.push_back(weight);
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
-    ctx->saved_data["widths"] = c10::IValue(c10::SymIntArrayRef(widths));
+    ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());
+    if (!save_inputs) {
+      // Their shapes for backward's stand-ins; symbolic under torch.compile / export, where an
+      // int read from a traced size would fix it.
+      std::vector<c10::SymInt> widths;
+      for (const at::Tensor& x : inputs) widths.push_back(x.sym_size(-1));
+      ctx->saved_data["widths"] = c10::IValue(c10::SymIntArrayRef(widths));
+    }
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["residual"] =
@@ -85,8 +88,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const std::vector<c10::SymInt> widths = ctx->saved_data["widths"].toSymIntVector();
-    const auto count = static_cast<int64_t>(widths.size());
+    const int64_t count = ctx->saved_data["count"].toInt();
     const bool relu = ctx->saved_data["relu"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const auto residual = static_cast<Residual>(ctx->saved_data["residual"].toInt());
@@ -97,20 +99,15 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     variable_list grads(count + 5);
     if (!grad_output.defined()) return grads;
 
-    // An operand forward did not save is read for its shape only (no wanted gradient reads its
-    // values): a row of zeros expanded to that shape stands in for it.
-    const auto stand_in = [&](std::vector<c10::SymInt> shape) {
-      return at::zeros_symint({shape.back()}, grad_output.options()).expand_symint(shape);
-    };
-    for (int64_t i = 0; i < count; ++i) {
-      if (saved[i].defined()) continue;
-      std::vector<c10::SymInt> shape = grad_output.sym_sizes().vec();
-      shape.back() = widths[i];
-      saved[i] = stand_in(std::move(shape));
-    }
-    if (!saved[count].defined()) {
-      const c10::SymInt in_features = std::accumulate(widths.begin(), widths.end(), c10::SymInt(0));
-      saved[count] = stand_in({grad_output.sym_size(-1), in_features});
+    if (!saved[0].defined()) {
+      // Inputs forward did not save are read for their shapes only (no wanted gradient reads
+      // their values): a row of zeros expanded to each one's shape stands in for it.
+      const std::vector<c10::SymInt> widths = ctx->saved_data["widths"].toSymIntVector();
+      for (int64_t i = 0; i < count; ++i) {
+        std::vector<c10::SymInt> shape = grad_output.sym_sizes().vec();
+        shape.back() = widths[i];
+        saved[i] = at::zeros_symint({widths[i]}, grad_output.options()).expand_symint(shape);
+      }
     }
     const at::TensorList inputs(saved.data(), count);
     const at::Tensor& weight = saved[count];

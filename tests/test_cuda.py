@@ -444,8 +444,9 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
             else:
                 assert grad_weight.numel() == 0
 
-    # Through autograd, the operand no wanted gradient reads is not saved and a stand-in of its
-    # shape (zeros expanded) reaches the kernels: the grouped GEMMs must not refuse it.
+    # Through autograd: with the weight frozen its inputs are not saved, and stand-ins of their
+    # shapes (zeros expanded) reach the kernels, which the grouped GEMMs must not refuse; with the
+    # inputs frozen, the weight's gradient alone.
     for frozen in ("weight", "inputs"):
         xs = [t.clone().requires_grad_(frozen == "weight") for t in x]
         wt = w.clone().requires_grad_(frozen == "inputs")

@@ -92,32 +92,35 @@ def _grads(sample, api, write):
                          [pytest.param("cuda", b, marks=CUDA_MARKS)
                           for b in ("native", "gemm_epilogue")])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("frozen", ["weight", "inputs"])
-def test_saves_only_what_a_wanted_gradient_reads(frozen, form, device, backend):
-    """As eager's linear: the inputs are saved only where the weight's gradient is wanted, the
-    weight only where an input's is. So, as in eager, writing in place into the one that is not
-    saved, between forward and backward, is no error, and the gradients are the reference's."""
-    sample = _frozen_sample(form, frozen, device)
+def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device, backend):
+    """As eager's linear: with the weight frozen, the inputs are not saved, so writing into them
+    in place between forward and backward is no error, and the gradients are the reference's
+    (the backward reads stand-ins of their shapes)."""
+    sample = _frozen_sample(form, "weight", device)
     n = len(sample.inputs)
 
-    def write(used):
-        for t in (used[:n] if frozen == "weight" else [used[n]]):
+    def write_inputs(used):
+        for t in used[:n]:
             t.mul_(3)
 
     with fusedskip.use_backend(backend):
-        got = _grads(sample, fusedskip, write)
-    want = _grads(sample, fusedskip.reference, write)
+        got = _grads(sample, fusedskip, write_inputs)
+    want = _grads(sample, fusedskip.reference, write_inputs)
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
-    # The one that is saved still guards itself. (Eager's concat saves its cat, a copy, where
-    # the fused op saves the inputs themselves: a write into an input is refused there too.)
-    def write_saved(used):
-        used[n if frozen == "weight" else 0].mul_(3)
+    # What is saved guards itself: the weight, always (eager's linear would not keep it here),
+    # and, where the weight wants a gradient, the inputs (eager's concat keeps its cat instead).
+    def write_weight(used):
+        used[n].mul_(3)
 
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        _grads(sample, fusedskip, write_saved)
+    def write_input(used):
+        used[0].mul_(3)
+
+    for frozen, write in (("weight", write_weight), ("inputs", write_input)):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            _grads(_frozen_sample(form, frozen, device), fusedskip, write)
 
 
 def test_inputs_of_a_frozen_layer_are_not_kept_alive():
