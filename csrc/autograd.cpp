@@ -11,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "fused_linear.h"
@@ -61,11 +62,13 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     // The inputs only where the weight's gradient is wanted, decided by requires_grad as eager
     // decides (not by what the running backward asks for: a forward that checkpointing recomputes
     // inside a backward must save what the first one did). Not saved, they can be freed and
-    // written in place before backward, as with eager. The weight always: a parameter is alive
-    // anyway, and standing in for it would cost every backward an allocation, host time the
-    // launch-bound layers cannot spare.
+    // written in place before backward, as with eager. The weight always: it is usually a
+    // parameter, alive anyway, and standing in for it would cost the backward of every first
+    // layer (inputs wanting no gradient) an allocation, host time the launch-bound layers
+    // cannot spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/).
     const bool save_inputs = weight.requires_grad();
     std::vector<at::Tensor> saved;
+    saved.reserve(inputs.size() + 2);
     for (const at::Tensor& x : inputs) saved.push_back(save_inputs ? x : at::Tensor());
     saved.push_back(weight);
     saved.push_back(mask);
@@ -99,14 +102,17 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     variable_list grads(count + 5);
     if (!grad_output.defined()) return grads;
 
-    if (!saved[0].defined()) {
+    if (ctx->saved_data.count("widths") != 0) {
       // Inputs forward did not save are read for their shapes only (no wanted gradient reads
-      // their values): a row of zeros expanded to each one's shape stands in for it.
+      // their values): a row of zeros expanded to each one's shape stands in for it, all of them
+      // cut from one allocation.
       const std::vector<c10::SymInt> widths = ctx->saved_data["widths"].toSymIntVector();
+      const at::Tensor zeros = at::zeros_symint(
+          {*std::max_element(widths.begin(), widths.end())}, grad_output.options());
       for (int64_t i = 0; i < count; ++i) {
         std::vector<c10::SymInt> shape = grad_output.sym_sizes().vec();
         shape.back() = widths[i];
-        saved[i] = at::zeros_symint({widths[i]}, grad_output.options()).expand_symint(shape);
+        saved[i] = zeros.narrow_symint(0, 0, widths[i]).expand_symint(shape);
       }
     }
     const at::TensorList inputs(saved.data(), count);

@@ -494,6 +494,7 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
         one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)
         sets = max(1, min(8, (64 << 20) // max(1, one_set))) if device == "cuda" else 1
         inputs_error = None
+        arg_sets = grad = None  # the last case's, freed before this one's are made
         try:
             arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
                         for s in range(sets)]

@@ -65,7 +65,8 @@ def test_float64_is_left_alone():
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_next_to_operands_autocast_casts_is_named_as_passed(device):
     """Autocast casts float32 operands and leaves float64 ones: the error names the dtypes passed
-    (not the one autocast made), through the op and through the modules' reference path."""
+    (not the one autocast made), through the op and through the reference functions (the
+    modules' path on a CPU)."""
     f32 = torch.randn(4, 2, device=device)
     f64 = torch.randn(4, 3, device=device, dtype=torch.float64)
     w64 = torch.randn(6, 5, device=device, dtype=torch.float64)

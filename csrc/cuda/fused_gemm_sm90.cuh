@@ -198,8 +198,9 @@ struct ReluMaskStore {
 // on a persistent grid. Cooperative: two consumer warpgroups share each tile. Ping-pong: each
 // takes whole tiles in turn, so that one's epilogue runs while the other's mainloop does. The
 // library's is cooperative 128x256 with clusters of 2 along M: of the seven configurations
-// run 4 timed (benchmarks/cutlass_configs/), the fastest fused relu_add on an H100 (bf16, 381.8 us at
-// 8192x4096x4096 against 435.7 for 128x128; benchmarks/NOTES.md, "The epilogue inside the GEMM").
+// run 4 timed (benchmarks/cutlass_configs/), the fastest fused relu_add on an H100 (bf16,
+// 381.8 us at 8192x4096x4096 against 435.7 for 128x128; benchmarks/NOTES.md, "The epilogue
+// inside the GEMM").
 //
 // kStagesC, kReuseSmemC: the source (residual) pipeline. 0 keeps CUTLASS's choice, which for
 // these tiles is 4 epilogue subtiles of the source in flight, in shared memory that the output's
