@@ -104,15 +104,16 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
 
     if (ctx->saved_data.count("widths") != 0) {
       // Inputs forward did not save are read for their shapes only (no wanted gradient reads
-      // their values): a row of zeros expanded to each one's shape stands in for it, all of them
-      // cut from one allocation.
+      // their values): one row expanded to each one's shape stands in for it, all of them cut
+      // from one allocation. Left unfilled: a fill would be a kernel launch on a GPU, where a
+      // frozen layer's backward is launch-bound.
       const std::vector<c10::SymInt> widths = ctx->saved_data["widths"].toSymIntVector();
-      const at::Tensor zeros = at::zeros_symint(
+      const at::Tensor row = at::empty_symint(
           {*std::max_element(widths.begin(), widths.end())}, grad_output.options());
       for (int64_t i = 0; i < count; ++i) {
         std::vector<c10::SymInt> shape = grad_output.sym_sizes().vec();
         shape.back() = widths[i];
-        saved[i] = zeros.narrow_symint(0, 0, widths[i]).expand_symint(shape);
+        saved[i] = row.narrow_symint(0, 0, widths[i]).expand_symint(shape);
       }
     }
     const at::TensorList inputs(saved.data(), count);

@@ -1,6 +1,7 @@
 """gradcheck (backward and forward mode) and gradgradcheck (float64) of every form through the
 public functional API, and torch.library.opcheck of both ops on the same samples."""
 
+import contextlib
 import weakref
 
 import pytest
@@ -87,6 +88,20 @@ def _grads(sample, api, write):
     return torch.autograd.grad((out * weights).sum(), wanted)
 
 
+@contextlib.contextmanager
+def _new_memory_is_nan():
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # warn_only: cuBLAS would refuse deterministic mode without a workspace setting.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        assert torch.empty(4).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.mark.parametrize("device, backend",
                          [("cpu", b) for b in CPU_BACKENDS] +
                          [pytest.param("cuda", b, marks=CUDA_MARKS)
@@ -105,10 +120,15 @@ def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device
 
     with fusedskip.use_backend(backend):
         got = _grads(sample, fusedskip, write_inputs)
+        # The stand-ins are left unfilled; under deterministic algorithms torch fills new memory
+        # with NaN, which would reach a gradient that read them.
+        with _new_memory_is_nan():
+            got_nan_standins = _grads(sample, fusedskip, write_inputs)
     want = _grads(sample, fusedskip.reference, write_inputs)
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want):
+    assert len(got) == len(got_nan_standins) == len(want) > 0
+    for g, g_nan, w in zip(got, got_nan_standins, want):
         torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g_nan, w)
 
     # What is saved guards itself: where the weight wants a gradient, the inputs (eager's concat
     # keeps its cat instead); and the weight, always, even where no input wants a gradient and

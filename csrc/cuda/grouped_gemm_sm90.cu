@@ -272,7 +272,7 @@ bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
   }
   // The weight is read for the input gradients only, the inputs for the weight gradient only:
   // where that is not wanted, the inputs autograd hands over are stand-ins of the right shape
-  // (zeros expanded, which TMA cannot take), not the tensors.
+  // (one unfilled row expanded, which TMA cannot take), not the tensors.
   bool any_input = false;
   for (const at::Tensor& grad : grad_inputs) any_input = any_input || grad.defined();
   if (!any_input && !grad_weight.defined()) return false;
