@@ -410,6 +410,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   at::Tensor mask;
   if (relu) {
     const std::vector<int64_t> mask_shape = {g.rows, mask_bytes_per_row(g.cols)};
+    TORCH_CHECK_TYPE(relu_mask.layout() == at::kStrided, "fusedskip: relu_mask must be a dense ",
+                     "(strided) tensor, got layout ", layout_name(relu_mask.layout()));
     TORCH_CHECK_TYPE(relu_mask.scalar_type() == at::kByte, "fusedskip: relu_mask must be ",
                      "torch.uint8, got ", dtype_name(relu_mask.scalar_type()));
     TORCH_CHECK(relu_mask.device() == weight.device(), "fusedskip: relu_mask is on device ",
@@ -471,9 +473,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
 
 // Sparse tensors dispatch to their own keys; there the op only runs its checks, which refuse
 // them with a message naming the argument (instead of the dispatcher's "no kernel" error).
-TORCH_LIBRARY_IMPL(fusedskip, SparseCPU, m) { m.impl("fused_linear", &fused_linear); }
-TORCH_LIBRARY_IMPL(fusedskip, SparseCUDA, m) { m.impl("fused_linear", &fused_linear); }
-TORCH_LIBRARY_IMPL(fusedskip, SparseCsrCPU, m) { m.impl("fused_linear", &fused_linear); }
-TORCH_LIBRARY_IMPL(fusedskip, SparseCsrCUDA, m) { m.impl("fused_linear", &fused_linear); }
+#define FUSEDSKIP_REFUSE_LAYOUT(key)                                  \
+  TORCH_LIBRARY_IMPL(fusedskip, key, m) {                              \
+    m.impl("fused_linear", &fused_linear);                             \
+    m.impl("fused_linear_backward", &fused_linear_backward);           \
+  }
+FUSEDSKIP_REFUSE_LAYOUT(SparseCPU)
+FUSEDSKIP_REFUSE_LAYOUT(SparseCUDA)
+FUSEDSKIP_REFUSE_LAYOUT(SparseCsrCPU)
+FUSEDSKIP_REFUSE_LAYOUT(SparseCsrCUDA)
+#undef FUSEDSKIP_REFUSE_LAYOUT
 
 }  // namespace fusedskip

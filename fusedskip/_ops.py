@@ -80,11 +80,31 @@ else:
 
     @torch.library.register_fake("fusedskip::fused_linear_backward")
     def _fused_linear_backward_fake(grad_output, inputs, weight, relu_mask, relu, output_mask):
-        reference.check_args(inputs, weight)
+        # The checks of fused_linear_backward in csrc/fused_linear.cpp, in its order. This kernel
+        # also serves meta tensors, where a call mixing them with others lands whatever the
+        # others' device: unchecked, it would hand back gradients never computed.
+        out_shape = reference.check_args(inputs, weight)
         count = len(inputs)
         if len(output_mask) != count + 3:
-            raise ValueError(f"fusedskip: output_mask must have {count + 3} entries, "
-                             f"got {len(output_mask)}")
+            raise ValueError(f"fusedskip: output_mask must have {count + 3} entries (one per "
+                             f"input, then weight, bias, pre-activation), got {len(output_mask)}")
+        reference.check_tensor("grad_output", grad_output, weight)
+        if list(grad_output.shape) != out_shape:
+            raise ValueError(f"fusedskip: grad_output must have the output's shape {out_shape}, "
+                             f"got {list(grad_output.shape)}")
+        if relu:
+            if relu_mask.layout != torch.strided:
+                raise TypeError("fusedskip: relu_mask must be a dense (strided) tensor, got "
+                                f"layout {relu_mask.layout}")
+            if relu_mask.dtype != torch.uint8:
+                raise TypeError(f"fusedskip: relu_mask must be torch.uint8, got {relu_mask.dtype}")
+            if relu_mask.device != weight.device:
+                raise RuntimeError(f"fusedskip: relu_mask is on device {relu_mask.device} but "
+                                   f"weight is on {weight.device}")
+            mask_shape = list(_mask_shape(_rows(out_shape), weight.shape[0], relu))
+            if list(relu_mask.shape) != mask_shape:
+                raise ValueError(f"fusedskip: relu_mask must have shape {mask_shape}, got "
+                                 f"{list(relu_mask.shape)}")
 
         def wanted(flag, shape):
             return weight.new_empty(shape if flag else (0,))

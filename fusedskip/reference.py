@@ -75,7 +75,7 @@ def _check_unpacked(name, tensor):
                         "(e.g. t.to_padded_tensor(0.0))")
 
 
-def _check_tensor(name, tensor, weight, same_dtype=True):
+def check_tensor(name, tensor, weight, same_dtype=True):
     _check_unpacked(name, tensor)
     if tensor.layout != torch.strided:
         raise TypeError(f"fusedskip: {name} must be a dense (strided) tensor, "
@@ -111,13 +111,13 @@ def check_args(inputs, weight, bias=None, residual=None, *, wider_residual=False
             _check_unpacked(name, tensor)
     if not 1 <= count <= MAX_INPUTS:
         raise ValueError(f"fusedskip: inputs must hold 1 to {MAX_INPUTS} tensors, got {count}")
-    _check_tensor("weight", weight, weight)
+    check_tensor("weight", weight, weight)
     if weight.dim() != 2:
         raise ValueError("fusedskip: weight must be 2-D (out_features, in_features), "
                          f"got shape {list(weight.shape)}")
     leading = None
     for i, x in enumerate(inputs):
-        _check_tensor(input_name(i), x, weight)
+        check_tensor(input_name(i), x, weight)
         if x.dim() < 1:
             raise ValueError(f"fusedskip: {input_name(i)} must have at least one dimension "
                              "(..., in_features), got a 0-d tensor")
@@ -138,12 +138,12 @@ def check_args(inputs, weight, bias=None, residual=None, *, wider_residual=False
                          f"{list(weight.shape)})")
     out_shape = leading + [weight.shape[0]]
     if bias is not None:
-        _check_tensor("bias", bias, weight)
+        check_tensor("bias", bias, weight)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"fusedskip: bias must have shape [{weight.shape[0]}] "
                              f"(out_features), got {list(bias.shape)}")
     if residual is not None:
-        _check_tensor("residual", residual, weight, same_dtype=not wider_residual)
+        check_tensor("residual", residual, weight, same_dtype=not wider_residual)
         if list(residual.shape) != out_shape:
             raise ValueError(f"fusedskip: residual must have the output's shape {out_shape}, got "
                              f"{list(residual.shape)} (residuals are not broadcast)")

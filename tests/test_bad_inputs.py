@@ -1,6 +1,7 @@
 """Bad input: a clear exception naming the argument, the same from the C++ op (eager), the
 reference path and the fake kernel (torch.compile); never a crash or a silent answer."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fusedskip
@@ -256,6 +258,71 @@ def test_module_bad_input(case):
     with pytest.raises(error) as info:
         call()
     assert text in str(info.value)
+
+
+MASK = torch.zeros(4, 1, dtype=torch.uint8)  # (rows, ceil(out_features / 8)) of a 4x3 -> 5 layer
+# (id, arguments of the backward op changed from a valid call's, exception type, message)
+BACKWARD_CASES = [
+    ("output-mask", dict(output_mask=[True]), ValueError,
+     "output_mask must have 4 entries (one per input, then weight, bias, pre-activation), got 1"),
+    ("grad-shape", dict(grad_output=t(4, 6)), ValueError,
+     "grad_output must have the output's shape [4, 5], got [4, 6]"),
+    ("grad-dtype", dict(grad_output=t(4, 5).double()), TypeError,
+     "grad_output has dtype torch.float64 but weight has dtype torch.float32; all tensors must "
+     "share one dtype"),
+    ("grad-sparse", dict(grad_output=t(4, 5).to_sparse()), TypeError,
+     "grad_output must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    ("grad-device", dict(grad_output=t(4, 5).to("meta")), RuntimeError,
+     "grad_output is on device meta but weight is on cpu; all tensors must be on one device"),
+    ("mask-dtype", dict(relu_mask=MASK.float()), TypeError,
+     "relu_mask must be torch.uint8, got torch.float32"),
+    ("mask-shape", dict(relu_mask=MASK.new_zeros(4, 2)), ValueError,
+     "relu_mask must have shape [4, 1], got [4, 2]"),
+    ("mask-sparse", dict(relu_mask=MASK.to_sparse()), TypeError,
+     "relu_mask must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    ("mask-device", dict(relu_mask=MASK.to("meta")), RuntimeError,
+     "relu_mask is on device meta but weight is on cpu"),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
+@pytest.mark.parametrize("kernel", ["op", "fake"])
+def test_backward_op_bad_input(case, kernel):
+    """The backward op called directly: its C++ checks and its fake kernel's (which also serves
+    any call with a meta tensor in it, and would otherwise return gradients never computed)
+    refuse the same calls with the same message."""
+    _, change, error, text = case
+    args = dict(grad_output=t(4, 5), inputs=[X], weight=W, relu_mask=MASK, relu=True,
+                output_mask=[True] * 4)
+    args.update(change)
+    with contextlib.ExitStack() as stack:
+        if kernel == "fake":
+            mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+            args = {k: [mode.from_tensor(x) for x in v] if k == "inputs" else
+                    mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                    for k, v in args.items()}
+        with pytest.raises(error) as info:
+            torch.ops.fusedskip.fused_linear_backward(**args)
+    assert str(info.value).splitlines()[0] == "fusedskip: " + text
+
+
+class _TruthTestRaises:
+    def __bool__(self):
+        raise RuntimeError("no truth value")
+
+
+@needs_op_checks
+@pytest.mark.parametrize("flag", ["no", 1, None, _TruthTestRaises()],
+                         ids=["str", "int", "None", "bool-raises"])
+def test_eager_entry_takes_bools_only(flag):
+    """fusedskip._C.fused_linear, the eager entry the functional API calls, takes the schema's
+    bools and nothing else, as the op entered through torch.ops does."""
+    for position, name in ((4, "relu"), (5, "residual_before_relu")):
+        args = [[X], W, None, None, True, False]
+        args[position] = flag
+        with pytest.raises(TypeError, match=f"^fusedskip: {name} must be a bool, got "
+                                            f"{type(flag).__name__}$"):
+            fusedskip._C.fused_linear(*args)
 
 
 def test_bad_inputs_never_crash_the_interpreter():
