@@ -56,6 +56,14 @@ std::optional<at::Tensor> unpack_optional(PyObject* obj, const char* name) {
   return unpack_tensor(obj, name);
 }
 
+// A bool and nothing else, as the schema's `bool` takes: truth-testing any object would read a
+// str as true, and an object whose __bool__ raises as true with the exception left pending.
+bool unpack_bool(PyObject* obj, const char* name) {
+  TORCH_CHECK_TYPE(PyBool_Check(obj), "fusedskip: ", name, " must be a bool, got ",
+                   type_name(obj));
+  return obj == Py_True;
+}
+
 // The tensor arguments of a call, unpacked from (inputs: list | tuple, weight, bias, residual).
 struct CallArgs {
   c10::SmallVector<at::Tensor, kMaxInputs> inputs;
@@ -87,8 +95,8 @@ PyObject* fused_linear_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 6, "fusedskip._C.fused_linear takes 6 arguments, got ", nargs);
   const CallArgs call = unpack_call(args);
-  const bool relu = PyObject_IsTrue(args[4]);
-  const bool residual_before_relu = PyObject_IsTrue(args[5]);
+  const bool relu = unpack_bool(args[4], "relu");
+  const bool residual_before_relu = unpack_bool(args[5], "residual_before_relu");
   at::Tensor output;
   {
     pybind11::gil_scoped_release no_gil;
