@@ -3,8 +3,10 @@
 #include <atomic>
 #include <cstdlib>
 #include <iterator>
+#include <limits>
 
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include "tile_gemm.h"
 
@@ -140,7 +142,12 @@ void count_grouped_gemm_launch() {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   const Backend backend = current_backend();
-  const int64_t work = g.rows * g.cols * weight.size(1);
+  // Multiply-adds, saturated: a product past int64 would wrap negative and pass for small.
+  int64_t work = 0;
+  if (c10::mul_overflows(g.rows, g.cols, &work) ||
+      c10::mul_overflows(work, weight.size(1), &work)) {
+    work = std::numeric_limits<int64_t>::max();
+  }
   if (weight.is_cpu()) {
     switch (backend) {
       case Backend::kNative: return GemmPath::kCpuLoops;
