@@ -3,7 +3,9 @@
 # CUTLASS headers there; or a build there would cost its time): a venv with that machine's Python
 # and torch, CUTLASS's headers, a build of this commit in a worktree of its own (the checkout's
 # own build is left alone), and its .so files copied into fusedskip/ here, stripped. Then carry
-# them to the GPU machine and run `FUSEDSKIP_PREBUILT=1 bash scripts/gpu_check.sh` there.
+# them to the GPU machine, with the hash of the sources they came from
+# (fusedskip/_prebuilt_sources.sha256), and run `FUSEDSKIP_PREBUILT=1 bash scripts/gpu_check.sh`
+# there.
 #
 #   bash scripts/build_for_device.sh                  # Python 3.12, torch 2.11, sm_90a (an H100)
 #   DEVICE_PYTHON=python3.11 DEVICE_TORCH=2.14.1 bash scripts/build_for_device.sh
@@ -51,8 +53,14 @@ if [[ ! -e "$TREE/.git" ]]; then
 else
   git -C "$TREE" checkout --quiet --detach "$(git rev-parse HEAD)"
 fi
-git diff --quiet HEAD -- csrc setup.py ||
-  echo "build_for_device: csrc/ or setup.py has uncommitted changes, which this build leaves out" >&2
+# The worktree builds the commit: uncommitted sources would travel to the GPU machine beside a
+# build that lacks them (gpu_check.sh refuses that pair, after a machine start).
+SOURCES=(setup.py csrc benchmarks/cutlass_configs)
+if [[ -n "$(git status --porcelain -- "${SOURCES[@]}")" ]]; then
+  echo "build_for_device: uncommitted changes in ${SOURCES[*]}; commit them first:" >&2
+  git status --short -- "${SOURCES[@]}" >&2
+  exit 2
+fi
 (cd "$TREE" && "$VENV/bin/python" setup.py build_ext --inplace)
 for so in "$TREE"/fusedskip/_C.*.so "$TREE"/fusedskip/_cutlass_configs.*.so; do
   [[ -e "$so" ]] || continue
@@ -60,4 +68,7 @@ for so in "$TREE"/fusedskip/_C.*.so "$TREE"/fusedskip/_cutlass_configs.*.so; do
   cp "$so" "$REPO/fusedskip/"
   echo "build_for_device: fusedskip/$(basename "$so") ($(du -h "$so" | cut -f1)), from $(git rev-parse --short HEAD)"
 done
+# What gpu_check.sh (FUSEDSKIP_PREBUILT=1) compares with the sources beside it; carry it along.
+bash "$TREE/scripts/source_stamp.sh" > "$REPO/fusedskip/_prebuilt_sources.sha256"
+echo "build_for_device: carry fusedskip/_prebuilt_sources.sha256 and the .so files above"
 echo "build_for_device: to run the CPU suite on it here: PYTHONPATH=$REPO $VENV/bin/python -m pytest -q tests"

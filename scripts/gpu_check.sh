@@ -7,6 +7,10 @@
 # little left is not run (the summary says so, as it does of a step the budget stopped; exit
 # status 3 where all else passed).
 #
+# The steps run in order of what most needs a GPU's time: the least run first (the `cutlass`
+# kernels' tests and racecheck), what earlier runs covered last (the quick sweep, racecheck of the
+# native kernel). A build that fails or does not load ends the run at once.
+#
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
 set -uo pipefail
@@ -26,8 +30,8 @@ declare -A STATUS
 # time is short and whose change cannot touch them; the summary names them as skipped.
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
-STEPS=(build cuda_tests_cutlass cuda_tests kernel_times bench_large cutlass_configs bench memcheck
-       bench_compile racecheck racecheck_cutlass)
+STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass kernel_times bench_large
+       cutlass_configs bench_compile memcheck bench racecheck)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -46,7 +50,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   ((limit > left)) && limit=$left cut=1
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # -k: a process that ignores the TERM (stuck in the driver, say) is killed 10 s later.
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   if ((rc == 124 && cut)); then  # stopped by the budget, not by its own limit
     STATUS[$name]="not finished: the budget left it ${limit}s"
@@ -57,9 +62,53 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   return $rc
 }
 
+# The summary table (also $OUT/summary.md), the archive, and the exit status: 0 where every step
+# ran and passed, 3 where all that ran passed but the budget left some out, else 1.
+finish() {
+  {
+    echo "| step | result |"
+    echo "|---|---|"
+    for name in "${STEPS[@]}"; do
+      echo "| $name | ${STATUS[$name]:-not run} |"
+    done
+    echo
+    for name in cuda_tests_cutlass cuda_tests; do  # pytest's closing line
+      [[ -f "$OUT/$name.log" ]] &&
+        echo "$name: $(grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" \
+          "$OUT/$name.log" | tail -n 1)"
+    done
+    for name in memcheck racecheck racecheck_cutlass; do
+      [[ -f "$OUT/$name.log" ]] &&
+        echo "$name: $(grep -E "^cuda_smoke:" "$OUT/$name.log" | tail -n 1);" \
+          "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
+    done
+    for rows in "$OUT/rows.jsonl" "$OUT/large/rows.jsonl" "$OUT/compile/rows.jsonl"; do
+      [[ -f "$rows" ]] && echo "${rows#"$OUT"/}: $(grep -c '"status": "ok"' "$rows") rows" \
+        "timed, $(grep -vc '"status": "ok"' "$rows") not (each one's status says why)"
+    done
+  } > "$OUT/summary.md"
+  # Given an $OUT (a device runner's), everything also goes into one file beside it, for a runner
+  # that brings back only a few files.
+  if [[ -n "$OUT_GIVEN" ]]; then
+    tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all of it: $OUT.tgz"
+  fi
+  echo
+  cat "$OUT/summary.md"
+  status=0
+  for name in "${STEPS[@]}"; do
+    case "${STATUS[$name]:-rc=none}" in
+      rc=0\ * | skipped:*) ;;
+      not\ run:* | not\ finished:*) ((status == 0)) && status=3 ;;
+      *) status=1 ;;
+    esac
+  done
+  exit $status
+}
+
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "sources: $(bash scripts/source_stamp.sh 2>&1)"  # scripts/source_stamp.sh: works sans git
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   nvcc --version | tail -n 2
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -79,17 +128,31 @@ fi
 
 # 1. Build for the local GPU only (FUSEDSKIP_CUDA_ARCHS=native), registers/spills logged.
 # FUSEDSKIP_PREBUILT=1 uses an extension already built for this python/torch/GPU (e.g. made on
-# another machine with the same versions and carried along) and only checks that it loads.
-# Where this machine has no network, the `cutlass` backend comes only that way: build it where
-# `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an H100/H200).
+# another machine with the same versions and carried along) and only checks that it loads, and
+# that it was built from the sources here (scripts/build_for_device.sh writes their hash beside
+# it). Where this machine has no network, the `cutlass` backend comes only that way: build it
+# where `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an
+# H100/H200).
 if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
-  step build 60 $PY -c "import fusedskip, sys; print('prebuilt', fusedskip._C.__file__); \
-sys.exit(0 if fusedskip.cuda_available() else 1)"
+  step build 60 bash -c '
+    stamp=fusedskip/_prebuilt_sources.sha256
+    built=$(cat "$stamp" 2>/dev/null || echo "unknown (no $stamp)")
+    here=$(bash scripts/source_stamp.sh)
+    if [[ "$built" != "$here" ]]; then
+      echo "prebuilt: built from sources $built, but the sources here are $here:" \
+        "rebuild with scripts/build_for_device.sh (commit first) and carry its files"
+      exit 1
+    fi
+    "$0" -c "import fusedskip, sys; from fusedskip import _ops
+print(\"prebuilt:\", _ops.LOAD_ERROR or fusedskip._C.__file__)
+sys.exit(0 if fusedskip.cuda_available() else 1)"' "$PY"
 else
   step build 300 env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
     $PY setup.py build_ext --inplace
   grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>/dev/null
 fi
+# Every later step would test nothing, or something else, and spend the GPU's time doing it.
+[[ "${STATUS[build]}" == rc=0\ * || "${STATUS[build]}" == skipped:* ]] || finish
 
 # 2. The CUDA tests (and the build checks), in two processes: a kernel fault loses the CUDA
 # context, and every later test in that process would fail with it (tests/conftest.py stops the
@@ -109,56 +172,9 @@ cuda_tests() {  # cuda_tests NAME -k EXPRESSION
 cuda_tests cuda_tests_cutlass -k cutlass
 cuda_tests cuda_tests -k "not cutlass"
 
-# 3. Device time per kernel against host time per call: the large relu_add layer on each path;
-# the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
-# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
-# the cat and one cuBLAS GEMM per block (fused) against the CUTLASS concat kernels, cat-free
-# forward and grouped backward (fused-cutlass), and eager.
-step kernel_times 150 bash -c "$PY benchmarks/gpu_kernel_times.py --op relu_add \
-  --sizes 4096x1024x1024,8192x4096x4096 --out '$OUT' \
-  --providers fused,fused-cutlass,fused-gemm_epilogue,gemm && \
-  $PY benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
-  --sizes 64x30x30,65536x30x30 --out '$OUT' --providers fused,eager && \
-  $PY benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
-  --sizes 8192x4096x4096 --out '$OUT' --providers fused,fused-cutlass,eager"
-
-# 4. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
-# bring the fused op within 10% of the GEMM alone.
-step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 \
-  --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
-  --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
-
-# 5. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
-# (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
-# and what does the fused epilogue add?
-if $PY -c "import fusedskip._cutlass_configs" 2>/dev/null; then
-  step cutlass_configs 150 $PY benchmarks/cutlass_configs.py --out "$OUT"
-else
-  STATUS[cutlass_configs]="skipped: not built (FUSEDSKIP_CUTLASS_CONFIGS=1)"
-fi
-
-# 6. Quick benchmark: auto, each backend forced, GEMM alone, eager.
-step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
-  --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
-
-# 7. compute-sanitizer memcheck on the smoke workload (every backend, the cutlass kernels first),
-# with whatever time is left. Caching off: an overrun inside a cached 2 MiB block is invisible to
-# memcheck.
-step memcheck 210 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
-
-# 8. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
-# out, float16: the seed's narrow layer and a large one, forward+backward.
-step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
-  --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
-  --providers fused,eager,compile
-
-# 9. racecheck, on fewer cases (each is slow under it): the native kernel's shared-memory tiles
-# (loads, tensor-core reads, the aliased accumulator tile the epilogue reads).
-step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  $PY tests/cuda_smoke.py native --small
-# The cutlass kernels' shared memory (TMA-filled operand stages, the epilogue's staging; the
-# concat producer's own loads), each kernel once; last, as it has never been tried.
+# 3. racecheck of the cutlass kernels' shared memory (TMA-filled operand stages, the epilogue's
+# staging; the concat producer's own loads), each kernel once, on few cases (each is slow under
+# it).
 if [[ "${FUSEDSKIP_EXPECT_CUTLASS:-0}" == 1 ]]; then
   step racecheck_cutlass 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
     $PY tests/cuda_smoke.py cutlass --small
@@ -166,37 +182,55 @@ else
   STATUS[racecheck_cutlass]="skipped: no cutlass kernels expected here"
 fi
 
-{
-  echo "| step | result |"
-  echo "|---|---|"
-  for name in "${STEPS[@]}"; do
-    echo "| $name | ${STATUS[$name]:-not run} |"
-  done
-  echo
-  for name in cuda_tests_cutlass cuda_tests; do  # pytest's closing line
-    [[ -f "$OUT/$name.log" ]] &&
-      echo "$name: $(grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" \
-        "$OUT/$name.log" | tail -n 1)"
-  done
-  for name in memcheck racecheck racecheck_cutlass; do
-    [[ -f "$OUT/$name.log" ]] &&
-      echo "$name: $(grep -E "^cuda_smoke:" "$OUT/$name.log" | tail -n 1);" \
-        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
-  done
-} > "$OUT/summary.md"
-# Given an $OUT (a device runner's), everything also goes into one file beside it, for a runner
-# that brings back only a few files.
-if [[ -n "$OUT_GIVEN" ]]; then
-  tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all of it: $OUT.tgz"
+# 4. Device time per kernel against host time per call: the large relu_add layer on each path;
+# the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
+# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
+# the cat and one cuBLAS GEMM per block (fused) against the CUTLASS concat kernels, cat-free
+# forward and grouped backward (fused-cutlass), and eager. One failing part leaves the others run.
+step kernel_times 150 bash -c '
+  rc=0
+  "$0" benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
+    --out "$1" --providers fused,fused-cutlass,fused-gemm_epilogue,gemm || rc=1
+  "$0" benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
+    --sizes 64x30x30,65536x30x30 --out "$1" --providers fused,eager || rc=1
+  "$0" benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
+    --sizes 8192x4096x4096 --out "$1" --providers fused,fused-cutlass,eager || rc=1
+  exit $rc' "$PY" "$OUT"
+
+# 5. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
+# bring the fused op within 10% of the GEMM alone.
+step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 \
+  --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
+  --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
+
+# 6. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
+# (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
+# and what does the fused epilogue add? A configs module that is there but does not load fails.
+if ls fusedskip/_cutlass_configs.*.so > /dev/null 2>&1 ||
+   $PY -c "import fusedskip._cutlass_configs" 2>/dev/null; then
+  step cutlass_configs 150 $PY benchmarks/cutlass_configs.py --out "$OUT"
+else
+  STATUS[cutlass_configs]="skipped: not built (FUSEDSKIP_CUTLASS_CONFIGS=1)"
 fi
-echo
-cat "$OUT/summary.md"
-status=0
-for name in "${STEPS[@]}"; do
-  case "${STATUS[$name]:-rc=none}" in
-    rc=0\ * | skipped:*) ;;
-    not\ run:* | not\ finished:*) ((status == 0)) && status=3 ;;
-    *) status=1 ;;
-  esac
-done
-exit $status
+
+# 7. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
+# out, float16: the seed's narrow layer and a large one, forward+backward.
+step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
+  --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
+  --providers fused,eager,compile
+
+# 8. compute-sanitizer memcheck on the smoke workload (every backend, the cutlass kernels first).
+# Caching off: an overrun inside a cached 2 MiB block is invisible to memcheck.
+step memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
+
+# 9. Quick benchmark: auto, each backend forced, GEMM alone, eager.
+step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
+  --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
+
+# 10. racecheck of the native kernel's shared-memory tiles (loads, tensor-core reads, the aliased
+# accumulator tile the epilogue reads), with whatever time is left.
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  $PY tests/cuda_smoke.py native --small
+
+finish
