@@ -51,9 +51,11 @@ GRID = sample_grid(device="cuda") if CUDA else []
 
 @pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
 def test_gradcheck_float64(sample, backend):
+    """Reverse and forward mode (a call with tangents computes through the ATen composite), and
+    double backward, as tests/test_gradcheck.py checks them on the CPU."""
     fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, sample.tensors())
-    assert torch.autograd.gradgradcheck(fn, sample.tensors())
+    assert torch.autograd.gradcheck(fn, sample.tensors(), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, sample.tensors(), check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -127,6 +129,27 @@ def test_compile_fullgraph_on_cuda(backend):
     for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad),
                                    torch.autograd.grad(ref, ref_leaves, grad.double()))):
         assert_close_rel(g, e, torch.float32, f"grad {i}")
+
+
+def test_modules_call_the_fused_op_on_cuda(monkeypatch):
+    """On CUDA tensors the modules take the fused op, not the reference path (whose answers the
+    value checks would pass as well)."""
+    from fusedskip import functional, reference
+
+    calls = []
+    for api in (functional, reference):
+        for name in ("linear_relu_residual", "linear_concat"):
+            def spy(*args, real=getattr(api, name), tag=f"{api.__name__}.{name}", **kwargs):
+                calls.append(tag)
+                return real(*args, **kwargs)
+            monkeypatch.setattr(api, name, spy)
+    add = fusedskip.LinearReLUResidual(4, 4, device="cuda")
+    cat = fusedskip.ConcatLinear([2, 2], 3, device="cuda")
+    x = torch.randn(3, 4, device="cuda")
+    add(x, x)
+    cat(x[:, :2], x[:, 2:])
+    assert calls == ["fusedskip.functional.linear_relu_residual",
+                     "fusedskip.functional.linear_concat"]
 
 
 def test_modules_on_cuda_match_reference_modules(backend):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import fusedskip
-from conftest import CUDA_MARKS, ids, make_sample, sample_grid
+from conftest import CUDA, CUDA_MARKS, ids, make_sample, sample_grid
 
 SAMPLES = sample_grid()
 
@@ -185,8 +185,14 @@ def test_checkpoint_recompute_asking_for_part_of_the_gradients():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("sample", SAMPLES[:: max(1, len(SAMPLES) // 12)],
-                         ids=ids(SAMPLES[:: max(1, len(SAMPLES) // 12)]))
+def _some(samples, prefix="", marks=()):
+    """Every twelfth-or-so sample, as pytest params."""
+    some = samples[:: max(1, len(samples) // 12)]
+    return [pytest.param(s, id=prefix + i, marks=marks) for s, i in zip(some, ids(some))]
+
+
+@pytest.mark.parametrize("sample", _some(SAMPLES) +
+                         _some(sample_grid(device="cuda") if CUDA else [], "cuda-", CUDA_MARKS))
 def test_forward_mode_gives_the_ops_outputs(sample):
     """A call with tangents takes another path (csrc/autograd.cpp, fused_linear_composite): its
     output and mask must be the op's, and its tangent the reference's."""
@@ -214,14 +220,12 @@ def _op_args(sample, tensors):
     return (list(tensors[:n]), tensors[n], bias, residual, sample.relu, sample.order == "add_relu")
 
 
-def test_torch_func_forward_transforms():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+def test_torch_func_forward_transforms(device):
     """torch.func.jvp and jacfwd through a concat layer feeding an add_relu layer, against the
     reference's reverse-mode Jacobian."""
-    x1 = torch.randn(3, 4, dtype=torch.float64)
-    x2 = torch.randn(3, 2, dtype=torch.float64)
-    w1 = torch.randn(5, 6, dtype=torch.float64)
-    w2 = torch.randn(5, 5, dtype=torch.float64)
-    b = torch.randn(5, dtype=torch.float64)
+    x1, x2, w1, w2, b = (torch.randn(*shape, dtype=torch.float64, device=device)
+                         for shape in ((3, 4), (3, 2), (5, 6), (5, 5), (5,)))
 
     def net(api, x1, x2):
         h = api.linear_concat([x1, x2], w1, b, activation="relu")
