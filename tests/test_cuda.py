@@ -468,7 +468,8 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
                 assert grad_weight.numel() == 0
 
     # Through autograd: with the weight frozen its inputs are not saved, and stand-ins of their
-    # shapes (zeros expanded) reach the kernels, which the grouped GEMMs must not refuse; with the
+    # shapes (one unfilled row expanded) reach the kernels, which the grouped GEMMs must not
+    # refuse; with the
     # inputs frozen, the weight's gradient alone.
     for frozen in ("weight", "inputs"):
         xs = [t.clone().requires_grad_(frozen == "weight") for t in x]
@@ -481,6 +482,25 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
         for i, (got, want) in enumerate(zip(grads, ref_inputs if frozen == "weight"
                                             else [ref_weight])):
             assert_close_rel(got, want, torch.bfloat16, f"{frozen} frozen, gradient {i}")
+
+
+@needs_cutlass_gpu
+def test_cutlass_concat_kernels_leave_one_row_strides_tma_cannot_take():
+    """A single row's stride is free: 0, or 2^39 elements (past the 2^40 bytes a TMA descriptor
+    holds). Handed on as it is, either would stop the process in CUTLASS's host check: both
+    concat kernels (the weight gradient's reads the inputs) must leave such an input to the cat
+    and cuBLAS, and be right. The same row with its own stride runs them."""
+    row = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(128, 128, device="cuda", dtype=torch.bfloat16) / 12).requires_grad_()
+    for first, runs in ((row.clone(), True), (row.as_strided((1, 64), (0, 1)), False),
+                        (row.as_strided((1, 64), (2 ** 39, 1)), False)):
+        xs = [first.detach().requires_grad_(), row.clone().requires_grad_()]
+        before = concat_launches(), grouped_launches()
+        with fusedskip.use_backend("cutlass"):
+            check_against_reference(Sample(xs, w, None, None, True, "relu_add",
+                                           f"one row, stride {first.stride(0)}"), torch.bfloat16)
+        launched = concat_launches() > before[0], grouped_launches() > before[1]
+        assert launched == (runs, runs), (first.stride(), launched)
 
 
 @needs_cutlass_gpu
