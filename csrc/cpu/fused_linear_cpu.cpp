@@ -75,6 +75,8 @@ void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_
   using acc_t = at::opmath_type<scalar_t>;
   // Locals, and restrict: a store through the byte pointer `active` may alias anything, so with
   // p's fields read in the loop the compiler reloads them each iteration and cannot vectorise.
+  // Not on `in` and `out`, which are one buffer where the GEMM wrote the output's dtype (the
+  // pass then runs in place); without it the pass took as long (x86-64-2026-11-28/).
   const int64_t cols = p.cols;
   const bool flat = !kBias && p.out_stride_row == cols &&
                     (kResidual == Residual::kNone || p.residual_stride_row == cols);
@@ -82,8 +84,8 @@ void forward_epilogue_rows(const ForwardEpilogueParams<scalar_t>& p, const gemm_
   const int64_t run_length = flat ? count * cols : cols;
   for (int64_t run = 0; run < runs; ++run) {
     const int64_t row = first + run;
-    const gemm_t* __restrict__ in = gemm + run * cols;
-    scalar_t* __restrict__ out = p.out + row * p.out_stride_row;
+    const gemm_t* in = gemm + run * cols;
+    scalar_t* out = p.out + row * p.out_stride_row;
     const scalar_t* __restrict__ bias = p.bias;
     const scalar_t* __restrict__ residual =
         kResidual != Residual::kNone ? p.residual + row * p.residual_stride_row : nullptr;
