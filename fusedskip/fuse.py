@@ -106,6 +106,13 @@ def _runs_its_class_forward(module: nn.Module) -> bool:
     return "forward" not in vars(module)
 
 
+def _as_its_class_defines(module: Optional[nn.Module]) -> bool:
+    """A leaf module that computes what its class says: no forward set on the instance, and no
+    parametrization (spectral_norm's updates buffers of its own as it computes the weight)."""
+    return module is not None and _runs_its_class_forward(module) and \
+        not nn.utils.parametrize.is_parametrized(module)
+
+
 def _is_relu(node: torch.fx.Node, modules) -> bool:
     if node.op == "call_module":
         module = modules.get(node.target)
@@ -120,7 +127,7 @@ def _is_cat(node) -> bool:
         node.target in _CAT_FUNCTIONS
 
 
-# In-place operators FX records as functions (`x += y`, `x[i] = y`).
+# In-place operators the tracer records as functions (`x += y`, `x[i] = y`: _StrictProxy).
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -152,7 +159,10 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         return first if in_place else []
     if node.op == "call_module":
         module = modules.get(node.target)
-        written = first if getattr(module, "inplace", False) else []
+        if module is not None and not _runs_its_class_forward(module):
+            written = _node_args(node)  # a forward of its own may write what it is given
+        else:
+            written = first if getattr(module, "inplace", False) else []
         own = _state_it_may_write(module)
         if own:  # the graph's reads of that state
             written += [n for n in node.graph.find_nodes(op="get_attr")
@@ -199,7 +209,8 @@ _RUNNING_STATS_FUNCTIONS = (F.batch_norm, F.instance_norm)
 
 def _state_it_may_write(module: Optional[nn.Module]) -> set:
     """The ids of the parameters and buffers a leaf module's forward may write."""
-    if module is None or isinstance(module, _STATELESS_MODULES):
+    if module is None or (isinstance(module, _STATELESS_MODULES) and
+                           _as_its_class_defines(module)):
         return set()
     return {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
 
@@ -237,7 +248,8 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
             node = node.args[0]
             continue
         if node.op == "call_module":
-            fresh = isinstance(modules.get(node.target), _FRESH_MODULES)
+            module = modules.get(node.target)
+            fresh = isinstance(module, _FRESH_MODULES) and _as_its_class_defines(module)
         elif node.op == "call_function":
             fresh = node.target in _FRESH_FUNCTIONS
         else:
@@ -297,14 +309,23 @@ def _is_add(node: torch.fx.Node) -> bool:
 
 
 def _linear(node: torch.fx.Node, modules) -> Optional[nn.Linear]:
-    if node.op == "call_module" and type(modules.get(node.target)) is nn.Linear \
-            and _runs_its_class_forward(modules[node.target]):
-        return modules[node.target]
-    return None
+    """The Linear a call_module node calls: any the tracer keeps whole (torch.nn's own, and its
+    parametrized or instance-patched forms, which _linear_problem refuses by name; a subclass
+    defined elsewhere is traced into)."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return module if isinstance(module, nn.Linear) else None
 
 
 def _linear_problem(linear: nn.Linear) -> Optional[str]:
     """Why a fused layer cannot stand in for `linear`, if it cannot."""
+    if not _runs_its_class_forward(linear):
+        return ("the Linear's forward is set on the instance (as adapters do), which a fused "
+                "layer would not run")
+    if nn.utils.parametrize.is_parametrized(linear):
+        return ("the Linear is parametrized (torch.nn.utils.parametrize, e.g. "
+                "parametrizations.weight_norm): a fused layer would not compute its weight")
+    if type(linear) is not nn.Linear:
+        return f"the Linear is a {type(linear).__qualname__}, not nn.Linear itself"
     if _hooked(linear):
         return ("the Linear has hooks (e.g. from torch.nn.utils.prune or weight_norm), which a "
                 "fused layer would not run")
@@ -402,12 +423,12 @@ def _same_size(a, b) -> bool:
     return isinstance(a, int) and isinstance(b, int) and a == b
 
 
-def _residual_problem(output, residual, linear_input) -> Optional[str]:
+def _residual_problem(output, residual, linear_input, no_shapes: str) -> Optional[str]:
     """Why `residual` cannot enter the fused layer whose output is `output` (the linear's), if it
     cannot: the fused op takes a residual of the output's exact shape and dtype."""
     meta_a, meta_b = _meta(output), _meta(residual)
     if meta_a is None or meta_b is None:
-        return "shapes unknown: pass example_inputs so the residual's shape can be checked"
+        return f"shapes unknown ({no_shapes}): the residual's shape cannot be checked"
     if len(meta_a.shape) != len(meta_b.shape) or not all(
             map(_same_size, meta_a.shape, meta_b.shape)):
         return (f"residual shape {tuple(meta_b.shape)} is not provably the output's "
@@ -425,7 +446,7 @@ def _residual_problem(output, residual, linear_input) -> Optional[str]:
     return None
 
 
-def _fuse_linear_chains(gm, modules, report: FuseReport):
+def _fuse_linear_chains(gm, modules, report: FuseReport, no_shapes: str):
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
@@ -464,7 +485,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
         last = relu if order == "add_relu" or add is None else add
         residual = _residual_of(add, relu if order == "relu_add" else node) if add else None
         if residual is not None:
-            problem = _residual_problem(node, residual, x)
+            problem = _residual_problem(node, residual, x, no_shapes)
             if problem:
                 report.skip((node.name, problem))
                 if order == "add_relu":
@@ -495,7 +516,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport):
                                                           node.target)))
 
 
-def _fuse_concats(gm, modules, report: FuseReport):
+def _fuse_concats(gm, modules, report: FuseReport, no_shapes: str):
     for node in list(gm.graph.nodes):
         if not _is_cat(node):
             continue
@@ -521,8 +542,8 @@ def _fuse_concats(gm, modules, report: FuseReport):
             continue
         metas = [_meta(p) for p in parts]
         if any(m is None for m in metas):
-            report.skip((user.name, "shapes unknown: pass example_inputs so the "
-                                    "concatenated widths can be read"))
+            report.skip((user.name, f"shapes unknown ({no_shapes}): the concatenated "
+                                    "widths cannot be read"))
             continue
         ndim = len(metas[0].shape)
         if any(len(m.shape) != ndim or not all(map(_same_size, m.shape[:-1], metas[0].shape[:-1]))
@@ -560,21 +581,52 @@ def _fuse_concats(gm, modules, report: FuseReport):
                                                           user.target)))
 
 
-def _propagate_shapes(gm: torch.fx.GraphModule, args) -> None:
+class _ShapeProp(ShapeProp):
+    """ShapeProp that knows which node it is running, to say where a run failed, and that does
+    not run a leaf module's forward set on the instance: the fake copy of the model keeps it,
+    and it may reach the model's real tensors (an adapter's closure does), which the fake run
+    must not touch."""
+
+    node: Optional[torch.fx.Node] = None
+
+    def run_node(self, n):
+        self.node = n
+        if n.op == "call_module" and not _runs_its_class_forward(self.fetch_attr(n.target)):
+            raise RuntimeError(f"{n.target}'s forward is set on the instance, which the fake run "
+                               "does not enter (it may reach the model's real tensors)")
+        return super().run_node(n)
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, args) -> Optional[str]:
     """Each node's tensor_meta, from a run on a fake copy of the model: shapes without arithmetic
     and without touching the model's state (buffers, RNG). Tensors anywhere in the arguments
     (dicts, lists) are made fake; a shape that depends on the data (nonzero, a boolean mask)
-    becomes a symbol instead of failing the run."""
+    becomes a symbol instead of failing the run. A node the run cannot take (a leaf module's
+    forward set on the instance, say) ends it there: the nodes before it keep their shapes, and
+    the reason is returned."""
     # Imported here: symbolic_shapes brings in sympy, ~0.3 s that `import fusedskip` need not pay.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    fake_args = pytree.tree_map_only(
-        torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), args)
-    # ShapeProp prints the traceback of a failure itself; the report says what failed.
-    with contextlib.redirect_stderr(io.StringIO()):
-        ShapeProp(gm, fake_mode=mode).propagate(*fake_args)
+    prop = None
+    try:
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fake_args = pytree.tree_map_only(
+            torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), args)
+        prop = _ShapeProp(gm, fake_mode=mode)
+        # ShapeProp prints the traceback of a failure itself; the report says what failed.
+        with contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*fake_args)
+    except Exception as error:
+        cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
+        what = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+        if prop is None or prop.node is None:
+            for node in gm.graph.nodes:
+                node.meta.pop("tensor_meta", None)
+            return f"shape propagation failed ({what}); shape-dependent patterns skipped"
+        return (f"shape propagation stopped at {prop.node.name} ({what}); shape-dependent "
+                "patterns from there on skipped")
+    return None
 
 
 def _in_place_operator(op):
@@ -586,8 +638,11 @@ def _in_place_operator(op):
 class _StrictProxy(torch.fx.Proxy):
     """A traced value that records `x += y` (and every augmented assignment, set below) as the
     in-place operator it is (FX's Proxy records an out-of-place add, so the write vanished from
-    the graph) and refuses attribute assignment (`self.buffer.data = t`), which a graph cannot
-    record."""
+    the graph), records `x[i] = y` (FX's Proxy cannot: the trace failed), and refuses attribute
+    assignment (`self.buffer.data = t`), which a graph cannot record."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __setattr__(self, name, value):
         if name not in ("node", "tracer"):
@@ -1001,26 +1056,26 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
         gm = _trace(model, args)
     except Exception as error:  # anything FX raises: report it, never crash the caller
         hint = ("; it is a torch.compile'd module: fuse the model first and compile the result "
-                "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else "")
+                "(or pass its ._orig_mod)" if hasattr(model, "_orig_mod") else
+                f"; it is a {type(model).__name__} wrapper: fuse the model first and wrap the "
+                "result (or pass its .module)"
+                if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+                else "")
         return _unchanged(model, f"not traceable by torch.fx ({type(error).__name__}: "
                                  f"{(str(error).splitlines() or [''])[0][:200]}); model left "
                                  f"unchanged{hint}")
+    # Why a node has no shape, for the patterns that need one.
+    no_shapes = "pass example_inputs"
     if args is not None:
-        try:
-            _propagate_shapes(gm, args)
-        except Exception as error:
-            cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
-            where = (str(error).splitlines() or [""])[0][:200] if cause is not error else ""
-            report.skip(("example_inputs", f"shape propagation failed "
-                                                     f"({type(cause).__name__}: {cause}"
-                                                     f"{'; ' + where if where else ''}); "
-                                                     "shape-dependent patterns skipped"))
-            for node in gm.graph.nodes:
-                node.meta.pop("tensor_meta", None)
+        problem = _propagate_shapes(gm, args)
+        no_shapes = "not a tensor in the run of example_inputs"
+        if problem:
+            report.skip(("example_inputs", problem))
+            no_shapes = "the run of example_inputs stopped at or before this node"
     modules = dict(gm.named_modules())
-    _fuse_concats(gm, modules, report)
+    _fuse_concats(gm, modules, report, no_shapes)
     modules = dict(gm.named_modules())
-    _fuse_linear_chains(gm, modules, report)
+    _fuse_linear_chains(gm, modules, report, no_shapes)
     # No eliminate_dead_code(): _replace has erased the chains, and a node whose result is unused
     # may still act (an in-place ReLU, a buffer update) and must stay.
     gm.delete_all_unused_submodules()

@@ -514,9 +514,15 @@ def test_an_instance_forward_and_an_inconsistent_or_integer_linear_are_not_fused
     patched.linear.forward = lambda t: F.linear(t, patched.linear.weight) * 2  # an adapter
     relu_patched = Block()
     relu_patched.act.forward = lambda t: t.clamp(min=-1)
-    for model in (patched, relu_patched):
+    parametrized = Block()
+    nn.utils.parametrizations.weight_norm(parametrized.linear)
+    for model, why in ((patched, "the Linear's forward is set on the instance"),
+                       (relu_patched, None),
+                       (parametrized, "the Linear is parametrized")):
         fused = fusedskip.fuse(model, example_inputs=(x,))
         assert not fused.fuse_report.fused
+        if why:  # reported, not passed over in silence
+            assert why in str(fused.fuse_report), str(fused.fuse_report)
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
     wide = Block()
     wide.linear.weight = nn.Parameter(torch.randn(4, 6))  # in_features still says 4
@@ -922,6 +928,46 @@ def test_a_compiled_model_gets_a_hint():
     assert out is model and "fuse the model first" in str(out.fuse_report)
 
 
+def test_a_data_parallel_wrapper_gets_a_hint():
+    model = nn.DataParallel(ResidualMLP())
+    out = fusedskip.fuse(model)
+    assert out is model and "DataParallel wrapper: fuse the model first" in str(out.fuse_report)
+
+
+def test_an_adapter_stops_the_shape_run_only_from_where_it_is():
+    """A Linear whose forward is set on the instance closes over the model's real tensors: the
+    fake run of example_inputs does not enter it (its write would land in the model), so shapes
+    are known up to it, and the patterns before it are fused."""
+    class Adapted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(12, 6)
+            self.adapter, self.after = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+            def adapter_forward(t):
+                self.calls.add_(1)
+                return F.linear(t, self.adapter.weight, self.adapter.bias) * 0.5
+            self.adapter.forward = adapter_forward
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) + x
+            g = torch.relu(self.b(h) + h)
+            y = self.adapter(self.c(torch.cat([g, h], -1)))
+            return torch.relu(self.after(y)) + y  # shapes unknown: Linear -> ReLU only
+
+    model, x, fused = fuse_in_float64(Adapted, 5, 6)
+    report = fused.fuse_report
+    assert sorted((name, pattern) for name, pattern, _ in report.fused) == [
+        ("a", "Linear -> ReLU -> add"), ("after", "Linear -> ReLU"),
+        ("b", "Linear -> add -> ReLU"), ("c", "cat -> Linear")], str(report)
+    assert "shape propagation stopped at adapter" in str(report), str(report)
+    assert ("after", "shapes unknown (the run of example_inputs stopped at or before this "
+             "node): the residual's shape cannot be checked") in report.skipped, str(report)
+    assert model.calls.item() == 0  # the shape run did not call it
+    check_equal(model, x, fused)
+
+
 @pytest.mark.parametrize("order", ["relu_add", "add_relu"])
 def test_fused_model_under_autocast_computes_what_the_model_does(order):
     """A float32 residual stream under bfloat16 autocast: eager adds it in float32, and so must
@@ -952,6 +998,10 @@ def _scale_in_place(t):  # opaque to FX: fuse() cannot see that it writes
     t.mul_(2)
 
 
+def _subscript_assignment(t):
+    t[0] = 100.0
+
+
 @pytest.mark.parametrize("write", [
     lambda x: x.__setitem__(0, 100.0),
     lambda x: x.__iadd__(100.0),
@@ -959,7 +1009,8 @@ def _scale_in_place(t):  # opaque to FX: fuse() cannot see that it writes
     lambda x: torch.ops.aten.index_put_.default(x, [torch.tensor([0])],
                                                       torch.tensor(100.0, dtype=x.dtype)),
     lambda x: _scale_in_place(x),
-], ids=["__setitem__", "__iadd__", "aten.add_", "aten.index_put_", "fx.wrap"])
+    _subscript_assignment,
+], ids=["__setitem__", "__iadd__", "aten.add_", "aten.index_put_", "fx.wrap", "x[0] ="])
 def test_every_spelling_of_a_write_keeps_the_residual_out(write):
     """A write to the Linear's input between its ReLU and the add: Linear -> ReLU alone is still
     safe to fuse, the add is not."""
@@ -982,8 +1033,8 @@ def test_every_spelling_of_a_write_keeps_the_residual_out(write):
 
 
 def test_writes_into_new_tensors_do_not_stop_fusion():
-    """An in-place ReLU on another branch's fresh Linear output cannot reach what the pattern
-    reads: both branches still fuse."""
+    """An in-place ReLU on another branch's fresh Linear output, and a subscript assignment into
+    a new tensor, cannot reach what the patterns read: everything still fuses."""
     class TwoBranch(nn.Module):
         def __init__(self):
             super().__init__()
@@ -991,7 +1042,9 @@ def test_writes_into_new_tensors_do_not_stop_fusion():
             self.act = nn.ReLU(inplace=True)
 
         def forward(self, x):
-            return self.act(self.a(x)) + self.act(self.b(x))
+            scale = torch.ones_like(x)
+            scale[:, 0] = 0.5
+            return self.act(self.a(x)) + self.act(self.b(x * scale))
 
     model, x, fused = fuse_in_float64(TwoBranch, 5, 6)
     assert sorted(p for _, p, _ in fused.fuse_report.fused) == [
