@@ -201,8 +201,9 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
 
 # Leaf modules that write none of their own parameters and buffers in forward (BatchNorm updates
 # its running statistics, Embedding(max_norm=...) renormalises its weight: any other may).
-_STATELESS_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.ReLU,
-                      nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
+_STATELESS_MODULES = (nn.Linear, LinearReLUResidual, ConcatLinear, nn.modules.conv._ConvNd,
+                      nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                      nn.Identity, nn.Dropout)
 # Functions that update the running statistics they are given, unless told not to.
 _RUNNING_STATS_FUNCTIONS = (F.batch_norm, F.instance_norm)
 
@@ -676,6 +677,13 @@ class _Tracer(torch.fx.Tracer):
     def proxy(self, node):
         return _StrictProxy(node, self)
 
+    def is_leaf_module(self, m, module_qualified_name):
+        # fusedskip's own layers stay whole, as torch.nn's do: in the fused model they are still
+        # the modules that run (their hooks too), not containers of a traced-in function's
+        # parameters.
+        return type(m) in (LinearReLUResidual, ConcatLinear) or \
+            super().is_leaf_module(m, module_qualified_name)
+
     def create_node(self, *args, **kwargs):
         if _modes() != self.modes:
             raise RuntimeError("forward runs part of itself under another grad or autocast mode "
@@ -895,7 +903,7 @@ def _unpickle_fused_model(body, import_block, class_name) -> _FusedModel:
 def _hooks_traced_through(model: nn.Module) -> List[str]:
     """Hooks that would run while tracing, on traced values, and be missing from the graph: on
     modules FX traces into (not leaves), and global module hooks (on every module)."""
-    leaf = torch.fx.Tracer().is_leaf_module
+    leaf = _Tracer().is_leaf_module
     found = [name or type(model).__name__ for name, m in model.named_modules()
              if (m is model or not leaf(m, name)) and _hooked(m)]
     return found + ["every module (global module hooks)"] if _global_module_hooks() else found

@@ -732,9 +732,16 @@ def test_models_using_fusedskip_trace_and_fuse():
             fusedskip.reference.linear_relu_residual, fusedskip.linear_relu_residual,
             fusedskip.linear_concat} <= targets
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    calls = []
+    model.a.register_forward_hook(lambda module, args, out: calls.append(module))
     fused = fusedskip.fuse(model, example_inputs=(x,))
     assert fused.fuse_report.traced
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    # fuse() keeps fusedskip's own layers whole, as torch.nn's: they run, hooks and all.
+    assert {"a", "c"} <= {n.target for n in fused.graph.nodes if n.op == "call_module"}
+    calls.clear()  # the shape run called the hook on its fake copy
+    fused(x)
+    assert calls == [model.a]
     again = fusedskip.fuse(fused, example_inputs=(x,))
     assert again.fuse_report.traced and not again.fuse_report.fused
     assert list(again.state_dict()) == list(model.state_dict())
