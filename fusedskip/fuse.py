@@ -242,6 +242,9 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
     """The node that made `node`'s tensor, where that provably made a new one: through in-place
     ops (whose result is their first argument) back to a Linear, an arithmetic op, a cat, ..."""
     while isinstance(node, torch.fx.Node):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is not None and not _runs_its_class_forward(module):
+            return None  # a forward of its own may return anything, its argument included
         written = _written(node, modules)
         if written:  # in place: the result is the tensor written, if that is the first argument
             if len(written) != 1 or not node.args or written[0] is not node.args[0]:
@@ -249,8 +252,7 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
             node = node.args[0]
             continue
         if node.op == "call_module":
-            module = modules.get(node.target)
-            fresh = isinstance(module, _FRESH_MODULES) and _as_its_class_defines(module)
+            fresh = isinstance(modules.get(node.target), _FRESH_MODULES)
         elif node.op == "call_function":
             fresh = node.target in _FRESH_FUNCTIONS
         else:

@@ -873,6 +873,53 @@ def test_in_place_writes_inside_a_pattern_stop_its_fusion(make):
         check_equal(model, x, fused)
 
 
+class WriteThroughAnAdapter(nn.Module):
+    """A leaf whose forward is set on the instance returns a buffer, not its argument: a write
+    into its result between the Linear and the ReLU writes what the Linear read."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+        self.register_buffer("memory", torch.randn(5, 6))
+        self.cache = nn.Identity()
+        self.cache.forward = lambda t: self.memory
+
+    def forward(self, x):
+        h = self.linear(self.memory)
+        t = self.cache(x * 1.0)
+        t.mul_(2)  # exact, and undone below: every call sees the same memory
+        y = torch.relu(h) + x
+        t.div_(2)
+        return y
+
+
+class ParametrizedSideBranch(nn.Module):
+    """A parametrized Linear's output is a new tensor like any Linear's: an in-place ReLU on it
+    cannot reach what the other branch's pattern reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+        self.side = nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
+
+    def forward(self, x):
+        h = torch.relu(self.linear(x))
+        g = self.side(x)
+        g.relu_()
+        return h + x + g
+
+
+def test_what_a_patched_or_parametrized_leaf_returns():
+    model, x, fused = fuse_in_float64(WriteThroughAnAdapter, 5, 6)
+    assert not fused.fuse_report.fused, str(fused.fuse_report)
+    assert "mul_ may write in place" in str(fused.fuse_report), str(fused.fuse_report)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    model, x, fused = fuse_in_float64(ParametrizedSideBranch, 5, 6)
+    assert [(name, p) for name, p, _ in fused.fuse_report.fused] == [
+        ("linear", "Linear -> ReLU -> add")], str(fused.fuse_report)
+    check_equal(model, x, fused)
+
+
 def test_in_place_relu_spellings_are_fused():
     class Spellings(nn.Module):
         def __init__(self):
