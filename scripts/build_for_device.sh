@@ -62,11 +62,15 @@ if [[ -n "$(git status --porcelain -- "${SOURCES[@]}")" ]]; then
   exit 2
 fi
 (cd "$TREE" && "$VENV/bin/python" setup.py build_ext --inplace)
+# None left here from an older build of the same Python (a configs module that this build no
+# longer makes would be carried along with it).
+suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+rm -f "$REPO/fusedskip/_C$suffix" "$REPO/fusedskip/_cutlass_configs$suffix"
 for so in "$TREE"/fusedskip/_C.*.so "$TREE"/fusedskip/_cutlass_configs.*.so; do
   [[ -e "$so" ]] || continue
   strip --strip-debug "$so"
   cp "$so" "$REPO/fusedskip/"
-  echo "build_for_device: fusedskip/$(basename "$so") ($(du -h "$so" | cut -f1)), from $(git rev-parse --short HEAD)"
+  echo "build_for_device: fusedskip/$(basename "$so") ($(du -h "$so" | cut -f1)), from $(git -C "$TREE" rev-parse --short HEAD)"
 done
 # What gpu_check.sh (FUSEDSKIP_PREBUILT=1) compares with the sources beside it; carry it along.
 bash "$TREE/scripts/source_stamp.sh" > "$REPO/fusedskip/_prebuilt_sources.sha256"

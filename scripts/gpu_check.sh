@@ -40,7 +40,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
     echo "=== $name: skipped (FUSEDSKIP_CHECK_SKIP)"
     return 0
   fi
-  local left=$((BUDGET - SECONDS - 10))  # 10 s kept for the summary and the archive
+  # 20 s kept: up to 10 for a step's kill after its TERM (timeout -k), 10 for the summary.
+  local left=$((BUDGET - SECONDS - 20))
   if ((left < 20)); then
     STATUS[$name]="not run: out of time (budget ${BUDGET}s)"
     echo "=== $name: not run, ${left}s left of the ${BUDGET}s budget"
@@ -53,7 +54,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   # -k: a process that ignores the TERM (stuck in the driver, say) is killed 10 s later.
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  if ((rc == 124 && cut)); then  # stopped by the budget, not by its own limit
+  if (((rc == 124 || rc == 137) && cut)); then  # stopped by the budget, not its own limit
     STATUS[$name]="not finished: the budget left it ${limit}s"
   else
     STATUS[$name]="rc=$rc $((SECONDS - start))s"
@@ -143,8 +144,9 @@ if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
         "rebuild with scripts/build_for_device.sh (commit first) and carry its files"
       exit 1
     fi
-    "$0" -c "import fusedskip, sys; from fusedskip import _ops
-print(\"prebuilt:\", _ops.LOAD_ERROR or fusedskip._C.__file__)
+    $0 -c "import fusedskip, sys, torch; from fusedskip import _ops
+print(\"prebuilt:\", _ops.LOAD_ERROR or fusedskip._C.__file__, \"| CUDA kernels:\",
+      _ops.HAS_CUDA_KERNELS, \"| torch sees a GPU:\", torch.cuda.is_available())
 sys.exit(0 if fusedskip.cuda_available() else 1)"' "$PY"
 else
   step build 300 env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
@@ -189,11 +191,11 @@ fi
 # forward and grouped backward (fused-cutlass), and eager. One failing part leaves the others run.
 step kernel_times 150 bash -c '
   rc=0
-  "$0" benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
+  $0 benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
     --out "$1" --providers fused,fused-cutlass,fused-gemm_epilogue,gemm || rc=1
-  "$0" benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
+  $0 benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
     --sizes 64x30x30,65536x30x30 --out "$1" --providers fused,eager || rc=1
-  "$0" benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
+  $0 benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
     --sizes 8192x4096x4096 --out "$1" --providers fused,fused-cutlass,eager || rc=1
   exit $rc' "$PY" "$OUT"
 
@@ -206,7 +208,8 @@ step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 
 # 6. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
 # (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
 # and what does the fused epilogue add? A configs module that is there but does not load fails.
-if ls fusedskip/_cutlass_configs.*.so > /dev/null 2>&1 ||
+EXT_SUFFIX=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+if [[ -e "fusedskip/_cutlass_configs$EXT_SUFFIX" ]] ||
    $PY -c "import fusedskip._cutlass_configs" 2>/dev/null; then
   step cutlass_configs 150 $PY benchmarks/cutlass_configs.py --out "$OUT"
 else
