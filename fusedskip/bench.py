@@ -9,9 +9,10 @@
 One row per (op, provider, mode, dtype, shape): p20/p50/p80 time, TFLOP/s, GB/s (each input
 read once, each output written once), fraction of the roofline (peaks measured on the device at
 the start of the run), speedup over eager, peak memory of forward+backward (GPU), and the device,
-versions and commit. Every provider's output is checked against the float64 reference before it
-is timed; a mismatch is recorded and the row is not timed. Results go to
-benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md, speedup.png).
+versions and commit. Every provider's output (and in forward+backward its gradients) is checked
+against the float64 reference before it is timed; a mismatch is recorded and the row is not
+timed. Results go to benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md,
+speedup.png); Ctrl-C stops the sweep and keeps the rows of the cases it finished.
 """
 
 from __future__ import annotations
@@ -269,18 +270,30 @@ def provider_fn(provider: str, op: str, mode: str = "forward") -> Optional[Calla
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def check(case: Case, provider: str, fn: Callable) -> float:
-    """Relative error of the provider's output against float64 (GEMM alone: against x W^T)."""
-    xs, w, b, r = case.make_inputs(requires_grad=False, seed=1)
-    with torch.no_grad():
-        out = fn(xs, w, b, r).double()
-        x64 = [x.double() for x in xs]
-        if provider == "gemm":
-            ref = torch.cat(x64, -1) @ w.double().t()
-        else:
-            ref = eager_fn(case.op)(x64, w.double(), b.double(),
-                                    None if r is None else r.double())
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def check(case: Case, provider: str, fn: Callable, mode: str = "forward") -> float:
+    """Relative error of the provider's output against float64 (GEMM alone: against x W^T); in
+    forward+backward mode the largest of that and each gradient's, which are what is timed."""
+    with_grad = mode == "forward+backward"
+    xs, w, b, r = case.make_inputs(requires_grad=with_grad, seed=1)
+    tensors = [t for t in (*xs, w, b, r) if t is not None]
+    x64, w64, b64, r64 = [[x.detach().double().requires_grad_(with_grad) for x in xs]] + [
+        None if t is None else t.detach().double().requires_grad_(with_grad) for t in (w, b, r)]
+    with torch.set_grad_enabled(with_grad):
+        out = fn(xs, w, b, r)
+        ref = (torch.cat(x64, -1) @ w64.t() if provider == "gemm" else
+               eager_fn(case.op)(x64, w64, b64, r64))
+    errors = [relative_error(out, ref.detach())]
+    if with_grad:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+        tensors64 = [t for t in (*x64, w64, b64, r64) if t is not None]
+        errors += [relative_error(got, want) for got, want in zip(
+            torch.autograd.grad(out, tensors, grad),
+            torch.autograd.grad(ref, tensors64, grad.double()))]
+    return max(errors)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -345,25 +358,43 @@ def peak_memory_mb(step: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_peaks(device: str) -> Dict[str, float]:
-    """The device's matmul rate and copy bandwidth, measured once per run."""
+def measure_peaks(device: str, dtypes: Sequence[torch.dtype]) -> Dict[str, Any]:
+    """The device's copy bandwidth and its matmul rate in each dtype of the sweep, measured once
+    per run: {"gbps": ..., "tflops": {dtype name: ...}}. One large square matmul stands for the
+    peak, so a case whose GEMM runs faster than it (a CPU's shapes, say) reaches past 1.0."""
     if device == "cuda":
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        src = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+        size, src = 8192, torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
         dst = torch.empty_like(src)
-        mm_us = min(time_cuda([lambda: torch.mm(a, a)], 20))
-        copy_us = min(time_cuda([lambda: dst.copy_(src)], 20))
-        return {"tflops": 2 * 8192**3 / mm_us / 1e6, "gbps": 2 * src.nbytes / copy_us / 1e3}
-    a = torch.randn(1024, 1024)
-    src = torch.randn(2**25)
-    dst = torch.empty_like(src)
-    mm_us = min(time_cpu([lambda: torch.mm(a, a)], 0.3))
-    copy_us = min(time_cpu([lambda: dst.copy_(src)], 0.3))
-    return {"tflops": 2 * 1024**3 / mm_us / 1e6, "gbps": 2 * src.nbytes / copy_us / 1e3}
+
+        def best_us(fn):
+            return min(time_cuda([fn], 20))
+    else:
+        size, src = 1024, torch.randn(2**25)
+        dst = torch.empty_like(src)
+
+        def best_us(fn):
+            return min(time_cpu([fn], 0.3))
+    tflops = {}
+    for dtype in dtypes:
+        a = torch.randn(size, size, device=device).to(dtype)
+        tflops[str(dtype).split(".")[-1]] = 2 * size**3 / best_us(lambda: torch.mm(a, a)) / 1e6
+    return {"tflops": tflops, "gbps": 2 * src.nbytes / best_us(lambda: dst.copy_(src)) / 1e3}
 
 
 # -------------------------------------------------------------------------------------------------
 # The run
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it (platform.processor() is only "x86_64" there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> Dict[str, object]:
@@ -377,8 +408,7 @@ def environment(device: str) -> Dict[str, object]:
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    name = (torch.cuda.get_device_name() if device == "cuda"
-            else platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     return {"device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": sys.version.split()[0], "commit": commit,
             "date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count()}
@@ -395,19 +425,26 @@ def append_markdown(out_dir: str, stem: str, title: str, body: str, device: str 
 
 
 class Progress:
-    """One line on stderr, rewritten: done/total, elapsed, what runs now."""
+    """One line on stderr, rewritten: done/total, elapsed, what runs now. Into a log (not a
+    terminal) a line of its own at each tenth instead, not one ever longer line."""
 
     def __init__(self, total: int):
         self.total, self.done, self.start = total, 0, time.time()
+        self.terminal = sys.stderr.isatty()
 
     def update(self, what: str):
         self.done += 1
         bar = "#" * int(30 * self.done / self.total)
-        print(f"\r[{bar:<30s}] {self.done}/{self.total} {time.time() - self.start:5.0f}s "
-              f"{what[:60]:<60s}", end="", file=sys.stderr, flush=True)
+        line = (f"[{bar:<30s}] {self.done}/{self.total} {time.time() - self.start:5.0f}s "
+                f"{what[:60]:<60s}")
+        if self.terminal:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif self.done == 1 or 10 * self.done // self.total != 10 * (self.done - 1) // self.total:
+            print(line.rstrip(), file=sys.stderr, flush=True)
 
     def close(self):
-        print(file=sys.stderr)
+        if self.terminal:
+            print(file=sys.stderr)
 
 
 def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, row: dict,
@@ -415,7 +452,7 @@ def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, 
     """Check the provider's output against float64, then time it: the times, or None with
     row["status"] saying why it was not timed."""
     launches = cutlass_launches()
-    err = check(case, provider, fn)
+    err = check(case, provider, fn, mode)
     if provider == "fused-cutlass" and mode == "forward+backward":
         step_fn(fn, mode, arg_sets[0], grad)()  # its backward's kernels count too
     if provider == "fused-cutlass" and cutlass_launches() == launches:
@@ -446,7 +483,17 @@ def parse_dtypes(spec: str) -> List[torch.dtype]:
     return [getattr(torch, d) for d in names]
 
 
-def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
+@dataclasses.dataclass
+class Plan:
+    """What a sweep times, from the command line, checked before anything runs."""
+    dtypes: List[torch.dtype]
+    sizes: List[Tuple[int, int, int]]
+    ops: List[str]
+    modes: List[str]
+    providers: List[str]
+
+
+def sweep_plan(args, device: str) -> Plan:
     dtypes = parse_dtypes(args.dtype)
     sizes = parse_sizes(args.sizes) if args.sizes else standard_sizes(device, args.quick)
     if args.op:
@@ -472,76 +519,105 @@ def run_sweep(args, device: str, env: Dict[str, object]) -> List[dict]:
         unknown = [v for v in values if v not in known]
         if unknown:
             raise SystemExit(f"{name}: unknown {unknown}; choose from {list(known)}")
+    for op in ops:
+        narrow = [f"{m}x{k}x{n}" for m, k, n in sizes if k < OPS[op][0]]
+        if narrow:
+            raise SystemExit(f"--sizes: {op} concatenates {OPS[op][0]} inputs, so K must be at "
+                             f"least {OPS[op][0]}; got {narrow}")
+    return Plan(dtypes, sizes, ops, modes, providers)
 
+
+def run_sweep(plan: Plan, args, device: str, env: Dict[str, object]) -> Tuple[List[dict], bool]:
+    """The rows, and whether Ctrl-C stopped the sweep (the rows are then those of the cases it
+    finished)."""
+    dtypes, sizes, ops, modes, providers = (plan.dtypes, plan.sizes, plan.ops, plan.modes,
+                                            plan.providers)
     # Every (op, shape, mode) is its own graph; the default limit would silently fall back to
     # eager after eight of them.
     torch._dynamo.config.cache_size_limit = 4096
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = 4096
-    peaks = measure_peaks(device)
-    print(f"peaks on {env['device_name']}: {peaks['tflops']:.1f} TFLOP/s matmul, "
-          f"{peaks['gbps']:.0f} GB/s copy", flush=True)
+    peaks = measure_peaks(device, dtypes)
+    rates = ", ".join(f"{rate:.1f} TFLOP/s {name}" for name, rate in peaks["tflops"].items())
+    print(f"peaks on {env['device_name']}: matmul {rates}; copy {peaks['gbps']:.0f} GB/s",
+          flush=True)
     repeats = 30 if args.quick else 200
     min_run_time = 0.05 if args.quick else 0.3
     progress = Progress(len(dtypes) * len(sizes) * len(ops) * len(modes) * len(providers))
-    rows = []
-    for dtype, (m, k, n), op, mode in ((d, s, o, md) for d in dtypes for s in sizes
-                                        for o in ops for md in modes):
-        case = Case(op, m, max(k, OPS[op][0]), n, dtype, device)
-        order = OPS[op][2]
-        element = torch.empty((), dtype=dtype).element_size()
-        # Enough input sets that one rotation is larger than the last-level cache.
-        one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)
-        sets = max(1, min(8, (64 << 20) // max(1, one_set))) if device == "cuda" else 1
-        inputs_error = None
-        arg_sets = grad = None  # the last case's, freed before this one's are made
-        try:
-            arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
-                        for s in range(sets)]
-            grad = torch.randn(m, n, device=device, dtype=dtype)
-        except (RuntimeError, MemoryError) as error:  # a size this device cannot hold
-            inputs_error = f"error: inputs: {type(error).__name__}: {str(error)[:200]}"
-        eager_p50 = None
-        case_rows = []  # this case's: each row's speedup is against eager on the same case
-        for provider in providers:
-            progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
-            fn = provider_fn(provider, op, mode)
-            row = {"op": op, "provider": provider, "mode": mode, "dtype": str(dtype).split(".")[-1],
-                   "M": m, "K": list(case.widths), "N": n, **env,
-                   "flops": count_flops(m, case.k, n, mode),
-                   "bytes": count_bytes(m, case.k, n, mode, element,
-                                        residual=order is not None)}
-            if fn is None:
-                continue  # not a meaningful comparison for this op / mode
-            if inputs_error:
-                row.update(status=inputs_error)
-                case_rows.append(row)
-                continue
-            with provider_backend(provider):
-                try:
-                    times = measure(case, provider, fn, mode, arg_sets, grad, row, repeats,
-                                    min_run_time)
-                except Exception as error:  # e.g. a compile failure: recorded, not fatal
-                    row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
-                    case_rows.append(row)
-                    continue
-            if times is None:  # not measured; row["status"] says why
-                case_rows.append(row)
-                continue
-            p20, p50, p80 = quantiles(times)
-            row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
-                       tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
-            floor_us = max(row["flops"] / (peaks["tflops"] * 1e6), row["bytes"] / (peaks["gbps"] * 1e3))
-            row["roofline_fraction"] = floor_us / p50
-            if provider == "eager":
-                eager_p50 = p50
-            case_rows.append(row)
-        for row in case_rows:
-            if row.get("p50_us") and eager_p50:
-                row["speedup_vs_eager"] = eager_p50 / row["p50_us"]
-        rows += case_rows
+    rows: List[dict] = []
+    try:
+        for dtype, size, op, mode in ((d, s, o, md) for d in dtypes for s in sizes for o in ops
+                                      for md in modes):
+            rows += time_case(dtype, size, op, mode, providers, device, env, peaks, progress,
+                              repeats, min_run_time)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted at {progress.done}/{progress.total}: keeping the {len(rows)} rows of "
+              "the cases it finished", file=sys.stderr, flush=True)
+        return rows, True
     progress.close()
-    return rows
+    return rows, False
+
+
+def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, repeats,
+              min_run_time) -> List[dict]:
+    """Every provider's row for one (dtype, shape, op, mode): each speedup is against eager on
+    this same case."""
+    m, k, n = size
+    case = Case(op, m, k, n, dtype, device)
+    order = OPS[op][2]
+    element = torch.empty((), dtype=dtype).element_size()
+    # Enough input sets that one rotation is larger than the last-level cache.
+    one_set = count_bytes(m, case.k, n, "forward", element, residual=order is not None)
+    sets = max(1, min(8, (64 << 20) // max(1, one_set))) if device == "cuda" else 1
+    inputs_error = None
+    arg_sets = grad = None
+    try:
+        arg_sets = [case.make_inputs(requires_grad=mode != "no_grad", seed=s)
+                    for s in range(sets)]
+        grad = torch.randn(m, n, device=device, dtype=dtype)
+    except (RuntimeError, MemoryError) as error:  # a size this device cannot hold
+        inputs_error = f"error: inputs: {type(error).__name__}: {str(error)[:200]}"
+    eager_p50 = None
+    case_rows = []  # this case's: each row's speedup is against eager on the same case
+    for provider in providers:
+        progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
+        fn = provider_fn(provider, op, mode)
+        row = {"op": op, "provider": provider, "mode": mode, "dtype": str(dtype).split(".")[-1],
+               "M": m, "K": list(case.widths), "N": n, **env,
+               "flops": count_flops(m, case.k, n, mode),
+               "bytes": count_bytes(m, case.k, n, mode, element,
+                                    residual=order is not None)}
+        if fn is None:
+            continue  # not a meaningful comparison for this op / mode
+        if inputs_error:
+            row.update(status=inputs_error)
+            case_rows.append(row)
+            continue
+        with provider_backend(provider):
+            try:
+                times = measure(case, provider, fn, mode, arg_sets, grad, row, repeats,
+                                min_run_time)
+            except Exception as error:  # e.g. a compile failure: recorded, not fatal
+                row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
+                case_rows.append(row)
+                continue
+        if times is None:  # not measured; row["status"] says why
+            case_rows.append(row)
+            continue
+        p20, p50, p80 = quantiles(times)
+        row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
+                   tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
+        floor_us = max(row["flops"] / (peaks["tflops"][row["dtype"]] * 1e6),
+                       row["bytes"] / (peaks["gbps"] * 1e3))
+        row["roofline_fraction"] = floor_us / p50
+        if provider == "eager":
+            eager_p50 = p50
+        case_rows.append(row)
+    for row in case_rows:
+        if row.get("p50_us") and eager_p50:
+            row["speedup_vs_eager"] = eager_p50 / row["p50_us"]
+    return case_rows
 
 
 # -------------------------------------------------------------------------------------------------
@@ -680,46 +756,50 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None) -> bool:
+def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None) -> List[str]:
     """Speedup over eager against problem size (M*K*N), one line per provider, one panel per
-    (op, mode); with model rows, a second figure of training-step peak memory. False (and no
-    plot) without matplotlib, which only the plots need."""
+    (op, mode, dtype); with model rows, a second figure (models.png beside it) of training-step
+    peak memory. Returns the names of the files written: none without rows to draw, or without
+    matplotlib, which only the plots need."""
     try:
         import matplotlib
     except ImportError:
         print("no plot: matplotlib is not installed (pip install matplotlib, or "
               "pip install 'fusedskip[bench]')", file=sys.stderr)
-        return False
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = []
     ok = [r for r in rows if r.get("status") == "ok" and r.get("speedup_vs_eager")]
-    panels = sorted({(r["op"], r["mode"]) for r in ok})
+    panels = sorted({(r["op"], r["mode"], r["dtype"]) for r in ok})
     if panels:
         cols = min(3, len(panels))
         rows_n = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
-        for ax, (op, mode) in zip(axes.flat, panels):
+        for ax, panel in zip(axes.flat, panels):
             for provider in sorted({r["provider"] for r in ok}):
-                points = sorted((r["M"] * sum(r["K"]) * r["N"], r["speedup_vs_eager"])
-                                for r in ok if (r["op"], r["mode"], r["provider"]) == (op, mode, provider))
+                points = sorted((r["M"] * sum(r["K"]) * r["N"], r["speedup_vs_eager"]) for r in ok
+                                if (r["op"], r["mode"], r["dtype"], r["provider"]) ==
+                                (*panel, provider))
                 if points:
                     ax.plot(*zip(*points), marker="o", label=provider)
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_xscale("log")
-            ax.set_title(f"{op}, {mode}", fontsize=10)
+            ax.set_title(", ".join(panel), fontsize=10)
             ax.set_xlabel("M·K·N")
             ax.set_ylabel("speedup over eager")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=8)
         first = ok[0]
-        fig.suptitle(f"{first['device_name']}, {first['dtype']}, torch {first['torch']}, "
-                     f"commit {first['commit']}", fontsize=10)
+        fig.suptitle(f"{first['device_name']}, torch {first['torch']}, commit {first['commit']}",
+                     fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        written.append(os.path.basename(path))
     timed = [r for r in model_rows or [] if r.get("status", "ok") == "ok"]
     if timed:
         mem = [r for r in timed if r.get("peak_mem_mb") is not None]
@@ -729,15 +809,27 @@ def plot(rows: List[dict], path: str, model_rows: Optional[List[dict]] = None) -
         ax.bar(range(len(values)), values)
         ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=25, ha="right")
         ax.set_ylabel("peak memory (MiB)" if mem else "training step (µs)")
+        first = timed[0]
+        ax.set_title(f"training steps: {first['device_name']}, torch {first['torch']}, commit "
+                     f"{first['commit']}", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(path), "models.png"), dpi=110)
         plt.close(fig)
-    return True
+        written.append("models.png")
+    return written
 
 
 def read_jsonl(path: str) -> List[dict]:
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise SystemExit(f"{path}, line {number}: not a row a benchmark run writes "
+                                     f"({error})") from None
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -762,17 +854,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"--plot: no rows.jsonl in {args.plot!r}; pass a folder a "
                              "benchmark run wrote")
         model_path = os.path.join(args.plot, "models.jsonl")
-        if not plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")),
-                    os.path.join(args.plot, "speedup.png"),
-                    read_jsonl(model_path) if os.path.exists(model_path) else None):
+        drawn = plot(read_jsonl(os.path.join(args.plot, "rows.jsonl")),
+                     os.path.join(args.plot, "speedup.png"),
+                     read_jsonl(model_path) if os.path.exists(model_path) else None)
+        if not drawn:
+            print(f"--plot: nothing to draw from {args.plot!r} (no timed row has a speed-up "
+                  "over eager)", file=sys.stderr)
             return 1
-        print(f"redrew {args.plot}/speedup.png")
+        print(f"redrew {', '.join(os.path.join(args.plot, name) for name in drawn)}")
         return 0
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible to torch")
-    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device == "cuda" else "float32"
+    if args.out is not None and not args.out.strip():
+        raise SystemExit("--out: empty; name a folder (it is created if missing)")
+    plan = sweep_plan(args, device)  # every argument checked before anything runs
     env = environment(device)
     # A checkout keeps its results in its own benchmarks/results; an installed package (no
     # benchmarks/ beside it) writes under the current directory, not into site-packages.
@@ -786,22 +885,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out: {out!r} exists and is not a folder; name a folder (it is "
                          "created if missing)")
+    if not any(provider_fn(p, op, mode) for p in plan.providers for op in plan.ops
+               for mode in plan.modes):
+        raise SystemExit("nothing to time: no provider has a form for these ops and modes "
+                         "(cublaslt runs under --mode no_grad only, gemm under forward only)")
+    try:  # now, not after the sweep: a folder that cannot be made would lose every row
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--out: cannot create {out!r} ({error}); name a folder you can "
+                         "write") from None
     print(f"fusedskip {fusedskip.__version__}, torch {env['torch']}, {env['device_name']}, "
           f"commit {env['commit']} -> {out}", flush=True)
 
-    rows = run_sweep(args, device, env)
-    if not rows:
-        raise SystemExit("nothing to time: no provider has a form for these ops and modes "
-                         "(cublaslt runs under --mode no_grad only, gemm under forward only)")
+    rows, interrupted = run_sweep(plan, args, device, env)
     write_rows(rows, out)
     table = markdown_table(rows)
-    model_rows = run_models(args, device, env) if args.model else None
+    model_rows = run_models(args, device, env) if args.model and not interrupted else None
     if model_rows:
         write_rows(model_rows, out, "models")
+    cuda_note = f" (CUDA {env['cuda']})" if device == "cuda" else ""
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"# fusedskip benchmark: {env['device_name']}\n\n"
-                f"torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}, commit "
-                f"{env['commit']}, {env['date']}\n\n{table}\n")
+                f"torch {env['torch']}{cuda_note}, "
+                f"Python {env['python']}, commit {env['commit']}, {env['date']}"
+                f"{', interrupted: the cases it finished' if interrupted else ''}\n\n{table}\n")
         if model_rows:
             f.write("\n| model | provider | batch × width | p50 µs | peak MiB |\n|---|---|---|---:|---:|\n")
             for r in model_rows:
@@ -814,7 +921,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f"{r['p50_us']:.1f} | {mem} |\n")
     plotted = plot(rows, os.path.join(out, "speedup.png"), model_rows)
     print(table)
-    print(f"wrote {out}/rows.jsonl, rows.csv, table.md" + (", speedup.png" if plotted else ""))
+    print(f"wrote {out}/rows.jsonl, rows.csv, table.md" + "".join(
+        f", {name}" for name in plotted) + (", models.jsonl" if model_rows else ""))
+    if interrupted:
+        return 130
     bad = [r for r in rows if r.get("status") != "ok"]
     if len(bad) == len(rows):
         print("no row was timed: see each row's status", file=sys.stderr)

@@ -275,3 +275,84 @@ def test_model_steps_follow_providers(tmp_path):
     models = [json.loads(line) for line in (out / "models.jsonl").read_text().splitlines()]
     assert {r["provider"] for r in models} == {"fused", "eager"}
     assert all(r["status"] == "ok" for r in models)
+
+
+def test_a_wrong_gradient_is_a_mismatch(tmp_path, monkeypatch):
+    """forward+backward rows time the gradients, so those are checked too: a provider whose
+    output is right and whose gradient is not is not timed."""
+    real = bench.fused_fn
+
+    def wrong_gradient(op):
+        fn = real(op)
+
+        def layer(*args):
+            out = fn(*args)
+            return out + (out * 0.5 - (out * 0.5).detach())  # the same values, 1.5x the gradient
+        return layer
+
+    monkeypatch.setattr(bench, "fused_fn", wrong_gradient)
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
+                       "relu_add", "--mode", "forward,forward+backward", "--sizes", "32x8x8",
+                       "--out", str(out)]) == 1
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    fused = {r["mode"]: r for r in rows if r["provider"] == "fused"}
+    assert fused["forward"]["status"] == "ok"
+    assert fused["forward+backward"]["status"].startswith("mismatch")
+
+
+def test_an_interrupted_sweep_keeps_the_cases_it_finished(tmp_path, monkeypatch, capsys):
+    real = bench.time_case
+    calls = []
+
+    def interrupted_at_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_case", interrupted_at_the_second_case)
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
+                       "relu_add", "--mode", "forward", "--sizes", "16x8x8,32x8x8",
+                       "--out", str(out)]) == 130
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["M"], r["status"]) for r in rows] == [(16, "ok"), (16, "ok")]
+    assert "interrupted" in (out / "table.md").read_text()
+    assert "interrupted at" in capsys.readouterr().err
+
+
+def test_arguments_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    """A folder that cannot be made, an empty --out or --dtype, a size too narrow for a concat:
+    refused before the sweep (which would lose its rows at the end), and nothing timed."""
+    monkeypatch.setattr(bench, "run_sweep", lambda *args: pytest.fail("the sweep ran"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in (
+            (["--out", str(a_file / "sub")], "--out: cannot create"),
+            (["--out", ""], "--out: empty"),
+            (["--dtype", "", "--out", str(tmp_path / "x")], "--dtype: unknown"),
+            (["--op", "concat4", "--sizes", "64x2x10", "--out", str(tmp_path / "x")],
+             r"--sizes: concat4 concatenates 4 inputs, so K must be at least 4; got \['64x2x10'\]"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            bench.main(["--quick", "--device", "cpu", *argv])
+    assert not (tmp_path / "x").exists()
+
+
+def test_plots_say_what_they_drew(tmp_path):
+    """One panel per op, mode and dtype (two dtypes are never one line), and only the files
+    really written are named; --plot on a damaged rows.jsonl names the line."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
+                       "relu_add", "--mode", "forward", "--sizes", "16x8x8",
+                       "--dtype", "float32,float64", "--out", str(out)]) == 0
+    rows = bench.read_jsonl(str(out / "rows.jsonl"))
+    assert {r["dtype"] for r in rows} == {"float32", "float64"}
+    pytest.importorskip("matplotlib")
+    assert bench.plot(rows, str(tmp_path / "speedup.png")) == ["speedup.png"]
+    assert bench.plot([], str(tmp_path / "none.png")) == []
+    assert not (tmp_path / "none.png").exists()
+    (out / "rows.jsonl").write_text((out / "rows.jsonl").read_text()[:-40])
+    with pytest.raises(SystemExit, match="rows.jsonl, line 4: not a row"):
+        bench.main(["--plot", str(out)])
