@@ -77,7 +77,7 @@ def measure(case: Case, provider: str, mode: str, calls: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--op", default="relu_add", choices=list(OPS))
     parser.add_argument("--sizes", default="8192x4096x4096", help="MxKxN[,MxKxN...]")
     parser.add_argument("--providers", default="fused-cutlass,fused-gemm_epilogue,gemm")
