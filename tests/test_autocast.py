@@ -12,26 +12,31 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 def autocast_dtypes(device):
-    return [torch.bfloat16] if device == "cpu" else [torch.bfloat16, torch.float16]
+    return [torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["relu_add", "add_relu", "concat", "concat_relu"])
 def test_autocast_matches_reference(device, form):
+    """Output and every gradient (input, weight, bias, and the residual, already in the autocast
+    dtype as an autocast layer's output is) against float64 from the values autocast hands the
+    op, the ReLU taken from the op's own mask (in half precision a pre-activation within rounding
+    of zero may take either side)."""
+    relu = form != "concat"
     for dtype in autocast_dtypes(device):
         torch.manual_seed(0)
-        x = torch.randn(33, 24, device=device)
+        x = torch.randn(33, 24, device=device, requires_grad=True)
         w = torch.randn(20, 24, device=device, requires_grad=True)
         b = torch.randn(20, device=device, requires_grad=True)
-        r = torch.randn(33, 20, device=device).to(dtype)  # e.g. from an autocast layer
+        r = torch.randn(33, 20, device=device).to(dtype).requires_grad_()
+        residual = r if form in ("relu_add", "add_relu") else None
+        inputs = [x] if residual is not None else [x[:, :7], x[:, 7:]]
         with torch.autocast(device, dtype=dtype):
-            if form in ("relu_add", "add_relu"):
+            if residual is not None:
                 out = fusedskip.linear_relu_residual(x, w, b, r, order=form)
             else:
-                out = fusedskip.linear_concat([x[:, :7], x[:, 7:]], w, b,
-                                              activation="relu" if form == "concat_relu" else None)
+                out = fusedskip.linear_concat(inputs, w, b, activation="relu" if relu else None)
         assert out.dtype == dtype
-        # float64 reference from the values autocast hands the op (each cast to `dtype`)
         x64, w64, b64, r64 = (t.detach().to(dtype).double() for t in (x, w, b, r))
         pre = x64 @ w64.T + b64
         if form == "relu_add":
@@ -39,11 +44,26 @@ def test_autocast_matches_reference(device, form):
         elif form == "add_relu":
             ref = torch.relu(pre + r64)
         else:
-            ref = torch.relu(pre) if form == "concat_relu" else pre
+            ref = torch.relu(pre) if relu else pre
         assert_close_rel(out, ref, dtype, form)
-        out.float().sum().backward()
-        assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
-        assert torch.isfinite(w.grad).all()
+
+        grad = torch.randn(out.shape, device=device)
+        leaves = [x, w, b] + ([r] if residual is not None else [])
+        got = torch.autograd.grad((out.float() * grad).sum(), leaves)
+        assert [g.dtype for g in got] == [t.dtype for t in leaves]
+        grad64 = grad.double()
+        grad_pre = grad64
+        if relu:
+            with torch.no_grad():  # the same casts autocast makes, so the same mask
+                _, mask = torch.ops.fusedskip.fused_linear(
+                    [t.to(dtype) for t in inputs], w.to(dtype), b.to(dtype),
+                    None if residual is None else r, True, form == "add_relu")
+            grad_pre = grad64 * unpack_mask(mask, out.shape[-1]).reshape(out.shape)
+        want = [grad_pre @ w64, grad_pre.T @ x64, grad_pre.sum(0)]
+        if residual is not None:
+            want.append(grad_pre if form == "add_relu" else grad64)
+        for name, g, e in zip(("input", "weight", "bias", "residual"), got, want):
+            assert_close_rel(g, e, dtype, f"{form} {dtype} {name} gradient")
 
 
 @pytest.mark.parametrize("device", DEVICES)
