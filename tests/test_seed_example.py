@@ -68,7 +68,13 @@ def check(model_cls, ref_cls, dtype):
     (AddSkipMLP, AddSkipMLP), (ConcatSkipMLP, ConcatSkipMLP),
     (FunctionalAddSkipMLP, AddSkipMLP), (FunctionalConcatSkipMLP, ConcatSkipMLP)],
     ids=["add-modules", "concat-modules", "add-functional", "concat-functional"])
-def test_seed_mlp_matches_reference(model_cls, ref_cls, dtype):
+@pytest.mark.parametrize("path", ["reference", "op"])
+def test_seed_mlp_matches_reference(model_cls, ref_cls, dtype, path, monkeypatch):
+    """path "op": the modules' fused branch (CUDA tensors' path) on the op's CPU kernel, which a
+    CPU otherwise never takes for the modules."""
+    if path == "op":
+        from fusedskip import modules
+        monkeypatch.setattr(modules, "_use_fused", lambda tensor: True)
     check(model_cls, ref_cls, dtype)
 
 
