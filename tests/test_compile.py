@@ -135,3 +135,31 @@ def test_flop_counter_counts_the_gemms_as_for_eager(form):
             fn().sum().backward()
         totals.append(counter.get_total_flops())
     assert totals[0] == totals[1] == 3 * 2 * 14 * 6 * 5
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_fake_kernels_give_the_real_shapes_at_every_width(relu):
+    """The fake kernels against the real ones, output by output, at widths 1 to 17 (the mask's
+    bytes per row step at every multiple of 8) and two inputs of odd widths."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def outputs(op_outputs):
+        flat = []
+        for t in op_outputs:
+            flat += list(t) if isinstance(t, (list, tuple)) else [t]
+        return [(tuple(t.shape), t.dtype) for t in flat]
+
+    for cols in range(1, 18):
+        xs = [torch.randn(3, 2), torch.randn(3, 3)]
+        w, g = torch.randn(cols, 5), torch.randn(3, cols)
+        wanted = [True] * (len(xs) + 3)
+        out, mask = torch.ops.fusedskip.fused_linear(xs, w, None, None, relu, False)
+        real = [(out, mask), torch.ops.fusedskip.fused_linear_backward(g, xs, w, mask, relu,
+                                                                       wanted)]
+        with FakeTensorMode() as mode:
+            fxs, fw, fg, fmask = [mode.from_tensor(t) for t in xs], *(
+                mode.from_tensor(t) for t in (w, g, mask))
+            fake = [torch.ops.fusedskip.fused_linear(fxs, fw, None, None, relu, False),
+                    torch.ops.fusedskip.fused_linear_backward(fg, fxs, fw, fmask, relu, wanted)]
+        for r, f in zip(real, fake):
+            assert outputs(r) == outputs(f), (cols, outputs(r), outputs(f))
