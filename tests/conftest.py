@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -66,6 +67,23 @@ def _cuda_errors_stop_the_run(request):
             request.session.shouldstop = (f"a CUDA error after {request.node.nodeid}: the CUDA "
                                           "context is lost for the rest of this process")
             raise
+
+
+@contextlib.contextmanager
+def new_memory_is_nan():
+    """The CPU's poison: under deterministic algorithms torch fills every new tensor with NaN
+    (torch.utils.deterministic.fill_uninitialized_memory), so an element a kernel never writes
+    shows up as NaN. warn_only: cuBLAS would refuse deterministic mode without a workspace
+    setting."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        assert torch.empty(4).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def poison_allocator():
@@ -250,7 +268,9 @@ def check_against_reference(sample: Sample, dtype, tol=None) -> None:
     on_cuda = tensors[0].is_cuda
     if on_cuda:
         poison_allocator()
-    out = sample.call(fusedskip, *tensors)
+    poisoned = contextlib.nullcontext if on_cuda else new_memory_is_nan
+    with poisoned():
+        out = sample.call(fusedskip, *tensors)
     assert out.dtype == dtype
     ref64 = [t.detach().double().requires_grad_() for t in tensors]
     # Every output and gradient element is a sum of terms; the same computation on the squared
@@ -260,6 +280,14 @@ def check_against_reference(sample: Sample, dtype, tol=None) -> None:
     assert_close_rel(out, sample.call(fusedskip.reference, *ref64), dtype, f"{sample.name} output",
                      size=sample.call(fusedskip.reference, *squares).detach().sqrt(), tol=tol)
     if out.numel() == 0:
+        # Nothing to sum: every gradient is zeros (the weight's and bias's over no rows, the
+        # inputs' through no outputs), which must still be written.
+        if on_cuda:
+            poison_allocator()
+        with poisoned():
+            grads = torch.autograd.grad(out, tensors, torch.zeros_like(out))
+        for i, (t, g) in enumerate(zip(tensors, grads)):
+            assert g.shape == t.shape and bool((g == 0).all()), f"{sample.name} grad {i}: {g}"
         return
 
     n = len(sample.inputs)
@@ -296,7 +324,8 @@ def check_against_reference(sample: Sample, dtype, tol=None) -> None:
     grad = torch.randn_like(ref).to(dtype)  # both sides see the same (rounded) output gradient
     if on_cuda:  # the gradients are allocated now, after the reference's tensors came and went
         poison_allocator()
-    grads = torch.autograd.grad(out, tensors, grad)
+    with poisoned():
+        grads = torch.autograd.grad(out, tensors, grad)
     grad = grad.double()
     sizes = torch.autograd.grad(graph(squares)[1], squares, grad.square())
     for i, (g, rg, size) in enumerate(zip(grads, torch.autograd.grad(ref, ref64, grad), sizes)):

@@ -1,7 +1,6 @@
 """gradcheck (backward and forward mode) and gradgradcheck (float64) of every form through the
 public functional API, and torch.library.opcheck of both ops on the same samples."""
 
-import contextlib
 import weakref
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import fusedskip
-from conftest import CUDA, CUDA_MARKS, ids, make_sample, sample_grid
+from conftest import CUDA, CUDA_MARKS, ids, make_sample, new_memory_is_nan, sample_grid
 
 SAMPLES = sample_grid()
 
@@ -88,20 +87,6 @@ def _grads(sample, api, write):
     return torch.autograd.grad((out * weights).sum(), wanted)
 
 
-@contextlib.contextmanager
-def _new_memory_is_nan():
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    # warn_only: cuBLAS would refuse deterministic mode without a workspace setting.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        assert torch.utils.deterministic.fill_uninitialized_memory
-        assert torch.empty(4).isnan().all()
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 @pytest.mark.parametrize("device, backend",
                          [("cpu", b) for b in CPU_BACKENDS] +
                          [pytest.param("cuda", b, marks=CUDA_MARKS)
@@ -122,7 +107,7 @@ def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device
         got = _grads(sample, fusedskip, write_inputs)
         # The stand-ins are left unfilled; under deterministic algorithms torch fills new memory
         # with NaN, which would reach a gradient that read them.
-        with _new_memory_is_nan():
+        with new_memory_is_nan():
             got_nan_standins = _grads(sample, fusedskip, write_inputs)
     want = _grads(sample, fusedskip.reference, write_inputs)
     assert len(got) == len(got_nan_standins) == len(want) > 0
