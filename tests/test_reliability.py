@@ -42,7 +42,10 @@ def test_threads_give_serial_results():
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a worker is still running"
     assert not errors, errors
+    assert sorted((seed, len(runs)) for seed, runs in results.items()) == [
+        (seed, 5) for seed in range(8)]
     for seed, runs in results.items():
         for run in runs:
             for got, want in zip(run, serial[seed]):
