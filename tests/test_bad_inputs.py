@@ -188,7 +188,7 @@ def test_reference_path_checks_symbolic_shapes_in_python():
 
 def test_bad_input_under_compile_fails_at_trace_time():
     fn = torch.compile(fusedskip.linear_relu_residual, backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="input has 4 features"):
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="input has 4 features"):
         fn(t(4, 4), W)
 
 
@@ -200,7 +200,7 @@ def test_a_non_tensor_argument_is_named_under_compile(case):
     _, name, args, kwargs, _, text = case
     torch._dynamo.reset()
     fn = torch.compile(getattr(fusedskip, name), backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match=re.escape(text)):
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match=re.escape(text)):
         fn(*args, **kwargs)
 
 
