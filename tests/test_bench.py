@@ -10,6 +10,12 @@ import torch
 from fusedskip import bench
 
 
+def quick_rows(out, *argv, code=0):
+    """A --quick CPU run of the CLI into `out`: its exit code checked, its rows."""
+    assert bench.main(["--quick", "--device", "cpu", *argv, "--out", str(out)]) == code
+    return bench.read_jsonl(str(out / "rows.jsonl"))
+
+
 def test_flop_counting():
     assert bench.count_flops(64, 10, 20, "forward") == 2 * 64 * 10 * 20
     assert bench.count_flops(64, 10, 20, "no_grad") == 2 * 64 * 10 * 20
@@ -166,11 +172,8 @@ def test_a_provider_failing_while_timed_costs_its_row_only(tmp_path, monkeypatch
         return run
 
     monkeypatch.setattr(bench, "fused_fn", fails_with_grad)
-    out = tmp_path / "results"
-    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
-                       "relu_add", "--mode", "forward", "--sizes", "16x8x8",
-                       "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    rows = quick_rows(tmp_path / "results", "--providers", "fused,eager", "--op", "relu_add",
+                      "--mode", "forward", "--sizes", "16x8x8")
     status = {r["provider"]: r["status"] for r in rows}
     assert "no derivative" in status["fused"] and status["eager"] == "ok"
 
@@ -292,11 +295,8 @@ def test_a_wrong_gradient_is_a_mismatch(tmp_path, monkeypatch):
         return layer
 
     monkeypatch.setattr(bench, "fused_fn", wrong_gradient)
-    out = tmp_path / "results"
-    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
-                       "relu_add", "--mode", "forward,forward+backward", "--sizes", "32x8x8",
-                       "--out", str(out)]) == 1
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    rows = quick_rows(tmp_path / "results", "--providers", "fused,eager", "--op", "relu_add",
+                      "--mode", "forward,forward+backward", "--sizes", "32x8x8", code=1)
     fused = {r["mode"]: r for r in rows if r["provider"] == "fused"}
     assert fused["forward"]["status"] == "ok"
     assert fused["forward+backward"]["status"].startswith("mismatch")
@@ -319,10 +319,8 @@ def test_an_interrupted_sweep_keeps_the_cases_it_finished(tmp_path, monkeypatch,
     monkeypatch.setattr(bench, "time_case", interrupted_at_the_second_case)
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "results"
-    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
-                       "relu_add", "--mode", "forward", "--sizes", "16x8x8,32x8x8",
-                       "--out", str(out)]) == 130
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    rows = quick_rows(out, "--providers", "fused,eager", "--op", "relu_add", "--mode", "forward",
+                      "--sizes", "16x8x8,32x8x8", code=130)
     assert [(r["M"], r["status"]) for r in rows] == [(16, "ok"), (16, "ok")]
     assert "interrupted" in (out / "table.md").read_text()
     assert "interrupted at" in capsys.readouterr().err
@@ -351,10 +349,8 @@ def test_plots_say_what_they_drew(tmp_path):
     """One panel per op, mode and dtype (two dtypes are never one line), and only the files
     really written are named; --plot on a damaged rows.jsonl names the line."""
     out = tmp_path / "results"
-    assert bench.main(["--quick", "--device", "cpu", "--providers", "fused,eager", "--op",
-                       "relu_add", "--mode", "forward", "--sizes", "16x8x8",
-                       "--dtype", "float32,float64", "--out", str(out)]) == 0
-    rows = bench.read_jsonl(str(out / "rows.jsonl"))
+    rows = quick_rows(out, "--providers", "fused,eager", "--op", "relu_add", "--mode", "forward",
+                      "--sizes", "16x8x8", "--dtype", "float32,float64")
     assert {r["dtype"] for r in rows} == {"float32", "float64"}
     pytest.importorskip("matplotlib")
     assert bench.plot(rows, str(tmp_path / "speedup.png")) == ["speedup.png"]
@@ -369,10 +365,7 @@ def test_half_precision_gradients_are_not_mismatches(tmp_path):
     """Eager's bfloat16 add_relu rounds x W^T + b before adding r, so its ReLU takes the other
     side of a few pre-activations within rounding of zero, each a whole term in the gradients:
     no gradient is checked from there, and both providers are timed."""
-    out = tmp_path / "results"
-    assert bench.main(["--device", "cpu", "--dtype", "bfloat16", "--op", "add_relu", "--mode",
-                       "forward+backward", "--sizes", "1024x30x30", "--providers", "fused,eager",
-                       "--quick", "--out", str(out)]) == 0
-    rows = bench.read_jsonl(str(out / "rows.jsonl"))
+    rows = quick_rows(tmp_path / "results", "--dtype", "bfloat16", "--op", "add_relu", "--mode",
+                      "forward+backward", "--sizes", "1024x30x30", "--providers", "fused,eager")
     assert [(r["provider"], r["status"]) for r in rows] == [("fused", "ok"), ("eager", "ok")]
     assert all(r["rel_err"] < 1e-2 for r in rows)
