@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -546,25 +547,23 @@ def sweep_plan(args, device: str) -> Plan:
 def run_sweep(plan: Plan, args, device: str, env: Dict[str, object]) -> Tuple[List[dict], bool]:
     """The rows, and whether Ctrl-C stopped the sweep (the rows are then those of the cases it
     finished)."""
-    dtypes, sizes, ops, modes, providers = (plan.dtypes, plan.sizes, plan.ops, plan.modes,
-                                            plan.providers)
     # Every (op, shape, mode) is its own graph; the default limit would silently fall back to
     # eager after eight of them.
     torch._dynamo.config.cache_size_limit = 4096
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = 4096
-    peaks = measure_peaks(device, dtypes)
+    peaks = measure_peaks(device, plan.dtypes)
     rates = ", ".join(f"{rate:.1f} TFLOP/s {name}" for name, rate in peaks["tflops"].items())
     print(f"peaks on {env['device_name']}: matmul {rates}; copy {peaks['gbps']:.0f} GB/s",
           flush=True)
     repeats = 30 if args.quick else 200
     min_run_time = 0.05 if args.quick else 0.3
-    progress = Progress(len(dtypes) * len(sizes) * len(ops) * len(modes) * len(providers))
+    cases = list(itertools.product(plan.dtypes, plan.sizes, plan.ops, plan.modes))
+    progress = Progress(len(cases) * len(plan.providers))
     rows: List[dict] = []
     try:
-        for dtype, size, op, mode in ((d, s, o, md) for d in dtypes for s in sizes for o in ops
-                                      for md in modes):
-            rows += time_case(dtype, size, op, mode, providers, device, env, peaks, progress,
+        for dtype, size, op, mode in cases:
+            rows += time_case(dtype, size, op, mode, plan.providers, device, env, peaks, progress,
                               repeats, min_run_time)
     except KeyboardInterrupt:
         progress.close()
