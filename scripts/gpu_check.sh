@@ -9,7 +9,7 @@
 #
 # The steps run in order of what most needs a GPU's time: the least run first (the `cutlass`
 # kernels' tests and racecheck), what earlier runs covered last (the quick sweep, racecheck of the
-# native kernel). A build that fails or does not load ends the run at once.
+# native kernel, memcheck). A build that fails or does not load ends the run at once.
 #
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
@@ -31,7 +31,7 @@ declare -A STATUS
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
 STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass kernel_times bench_large
-       cutlass_configs bench_compile memcheck bench racecheck)
+       cutlass_configs bench_compile bench racecheck memcheck)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -78,10 +78,10 @@ finish() {
         echo "$name: $(grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" \
           "$OUT/$name.log" | tail -n 1)"
     done
-    for name in memcheck racecheck racecheck_cutlass; do
+    for name in memcheck racecheck racecheck_cutlass; do  # each sanitizer run's closing lines
       [[ -f "$OUT/$name.log" ]] &&
-        echo "$name: $(grep -E "^cuda_smoke:" "$OUT/$name.log" | tail -n 1);" \
-          "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | tail -n 1)"
+        echo "$name: $(grep -E "^cuda_smoke: [0-9]+ cases|SUMMARY" "$OUT/$name.log" |
+          paste -sd ';' - | sed 's/;/; /g')"
     done
     for rows in "$OUT/rows.jsonl" "$OUT/large/rows.jsonl" "$OUT/compile/rows.jsonl"; do
       [[ -f "$rows" ]] && echo "${rows#"$OUT"/}: $(grep -c '"status": "ok"' "$rows") rows" \
@@ -222,18 +222,26 @@ step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float
   --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
   --providers fused,eager,compile
 
-# 8. compute-sanitizer memcheck on the smoke workload (every backend, the cutlass kernels first).
-# Caching off: an overrun inside a cached 2 MiB block is invisible to memcheck.
-step memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/cuda_smoke.py
-
-# 9. Quick benchmark: auto, each backend forced, GEMM alone, eager.
+# 8. Quick benchmark: auto, each backend forced, GEMM alone, eager.
 step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
   --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
 
-# 10. racecheck of the native kernel's shared-memory tiles (loads, tensor-core reads, the aliased
-# accumulator tile the epilogue reads), with whatever time is left.
+# 9. racecheck of the native kernel's shared-memory tiles (loads, tensor-core reads, the aliased
+# accumulator tile the epilogue reads).
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY tests/cuda_smoke.py native --small
+
+# 10. compute-sanitizer memcheck on the smoke workload, last, with what is left: the cutlass
+# kernels and the native kernel in full, then the cuBLAS path's element-wise passes in the small
+# set (run in full, clean, on 2026-11-27 and 2026-11-28; in full it took 92 of memcheck's 136 s
+# and left the two steps above out of a 450 s run: results/h100-2026-11-28/). Caching off: an
+# overrun inside a cached 2 MiB block is invisible to memcheck.
+step memcheck 150 bash -c '
+  sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$0" tests/cuda_smoke.py "$@"; }
+  rc=0
+  sanitize cutlass native || rc=$?
+  sanitize gemm_epilogue --small || rc=$?
+  exit $rc' "$PY"
 
 finish
