@@ -199,9 +199,9 @@ bool library_gemm_per_block(const std::vector<at::Tensor>& inputs_2d, const at::
 
 bool cutlass_concat_wanted(const at::Tensor& weight, const Geometry& g) {
   // Only when asked for: under auto a concat layer stays on the cat and one cuBLAS GEMM per
-  // block, which beat these kernels on an H100 (concat2 8192x(1360+2736)->4096 bf16: forward
-  // 400.0 against 412.3 us, backward GEMMs 782.4 against 859.4; benchmarks/NOTES.md, "Concat on
-  // the cuBLAS path", run 5).
+  // block. On an H100 (concat2 8192x(1360+2736)->4096 bf16 forward+backward) these kernels took
+  // 7% more device time and 2-3% less time per call; neither reached eager (benchmarks/NOTES.md,
+  // "Concat on the cuBLAS path").
   return weight.is_cuda() && g.widths.size() > 1 && current_backend() == Backend::kCutlass &&
          fused_gemm_built();
 }
