@@ -336,10 +336,11 @@ def step_fn(fn: Callable, mode: str, args, grad: Optional[torch.Tensor]) -> Call
     return run
 
 
-def time_cuda(steps: List[Callable], repeats: int) -> List[float]:
+def time_cuda(steps: List[Callable], repeats: int, warm_up: bool = True) -> List[float]:
     """CUDA events around each call, inputs rotated so small shapes do not run from cache."""
-    for run in steps:
-        run()
+    if warm_up:
+        for run in steps:
+            run()
     torch.cuda.synchronize()
     times = []
     for i in range(repeats):
@@ -466,10 +467,10 @@ class Progress:
             print(file=sys.stderr)
 
 
-def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, row: dict,
-            repeats: int, min_run_time: float) -> Optional[List[float]]:
-    """Check the provider's output against float64, then time it: the times, or None with
-    row["status"] saying why it was not timed."""
+def prepare(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad,
+            row: dict) -> Optional[List[Callable]]:
+    """Check the provider's output against float64: the calls to time, or None with
+    row["status"] saying why it is not timed."""
     launches = cutlass_launches()
     err = check(case, provider, fn, mode)  # in forward+backward its backward's kernels count too
     if provider == "fused-cutlass" and cutlass_launches() == launches:
@@ -481,12 +482,34 @@ def measure(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad, 
     if not err <= TOLERANCE[case.dtype]:
         row["status"] = f"mismatch (relative error {err:.3g})"
         return None
-    steps = [step_fn(fn, mode, a, grad) for a in arg_sets]
-    times = (time_cuda(steps, repeats) if case.device == "cuda"
-             else time_cpu(steps, min_run_time))
-    if mode == "forward+backward":
-        row["peak_mem_mb"] = peak_memory_mb(steps[0]) if case.device == "cuda" else None
-    return times
+    return [step_fn(fn, mode, a, grad) for a in arg_sets]
+
+
+# A case's providers are timed in rounds, each round taking every provider in turn, so that a
+# slow stretch of the machine (its clocks, another process) falls on all of them alike rather
+# than on whichever was being timed then: one provider's 200 calls at a launch-bound size take
+# ~10 ms. (Whole rows of a sweep timed one after the other had p20 above a neighbour's p80.)
+TIMING_ROUNDS = 5
+
+
+def time_interleaved(device: str, timed: Sequence[Tuple[str, List[Callable]]], repeats: int,
+                     min_run_time: float) -> Dict[str, Any]:
+    """Each provider's times over TIMING_ROUNDS rounds, or the exception its calls raised (it
+    then sits out the later rounds)."""
+    results: Dict[str, Any] = {provider: [] for provider, _ in timed}
+    for round_index in range(TIMING_ROUNDS):
+        for provider, steps in timed:
+            if isinstance(results[provider], Exception):
+                continue
+            with provider_backend(provider):
+                try:
+                    results[provider] += (
+                        time_cuda(steps, max(1, repeats // TIMING_ROUNDS),
+                                  warm_up=round_index == 0) if device == "cuda"
+                        else time_cpu(steps, min_run_time / TIMING_ROUNDS))
+                except Exception as error:  # e.g. no derivative: costs this provider's row only
+                    results[provider] = error
+    return results
 
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -595,6 +618,7 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
         inputs_error = f"error: inputs: {type(error).__name__}: {str(error)[:200]}"
     eager_p50 = None
     case_rows = []  # this case's: each row's speedup is against eager on the same case
+    timed = []  # (provider, row, calls) of the providers whose output checked out
     for provider in providers:
         progress.update(f"{op} {m}x{case.k}x{n} {mode} {provider}")
         fn = provider_fn(provider, op, mode)
@@ -605,21 +629,28 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
                                     residual=order is not None)}
         if fn is None:
             continue  # not a meaningful comparison for this op / mode
+        case_rows.append(row)
         if inputs_error:
             row.update(status=inputs_error)
-            case_rows.append(row)
             continue
         with provider_backend(provider):
             try:
-                times = measure(case, provider, fn, mode, arg_sets, grad, row, repeats,
-                                min_run_time)
+                steps = prepare(case, provider, fn, mode, arg_sets, grad, row)
             except Exception as error:  # e.g. a compile failure: recorded, not fatal
                 row.update(status=f"error: {type(error).__name__}: {str(error)[:200]}")
-                case_rows.append(row)
                 continue
-        if times is None:  # not measured; row["status"] says why
-            case_rows.append(row)
+        if steps is not None:  # else row["status"] says why it is not timed
+            timed.append((provider, row, steps))
+    results = time_interleaved(device, [(p, steps) for p, _, steps in timed], repeats,
+                               min_run_time)
+    for provider, row, steps in timed:
+        times = results[provider]
+        if isinstance(times, Exception):
+            row.update(status=f"error: {type(times).__name__}: {str(times)[:200]}")
             continue
+        if mode == "forward+backward":
+            with provider_backend(provider):
+                row["peak_mem_mb"] = peak_memory_mb(steps[0]) if device == "cuda" else None
         p20, p50, p80 = quantiles(times)
         row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
                    tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
@@ -628,7 +659,6 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
         row["roofline_fraction"] = floor_us / p50
         if provider == "eager":
             eager_p50 = p50
-        case_rows.append(row)
     for row in case_rows:
         if row.get("p50_us") and eager_p50:
             row["speedup_vs_eager"] = eager_p50 / row["p50_us"]

@@ -369,3 +369,29 @@ def test_half_precision_gradients_are_not_mismatches(tmp_path):
                       "forward+backward", "--sizes", "1024x30x30", "--providers", "fused,eager")
     assert [(r["provider"], r["status"]) for r in rows] == [("fused", "ok"), ("eager", "ok")]
     assert all(r["rel_err"] < 1e-2 for r in rows)
+
+
+def test_providers_are_timed_in_turns_and_a_failing_one_sits_out(monkeypatch):
+    """A slow stretch of the machine must fall on every provider of a case alike: their calls
+    alternate, round by round; one whose calls raise keeps its error and drops out, the others
+    go on."""
+    calls = []
+
+    def fake_time_cpu(steps, min_run_time):
+        calls.append(steps[0]())
+        return [float(len(calls))]
+
+    def failing_from_round_two():
+        if calls.count("b") >= 1:
+            raise RuntimeError("no derivative")
+        return "b"
+
+    monkeypatch.setattr(bench, "time_cpu", fake_time_cpu)
+    results = bench.time_interleaved("cpu", [("a", [lambda: "a"]), ("b", [failing_from_round_two]),
+                                             ("c", [lambda: "c"])], 200, 0.5)
+    rounds = bench.TIMING_ROUNDS
+    assert rounds > 1
+    assert calls == ["a", "b", "c"] + ["a", "c"] * (rounds - 1)
+    assert results["a"] == [1.0, 4.0] + [float(6 + 2 * i) for i in range(rounds - 2)]  # call numbers
+    assert isinstance(results["b"], RuntimeError) and "no derivative" in str(results["b"])
+    assert len(results["c"]) == rounds
