@@ -247,7 +247,7 @@ FS_HOST_DEVICE bool backward_epilogue_vectorizable(const BackwardEpilogueParams<
 }
 
 // Second stage of the bias gradient on the CPU: one column, blocks summed in order. (The GPU
-// adds the same partials with a fixed-shape tree instead: csrc/cuda/epilogue_kernels.cuh.)
+// adds the same partials with ATen's column sum instead: backward_epilogue_cuda.)
 template <typename scalar_t>
 FS_HOST_DEVICE void bias_grad_unit(const at::opmath_type<scalar_t>* bias_partials,
                                    int64_t row_blocks, int64_t cols, int64_t col,

@@ -185,14 +185,21 @@ def test_modules_on_cuda_match_reference_modules(backend):
             assert_close_rel(g, e, dtype, f"grad {i}")
 
 
-def test_deterministic_bias_gradient(backend):
-    x = torch.randn(5000, 64, device="cuda")
+@pytest.mark.parametrize("rows", [5000, 131072])
+def test_deterministic_bias_gradient(backend, rows):
+    """The same bits on every run, and the sum of the gradient where the ReLU let it through.
+    131072 rows make 8192 row blocks of partial sums on the cuBLAS path, a column sum long
+    enough for ATen to spread over thread blocks."""
+    x = torch.randn(rows, 64, device="cuda")
     w = torch.randn(96, 64, device="cuda")
     b = torch.randn(96, device="cuda", requires_grad=True)
-    grad = torch.randn(5000, 96, device="cuda")
+    grad = torch.randn(rows, 96, device="cuda")
     runs = [torch.autograd.grad(fusedskip.linear_relu_residual(x, w, b), b, grad)[0]
             for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+    passed = (fusedskip.linear_relu_residual(x, w, b) > 0).double()  # the op's own mask
+    want, scale = (grad.double() * passed).sum(0), (grad.double().abs() * passed).sum(0)
+    assert ((runs[0].double() - want).abs() <= 1e-5 * scale).all()
 
 
 def test_split_k_weight_gradient_is_deterministic(backend):

@@ -55,32 +55,4 @@ __global__ void backward_epilogue_kernel(BackwardEpilogueParams<scalar_t> p) {
   }
 }
 
-// Second stage of the bias gradient: one thread block per column. Each thread sums a fixed,
-// strided subset of the row blocks in order, then a fixed-shape tree in shared memory adds the
-// threads' sums: the same bits on every run (no atomics), and no single thread walking all of
-// a tall, narrow layer's row blocks (65536 rows are 4096 of them).
-constexpr int kBiasGradThreads = 256;
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kBiasGradThreads)
-    bias_grad_kernel(const at::opmath_type<scalar_t>* bias_partials, int64_t row_blocks,
-                     int64_t cols, scalar_t* grad_bias) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t sums[kBiasGradThreads];
-  for (int64_t col = blockIdx.x; col < cols; col += gridDim.x) {
-    acc_t sum = 0;
-    for (int64_t block = threadIdx.x; block < row_blocks; block += kBiasGradThreads) {
-      sum += bias_partials[block * cols + col];
-    }
-    sums[threadIdx.x] = sum;
-    __syncthreads();
-    for (int width = kBiasGradThreads / 2; width > 0; width /= 2) {
-      if (static_cast<int>(threadIdx.x) < width) sums[threadIdx.x] += sums[threadIdx.x + width];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) grad_bias[col] = static_cast<scalar_t>(sums[0]);
-    __syncthreads();  // sums is refilled for the next column
-  }
-}
-
 }  // namespace fusedskip
