@@ -86,12 +86,20 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
       });
     }
   });
-  // Second stage: ATen's column sum over the row blocks' partial sums (in the float type they
-  // were summed in; a warp reads neighbouring columns, and the order is fixed, so the same bits
-  // on every run), rounded once to the bias's dtype. A kernel of our own that took one column
-  // per thread block, its threads reading partials a row of them apart, took 17.5 us for
-  // 512 x 4096 on an H100 (benchmarks/NOTES.md, "Concat on the cuBLAS path").
-  if (has_bias) grad_bias.copy_(partials.sum(0));
+  // Second stage: ATen's column sum over the row blocks' partial sums, in the float type they
+  // were summed in (a warp reads neighbouring columns; the order follows the shape and the GPU,
+  // so the same bits on every run on one GPU), rounded once to a half type's bias. A kernel of
+  // our own that took one column per thread block, its threads reading partials a row of them
+  // apart, took 17.5 us for 512 x 4096 on an H100 (benchmarks/NOTES.md, "Concat on the cuBLAS
+  // path").
+  if (has_bias) {
+    if (grad_bias.scalar_type() == partials.scalar_type()) {
+      at::Tensor out = grad_bias;
+      at::sum_out(out, partials, at::IntArrayRef{0});
+    } else {  // not sum_out: it would round the partials to the half type before summing them
+      grad_bias.copy_(partials.sum(0));
+    }
+  }
 }
 
 namespace {
