@@ -336,14 +336,16 @@ def step_fn(fn: Callable, mode: str, args, grad: Optional[torch.Tensor]) -> Call
     return run
 
 
-def time_cuda(steps: List[Callable], repeats: int, warm_up: bool = True) -> List[float]:
-    """CUDA events around each call, inputs rotated so small shapes do not run from cache."""
+def time_cuda(steps: List[Callable], repeats: int, warm_up: bool = True,
+              first: int = 0) -> List[float]:
+    """CUDA events around each call, inputs rotated (from set `first`) so small shapes do not
+    run from cache."""
     if warm_up:
         for run in steps:
             run()
     torch.cuda.synchronize()
     times = []
-    for i in range(repeats):
+    for i in range(first, first + repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         steps[i % len(steps)]()
@@ -493,22 +495,25 @@ TIMING_ROUNDS = 5
 
 
 def time_interleaved(device: str, timed: Sequence[Tuple[str, List[Callable]]], repeats: int,
-                     min_run_time: float) -> Dict[str, Any]:
-    """Each provider's times over TIMING_ROUNDS rounds, or the exception its calls raised (it
-    then sits out the later rounds)."""
-    results: Dict[str, Any] = {provider: [] for provider, _ in timed}
+                     min_run_time: float) -> List[Any]:
+    """Each entry's times over TIMING_ROUNDS rounds, in the order given, or the status saying
+    why its calls stopped (it then sits out the later rounds)."""
+    results: List[Any] = [[] for _ in timed]
+    per_round = max(1, repeats // TIMING_ROUNDS)
     for round_index in range(TIMING_ROUNDS):
-        for provider, steps in timed:
-            if isinstance(results[provider], Exception):
+        for i, (provider, steps) in enumerate(timed):
+            if isinstance(results[i], str):
                 continue
             with provider_backend(provider):
                 try:
-                    results[provider] += (
-                        time_cuda(steps, max(1, repeats // TIMING_ROUNDS),
-                                  warm_up=round_index == 0) if device == "cuda"
+                    results[i] += (
+                        time_cuda(steps, per_round, warm_up=round_index == 0,
+                                  first=round_index * per_round) if device == "cuda"
                         else time_cpu(steps, min_run_time / TIMING_ROUNDS))
                 except Exception as error:  # e.g. no derivative: costs this provider's row only
-                    results[provider] = error
+                    # The message only: the exception's traceback would keep the failed call's
+                    # tensors alive through the other providers' rounds.
+                    results[i] = f"error: {type(error).__name__}: {str(error)[:200]}"
     return results
 
 
@@ -643,10 +648,9 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
             timed.append((provider, row, steps))
     results = time_interleaved(device, [(p, steps) for p, _, steps in timed], repeats,
                                min_run_time)
-    for provider, row, steps in timed:
-        times = results[provider]
-        if isinstance(times, Exception):
-            row.update(status=f"error: {type(times).__name__}: {str(times)[:200]}")
+    for (provider, row, steps), times in zip(timed, results):
+        if isinstance(times, str):
+            row.update(status=times)
             continue
         if mode == "forward+backward":
             with provider_backend(provider):

@@ -387,11 +387,21 @@ def test_providers_are_timed_in_turns_and_a_failing_one_sits_out(monkeypatch):
         return "b"
 
     monkeypatch.setattr(bench, "time_cpu", fake_time_cpu)
-    results = bench.time_interleaved("cpu", [("a", [lambda: "a"]), ("b", [failing_from_round_two]),
+    a, b, c = bench.time_interleaved("cpu", [("a", [lambda: "a"]), ("b", [failing_from_round_two]),
                                              ("c", [lambda: "c"])], 200, 0.5)
     rounds = bench.TIMING_ROUNDS
     assert rounds > 1
     assert calls == ["a", "b", "c"] + ["a", "c"] * (rounds - 1)
-    assert results["a"] == [1.0, 4.0] + [float(6 + 2 * i) for i in range(rounds - 2)]  # call numbers
-    assert isinstance(results["b"], RuntimeError) and "no derivative" in str(results["b"])
-    assert len(results["c"]) == rounds
+    assert a == [1.0, 4.0] + [float(6 + 2 * i) for i in range(rounds - 2)]  # call numbers
+    assert b == "error: RuntimeError: no derivative"
+    assert len(c) == rounds
+
+
+def test_a_provider_named_twice_gets_two_rows_of_its_own(tmp_path, monkeypatch):
+    """Each entry of --providers is its own row, timed on its own, even under the same name."""
+    times = iter(range(1, 1000))
+    monkeypatch.setattr(bench, "time_cpu", lambda steps, min_run_time: [float(next(times))])
+    rows = quick_rows(tmp_path / "results", "--providers", "fused,eager,fused", "--op",
+                      "relu_add", "--mode", "forward", "--sizes", "16x8x8")
+    fused = [r["p50_us"] for r in rows if r["provider"] == "fused"]
+    assert len(fused) == 2 and fused[0] != fused[1]
