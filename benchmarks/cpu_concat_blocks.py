@@ -1,5 +1,7 @@
-"""The library path's concat backward on CPU: one GEMM per aligned block (each gradient written
-in place) against one GEMM over the concatenation (the fallback), at the same commit.
+"""The library path's concat backward on CPU: the weight gradient as one GEMM per aligned block
+(each column block written in place) against one GEMM over the concatenation (the fallback), at
+the same commit. (Before 2026-11-28 the inputs' gradients were split the same way; since then
+both take one GEMM over the whole width for them.)
 
 Both run the fused op with the `gemm_epilogue` backend and the same values; the fallback is
 reached by handing it inputs that start one element into a wider buffer (off a 16-byte

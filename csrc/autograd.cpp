@@ -165,9 +165,19 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       // Below autograd: no boxed autograd fallback around the op, no autograd kernels around
       // the ATen calls inside it.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto [grad_inputs, grad_weight, grad_bias, grad_preact_out] =
+      auto [grad_input, grad_weight, grad_bias, grad_preact_out] =
           fused_linear_backward_op().call(grad_output, inputs, weight, mask, relu, output_mask);
-      for (int64_t i = 0; i < count; ++i) grads[i] = if_wanted(want_input[i], grad_inputs[i]);
+      // Each input's gradient is a view of its columns of the cat's, as eager's cat backward
+      // hands out (a leaf's AccumulateGrad copies a view into a tensor of the leaf's strides).
+      // Symbolic sizes under torch.compile / export: an int read from one would fix it.
+      c10::SymInt offset = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        const c10::SymInt width = inputs[i].sym_size(-1);
+        if (want_input[i]) {
+          grads[i] = count == 1 ? grad_input : grad_input.narrow_symint(-1, offset, width);
+        }
+        offset += width;
+      }
       grads[count] = if_wanted(want_weight, grad_weight);
       grads[count + 1] = if_wanted(want_bias, grad_bias);
       grad_preact = relu ? grad_preact_out : grad_output;

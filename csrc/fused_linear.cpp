@@ -6,9 +6,10 @@
 //
 // The concat form: the native kernel and the CPU loops never materialise cat(inputs) (input i
 // multiplies weight's column block i, accumulating on chip / in registers; in backward each
-// input's gradient and each weight-gradient column block is written in place). The library
-// path's forward builds it, transiently, for one GEMM over it (concat_for_gemm); its backward runs
-// one GEMM per block where the blocks are aligned (library_gemm_per_block), else the same. With the
+// input's gradient, a column block of the cat's, and each weight-gradient column block is
+// written in place). The library path's forward builds it, transiently, for one GEMM over it
+// (concat_for_gemm); its backward runs one GEMM for the cat's gradient, and one per weight-gradient
+// block where the blocks are aligned (library_gemm_per_block), else one over the cat. With the
 // cutlass backend, CUTLASS kernels that take the inputs one by one come first, where they apply.
 #include "fused_linear.h"
 
@@ -256,6 +257,11 @@ at::Tensor as_shape(const at::Tensor& t, at::IntArrayRef shape) {
   return t.sizes().equals(shape) ? t : t.view(shape);
 }
 
+// Columns [offset, offset + width) of a 2-D tensor.
+at::Tensor column_block(const at::Tensor& t, int64_t offset, int64_t width) {
+  return offset == 0 && width == t.size(1) ? t : t.narrow(1, offset, width);
+}
+
 // The epilogues read the residual's rows with unit column stride (a copy only for
 // column-strided views).
 at::Tensor residual_rows(const std::optional<at::Tensor>& residual, const Geometry& g) {
@@ -273,10 +279,11 @@ at::Tensor concat_for_gemm(const std::vector<at::Tensor>& inputs_2d) {
   return inputs_2d.size() == 1 ? inputs_2d[0] : at::cat(inputs_2d, 1);
 }
 
-// The library path's input and weight gradients, into the defined grad_inputs_2d[i] and
-// grad_weight.
+// The library path's input and weight gradients, into the defined grad_inputs_2d[i] (column
+// blocks of grad_input_2d, the gradient of the cat) and grad_weight.
 void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at::Tensor>& inputs_2d,
                             const at::Tensor& weight, const Geometry& g,
+                            const at::Tensor& grad_input_2d,
                             const std::vector<at::Tensor>& grad_inputs_2d,
                             const at::Tensor& grad_weight) {
   const size_t count = inputs_2d.size();
@@ -286,42 +293,45 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
     return;
   }
 #endif
-  if (count == 1 || library_gemm_per_block(inputs_2d, weight)) {
-    // Each input's gradient from its own GEMM, each weight-gradient column block written in
-    // place by its own.
+  bool want_every_input = true;
+  for (const at::Tensor& grad : grad_inputs_2d) want_every_input = want_every_input && grad.defined();
+  const bool per_block = count > 1 && library_gemm_per_block(inputs_2d, weight);
+  // Every input's gradient wanted: one GEMM over the whole width, as eager's linear computes the
+  // cat's gradient, each input's a column block of it (no copies). Per block, each GEMM ends in a
+  // partly filled wave of tiles: on an H100, concat2 8192x(1360+2736)->4096, 389.8 us for the
+  // two blocks' against 365.5 for eager's one (benchmarks/NOTES.md, "Concat on the cuBLAS path").
+  if (want_every_input) {
+    at::Tensor out = grad_input_2d;
+    at::mm_out(out, grad_preact, weight);
+  } else if (per_block) {
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
       if (grad_inputs_2d[i].defined()) {
-        at::Tensor grad_input = grad_inputs_2d[i];
-        at::mm_out(grad_input, grad_preact,
-                   count == 1 ? weight : weight.narrow(1, offset, g.widths[i]));
+        at::Tensor block = grad_inputs_2d[i];
+        at::mm_out(block, grad_preact, weight.narrow(1, offset, g.widths[i]));
       }
-      if (grad_weight.defined()) {
-        at::Tensor block = count == 1 ? grad_weight : grad_weight.narrow(1, offset, g.widths[i]);
-        at::mm_out(block, grad_preact.t(), inputs_2d[i]);
-      }
+      offset += g.widths[i];
+    }
+  } else if (grad_input_2d.defined()) {
+    // Misaligned or narrow blocks, some inputs' gradients not wanted: the whole width anyway
+    // (one GEMM at full speed); the caller zeroes the blocks not asked for.
+    at::Tensor out = grad_input_2d;
+    at::mm_out(out, grad_preact, weight);
+  }
+  if (!grad_weight.defined()) return;
+  if (count == 1 || per_block) {
+    // Each weight-gradient column block written in place by its own GEMM: no cat.
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      at::Tensor block = count == 1 ? grad_weight : grad_weight.narrow(1, offset, g.widths[i]);
+      at::mm_out(block, grad_preact.t(), inputs_2d[i]);
       offset += g.widths[i];
     }
     return;
   }
-  // One GEMM for all the input gradients and one for the whole weight gradient, as for the
-  // forward (concat_for_gemm); the input gradients are then copied out into their own tensors.
-  bool want_any_input = false;
-  for (const at::Tensor& grad : grad_inputs_2d) want_any_input = want_any_input || grad.defined();
-  if (want_any_input) {
-    const at::Tensor grad_all = at::mm(grad_preact, weight);
-    int64_t offset = 0;
-    for (size_t i = 0; i < count; ++i) {
-      if (grad_inputs_2d[i].defined()) {
-        grad_inputs_2d[i].copy_(grad_all.narrow(1, offset, g.widths[i]));
-      }
-      offset += g.widths[i];
-    }
-  }
-  if (grad_weight.defined()) {
-    at::Tensor out = grad_weight;
-    at::mm_out(out, grad_preact.t(), concat_for_gemm(inputs_2d));
-  }
+  // Misaligned or narrow blocks: one GEMM over a transient cat, as for the forward.
+  at::Tensor out = grad_weight;
+  at::mm_out(out, grad_preact.t(), concat_for_gemm(inputs_2d));
 }
 
 }  // namespace
@@ -395,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   return {as_shape(out, g.out_shape), mask};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
   const Geometry g = check_forward_args(inputs, weight, std::nullopt, std::nullopt);
@@ -442,15 +452,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
                       grad_bias);
   }
 
-  // Every gradient is written into its own (rows, width_i) / (cols, in_features) tensor.
-  std::vector<at::Tensor> grad_inputs, grad_inputs_2d, inputs_2d;
+  // The inputs' gradients are column blocks of one: the cat's (rows, in_features), as eager's
+  // linear computes it; the weight's is (cols, in_features).
+  std::vector<at::Tensor> grad_inputs_2d, inputs_2d;
+  bool want_any_input = false;
+  for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
+  c10::SmallVector<int64_t, 6> input_shape = g.out_shape;
+  input_shape.back() = weight.size(1);
+  const at::Tensor grad_input =
+      want_any_input ? at::empty(input_shape, weight.options()) : empty_placeholder(weight);
+  const at::Tensor grad_input_2d =
+      want_any_input ? as_2d(grad_input, g.rows, weight.size(1)) : at::Tensor();
+  int64_t offset = 0;
   for (size_t i = 0; i < count; ++i) {
-    const bool wanted = output_mask.get(i);
     inputs_2d.push_back(as_2d(inputs[i], g.rows, g.widths[i]));
-    grad_inputs.push_back(wanted ? at::empty(inputs[i].sizes(), weight.options())
-                                 : empty_placeholder(weight));
-    grad_inputs_2d.push_back(wanted ? as_2d(grad_inputs.back(), g.rows, g.widths[i])
-                                    : at::Tensor());
+    grad_inputs_2d.push_back(output_mask.get(i) ? column_block(grad_input_2d, offset, g.widths[i])
+                                                : at::Tensor());
+    offset += g.widths[i];
   }
   const at::Tensor grad_weight =
       want_weight ? at::empty({g.cols, weight.size(1)}, weight.options()) : at::Tensor();
@@ -463,9 +481,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_li
   } else if (path == GemmPath::kCpuLoops) {
     direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
   } else {
-    library_backward_gemms(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
+    library_backward_gemms(grad_preact_2d, inputs_2d, weight, g, grad_input_2d, grad_inputs_2d,
+                           grad_weight);
   }
-  return {std::move(grad_inputs), want_weight ? grad_weight : empty_placeholder(weight),
+  if (want_any_input) {
+    offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      if (!output_mask.get(i)) column_block(grad_input_2d, offset, g.widths[i]).zero_();
+      offset += g.widths[i];
+    }
+  }
+  return {grad_input, want_weight ? grad_weight : empty_placeholder(weight),
           want_bias ? grad_bias : empty_placeholder(weight),
           relu && want_preact ? as_shape(grad_preact_2d, grad_output.sizes())
                               : empty_placeholder(weight)};

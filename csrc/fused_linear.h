@@ -92,9 +92,11 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
                                                 bool relu, bool residual_before_relu);
 
 // fusedskip::fused_linear_backward. output_mask has len(inputs) + 3 entries: one per input, then
-// weight, bias, pre-activation. Outputs not asked for come back as empty (numel 0) tensors; the
-// pre-activation gradient exists only with ReLU (without it, it is grad_output itself).
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
+// weight, bias, pre-activation. grad_input is the gradient of cat(inputs, -1), (..., in_features):
+// input i's is its column block, zero for an input not asked for, and the whole of it empty
+// (numel 0) when no input's is asked for; likewise the other outputs. The pre-activation gradient
+// exists only with ReLU (without it, it is grad_output itself).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask);
 
@@ -162,7 +164,8 @@ BackwardEpilogueParams<scalar_t> backward_epilogue_params(
 
 // Small CPU layers: x W^T (in opmath dtype) and the input / weight gradients as direct loops
 // instead of one BLAS call per input. grad_inputs_2d[i] undefined = not wanted, likewise
-// grad_weight; the defined ones are (rows, width_i) and (cols, in_features) contiguous.
+// grad_weight; the defined ones are (rows, width_i) with unit column stride (column blocks of
+// one gradient) and (cols, in_features) contiguous.
 at::Tensor direct_gemm_forward_cpu(const std::vector<at::Tensor>& inputs_2d,
                                    const at::Tensor& weight, const Geometry& g);
 void direct_gemm_backward_cpu(const at::Tensor& grad_preact,

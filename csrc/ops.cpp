@@ -18,11 +18,14 @@ TORCH_LIBRARY(fusedskip, m) {
       "bool residual_before_relu) -> (Tensor output, Tensor relu_mask)",
       {at::Tag::pt2_compliant_tag});
   // output_mask: one entry per input, then weight, bias, pre-activation; what is not asked for
-  // comes back empty. grad_preact (the output gradient through the ReLU) exists only with ReLU.
+  // comes back empty. grad_input is the gradient of cat(inputs, -1), (..., in_features): input
+  // i's is its column block (autograd hands out views of it, as eager's cat backward does), zero
+  // for an input not asked for. grad_preact (the output gradient through the ReLU) exists only
+  // with ReLU.
   m.def(
       "fused_linear_backward(Tensor grad_output, Tensor[] inputs, Tensor weight, "
       "Tensor relu_mask, bool relu, bool[] output_mask) -> "
-      "(Tensor[] grad_inputs, Tensor grad_weight, Tensor grad_bias, Tensor grad_preact)",
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_preact)",
       {at::Tag::pt2_compliant_tag});
 }
 

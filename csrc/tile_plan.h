@@ -123,7 +123,7 @@ constexpr int64_t kTileMinRowsPerSplit = 256;
 constexpr int64_t kTileSplitBlocksPerSm = 4;
 
 // The whole backward in one launch: grad_inputs_2d[i] = G W_i (where defined, (rows, width_i)
-// contiguous), grad_weight[:, block i] = G^T inputs_2d[i] (when defined, (cols, in_features)
+// with unit column stride: column blocks of one gradient), grad_weight[:, block i] = G^T inputs_2d[i] (when defined, (cols, in_features)
 // contiguous) and grad_bias = 1^T G (when defined), with G = grad_out (any strides) read through
 // the ReLU `mask` where that is defined, else as it is.
 template <class Executor>
@@ -222,7 +222,8 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
                .mask = mask_data,
                .mask_row_bytes = mask_row_bytes,
                .mask_on = masked(MaskedOperand::kA)},
-              rows, width, grad_inputs_2d[i].data_ptr<scalar_t>(), width, false, 0);
+              rows, width, grad_inputs_2d[i].data_ptr<scalar_t>(), grad_inputs_2d[i].stride(0),
+              false, 0);
         }
         if (grad_weight.defined()) {
           // A(m, k) = G[k, m] (its transpose); B = inputs[i] (rows, width).

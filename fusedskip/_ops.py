@@ -109,7 +109,8 @@ else:
         def wanted(flag, shape):
             return weight.new_empty(shape if flag else (0,))
 
-        grad_inputs = [wanted(output_mask[i], x.shape) for i, x in enumerate(inputs)]
-        return (grad_inputs, wanted(output_mask[count], weight.shape),
+        # The gradient of cat(inputs, -1): every input's is a column block of it.
+        grad_input = wanted(any(output_mask[:count]), out_shape[:-1] + [weight.shape[1]])
+        return (grad_input, wanted(output_mask[count], weight.shape),
                 wanted(output_mask[count + 1], weight.shape[:1]),
                 wanted(relu and output_mask[count + 2], grad_output.shape))

@@ -15,7 +15,7 @@ import torch
 
 import fusedskip
 from conftest import (SEED, assert_close_rel, check_against_reference, ids, make_sample,
-                      sample_grid, unpack_mask)
+                      new_memory_is_nan, sample_grid, unpack_mask)
 
 pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
 
@@ -247,9 +247,10 @@ def test_cpu_backward_pass_each_gradient_any_thread_count(relu, dtype):
 
 
 # Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
-# per block there, writing each input's gradient and each weight-gradient column block in place
-# (library_gemm_per_block, csrc/backend.cpp). A block off a word boundary (the "offset" and
-# "sliced" layouts) sends the call back to one GEMM over the concatenation.
+# per block there for the weight gradient, writing each column block in place, and for the
+# inputs' gradients when only some are wanted (library_gemm_per_block, csrc/backend.cpp). A block
+# off a word boundary (the "offset" and "sliced" layouts) sends the call back to one GEMM over the
+# concatenation.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_library_backward_one_gemm_per_aligned_block(dtype):
     generator = torch.Generator().manual_seed(SEED)
@@ -264,6 +265,72 @@ def test_library_backward_one_gemm_per_aligned_block(dtype):
             sample = make_sample([64, 66], 5, (3,), generator=generator)
             fn = lambda *t: sample.call(fusedskip, *t)  # noqa: E731
             assert torch.autograd.gradcheck(fn, sample.tensors())
+
+
+
+# Which inputs want a gradient: every one, the first alone, all but the first (the library path's
+# per-block GEMMs, or over misaligned blocks its whole-width GEMM with the rest zeroed).
+WANTED = ((True, True, True), (True, False, False), (False, True, True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ("contiguous", "offset"))
+@pytest.mark.parametrize("wanted", WANTED, ids=lambda w: "".join("x" if b else "-" for b in w))
+def test_concat_input_gradients_are_column_blocks_of_one(backend, layout, wanted):
+    """Through autograd, each concat input's gradient is its column block of the cat's gradient,
+    a view, as eager's cat backward hands out (no copies); right whichever inputs want one, and
+    as a leaf's .grad (which AccumulateGrad copies out of the view, as for eager)."""
+    generator = torch.Generator().manual_seed(SEED)
+    widths = [64, 136, 72]
+    sample = make_sample(widths, 40, (3, 11), relu=True, layout=layout, dtype=torch.float64,
+                         requires_grad=False, generator=generator)
+    xs = [x.requires_grad_(want) for x, want in zip(sample.inputs, wanted)]
+    chosen = [x for x in xs if x.requires_grad]
+    grad = torch.randn(3, 11, 40, dtype=torch.float64, generator=generator)
+    with fusedskip.use_backend(backend):
+        out = fusedskip.linear_concat(xs, sample.weight, sample.bias, activation="relu")
+        got = torch.autograd.grad(out, chosen, grad)
+    ref_xs = [x.detach().requires_grad_(x.requires_grad) for x in xs]
+    ref = fusedskip.reference.linear_concat(ref_xs, sample.weight, sample.bias, activation="relu")
+    expected = torch.autograd.grad(ref, [x for x in ref_xs if x.requires_grad], grad)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close_rel(g, e, torch.float64, f"gradient {i}")
+        assert g.stride() == (11 * sum(widths), sum(widths), 1), g.stride()
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+
+    with fusedskip.use_backend(backend):
+        fusedskip.linear_concat(xs, sample.weight, sample.bias, activation="relu").backward(grad)
+    for i, (x, e) in enumerate(zip(chosen, expected)):
+        assert_close_rel(x.grad, e, torch.float64, f"leaf {i}'s .grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ("contiguous", "offset"))
+@pytest.mark.parametrize("wanted", WANTED, ids=lambda w: "".join("x" if b else "-" for b in w))
+def test_backward_op_zeroes_the_columns_of_inputs_not_asked_for(backend, layout, wanted):
+    """The op called directly: grad_input is the cat's gradient, with the columns of an input not
+    asked for zero (never left unwritten: new memory is NaN here) and the rest right."""
+    generator = torch.Generator().manual_seed(SEED)
+    widths = [64, 136, 72]
+    sample = make_sample(widths, 40, (50,), relu=True, layout=layout, dtype=torch.float32,
+                         requires_grad=False, generator=generator)
+    xs, w = sample.inputs, sample.weight
+    grad = torch.randn(50, 40, generator=generator)
+    with fusedskip.use_backend(backend):
+        _, mask = torch.ops.fusedskip.fused_linear(xs, w, None, None, True, False)
+        with new_memory_is_nan():
+            grad_input, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+                grad, xs, w, mask, True, [*wanted, True, False, False])
+    active = unpack_mask(mask, 40)
+    grad_preact = torch.where(active, grad, 0).double()
+    for i, (want, block, ref) in enumerate(zip(wanted, grad_input.split(widths, 1),
+                                               (grad_preact @ w.double()).split(widths, 1))):
+        if want:
+            assert_close_rel(block, ref, torch.float32, f"input {i}")
+        else:
+            assert torch.equal(block, torch.zeros_like(block)), f"input {i}"
+    assert_close_rel(grad_weight, grad_preact.T @ torch.cat(xs, 1).double(), torch.float32,
+                     "weight")
 
 
 # Sizes on both sides of the 64-wide output tiles and of the 16 (SIMT) / 32 (tensor core) K steps.

@@ -88,8 +88,9 @@ def test_concat_one_to_eight_inputs(count, backend):
                                             dtype=dtype, device="cuda"), dtype)
 
 
-# Blocks >= 64 wide on 16-byte boundaries: cuBLAS's backward runs one GEMM per block, straight into
-# each gradient ("offset" falls back to one GEMM over the concatenation).
+# Blocks >= 64 wide on 16-byte boundaries: cuBLAS's backward runs one GEMM per block for the
+# weight gradient, straight into its column blocks ("offset" falls back to one GEMM over the
+# concatenation), and one over the whole width for the inputs' gradients.
 @pytest.mark.parametrize("layout", ["contiguous", "offset"])
 def test_concat_aligned_blocks(layout, backend):
     for dtype in LOW_PRECISION:
@@ -99,6 +100,39 @@ def test_concat_aligned_blocks(layout, backend):
     sample = make_sample([64, 66], 9, (5,), layout=layout, device="cuda")
     assert torch.autograd.gradcheck(lambda *t: sample.call(fusedskip, *t), sample.tensors())
 
+
+
+@pytest.mark.parametrize("wanted", ((True, True, True), (True, False, False), (False, True, True)),
+                         ids=("xxx", "x--", "-xx"))
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+def test_concat_input_gradients_are_column_blocks_of_one(wanted, layout, backend):
+    """Each input's gradient is its column block of the cat's (a view, no copies), right
+    whichever inputs want one; the op itself zeroes the columns of inputs not asked for."""
+    widths = [64, 136, 72]
+    sample = make_sample(widths, 40, (3, 67), layout=layout, dtype=torch.bfloat16,
+                         device="cuda", requires_grad=False)
+    xs = [x.requires_grad_(want) for x, want in zip(sample.inputs, wanted)]
+    chosen = [x for x in xs if x.requires_grad]
+    grad = torch.randn(3, 67, 40, device="cuda", dtype=torch.bfloat16)
+    poison_allocator()
+    got = torch.autograd.grad(fusedskip.linear_concat(xs, sample.weight, activation="relu"),
+                              chosen, grad)
+    ref_xs = [x.detach().double().requires_grad_(x.requires_grad) for x in xs]
+    ref = fusedskip.reference.linear_concat(ref_xs, sample.weight.double(), activation="relu")
+    expected = torch.autograd.grad(ref, [x for x in ref_xs if x.requires_grad], grad.double())
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close_rel(g, e, torch.bfloat16, f"gradient {i}")
+        assert g.stride() == (67 * sum(widths), sum(widths), 1), g.stride()
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+
+    inputs = [x.detach() for x in xs]
+    _, mask = torch.ops.fusedskip.fused_linear(inputs, sample.weight, None, None, True, False)
+    poison_allocator()
+    grad_input = torch.ops.fusedskip.fused_linear_backward(
+        grad, inputs, sample.weight, mask, True, [*wanted, False, False, False])[0]
+    for i, (want, block) in enumerate(zip(wanted, grad_input.split(widths, -1))):
+        if not want:
+            assert torch.equal(block, torch.zeros_like(block)), f"input {i}"
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_non_contiguous(layout, backend):
@@ -445,8 +479,9 @@ def test_cutlass_concat_forward_leaves_other_shapes_to_the_cat():
 
 @needs_cutlass_gpu
 def test_cutlass_concat_backward_only_the_gradients_asked_for():
-    """Gradients not asked for are neither computed nor written: two inputs of three and the
-    weight (two launches), then the inputs alone (one)."""
+    """Gradients not asked for are not computed: two inputs of three and the weight (two
+    launches; the third input's columns of the cat's gradient are zero), then the inputs alone
+    (one)."""
     widths = (64, 136, 200)
     x = [torch.randn(300, w, device="cuda", dtype=torch.bfloat16) for w in widths]
     w = torch.randn(256, sum(widths), device="cuda", dtype=torch.bfloat16) / 20
@@ -461,14 +496,17 @@ def test_cutlass_concat_backward_only_the_gradients_asked_for():
                                               ((False, True, False), False, 1)):
             poison_allocator()
             before = grouped_launches()
-            grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+            grad_input, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
                 g, x, w, no_mask, False, [*wanted, want_weight, False, False])
             assert grouped_launches() == before + launches
-            for i, want in enumerate(wanted):
-                if want:
-                    assert_close_rel(grad_inputs[i], ref_inputs[i], torch.bfloat16, f"input {i}")
-                else:
-                    assert grad_inputs[i].numel() == 0
+            if any(wanted):
+                for i, (want, got) in enumerate(zip(wanted, grad_input.split(widths, 1))):
+                    if want:
+                        assert_close_rel(got, ref_inputs[i], torch.bfloat16, f"input {i}")
+                    else:
+                        assert torch.equal(got, torch.zeros_like(got)), f"input {i}"
+            else:
+                assert grad_input.numel() == 0
             if want_weight:
                 assert_close_rel(grad_weight, ref_weight, torch.bfloat16, "weight")
             else:
@@ -534,13 +572,12 @@ def test_cutlass_concat_kernels_take_row_strided_views():
         no_mask = torch.empty(0, dtype=torch.uint8, device="cuda")
         poison_allocator()
         before = grouped_launches()
-        grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+        grad_input, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
             g, [x.detach() for x in xs], w.detach(), no_mask, False, [True, True, True, False,
                                                                       False])
         assert grouped_launches() == before + 2
     g64 = g.double()
-    for i, want in enumerate((g64 @ w.detach().double()).split(widths, 1)):
-        assert_close_rel(grad_inputs[i], want, torch.bfloat16, f"inputs[{i}]")
+    assert_close_rel(grad_input, g64 @ w.detach().double(), torch.bfloat16, "inputs")
     assert_close_rel(grad_weight, g64.T @ torch.cat([x.detach() for x in xs], 1).double(),
                      torch.bfloat16, "weight")
 
@@ -566,11 +603,11 @@ def test_cutlass_concat_backward_leaves_other_shapes_to_cublas():
     poison_allocator()
     before = grouped_launches()
     with fusedskip.use_backend("cutlass"):
-        grad_inputs, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
+        grad_input, grad_weight, _, _ = torch.ops.fusedskip.fused_linear_backward(
             g, x, w, torch.empty(0, dtype=torch.uint8, device="cuda"), False,
             [True, True, True, False, False])
     assert grouped_launches() == before
-    assert all(torch.equal(t, torch.zeros_like(t)) for t in grad_inputs)
+    assert grad_input.shape == (50, 128) and torch.equal(grad_input, torch.zeros_like(grad_input))
     assert grad_weight.shape == (0, 128)
 
 

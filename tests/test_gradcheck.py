@@ -36,7 +36,11 @@ def test_opcheck_backward(sample):
     weight = sample.weight.detach()
     out, mask = torch.ops.fusedskip.fused_linear(inputs, weight, None, None, sample.relu, False)
     grad_output = torch.randn_like(out)
-    for output_mask in ([True] * (len(inputs) + 3), [False] * (len(inputs) + 3)):
+    count = len(inputs)
+    # Everything, nothing, and the first input's gradient alone (with several inputs, the cat's
+    # gradient with the others' columns zeroed).
+    for output_mask in ([True] * (count + 3), [False] * (count + 3),
+                        [True] + [False] * (count + 2)):
         torch.library.opcheck(torch.ops.fusedskip.fused_linear_backward.default,
                               (grad_output, inputs, weight, mask, sample.relu, output_mask))
 

@@ -390,7 +390,8 @@ void direct_gemm_backward_cpu(const at::Tensor& grad_preact, const std::vector<a
           int64_t offset = 0;
           for (int64_t b = 0; b < blocks.count; ++b) {
             if (grad_inputs_2d[b].defined()) {
-              scalar_t* dst = grad_inputs_2d[b].data_ptr<scalar_t>() + row * blocks.width[b];
+              scalar_t* dst =
+                  grad_inputs_2d[b].data_ptr<scalar_t>() + row * grad_inputs_2d[b].stride(0);
               for (int64_t k = 0; k < blocks.width[b]; ++k) {
                 dst[k] = static_cast<scalar_t>(acc[offset + k]);
               }

@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(at::TensorList inputs,
   return fused_linear(inputs, weight, bias, residual, relu, residual_before_relu);
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cuda(
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
   const c10::cuda::CUDAGuard device_guard(weight.device());
