@@ -187,8 +187,10 @@ fi
 # 4. Device time per kernel against host time per call: the large relu_add layer on each path;
 # the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
 # the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
-# the cat and one cuBLAS GEMM per block (fused) against the CUTLASS concat kernels, cat-free
-# forward and grouped backward (fused-cutlass), and eager. One failing part leaves the others run.
+# the cat and cuBLAS (fused) against the CUTLASS concat kernels, cat-free forward and grouped
+# backward (fused-cutlass), and eager; and concat4 at 65536 rows, whose blocks (96 to 424 wide)
+# made one cuBLAS GEMM each 0.77x eager in the 2026-11-28 sweep, before the inputs' gradients
+# became one GEMM. One failing part leaves the others run.
 step kernel_times 150 bash -c '
   rc=0
   $0 benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
@@ -197,6 +199,8 @@ step kernel_times 150 bash -c '
     --sizes 64x30x30,65536x30x30 --out "$1" --providers fused,eager || rc=1
   $0 benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
     --sizes 8192x4096x4096 --out "$1" --providers fused,fused-cutlass,eager || rc=1
+  $0 benchmarks/gpu_kernel_times.py --op concat4 --mode forward+backward \
+    --sizes 65536x1024x1024 --out "$1" --providers fused,eager || rc=1
   exit $rc' "$PY" "$OUT"
 
 # 5. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
