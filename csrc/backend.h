@@ -44,9 +44,9 @@ enum class GemmPath {
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g);
 
-// Whether the library path's concat backward runs one GEMM per block, each input's gradient and
-// each weight-gradient column block written in place, rather than one GEMM over the whole
-// width (a cat of the inputs for the weight's, copies out for the inputs').
+// Whether the library path's concat backward runs one GEMM per block, each weight-gradient
+// column block (and, when only some inputs want one, each wanted input's gradient) written in
+// place, rather than one GEMM over the whole width (over a cat of the inputs for the weight's).
 bool library_gemm_per_block(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight);
 // Whether a concat layer on the library path tries the CUTLASS kernels that take its inputs
 // one by one (forward: csrc/cuda/concat_gemm_sm90.cu, its K loop over the inputs; backward:

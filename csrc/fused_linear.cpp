@@ -294,7 +294,7 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
   }
 #endif
   bool want_every_input = true;
-  for (const at::Tensor& grad : grad_inputs_2d) want_every_input = want_every_input && grad.defined();
+  for (const at::Tensor& grad : grad_inputs_2d) want_every_input &= grad.defined();
   const bool per_block = count > 1 && library_gemm_per_block(inputs_2d, weight);
   // Every input's gradient wanted: one GEMM over the whole width, as eager's linear computes the
   // cat's gradient, each input's a column block of it (no copies). Per block, each GEMM ends in a

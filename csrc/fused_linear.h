@@ -210,11 +210,11 @@ bool concat_gemm_forward_cuda(const std::vector<at::Tensor>& inputs, const at::T
                               const std::optional<at::Tensor>& bias, const at::Tensor& out,
                               const at::Tensor& mask);
 // The `cutlass` backend's backward GEMMs for the concat form (csrc/cuda/grouped_gemm_sm90.cu):
-// grad_inputs[i] = grad_preact weight[:, block i] for each defined grad_inputs[i], and, if
-// grad_weight is defined, grad_weight[:, block i] = grad_preact^T inputs[i], as two grouped
-// sm_90a GEMMs writing in place. grad_preact (rows, cols); inputs[i] (rows, width_i); the outputs
-// allocated by the caller. Returns false, having done nothing, where they do not apply (the
-// caller then runs one cuBLAS GEMM per block).
+// grad_inputs[i] = grad_preact weight[:, block i] for each defined grad_inputs[i] (column blocks
+// of one gradient), and, if grad_weight is defined, grad_weight[:, block i] = grad_preact^T
+// inputs[i], as two grouped sm_90a GEMMs writing in place. grad_preact (rows, cols); inputs[i]
+// (rows, width_i); the outputs allocated by the caller. Returns false, having done nothing, where
+// they do not apply (the caller then takes the cuBLAS GEMMs of library_backward_gemms).
 bool grouped_backward_gemms_cuda(const at::Tensor& grad_preact,
                                  const std::vector<at::Tensor>& inputs, const at::Tensor& weight,
                                  const std::vector<at::Tensor>& grad_inputs,

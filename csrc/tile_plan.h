@@ -123,9 +123,10 @@ constexpr int64_t kTileMinRowsPerSplit = 256;
 constexpr int64_t kTileSplitBlocksPerSm = 4;
 
 // The whole backward in one launch: grad_inputs_2d[i] = G W_i (where defined, (rows, width_i)
-// with unit column stride: column blocks of one gradient), grad_weight[:, block i] = G^T inputs_2d[i] (when defined, (cols, in_features)
-// contiguous) and grad_bias = 1^T G (when defined), with G = grad_out (any strides) read through
-// the ReLU `mask` where that is defined, else as it is.
+// with unit column stride: column blocks of one gradient), grad_weight[:, block i] =
+// G^T inputs_2d[i] (when defined, (cols, in_features) contiguous) and grad_bias = 1^T G (when
+// defined), with G = grad_out (any strides) read through the ReLU `mask` where that is defined,
+// else as it is.
 template <class Executor>
 void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
                    const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,

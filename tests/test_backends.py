@@ -247,10 +247,10 @@ def test_cpu_backward_pass_each_gradient_any_thread_count(relu, dtype):
 
 
 # Concat blocks at least 64 wide on 16-byte boundaries: the library path's backward runs one GEMM
-# per block there for the weight gradient, writing each column block in place, and for the
-# inputs' gradients when only some are wanted (library_gemm_per_block, csrc/backend.cpp). A block
-# off a word boundary (the "offset" and "sliced" layouts) sends the call back to one GEMM over the
-# concatenation.
+# per block there for the weight gradient, writing each column block in place
+# (library_gemm_per_block, csrc/backend.cpp); the inputs' gradients, all wanted here, are one GEMM
+# over the whole width. A block off a word boundary (the "offset" and "sliced" layouts) sends the
+# weight's back to one GEMM over the concatenation.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_library_backward_one_gemm_per_aligned_block(dtype):
     generator = torch.Generator().manual_seed(SEED)
@@ -267,7 +267,6 @@ def test_library_backward_one_gemm_per_aligned_block(dtype):
             assert torch.autograd.gradcheck(fn, sample.tensors())
 
 
-
 # Which inputs want a gradient: every one, the first alone, all but the first (the library path's
 # per-block GEMMs, or over misaligned blocks its whole-width GEMM with the rest zeroed).
 WANTED = ((True, True, True), (True, False, False), (False, True, True))
@@ -276,14 +275,18 @@ WANTED = ((True, True, True), (True, False, False), (False, True, True))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ("contiguous", "offset"))
 @pytest.mark.parametrize("wanted", WANTED, ids=lambda w: "".join("x" if b else "-" for b in w))
-def test_concat_input_gradients_are_column_blocks_of_one(backend, layout, wanted):
+@pytest.mark.parametrize("weight", ("frozen", "trained"))
+def test_concat_input_gradients_are_column_blocks_of_one(backend, layout, wanted, weight):
     """Through autograd, each concat input's gradient is its column block of the cat's gradient,
     a view, as eager's cat backward hands out (no copies); right whichever inputs want one, and
-    as a leaf's .grad (which AccumulateGrad copies out of the view, as for eager)."""
+    as a leaf's .grad (which AccumulateGrad copies out of the view, as for eager). A frozen
+    weight's backward gets aligned stand-ins for the inputs (forward saved none); a trained
+    one's gets the inputs themselves, off a word boundary in the "offset" layout."""
     generator = torch.Generator().manual_seed(SEED)
     widths = [64, 136, 72]
     sample = make_sample(widths, 40, (3, 11), relu=True, layout=layout, dtype=torch.float64,
                          requires_grad=False, generator=generator)
+    sample.weight.requires_grad_(weight == "trained")
     xs = [x.requires_grad_(want) for x, want in zip(sample.inputs, wanted)]
     chosen = [x for x in xs if x.requires_grad]
     grad = torch.randn(3, 11, 40, dtype=torch.float64, generator=generator)
@@ -291,12 +294,14 @@ def test_concat_input_gradients_are_column_blocks_of_one(backend, layout, wanted
         out = fusedskip.linear_concat(xs, sample.weight, sample.bias, activation="relu")
         got = torch.autograd.grad(out, chosen, grad)
     ref_xs = [x.detach().requires_grad_(x.requires_grad) for x in xs]
-    ref = fusedskip.reference.linear_concat(ref_xs, sample.weight, sample.bias, activation="relu")
+    ref = fusedskip.reference.linear_concat(ref_xs, sample.weight.detach(), sample.bias,
+                                            activation="relu")
     expected = torch.autograd.grad(ref, [x for x in ref_xs if x.requires_grad], grad)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close_rel(g, e, torch.float64, f"gradient {i}")
         assert g.stride() == (11 * sum(widths), sum(widths), 1), g.stride()
-    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+    if len(got) > 1:
+        assert len({g.untyped_storage().data_ptr() for g in got}) == 1
 
     with fusedskip.use_backend(backend):
         fusedskip.linear_concat(xs, sample.weight, sample.bias, activation="relu").backward(grad)

@@ -6,8 +6,9 @@
 //   input gradients    grad_inputs[i]          = grad_preact    @ weight[:, block i]
 //   weight gradient    grad_weight[:, block i] = grad_preact^T  @ inputs[i]
 //
-// each written in place into its own tensor / column block: no cat, no copies, as with one cuBLAS
-// GEMM per block (csrc/fused_linear.cpp). What grouping changes is the last wave. Per block, every
+// each written in place into its column block of the inputs' gradient or of the weight's: no
+// cat, no copies, as with one cuBLAS GEMM per block (csrc/fused_linear.cpp). What grouping
+// changes is the last wave. Per block, every
 // GEMM ends in its own partly filled wave of tiles; grouped, only the launch's last wave is partly
 // filled. For the benchmark's concat2 8192 x (1360 + 2736) -> 4096 in 256x128 tiles, the input
 // gradients are 32 x (11 + 22) = 1056 tiles, exactly 8 rounds of 132 SMs, where the two blocks
@@ -15,7 +16,7 @@
 // (Tile counts; cuBLAS's own tiles per block are its choice. Not yet timed on a GPU.)
 //
 // Where it applies (grouped_backward_gemms_cuda says false otherwise, having launched nothing,
-// and the caller runs one cuBLAS GEMM per block): an sm_90 GPU, float16 / bfloat16, at most
+// and the caller takes the cuBLAS GEMMs): an sm_90 GPU, float16 / bfloat16, at most
 // kMaxInputs blocks, out_features and every width a multiple of 8, rows and out_features below
 // 2^31, every operand on 16-byte boundaries with unit column stride and rows that do not overlap
 // (what TMA needs).
