@@ -49,7 +49,8 @@ enum class MaskedOperand : int {
 };
 
 // One K block of out = sum over segments of A (m, k) B (k, n), each operand read through its own
-// strides (any layout, any alignment: the loads are element-wise and bounds-checked).
+// strides (any layout, any alignment: the loads are element-wise and bounds-checked); k is local
+// to the segment.
 template <typename scalar_t>
 struct TileSegment {
   const scalar_t* a;  // A(m, k) = a[m * a_stride_m + k * a_stride_k]; nullptr: A is all ones
@@ -69,7 +70,7 @@ struct TileProblem {
   TileSegment<scalar_t> segment[kSegments];
   int num_segments;
   int splits;            // split-K: slices sharing this problem, each over k_per_split of K
-  int64_t k_per_split;   // >= every segment's k when splits == 1
+  int64_t k_per_split;   // >= the segments' total k when splits == 1
   int64_t m;
   int64_t n;
   int64_t tiles_m;       // ceil(m / kTileEdge), ceil(n / kTileEdge)
@@ -208,21 +209,55 @@ struct TensorCoreShape {
 // ---------------------------------------------------------------------------------------------
 // The block body.
 
-// Global -> shared copy of the A tile (kBM x kBK) of one K step; zeros outside the operand. The
-// element order follows the operand's contiguous dimension so neighbouring threads read
-// neighbouring addresses.
-template <class Math, bool kGradient>
-FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem,
-                                const TileSegment<typename Math::scalar_t>& seg, int64_t m0,
-                                int64_t m_end, int64_t k0, int64_t k_end, int thread) {
+// K runs over a problem's segments one after another, as over the columns of their
+// concatenation: a K step may straddle two or more narrow inputs (concat4 of widths 3 + 6 + 9 + 12
+// is one step of 32, not four). The step's first segment, found once per step, and from it the
+// segment of each element's k.
+struct SegmentCursor {
+  int segment;     // the segment holding k0
+  int64_t offset;  // its first column in the concatenation
+};
+
+template <class Problem>
+FS_HOST_DEVICE SegmentCursor segment_at(const Problem& prob, int64_t k0) {
+  SegmentCursor at{0, 0};
+  while (at.segment + 1 < prob.num_segments && k0 >= at.offset + prob.segment[at.segment].k) {
+    at.offset += prob.segment[at.segment].k;
+    ++at.segment;
+  }
+  return at;
+}
+
+// From the step's cursor to the segment holding k (>= the cursor's k0, below the segments' total
+// width), with k made local to it.
+template <class Problem>
+FS_HOST_DEVICE const auto& segment_of(const Problem& prob, SegmentCursor at, int64_t& k) {
+  while (k >= at.offset + prob.segment[at.segment].k) {
+    at.offset += prob.segment[at.segment].k;
+    ++at.segment;
+  }
+  k -= at.offset;
+  return prob.segment[at.segment];
+}
+
+// Global -> shared copy of the A tile (kBM x kBK) of the K step at k0 (a column of the
+// concatenation); zeros outside the operand. The element order follows the operand's contiguous
+// dimension (the step's first segment's) so neighbouring threads read neighbouring addresses.
+template <class Math, bool kGradient, class Problem>
+FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem, const Problem& prob, SegmentCursor at,
+                                int64_t m0, int64_t k0, int64_t k_end, int thread) {
   using scalar_t = typename Math::scalar_t;
-  const bool m_fastest = seg.a_stride_m == 1 && seg.a_stride_k != 1;
+  const int64_t m_end = prob.m;
+  const TileSegment<scalar_t>& first = prob.segment[at.segment];
+  const bool m_fastest = first.a_stride_m == 1 && first.a_stride_k != 1;
   for (int e = thread; e < Math::kBM * Math::kBK; e += Math::kThreads) {
     const int mm = m_fastest ? e % Math::kBM : e / Math::kBK;
     const int kk = m_fastest ? e / Math::kBM : e % Math::kBK;
-    const int64_t m = m0 + mm, k = k0 + kk;
+    const int64_t m = m0 + mm;
+    int64_t k = k0 + kk;
     scalar_t value(0);
     if (m < m_end && k < k_end) {
+      const TileSegment<scalar_t>& seg = segment_of(prob, at, k);
       if constexpr (kGradient) {
         value = seg.a == nullptr ? scalar_t(1) : seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
         // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0.
@@ -239,18 +274,21 @@ FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem,
   }
 }
 
-template <class Math, bool kGradient>
-FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem,
-                                const TileSegment<typename Math::scalar_t>& seg, int64_t n0,
-                                int64_t n_end, int64_t k0, int64_t k_end, int thread) {
+template <class Math, bool kGradient, class Problem>
+FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem, const Problem& prob, SegmentCursor at,
+                                int64_t n0, int64_t k0, int64_t k_end, int thread) {
   using scalar_t = typename Math::scalar_t;
-  const bool n_fastest = seg.b_stride_n == 1 && seg.b_stride_k != 1;
+  const int64_t n_end = prob.n;
+  const TileSegment<scalar_t>& first = prob.segment[at.segment];
+  const bool n_fastest = first.b_stride_n == 1 && first.b_stride_k != 1;
   for (int e = thread; e < Math::kBK * Math::kBN; e += Math::kThreads) {
     const int kk = n_fastest ? e / Math::kBN : e % Math::kBK;
     const int nn = n_fastest ? e % Math::kBN : e / Math::kBK;
-    const int64_t k = k0 + kk, n = n0 + nn;
+    int64_t k = k0 + kk;
+    const int64_t n = n0 + nn;
     scalar_t value(0);
     if (k < k_end && n < n_end) {
+      const TileSegment<scalar_t>& seg = segment_of(prob, at, k);
       value = seg.b[k * seg.b_stride_k + n * seg.b_stride_n];
       if constexpr (kGradient) {
         if (seg.mask_on == MaskedOperand::kB && !mask_bit(seg.mask, seg.mask_row_bytes, k, n)) {
@@ -279,19 +317,20 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   const int64_t m0 = tile_m * Math::kBM, n0 = tile_n * Math::kBN;
 
   block.for_each_worker([&](int, auto& acc) { Math::zero(acc); });
+  int64_t k_total = 0;
+  for (int s = 0; s < prob.num_segments; ++s) k_total += prob.segment[s].k;
   const int64_t k_begin = split * prob.k_per_split;
-  for (int s = 0; s < prob.num_segments; ++s) {
-    const TileSegment<scalar_t>& seg = prob.segment[s];
-    const int64_t k_end = seg.k < k_begin + prob.k_per_split ? seg.k : k_begin + prob.k_per_split;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += Math::kBK) {
-      block.for_each_thread([&](int thread) {
-        load_tile_a<Math, Params::kReadsGradient>(smem, seg, m0, prob.m, k0, k_end, thread);
-        load_tile_b<Math, Params::kReadsGradient>(smem, seg, n0, prob.n, k0, k_end, thread);
-      });
-      block.sync();
-      block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });
-      block.sync();  // the next loads (or the accumulator tile below) overwrite the tiles
-    }
+  const int64_t k_end =
+      k_total < k_begin + prob.k_per_split ? k_total : k_begin + prob.k_per_split;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += Math::kBK) {
+    const SegmentCursor at = segment_at(prob, k0);
+    block.for_each_thread([&](int thread) {
+      load_tile_a<Math, Params::kReadsGradient>(smem, prob, at, m0, k0, k_end, thread);
+      load_tile_b<Math, Params::kReadsGradient>(smem, prob, at, n0, k0, k_end, thread);
+    });
+    block.sync();
+    block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });
+    block.sync();  // the next loads (or the accumulator tile below) overwrite the tiles
   }
   block.for_each_worker([&](int worker, auto& acc) { Math::store(smem, acc, worker); });
   block.sync();

@@ -64,7 +64,7 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
     TileParams<scalar_t, kTileForwardSegments, 1, false> p{};
     TileProblem<scalar_t, kTileForwardSegments>& problem = p.problem[0];
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
-    int64_t offset = 0, k_max = 1;
+    int64_t offset = 0;
     for (size_t i = 0; i < inputs_2d.size(); ++i) {
       const at::Tensor& x = inputs_2d[i];
       // B(k, n) = weight[n, offset + k]: column block i of weight, read transposed in place.
@@ -79,11 +79,10 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
                             .mask_row_bytes = 0,
                             .mask_on = MaskedOperand::kNone};
       offset += x.size(1);
-      k_max = std::max(k_max, x.size(1));
     }
     problem.num_segments = static_cast<int>(inputs_2d.size());
     problem.splits = 1;
-    problem.k_per_split = k_max;
+    problem.k_per_split = std::max<int64_t>(offset, 1);
     problem.m = rows;
     problem.n = cols;
     problem.tiles_m = ceil_div(rows, kTileEdge);

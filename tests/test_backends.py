@@ -367,6 +367,17 @@ def test_emulated_concat_one_to_eight_inputs(count, emulation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_k_steps_straddle_inputs(dtype, emulation):
+    """The native kernel's K steps run over the inputs as over their concatenation's columns: a
+    step (16 columns in SIMT, 32 on tensor cores) holds several narrow inputs, one input spans
+    several steps, and inputs of width 0 anywhere are passed over."""
+    generator = torch.Generator().manual_seed(SEED)
+    for widths in ([3, 6, 9, 12], [0, 5, 0, 40, 0], [31, 2, 17, 0, 1, 33]):
+        check_against_reference(make_sample(widths, 65, (70,), dtype=dtype, generator=generator),
+                                dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_split_k_weight_gradient(dtype, emulation):
     """Enough rows that the weight gradient's K is split over slices and summed in order."""
     generator = torch.Generator().manual_seed(SEED)
