@@ -190,7 +190,9 @@ fi
 # the cat and cuBLAS (fused) against the CUTLASS concat kernels, cat-free forward and grouped
 # backward (fused-cutlass), and eager; and concat4 at 65536 rows, whose blocks (96 to 424 wide)
 # made one cuBLAS GEMM each 0.77x eager in the 2026-11-28 sweep, before the inputs' gradients
-# became one GEMM. One failing part leaves the others run.
+# became one GEMM; and concat4 of widths 3+6+9+12 at 65536 rows under no_grad (0.65x eager there),
+# the native kernel's K steps since packed over the inputs. One failing part leaves the others
+# run.
 step kernel_times 150 bash -c '
   rc=0
   $0 benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
@@ -201,6 +203,8 @@ step kernel_times 150 bash -c '
     --sizes 8192x4096x4096 --out "$1" --providers fused,fused-cutlass,eager || rc=1
   $0 benchmarks/gpu_kernel_times.py --op concat4 --mode forward+backward \
     --sizes 65536x1024x1024 --out "$1" --providers fused,eager || rc=1
+  $0 benchmarks/gpu_kernel_times.py --op concat4 --mode no_grad \
+    --sizes 65536x30x30 --out "$1" --providers fused,eager || rc=1
   exit $rc' "$PY" "$OUT"
 
 # 5. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
