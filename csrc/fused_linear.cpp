@@ -296,14 +296,8 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
   bool want_every_input = true;
   for (const at::Tensor& grad : grad_inputs_2d) want_every_input &= grad.defined();
   const bool per_block = count > 1 && library_gemm_per_block(inputs_2d, weight);
-  // Every input's gradient wanted: one GEMM over the whole width, as eager's linear computes the
-  // cat's gradient, each input's a column block of it (no copies). Per block, each GEMM ends in a
-  // partly filled wave of tiles: on an H100, concat2 8192x(1360+2736)->4096, 389.8 us for the
-  // two blocks' against 365.5 for eager's one (benchmarks/NOTES.md, "Concat on the cuBLAS path").
-  if (want_every_input) {
-    at::Tensor out = grad_input_2d;
-    at::mm_out(out, grad_preact, weight);
-  } else if (per_block) {
+  if (per_block && !want_every_input) {
+    // Aligned blocks, some not wanted: the wanted ones, one GEMM each.
     int64_t offset = 0;
     for (size_t i = 0; i < count; ++i) {
       if (grad_inputs_2d[i].defined()) {
@@ -313,8 +307,11 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
       offset += g.widths[i];
     }
   } else if (grad_input_2d.defined()) {
-    // Misaligned or narrow blocks, some inputs' gradients not wanted: the whole width anyway
-    // (one GEMM at full speed); the caller zeroes the blocks not asked for.
+    // One GEMM over the whole width, as eager's linear computes the cat's gradient, each input's
+    // a column block of it (no copies; the caller zeroes any block not asked for). Per block,
+    // each GEMM ends in a partly filled wave of tiles: on an H100, concat2
+    // 8192x(1360+2736)->4096, 389.8 us for the two blocks' against 365.5 for eager's one
+    // (benchmarks/NOTES.md, "Concat on the cuBLAS path").
     at::Tensor out = grad_input_2d;
     at::mm_out(out, grad_preact, weight);
   }
