@@ -18,8 +18,10 @@
 #endif
 #if defined(__CUDA_ARCH__)  // device pass only: the host compiler does not know the pragma
 #define FS_UNROLL _Pragma("unroll")
+#define FS_NO_UNROLL _Pragma("unroll 1")
 #else
 #define FS_UNROLL
+#define FS_NO_UNROLL
 #endif
 
 namespace fusedskip {
@@ -108,8 +110,10 @@ FS_HOST_DEVICE acc_t epilogue_value(acc_t value, acc_t bias, acc_t residual, boo
 
 // Columns [first_col, first_col + count) of one row, count <= 8; `gemm` points at x W^T's
 // element (row, first_col), wherever it lives (global memory, a shared-memory tile, registers
-// spilled to a buffer). With kFull the count is 8 and the loop has no bounds test:
-// straight-line code the compiler vectorises.
+// spilled to a buffer). With kFull the count is 8 and the loops have no bounds test:
+// straight-line code the compiler vectorises. Every operand is read before any output is
+// written: the compiler cannot tell `out` from `residual` apart, so a read after a write would
+// wait for it, one memory round trip per column where there is no 16-byte form.
 template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t,
           typename gemm_t>
 FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t>& p,
@@ -119,14 +123,26 @@ FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_
   scalar_t* out = p.out + row * p.out_stride_row + first_col;
   const scalar_t* bias = p.bias + first_col;
   const scalar_t* residual = p.residual + row * p.residual_stride_row + first_col;
+  acc_t gemm_values[kMaskBitsPerByte] = {};
+  acc_t bias_values[kMaskBitsPerByte] = {};
+  acc_t residual_values[kMaskBitsPerByte] = {};
+FS_UNROLL
+  for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+    if (kFull || bit < count) {
+      gemm_values[bit] = static_cast<acc_t>(gemm[bit]);
+      if constexpr (kBias) bias_values[bit] = static_cast<acc_t>(bias[bit]);
+      if constexpr (kResidual != Residual::kNone) {
+        residual_values[bit] = static_cast<acc_t>(residual[bit]);
+      }
+    }
+  }
   uint8_t bits = 0;
 FS_UNROLL
   for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
     if (kFull || bit < count) {
       bool active = false;
       const acc_t value = epilogue_value<kRelu, kResidual, kBias>(
-          static_cast<acc_t>(gemm[bit]), kBias ? static_cast<acc_t>(bias[bit]) : acc_t(0),
-          kResidual != Residual::kNone ? static_cast<acc_t>(residual[bit]) : acc_t(0), active);
+          gemm_values[bit], bias_values[bit], residual_values[bit], active);
       if constexpr (kRelu) bits |= static_cast<uint8_t>(active) << bit;
       out[bit] = static_cast<scalar_t>(value);
     }

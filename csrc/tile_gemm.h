@@ -67,6 +67,7 @@ struct TileSegment {
 
 template <typename scalar_t, int kSegments>
 struct TileProblem {
+  static constexpr int kNumSegments = kSegments;
   TileSegment<scalar_t> segment[kSegments];
   int num_segments;
   int splits;            // split-K: slices sharing this problem, each over k_per_split of K
@@ -240,63 +241,177 @@ FS_HOST_DEVICE const auto& segment_of(const Problem& prob, SegmentCursor at, int
   return prob.segment[at.segment];
 }
 
-// Global -> shared copy of the A tile (kBM x kBK) of the K step at k0 (a column of the
-// concatenation); zeros outside the operand. The element order follows the operand's contiguous
-// dimension (the step's first segment's) so neighbouring threads read neighbouring addresses.
-template <class Math, bool kGradient, class Problem>
-FS_HOST_DEVICE void load_tile_a(typename Math::Smem& smem, const Problem& prob, SegmentCursor at,
-                                int64_t m0, int64_t k0, int64_t k_end, int thread) {
+// The elements one thread copies of a kRows x kCols tile: (row(i), col(i)) for i below the
+// tile's size over kThreads. Consecutive threads take consecutive elements along the operand's
+// contiguous dimension, so that they read neighbouring addresses; each thread's own elements
+// then step along the other dimension.
+struct TileRun {
+  int row0, col0, drow, dcol;
+  FS_HOST_DEVICE int row(int i) const { return row0 + i * drow; }
+  FS_HOST_DEVICE int col(int i) const { return col0 + i * dcol; }
+};
+template <int kRows, int kCols, int kThreads>
+FS_HOST_DEVICE TileRun tile_run(bool rows_fastest, int thread) {
+  static_assert(kThreads % kRows == 0 && kThreads % kCols == 0);
+  return rows_fastest ? TileRun{thread % kRows, thread / kRows, 0, kThreads / kRows}
+                      : TileRun{thread / kCols, thread % kCols, kThreads / kCols, 0};
+}
+
+// Whether columns k_first, k_first + dk, ... (count of them, those below k_end) of the
+// concatenation lie in one segment. `at`, the K step's cursor, is moved on to k_first's segment.
+template <class Problem>
+FS_HOST_DEVICE bool run_in_one_segment(const Problem& prob, SegmentCursor& at, int64_t k_first,
+                                       int dk, int count, int64_t k_end) {
+  if constexpr (Problem::kNumSegments == 1) return true;
+  const int64_t k_last_wanted = k_first + static_cast<int64_t>(count - 1) * dk;
+  const int64_t k_last = k_last_wanted < k_end ? k_last_wanted : k_end - 1;
+  const int64_t k = k_first < k_end ? k_first : k_end - 1;  // none below k_end: any will do
+  while (k >= at.offset + prob.segment[at.segment].k) {
+    at.offset += prob.segment[at.segment].k;
+    ++at.segment;
+  }
+  return k_last < at.offset + prob.segment[at.segment].k;
+}
+
+// load_tiles for a forward K step in which a thread's run of elements crosses from one input to
+// the next: each element's own segment, loaded and stored one at a time (few registers; this
+// takes only unusual layouts, see load_tiles).
+template <class Math, class Problem>
+FS_HOST_DEVICE void load_tiles_by_element(typename Math::Smem& smem, const Problem& prob,
+                                          SegmentCursor at, TileRun ra, TileRun rb, int64_t m0,
+                                          int64_t n0, int64_t k0, int64_t k_end) {
   using scalar_t = typename Math::scalar_t;
-  const int64_t m_end = prob.m;
-  const TileSegment<scalar_t>& first = prob.segment[at.segment];
-  const bool m_fastest = first.a_stride_m == 1 && first.a_stride_k != 1;
-  for (int e = thread; e < Math::kBM * Math::kBK; e += Math::kThreads) {
-    const int mm = m_fastest ? e % Math::kBM : e / Math::kBK;
-    const int kk = m_fastest ? e / Math::kBM : e % Math::kBK;
-    const int64_t m = m0 + mm;
-    int64_t k = k0 + kk;
+  constexpr int kPerThread = Math::kBM * Math::kBK / Math::kThreads;
+FS_NO_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t m = m0 + ra.row(i);
+    int64_t k = k0 + ra.col(i);
     scalar_t value(0);
-    if (m < m_end && k < k_end) {
+    if (m < prob.m && k < k_end) {
       const TileSegment<scalar_t>& seg = segment_of(prob, at, k);
-      if constexpr (kGradient) {
-        value = seg.a == nullptr ? scalar_t(1) : seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
-        // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0.
-        if ((seg.mask_on == MaskedOperand::kA && !mask_bit(seg.mask, seg.mask_row_bytes, m, k)) ||
-            (seg.mask_on == MaskedOperand::kATransposed &&
-             !mask_bit(seg.mask, seg.mask_row_bytes, k, m))) {
-          value = scalar_t(0);
-        }
-      } else {
-        value = seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
-      }
+      value = seg.a[m * seg.a_stride_m + k * seg.a_stride_k];
     }
-    smem.a()[mm * Math::kALd + kk] = value;
+    smem.a()[ra.row(i) * Math::kALd + ra.col(i)] = value;
+  }
+FS_NO_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    int64_t k = k0 + rb.row(i);
+    const int64_t n = n0 + rb.col(i);
+    scalar_t value(0);
+    if (k < k_end && n < prob.n) {
+      const TileSegment<scalar_t>& seg = segment_of(prob, at, k);
+      value = seg.b[k * seg.b_stride_k + n * seg.b_stride_n];
+    }
+    smem.b()[rb.row(i) * Math::kBLd + rb.col(i)] = value;
   }
 }
 
+// Global -> shared copy of the A tile (kBM x kBK) and the B tile (kBK x kBN) of the K step at k0,
+// zeros outside the operands; in the backward, the operand that is the output gradient is read
+// through the ReLU mask (its segment's mask_on).
+//
+// Two passes: every element this thread copies (and, for the masked operand, its mask byte) is
+// loaded into registers, then every one is masked and stored. The loads are then in flight
+// together. Stored as each arrived, they would take one memory round trip each, one after
+// another (a warp issues in order, and the store, or the mask's select, waits for its load): 32
+// per K step for the tensor-core tiles. Each operand's elements are read from one segment, at
+// a fixed step from the first, so their addresses cost a register pair, not one per element.
+// Only a forward whose K step straddles inputs, in a layout where a thread's run of elements
+// walks K (a column-major input, or weight), has runs across segments: load_tiles_by_element.
 template <class Math, bool kGradient, class Problem>
-FS_HOST_DEVICE void load_tile_b(typename Math::Smem& smem, const Problem& prob, SegmentCursor at,
-                                int64_t n0, int64_t k0, int64_t k_end, int thread) {
+FS_HOST_DEVICE void load_tiles(typename Math::Smem& smem, const Problem& prob, SegmentCursor at,
+                               int64_t m0, int64_t n0, int64_t k0, int64_t k_end, int thread) {
   using scalar_t = typename Math::scalar_t;
-  const int64_t n_end = prob.n;
+  constexpr int kPerThread = Math::kBM * Math::kBK / Math::kThreads;
+  static_assert(kPerThread * Math::kThreads == Math::kBM * Math::kBK &&
+                Math::kBK * Math::kBN == Math::kBM * Math::kBK,
+                "A and B tiles of one size, a whole number of elements per thread");
+  // Backward problems have one segment each: the mask's columns are the segment's own.
+  static_assert(!kGradient || Problem::kNumSegments == 1);
   const TileSegment<scalar_t>& first = prob.segment[at.segment];
-  const bool n_fastest = first.b_stride_n == 1 && first.b_stride_k != 1;
-  for (int e = thread; e < Math::kBK * Math::kBN; e += Math::kThreads) {
-    const int kk = n_fastest ? e / Math::kBN : e % Math::kBK;
-    const int nn = n_fastest ? e % Math::kBN : e / Math::kBK;
-    int64_t k = k0 + kk;
-    const int64_t n = n0 + nn;
-    scalar_t value(0);
-    if (k < k_end && n < n_end) {
-      const TileSegment<scalar_t>& seg = segment_of(prob, at, k);
-      value = seg.b[k * seg.b_stride_k + n * seg.b_stride_n];
+  const TileRun ra = tile_run<Math::kBM, Math::kBK, Math::kThreads>(
+      first.a_stride_m == 1 && first.a_stride_k != 1, thread);
+  const TileRun rb = tile_run<Math::kBK, Math::kBN, Math::kThreads>(
+      !(first.b_stride_n == 1 && first.b_stride_k != 1), thread);
+  SegmentCursor at_a = at, at_b = at;
+  if (!run_in_one_segment(prob, at_a, k0 + ra.col0, ra.dcol, kPerThread, k_end) ||
+      !run_in_one_segment(prob, at_b, k0 + rb.row0, rb.drow, kPerThread, k_end)) {
+    if constexpr (Problem::kNumSegments > 1) {
+      load_tiles_by_element<Math>(smem, prob, at, ra, rb, m0, n0, k0, k_end);
+    }
+    return;
+  }
+  const TileSegment<scalar_t>& sa = prob.segment[at_a.segment];
+  const TileSegment<scalar_t>& sb = prob.segment[at_b.segment];
+  // Element i of A: (m_first + i drow, k_first + i dcol), at a_first + i a_step in sa.
+  const int64_t m_first = m0 + ra.row0, ka_first = k0 + ra.col0;
+  const int64_t a_first = m_first * sa.a_stride_m + (ka_first - at_a.offset) * sa.a_stride_k;
+  const int64_t a_step = ra.drow * sa.a_stride_m + ra.dcol * sa.a_stride_k;
+  const int64_t kb_first = k0 + rb.row0, n_first = n0 + rb.col0;
+  const int64_t b_first = (kb_first - at_b.offset) * sb.b_stride_k + n_first * sb.b_stride_n;
+  const int64_t b_step = rb.drow * sb.b_stride_k + rb.dcol * sb.b_stride_n;
+  auto a_inside = [&](int i) { return m0 + ra.row(i) < prob.m && k0 + ra.col(i) < k_end; };
+  auto b_inside = [&](int i) { return k0 + rb.row(i) < k_end && n0 + rb.col(i) < prob.n; };
+  const MaskedOperand masked = kGradient ? first.mask_on : MaskedOperand::kNone;
+  const bool mask_a = masked == MaskedOperand::kA || masked == MaskedOperand::kATransposed;
+  const bool mask_b = masked == MaskedOperand::kB;
+  // The mask bit of A(m, k) is (m, k) for kA and (k, m) for kATransposed; of B(k, n), (k, n).
+  auto a_mask_row = [&](int i) {
+    return masked == MaskedOperand::kA ? m0 + ra.row(i) : k0 + ra.col(i);
+  };
+  auto a_mask_col = [&](int i) {
+    return masked == MaskedOperand::kA ? k0 + ra.col(i) : m0 + ra.row(i);
+  };
+
+  scalar_t a[kPerThread];
+  scalar_t b[kPerThread];
+  uint8_t mask_bytes[kPerThread] = {};  // the masked operand's (at most one of A and B)
+FS_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    a[i] = scalar_t(0);
+    if (a_inside(i)) {
       if constexpr (kGradient) {
-        if (seg.mask_on == MaskedOperand::kB && !mask_bit(seg.mask, seg.mask_row_bytes, k, n)) {
-          value = scalar_t(0);
+        a[i] = sa.a == nullptr ? scalar_t(1) : sa.a[a_first + i * a_step];
+        if (mask_a) {
+          mask_bytes[i] = first.mask[a_mask_row(i) * first.mask_row_bytes +
+                                     a_mask_col(i) / kMaskBitsPerByte];
+        }
+      } else {
+        a[i] = sa.a[a_first + i * a_step];
+      }
+    }
+  }
+FS_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    b[i] = scalar_t(0);
+    if (b_inside(i)) {
+      b[i] = sb.b[b_first + i * b_step];
+      if constexpr (kGradient) {
+        if (mask_b) {
+          mask_bytes[i] = first.mask[(k0 + rb.row(i)) * first.mask_row_bytes +
+                                     (n0 + rb.col(i)) / kMaskBitsPerByte];
         }
       }
     }
-    smem.b()[kk * Math::kBLd + nn] = value;
+  }
+  // A select, not a multiply: a NaN or Inf gradient where the ReLU was off gives 0. (Outside the
+  // operand the value is 0 either way.) A bit's place in its byte is that of its column's offset
+  // in the tile: tiles and K steps start on multiples of 8 (kTileEdge, kBK, and split-K's
+  // k_per_split, a multiple of kBK).
+  static_assert(kTileEdge % kMaskBitsPerByte == 0 && Math::kBK % kMaskBitsPerByte == 0);
+  auto masked_off = [&](int i, int tile_col) {
+    return !((mask_bytes[i] >> (tile_col % kMaskBitsPerByte)) & 1);
+  };
+FS_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    const int mask_col = masked == MaskedOperand::kA ? ra.col(i) : ra.row(i);
+    const bool off = kGradient && mask_a && masked_off(i, mask_col);
+    smem.a()[ra.row(i) * Math::kALd + ra.col(i)] = off ? scalar_t(0) : a[i];
+  }
+FS_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    const bool off = kGradient && mask_b && masked_off(i, rb.col(i));
+    smem.b()[rb.row(i) * Math::kBLd + rb.col(i)] = off ? scalar_t(0) : b[i];
   }
 }
 
@@ -325,8 +440,7 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   for (int64_t k0 = k_begin; k0 < k_end; k0 += Math::kBK) {
     const SegmentCursor at = segment_at(prob, k0);
     block.for_each_thread([&](int thread) {
-      load_tile_a<Math, Params::kReadsGradient>(smem, prob, at, m0, k0, k_end, thread);
-      load_tile_b<Math, Params::kReadsGradient>(smem, prob, at, n0, k0, k_end, thread);
+      load_tiles<Math, Params::kReadsGradient>(smem, prob, at, m0, n0, k0, k_end, thread);
     });
     block.sync();
     block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });

@@ -15,7 +15,7 @@ import torch
 
 import fusedskip
 from conftest import (SEED, assert_close_rel, check_against_reference, ids, make_sample,
-                      new_memory_is_nan, sample_grid, unpack_mask)
+                      new_memory_is_nan, sample_grid, strided_like, unpack_mask)
 
 pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
 
@@ -367,14 +367,23 @@ def test_emulated_concat_one_to_eight_inputs(count, emulation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_k_steps_straddle_inputs(dtype, emulation):
+@pytest.mark.parametrize("layout", ("contiguous", "column-major-inputs", "column-major-weight"))
+def test_emulated_k_steps_straddle_inputs(dtype, layout, emulation):
     """The native kernel's K steps run over the inputs as over their concatenation's columns: a
     step (16 columns in SIMT, 32 on tensor cores) holds several narrow inputs, one input spans
-    several steps, and inputs of width 0 anywhere are passed over."""
+    several steps, and inputs of width 0 anywhere are passed over. Each thread's share of a
+    step runs along the operand's rows in the contiguous layout, so it stays in one input; with
+    column-major inputs (A) or weight (B) it runs along K, across inputs, which the loader takes
+    element by element (load_tiles_by_element in csrc/tile_gemm.h)."""
     generator = torch.Generator().manual_seed(SEED)
     for widths in ([3, 6, 9, 12], [0, 5, 0, 40, 0], [31, 2, 17, 0, 1, 33]):
-        check_against_reference(make_sample(widths, 65, (70,), dtype=dtype, generator=generator),
-                                dtype)
+        sample = make_sample(widths, 65, (70,),
+                             layout="transposed" if layout == "column-major-inputs" else "contiguous",
+                             dtype=dtype, generator=generator)
+        if layout == "column-major-weight":
+            sample.weight = strided_like(sample.weight, "transposed")
+            assert sample.weight.stride(0) == 1
+        check_against_reference(sample, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -130,10 +130,16 @@ struct WmmaMath : TensorCoreShape<scalar_t> {
   }
 };
 
+// At least 512 threads' worth of blocks per multiprocessor, which caps registers at 128 a thread.
+// The tile loads keep a thread's whole share of a K step in registers (load_tiles); left alone,
+// ptxas spent up to 162 registers on them and the tensor-core kernels fitted only 3 blocks.
+template <class Math>
+constexpr int kTileMinBlocksPerSm = 512 / Math::kThreads;
+
 // __grid_constant__: the block body takes the (up to ~2 KB) parameters by reference; this keeps
 // them in parameter space instead of a per-thread local copy.
 template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
-__global__ void __launch_bounds__(Math::kThreads)
+__global__ void __launch_bounds__(Math::kThreads, kTileMinBlocksPerSm<Math>)
     tile_gemm_kernel(const __grid_constant__ Params p) {
   __shared__ typename Math::Smem smem;
   DeviceBlock<Math> block;
