@@ -8,8 +8,8 @@
 # status 3 where all else passed).
 #
 # The steps run in order of what most needs a GPU's time: the least run first (the `cutlass`
-# kernels' tests and racecheck), what earlier runs covered last (the quick sweep, racecheck of the
-# native kernel, memcheck). A build that fails or does not load ends the run at once.
+# kernels' tests and racecheck, racecheck of the native kernel), what earlier runs covered last
+# (the quick sweep, memcheck). A build that fails or does not load ends the run at once.
 #
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
@@ -30,8 +30,8 @@ declare -A STATUS
 # time is short and whose change cannot touch them; the summary names them as skipped.
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
-STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass kernel_times bench_large
-       cutlass_configs bench_compile bench racecheck memcheck)
+STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass racecheck kernel_times bench_large
+       cutlass_configs bench_compile bench memcheck)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -184,7 +184,14 @@ else
   STATUS[racecheck_cutlass]="skipped: no cutlass kernels expected here"
 fi
 
-# 4. Device time per kernel against host time per call: the large relu_add layer on each path;
+# 4. racecheck of the native kernel's shared-memory tiles (loads, tensor-core reads, the aliased
+# accumulator tile the epilogue reads). Early: its loads were rewritten since it last ran (each
+# thread's share of a K step in registers first, csrc/tile_gemm.h load_tiles), and the 2026-11-28
+# run's budget left it out.
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  $PY tests/cuda_smoke.py native --small
+
+# 5. Device time per kernel against host time per call: the large relu_add layer on each path;
 # the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
 # the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
 # the cat and cuBLAS (fused) against the CUTLASS concat kernels, cat-free forward and grouped
@@ -207,13 +214,13 @@ step kernel_times 150 bash -c '
     --sizes 65536x30x30 --out "$1" --providers fused,eager || rc=1
   exit $rc' "$PY" "$OUT"
 
-# 5. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
+# 6. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
 # bring the fused op within 10% of the GEMM alone.
 step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 \
   --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
   --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
-# 6. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
+# 7. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
 # (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
 # and what does the fused epilogue add? A configs module that is there but does not load fails.
 EXT_SUFFIX=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
@@ -224,20 +231,15 @@ else
   STATUS[cutlass_configs]="skipped: not built (FUSEDSKIP_CUTLASS_CONFIGS=1)"
 fi
 
-# 7. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
+# 8. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
 # out, float16: the seed's narrow layer and a large one, forward+backward.
 step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
   --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
   --providers fused,eager,compile
 
-# 8. Quick benchmark: auto, each backend forced, GEMM alone, eager.
+# 9. Quick benchmark: auto, each backend forced, GEMM alone, eager.
 step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
   --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
-
-# 9. racecheck of the native kernel's shared-memory tiles (loads, tensor-core reads, the aliased
-# accumulator tile the epilogue reads).
-step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  $PY tests/cuda_smoke.py native --small
 
 # 10. compute-sanitizer memcheck on the smoke workload, last, with what is left: the cutlass
 # kernels and the native kernel in full, then the cuBLAS path's element-wise passes in the small
