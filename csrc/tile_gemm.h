@@ -415,6 +415,51 @@ FS_UNROLL
   }
 }
 
+// The forward epilogue of one thread's kUnits units of a tile: rows row0 + j row_step (those
+// inside the output), columns [first_col, first_col + count); unit j's x W^T at
+// tile + j tile_step. Where there are bias or residual values to read from global memory, every
+// unit's are read before any output is written: in turn, each unit's reads would wait for the
+// previous unit's writes (forward_epilogue_cols), a memory round trip per unit. Without them the
+// reads are of the shared-memory tile alone, and holding every unit's would only cost registers.
+template <bool kRelu, Residual kResidual, bool kBias, bool kFull, int kUnits, typename scalar_t,
+          typename acc_t>
+FS_HOST_DEVICE void tile_epilogue_units(const ForwardEpilogueParams<scalar_t>& e,
+                                        const acc_t* tile, int tile_step, int64_t row0,
+                                        int row_step, int64_t first_col, int count) {
+  if constexpr (!kBias && kResidual == Residual::kNone) {
+FS_NO_UNROLL
+    for (int j = 0; j < kUnits; ++j) {
+      const int64_t row = row0 + j * row_step;
+      if (row >= e.rows) continue;
+      const uint8_t bits = forward_epilogue_cols<kRelu, kResidual, kBias, kFull>(
+          e, tile + j * tile_step, row, first_col, count);
+      if constexpr (kRelu) {
+        e.mask[row * mask_bytes_per_row(e.cols) + first_col / kMaskBitsPerByte] = bits;
+      }
+    }
+    return;
+  }
+  EpilogueOperands<acc_t> operands[kUnits];
+FS_UNROLL
+  for (int j = 0; j < kUnits; ++j) {
+    const int64_t row = row0 + j * row_step;
+    if (row < e.rows) {
+      operands[j] = forward_epilogue_read<kResidual, kBias, kFull>(e, tile + j * tile_step, row,
+                                                                   first_col, count);
+    }
+  }
+FS_UNROLL
+  for (int j = 0; j < kUnits; ++j) {
+    const int64_t row = row0 + j * row_step;
+    if (row >= e.rows) continue;
+    const uint8_t bits = forward_epilogue_write<kRelu, kResidual, kBias, kFull>(
+        e, operands[j], row, first_col, count);
+    if constexpr (kRelu) {
+      e.mask[row * mask_bytes_per_row(e.cols) + first_col / kMaskBitsPerByte] = bits;
+    }
+  }
+}
+
 // Block `block_index` of a launch over `p`.
 template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params>
 FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
@@ -450,26 +495,39 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   block.sync();
 
   // Epilogue: one unit = the 8 columns of one mask byte in one row, as in the element-wise pass.
+  // A thread's units share their columns (kThreads is a whole number of tile rows' units) and lie
+  // kRowStep rows apart.
   constexpr int kBytesPerTileRow = Math::kBN / kMaskBitsPerByte;
+  constexpr int kRowStep = Math::kThreads / kBytesPerTileRow;
+  constexpr int kUnits = Math::kBM / kRowStep;
+  static_assert(kRowStep * kBytesPerTileRow == Math::kThreads && kUnits * kRowStep == Math::kBM);
   block.for_each_thread([&](int thread) {
-    for (int unit = thread; unit < Math::kBM * kBytesPerTileRow; unit += Math::kThreads) {
-      const int r = unit / kBytesPerTileRow, byte = unit % kBytesPerTileRow;
-      const int64_t row = m0 + r, first_col = n0 + byte * kMaskBitsPerByte;
-      if (row >= prob.m || first_col >= prob.n) continue;
-      const acc_t* tile = smem.c() + r * Math::kCLd + byte * kMaskBitsPerByte;
-      if (prob.partial != nullptr) {
-        acc_t* dst = prob.partial + split * prob.partial_stride_split + row * prob.out_stride_m +
-                     first_col;
-        const int64_t count = prob.n - first_col < kMaskBitsPerByte ? prob.n - first_col
-                                                                    : kMaskBitsPerByte;
-        for (int64_t c = 0; c < count; ++c) dst[c] = tile[c];
-      } else {
-        const ForwardEpilogueParams<scalar_t> e{prob.out, prob.out_stride_m,   p.bias,
-                                                p.residual, p.residual_stride_row, p.mask,
-                                                prob.m,   prob.n};
-        forward_epilogue_unit<kRelu, kResidual, kBias>(e, tile, row,
-                                                       first_col / kMaskBitsPerByte);
+    const int byte = thread % kBytesPerTileRow, r0 = thread / kBytesPerTileRow;
+    const int64_t first_col = n0 + byte * kMaskBitsPerByte;
+    if (first_col >= prob.n) return;
+    const int count = prob.n - first_col < kMaskBitsPerByte ? static_cast<int>(prob.n - first_col)
+                                                            : kMaskBitsPerByte;
+    const acc_t* tile = smem.c() + r0 * Math::kCLd + byte * kMaskBitsPerByte;
+    if (prob.partial != nullptr) {
+FS_NO_UNROLL
+      for (int j = 0; j < kUnits && m0 + r0 + j * kRowStep < prob.m; ++j) {
+        acc_t* dst = prob.partial + split * prob.partial_stride_split +
+                     (m0 + r0 + j * kRowStep) * prob.out_stride_m + first_col;
+        for (int c = 0; c < count; ++c) dst[c] = tile[j * kRowStep * Math::kCLd + c];
       }
+      return;
+    }
+    const ForwardEpilogueParams<scalar_t> e{prob.out, prob.out_stride_m,   p.bias,
+                                            p.residual, p.residual_stride_row, p.mask,
+                                            prob.m,   prob.n};
+    if (count == kMaskBitsPerByte) {
+      tile_epilogue_units<kRelu, kResidual, kBias, true, kUnits>(e, tile, kRowStep * Math::kCLd,
+                                                                 m0 + r0, kRowStep, first_col,
+                                                                 count);
+    } else {
+      tile_epilogue_units<kRelu, kResidual, kBias, false, kUnits>(e, tile, kRowStep * Math::kCLd,
+                                                                  m0 + r0, kRowStep, first_col,
+                                                                  count);
     }
   });
 }
