@@ -257,8 +257,10 @@ FS_HOST_DEVICE TileRun tile_run(bool rows_fastest, int thread) {
                       : TileRun{thread / kCols, thread % kCols, kThreads / kCols, 0};
 }
 
-// Whether columns k_first, k_first + dk, ... (count of them, those below k_end) of the
-// concatenation lie in one segment. `at`, the K step's cursor, is moved on to k_first's segment.
+// Whether columns k_first .. k_last of the concatenation lie in one segment, k_last the last of
+// k_first, k_first + dk, ... (count of them) or k_end - 1, whichever is less. The whole span is
+// tested, not the columns alone: a run that steps over a narrow input goes by element too, which
+// costs speed only. `at`, the K step's cursor, is moved on to k_first's segment.
 template <class Problem>
 FS_HOST_DEVICE bool run_in_one_segment(const Problem& prob, SegmentCursor& at, int64_t k_first,
                                        int dk, int count, int64_t k_end) {
