@@ -432,11 +432,9 @@ FS_HOST_DEVICE void tile_epilogue_units(const ForwardEpilogueParams<scalar_t>& e
 FS_NO_UNROLL
     for (int j = 0; j < kUnits; ++j) {
       const int64_t row = row0 + j * row_step;
-      if (row >= e.rows) continue;
-      const uint8_t bits = forward_epilogue_cols<kRelu, kResidual, kBias, kFull>(
-          e, tile + j * tile_step, row, first_col, count);
-      if constexpr (kRelu) {
-        e.mask[row * mask_bytes_per_row(e.cols) + first_col / kMaskBitsPerByte] = bits;
+      if (row < e.rows) {
+        forward_epilogue_unit<kRelu, kResidual, kBias>(e, tile + j * tile_step, row,
+                                                       first_col / kMaskBitsPerByte);
       }
     }
     return;
