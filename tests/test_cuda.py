@@ -2,6 +2,7 @@
 kernel and cuBLAS + the element-wise pass). Skipped cleanly without a GPU."""
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -713,6 +714,47 @@ def test_cuda_graph_capture_and_replay(kernels):
             for i, (g, e) in enumerate(zip(grads, expected_grads)):
                 assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
         ran(sample)
+
+
+def test_back_to_back_layers_read_what_the_one_before_wrote(kernels):
+    """A stack of layers, forward and backward, queued with no synchronisation, each reading what
+    the kernel before it wrote. On sm_90 the kernels are launched with programmatic dependent
+    launch (csrc/cuda/launch.cuh): a kernel may start while the one before still runs, and must
+    wait before it reads. Each layer against float64 on its own input and output gradient as they
+    ended up, with the ReLU from the op's own mask (a pre-activation within rounding of zero may
+    take either side): a kernel that read its operands before they were written is off by far
+    more than rounding."""
+    import torch.nn.functional as F
+
+    dtype, _, ran = kernels
+    rows, width, depth = 4096, 256, 6
+    op = torch.ops.fusedskip.fused_linear
+    weights = [(torch.randn(width, width, device="cuda", dtype=dtype) / width**0.5).requires_grad_()
+               for _ in range(depth)]
+    biases = [torch.randn(width, device="cuda", dtype=dtype).requires_grad_() for _ in range(depth)]
+    x = torch.randn(rows, width, device="cuda", dtype=dtype)
+    layers = []
+    for weight, bias in zip(weights, biases):
+        leaf = x.detach().requires_grad_()  # the same memory: the next kernel reads the last output
+        x, mask = op([leaf], weight, bias, leaf, True, False)  # relu(leaf W^T + b) + leaf
+        layers.append((leaf, weight, bias, x, mask))
+    grad = torch.randn_like(x)
+    grads = []
+    for leaf, weight, bias, out, _ in reversed(layers):
+        grads.append((grad, *torch.autograd.grad(out, [leaf, weight, bias], grad)))
+        grad = grads[-1][1]
+    grads.reverse()
+    # One sample of the layers' shape for the check that the `cutlass` kernels ran.
+    ran(types.SimpleNamespace(inputs=[x], name="stack"))
+    for i, ((leaf, weight, bias, out, mask), (grad_out, *got)) in enumerate(zip(layers, grads)):
+        leaves = [t.detach().double().requires_grad_() for t in (leaf, weight, bias)]
+        preact = F.linear(*leaves)
+        active = unpack_mask(mask, width)
+        expected = torch.where(active, preact, torch.zeros_like(preact)) + leaves[0]
+        assert_close_rel(out, expected, dtype, f"layer {i} output")
+        expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+        for name, g, e in zip(("input", "weight", "bias"), got, expected_grads):
+            assert_close_rel(g, e, dtype, f"layer {i} {name} gradient")
 
 
 @pytest.mark.parametrize("name", ["native", "gemm_epilogue", "cutlass"])

@@ -1,6 +1,9 @@
 // CUDA kernels of the element-wise passes: one thread per unit of csrc/epilogue.h, grid-stride.
+// Launched through launch_kernel (csrc/cuda/launch.cuh), so each waits for the kernels before it
+// first.
 #pragma once
 
+#include "cuda/launch.cuh"
 #include "epilogue.h"
 
 namespace fusedskip {
@@ -12,6 +15,8 @@ namespace fusedskip {
 // (forward_epilogue_cols) on registers: 16-byte accesses instead of 2-byte ones for half types.
 template <bool kRelu, Residual kResidual, bool kBias, bool kVec, typename scalar_t>
 __global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t> p, const scalar_t* gemm) {
+  wait_for_prior_kernels();
+  allow_next_kernel_launch();
   const int64_t bytes_per_row = mask_bytes_per_row(p.cols);
   const int64_t units = p.rows * bytes_per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -46,6 +51,8 @@ __global__ void forward_epilogue_kernel(ForwardEpilogueParams<scalar_t> p, const
 // bytes of the same rows, so a warp reads contiguous stretches of grad_out.
 template <bool kRelu, bool kBias, bool kVec, typename scalar_t>
 __global__ void backward_epilogue_kernel(BackwardEpilogueParams<scalar_t> p) {
+  wait_for_prior_kernels();
+  allow_next_kernel_launch();
   const int64_t bytes_per_row = mask_bytes_per_row(p.cols);
   const int64_t units = bias_row_blocks(p.rows, p.rows_per_block) * bytes_per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

@@ -11,6 +11,13 @@
 #if defined(__CUDA_ARCH__) && !defined(NDEBUG)
 #define NDEBUG
 #endif
+// The kernel schedules used here (TMA warp-specialized, cooperative) wait for the kernel before
+// them on the stream (griddepcontrol.wait, in their producer warps) before they read memory, and
+// let the next one launch after their mainloop; with this, those instructions are compiled in,
+// and launch_gemm launches the kernels with programmatic dependent launch (csrc/cuda/launch.cuh).
+// The grouped GEMMs' schedule (pointer array) has no such wait: grouped_gemm_sm90.cu launches
+// them the plain way.
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
 // CUTLASS's Blackwell collectives, included by its builders, capture `this` implicitly in
 // lambdas, which C++20 deprecates (nvcc warning 2908); they are never instantiated here.
 #pragma nv_diag_suppress 2908
@@ -36,6 +43,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cuda/launch.cuh"
 #include "epilogue.h"
 
 namespace fusedskip {
@@ -289,8 +297,9 @@ bool launch_gemm(const typename Gemm::Arguments& args, const at::Tensor& on, con
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
               "fusedskip: the CUTLASS ", what, " could not be set up");
-  TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "fusedskip: the CUTLASS ", what,
-              " failed to launch");
+  TORCH_CHECK(gemm.run(stream, /*cuda_adapter=*/nullptr, programmatic_launch_now()) ==
+                  cutlass::Status::kSuccess,
+              "fusedskip: the CUTLASS ", what, " failed to launch");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

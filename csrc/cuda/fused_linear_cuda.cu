@@ -34,7 +34,6 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t units = rows * mask_bytes_per_row(cols);
   if (units == 0) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // The library path's GEMM writes the output dtype (csrc/fused_linear.cpp); only the CPU loops
   // hand over a float32 x W^T.
   TORCH_INTERNAL_ASSERT(gemm.scalar_type() == out.scalar_type() && gemm.is_contiguous());
@@ -45,9 +44,8 @@ void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
       FS_RESIDUAL_SWITCH(where, kResidual, [&] {
         FS_BOOL_SWITCH(has_bias, kBias, [&] {
           FS_BOOL_SWITCH(forward_epilogue_vectorizable(p, gemm_data), kVec, [&] {
-            forward_epilogue_kernel<kRelu, kResidual, kBias, kVec>
-                <<<blocks_for(units), kThreads, 0, stream>>>(p, gemm_data);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_kernel<forward_epilogue_kernel<kRelu, kResidual, kBias, kVec, scalar_t>>(
+                blocks_for(units), kThreads, p, gemm_data);
           });
         });
       });
@@ -62,7 +60,6 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
   const int64_t row_blocks = bias_row_blocks(rows, kCudaRowsPerBlock);
   const bool relu = grad_preact.defined();
   const bool has_bias = grad_bias.defined();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor partials =
       has_bias ? at::empty({row_blocks, cols},
                            grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type())))
@@ -78,9 +75,8 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
       FS_BOOL_SWITCH(relu, kRelu, [&] {
         FS_BOOL_SWITCH(has_bias, kBias, [&] {
           FS_BOOL_SWITCH(backward_epilogue_vectorizable(p), kVec, [&] {
-            backward_epilogue_kernel<kRelu, kBias, kVec>
-                <<<blocks_for(units), kThreads, 0, stream>>>(p);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_kernel<backward_epilogue_kernel<kRelu, kBias, kVec, scalar_t>>(blocks_for(units),
+                                                                            kThreads, p);
           });
         });
       });

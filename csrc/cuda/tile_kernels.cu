@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/launch.cuh"
 #include "tile_plan.h"
 
 namespace fusedskip {
@@ -141,6 +142,8 @@ constexpr int kTileMinBlocksPerSm = 512 / Math::kThreads;
 template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
 __global__ void __launch_bounds__(Math::kThreads, kTileMinBlocksPerSm<Math>)
     tile_gemm_kernel(const __grid_constant__ Params p) {
+  wait_for_prior_kernels();
+  allow_next_kernel_launch();
   __shared__ typename Math::Smem smem;
   DeviceBlock<Math> block;
   tile_gemm_block<Math, kRelu, kResidual, kBias>(p, blockIdx.x, smem, block);
@@ -148,6 +151,8 @@ __global__ void __launch_bounds__(Math::kThreads, kTileMinBlocksPerSm<Math>)
 
 template <typename scalar_t>
 __global__ void split_sum_kernel(const SplitSumParams<scalar_t> p) {
+  wait_for_prior_kernels();
+  allow_next_kernel_launch();
   const int64_t count = p.count_first + p.count_second;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
@@ -169,9 +174,8 @@ struct CudaExecutor {
   static void run_tiles(const Params& p, int64_t blocks) {
     // csrc/backend.cpp routes shapes beyond the grid's limit to the GEMM + epilogue path.
     TORCH_INTERNAL_ASSERT(blocks <= kTileMaxBlocks);
-    tile_gemm_kernel<Math, kRelu, kResidual, kBias, Params>
-        <<<static_cast<unsigned>(blocks), Math::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<tile_gemm_kernel<Math, kRelu, kResidual, kBias, Params>>(
+        static_cast<unsigned>(blocks), Math::kThreads, p);
   }
 
   template <typename scalar_t>
@@ -181,8 +185,7 @@ struct CudaExecutor {
     const int64_t max_blocks = static_cast<int64_t>(multiprocessors()) * 8;
     const auto blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min(ceil_div(count, kThreads), max_blocks)));
-    split_sum_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<split_sum_kernel<scalar_t>>(blocks, kThreads, p);
   }
 };
 
