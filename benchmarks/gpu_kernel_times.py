@@ -1,7 +1,8 @@
 """Where a call's time goes on the GPU: for each provider, the device time of every kernel it
 launches (torch.profiler), the time per call when calls queue back to back (what a training step
-sees), and the host time per call. Separates a slow kernel from a slow launch path, which the
-benchmark's per-call timing (fusedskip.bench) cannot.
+sees), the host time per call, and one call's kernels in the order the GPU started them, with
+the gaps between them (where the GPU idles between kernels, or overlaps them). Separates a slow
+kernel from a slow launch path, which the benchmark's per-call timing (fusedskip.bench) cannot.
 
     python benchmarks/gpu_kernel_times.py --op relu_add --sizes 8192x4096x4096 \
         --providers fused-cutlass,fused-gemm_epilogue,gemm [--dtype bfloat16] [--out DIR]
@@ -14,7 +15,10 @@ Under ncu, with --once: `ncu -k regex:"device_kernel|nvjet" ...` (every CUTLASS 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +48,56 @@ def prepared_step(case: Case, provider: str, mode: str):
     return step_fn(fn, mode, args, grad)
 
 
+def gpu_intervals(prof) -> List[Tuple[str, float, float]]:
+    """(name, start µs, end µs) of everything the GPU ran under `prof` (kernels, memsets,
+    copies), in the order it started them."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == cuda), key=lambda interval: interval[1])
+
+
+class Timeline(NamedTuple):
+    """One call as the GPU ran it, medians over calls that each ran the same sequence.
+
+    period: from the start of a call's first kernel to the start of the next call's first;
+    busy: how much of that at least one kernel ran (the union of their intervals); rows: each
+    kernel in the order started, with its device time and the gap from the end of the kernel
+    started before it to its own start (negative where it started before that one ended)."""
+    period_us: float
+    busy_us: float
+    rows: List[Tuple[str, float, float]]
+
+
+def call_timeline(intervals: Sequence[Tuple[str, float, float]], calls: int) -> Optional[Timeline]:
+    """The Timeline of `calls` back-to-back calls' intervals (gpu_intervals), or None where they do
+    not split into calls alike (the kernels started in a different order in some call)."""
+    per_call, left = divmod(len(intervals), calls)
+    if calls < 2 or per_call == 0 or left:
+        return None
+    names = [name for name, _, _ in intervals[:per_call]]
+    if any(intervals[c * per_call + j][0] != names[j]
+           for c in range(calls) for j in range(per_call)):
+        return None
+    periods, busy = [], []
+    for c in range(calls - 1):
+        first = intervals[c * per_call][1]
+        covered, reach = 0.0, first
+        for _, start, end in intervals[c * per_call:(c + 1) * per_call]:
+            covered += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        periods.append(intervals[(c + 1) * per_call][1] - first)
+        busy.append(covered)
+    rows = []
+    for j in range(per_call):
+        # Gaps before a call's first kernel come from the call before; the first call has none.
+        members = [c * per_call + j for c in range(calls) if c * per_call + j > 0]
+        gaps = [intervals[i][1] - intervals[i - 1][2] for i in members]
+        durations = [intervals[c * per_call + j][2] - intervals[c * per_call + j][1]
+                     for c in range(calls)]
+        rows.append((names[j], statistics.median(durations), statistics.median(gaps)))
+    return Timeline(statistics.median(periods), statistics.median(busy), rows)
+
+
 def measure(case: Case, provider: str, mode: str, calls: int):
     with provider_backend(provider):
         run = prepared_step(case, provider, mode)
@@ -65,6 +119,7 @@ def measure(case: Case, provider: str, mode: str, calls: int):
             for _ in range(calls):
                 run()
             torch.cuda.synchronize()
+    timeline = call_timeline(gpu_intervals(prof), calls)
     kernels = []
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None)
@@ -73,7 +128,19 @@ def measure(case: Case, provider: str, mode: str, calls: int):
         if device_us > 0:
             kernels.append((short(event.key), event.count / calls, device_us / calls))
     kernels.sort(key=lambda k: -k[2])
-    return host_us, queued_us, kernels
+    return host_us, queued_us, kernels, timeline
+
+
+def timeline_lines(timeline: Optional[Timeline]) -> List[str]:
+    if timeline is None:
+        return ["\nTimeline: the calls' kernels did not start in one order every call."]
+    lines = [f"\nOne call on the GPU, in the order started (medians): a call every "
+             f"{timeline.period_us:.1f} µs, some kernel running for {timeline.busy_us:.1f} of "
+             f"them, none for {timeline.period_us - timeline.busy_us:.1f}.\n",
+             "| # | kernel | µs | gap before, µs |\n|---:|---|---:|---:|"]
+    lines += [f"| {i} | `{short(name)}` | {us:.1f} | {gap:+.1f} |"
+              for i, (name, us, gap) in enumerate(timeline.rows, 1)]
+    return lines
 
 
 def main() -> int:
@@ -103,6 +170,9 @@ def main() -> int:
         torch.cuda.synchronize()
         return 0
 
+    # The library's kernels wait for and let in their neighbours on the stream (programmatic
+    # dependent launch, csrc/cuda/launch.cuh) unless FUSEDSKIP_PDL=0: name the runs without.
+    launch_note = " (FUSEDSKIP_PDL=0)" if os.environ.get("FUSEDSKIP_PDL") == "0" else ""
     lines = []
     for m, k, n in parse_sizes(args.sizes):
         case = Case(args.op, m, k, n, getattr(torch, args.dtype), "cuda")
@@ -110,13 +180,15 @@ def main() -> int:
             result = measure(case, provider, args.mode, args.calls)
             if result is None:
                 continue
-            host_us, queued_us, kernels = result
+            host_us, queued_us, kernels, timeline = result
             total = sum(k[2] for k in kernels)
-            lines.append(f"\n### {args.op} {args.mode} {args.dtype} {m}x{k}x{n}: {provider}\n")
+            lines.append(f"\n### {args.op} {args.mode} {args.dtype} {m}x{k}x{n}: {provider}"
+                         f"{launch_note}\n")
             lines.append(f"host {host_us:.1f} µs/call, queued {queued_us:.1f} µs/call, "
                          f"kernels {total:.1f} µs/call\n")
             lines.append("| kernel | launches/call | µs/call |\n|---|---:|---:|")
             lines += [f"| `{name}` | {count:.0f} | {us:.1f} |" for name, count, us in kernels]
+            lines += timeline_lines(timeline)
     text = "\n".join(lines)
     print(text)
     if args.out:

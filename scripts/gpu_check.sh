@@ -198,8 +198,11 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
 # backward (fused-cutlass), and eager; and concat4 at 65536 rows, whose blocks (96 to 424 wide)
 # made one cuBLAS GEMM each 0.77x eager in the 2026-11-28 sweep, before the inputs' gradients
 # became one GEMM; and concat4 of widths 3+6+9+12 at 65536 rows under no_grad (0.65x eager there),
-# the native kernel's K steps since packed over the inputs. One failing part leaves the others
-# run.
+# the native kernel's K steps since packed over the inputs. Then the fused op's large concat
+# and narrow relu_add layers again with FUSEDSKIP_PDL=0: its kernels launched the plain way
+# instead of with programmatic dependent launch (csrc/cuda/launch.cuh), what that brings; each
+# section's timeline shows where kernels overlap or the GPU idles between them. One failing part
+# leaves the others run.
 step kernel_times 150 bash -c '
   rc=0
   $0 benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
@@ -212,6 +215,10 @@ step kernel_times 150 bash -c '
     --sizes 65536x1024x1024 --out "$1" --providers fused,eager || rc=1
   $0 benchmarks/gpu_kernel_times.py --op concat4 --mode no_grad \
     --sizes 65536x30x30 --out "$1" --providers fused,eager || rc=1
+  FUSEDSKIP_PDL=0 $0 benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
+    --sizes 8192x4096x4096 --out "$1" --providers fused || rc=1
+  FUSEDSKIP_PDL=0 $0 benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
+    --sizes 65536x30x30 --out "$1" --providers fused || rc=1
   exit $rc' "$PY" "$OUT"
 
 # 6. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to

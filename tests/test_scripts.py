@@ -2,6 +2,7 @@
 and the source hash a prebuilt extension is matched by changes with every source and nothing
 else (a GPU run must never test kernels other than the sources beside them)."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -61,3 +62,46 @@ def test_source_stamp_follows_the_sources_and_nothing_else(tmp_path):
     (tmp_path / "csrc" / "new.cpp").write_text("// a new source\n")
     seen.add(_stamp(tmp_path))
     assert len(seen) == len(sources) + 2
+
+
+def _kernel_times_module():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernel_times", ROOT / "benchmarks" / "gpu_kernel_times.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_timeline_splits_calls_and_measures_gaps_and_overlaps():
+    timeline_of = _kernel_times_module().call_timeline
+    # Three calls 100 us apart: A for 10 us; B starting 2 us after A ends in call 0, and 2 us before
+    # it ends (overlapping it) in calls 1 and 2; a memset after B.
+    b_starts = [12.0, 8.0, 8.0]
+    intervals = []
+    for c, b_start in enumerate(b_starts):
+        base = 100.0 * c
+        intervals += [("A", base, base + 10), ("B", base + b_start, base + b_start + 18),
+                      ("Memset (Device)", base + 40, base + 41)]
+    timeline = timeline_of(intervals, 3)
+    assert timeline.period_us == 100.0
+    # Calls 0 and 1 (the last has no next call to end its period): 10 + 18 + 1, and 26 + 1 where
+    # B overlaps A.
+    assert timeline.busy_us == pytest.approx((29.0 + 27.0) / 2)
+    names = [name for name, _, _ in timeline.rows]
+    assert names == ["A", "B", "Memset (Device)"]
+    durations = [us for _, us, _ in timeline.rows]
+    assert durations == [10.0, 18.0, 1.0]
+    gaps = [gap for _, _, gap in timeline.rows]
+    # A: from the call before's memset (ended at 41) to 100; B: 2, -2, -2; the memset: 40 - 30,
+    # 40 - 26, 40 - 26.
+    assert gaps == [59.0, -2.0, 14.0]
+
+
+def test_kernel_timeline_refuses_calls_that_differ():
+    timeline_of = _kernel_times_module().call_timeline
+    same = [("A", 0.0, 1.0), ("B", 2.0, 3.0), ("A", 10.0, 11.0), ("B", 12.0, 13.0)]
+    assert timeline_of(same, 2) is not None
+    assert timeline_of(same[:3], 2) is None  # not a whole number of calls
+    swapped = same[:2] + [("B", 10.0, 11.0), ("A", 12.0, 13.0)]
+    assert timeline_of(swapped, 2) is None
+    assert timeline_of(same, 1) is None  # one call has no period
