@@ -201,8 +201,10 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
 # the native kernel's K steps since packed over the inputs. Then the fused op's large concat
 # and narrow relu_add layers again with FUSEDSKIP_PDL=0: its kernels launched the plain way
 # instead of with programmatic dependent launch (csrc/cuda/launch.cuh), what that brings; each
-# section's timeline shows where kernels overlap or the GPU idles between them. One failing part
-# leaves the others run.
+# section's timeline shows where kernels overlap or the GPU idles between them. Last, the concat
+# layers' weight gradient one GEMM per block against a cat and one GEMM
+# (benchmarks/concat_weight_grad.py): where the library path's choice between them should lie.
+# One failing part leaves the others run.
 step kernel_times 150 bash -c '
   rc=0
   $0 benchmarks/gpu_kernel_times.py --op relu_add --sizes 4096x1024x1024,8192x4096x4096 \
@@ -219,6 +221,7 @@ step kernel_times 150 bash -c '
     --sizes 8192x4096x4096 --out "$1" --providers fused || rc=1
   FUSEDSKIP_PDL=0 $0 benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
     --sizes 65536x30x30 --out "$1" --providers fused || rc=1
+  $0 benchmarks/concat_weight_grad.py --out "$1" || rc=1
   exit $rc' "$PY" "$OUT"
 
 # 6. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to

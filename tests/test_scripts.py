@@ -105,3 +105,17 @@ def test_kernel_timeline_refuses_calls_that_differ():
     swapped = same[:2] + [("B", 10.0, 11.0), ("A", 12.0, 13.0)]
     assert timeline_of(swapped, 2) is None
     assert timeline_of(same, 1) is None  # one call has no period
+
+
+def test_concat_weight_grad_benchmark_runs_and_checks_each_way(tmp_path):
+    """benchmarks/concat_weight_grad.py on CPU at small sizes: each way gives the gradient (it
+    stops otherwise), and a row per shape lands in the file."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "concat_weight_grad.py"), "--device", "cpu",
+         "--dtype", "float32", "--sizes", "96x200x24", "--calls", "1", "--rounds", "1",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (written,) = tmp_path.glob("concat-weight-grad-*.md")
+    rows = [line for line in written.read_text().splitlines() if line.startswith("| 96 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["[64, 136]", "[20, 40, 60, 80]"]
