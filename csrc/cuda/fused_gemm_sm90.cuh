@@ -40,6 +40,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "backend.h"
@@ -105,13 +106,33 @@ CUTLASS_HOST_DEVICE int64_t mask_word_index(int64_t row0, int64_t col0, int lane
   return (row * row_bits + col0) / 32;
 }
 
+// The words lane `lane` stores at the end of a tile, for one row of subtiles: `count` words from
+// index `first` on, one per subtile of the row (a lane's row is the same in each: the warps split
+// a subtile by rows, and subtiles are 32 columns wide), those inside the problem. (row0, col0):
+// the warp's corner in the row's first subtile; `subtiles` how many the row has. count 0 where
+// the lane stores none.
+struct MaskRowStore {
+  int64_t first;
+  int count;
+};
+CUTLASS_HOST_DEVICE MaskRowStore mask_row_store(int64_t row0, int64_t col0, int lane, int64_t rows,
+                                                int64_t cols, int64_t row_bits, int subtiles) {
+  const int64_t first = mask_word_index(row0, col0, lane, rows, cols, row_bits);
+  if (first < 0) return {-1, 0};
+  const int64_t inside = (cols - col0) / 32;
+  return {first, static_cast<int>(inside < subtiles ? inside : subtiles)};
+}
+
 // An epilogue node that passes its input (the pre-activation) through and writes the mask:
 // bit n of row m is at bit m * row_bits + n, set where relu_active holds. Per subtile, one
-// ballot per value and one plain 32-bit store per row: every word of the mask is written once,
-// by the warp that holds its row and columns (out_features is a multiple of 128, so a word never
-// straddles the problem's edge), with no atomics and nothing to zero first. Words past the
-// problem's edges (the last row tile's, and with tiles wider than 128 the last column tile's)
-// are not stored.
+// ballot per value; each of a row's words is kept in a register until the tile's last subtile,
+// and then the row's words (8 for the library's 128x256 tile, 32 bytes side by side) are stored
+// together, 16 bytes at a time: every word of the mask is written once, by the warp that holds
+// its row and columns (out_features is a multiple of 128, so a word never straddles the
+// problem's edge), with no atomics and nothing to zero first. Stored as each subtile's came, one
+// 4-byte store per row and subtile, they took 16 rows' scattered words per store instruction.
+// Words past the problem's edges (the last row tile's, and with tiles wider than 128 the last
+// column tile's) are not stored.
 struct ReluMaskStore {
   struct SharedStorage {};
   struct Arguments {
@@ -164,6 +185,11 @@ struct ReluMaskStore {
     CoordTensor coords;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) -> (m, n, l) of each register value
     ProblemShapeMNL shape;
     Params const* params;
+    static constexpr int kEpiM = decltype(size<3>(std::declval<CoordTensor>()))::value;
+    static constexpr int kEpiN = decltype(size<4>(std::declval<CoordTensor>()))::value;
+    // This lane's word of each subtile (lanes 16-31 keep none); indexed by the unrolled epilogue
+    // loops' constants, so registers.
+    uint32_t words[kEpiM][kEpiN];
 
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
@@ -178,15 +204,35 @@ struct ReluMaskStore {
       for (int k = 0; k < kMaskValuesPerSubtile; ++k) {
         ballot[k] = __ballot_sync(0xffffffffu, relu_active(preact[k]));
       }
-      // Lane 0's first value is the top-left corner of the warp's share of the subtile.
-      const auto corner = coords_mn(0);
-      const int lane = static_cast<int>(threadIdx.x % 32);
-      const int64_t word = mask_word_index(
-          __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0),
-          __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0), lane, get<0>(shape),
-          get<1>(shape), params->row_bits);
-      if (word >= 0) params->mask[word] = mask_word_from_ballots(ballot, lane);
+      words[epi_m][epi_n] = mask_word_from_ballots(ballot, static_cast<int>(threadIdx.x % 32));
       return preact;
+    }
+
+    CUTLASS_DEVICE void end() {
+      const int lane = static_cast<int>(threadIdx.x % 32);
+      CUTLASS_PRAGMA_UNROLL
+      for (int epi_m = 0; epi_m < kEpiM; ++epi_m) {
+        // Lane 0's first value is the top-left corner of the warp's share of the subtile.
+        const auto corner = coords(_, _, _, epi_m, 0)(0);
+        const MaskRowStore row = mask_row_store(
+            __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0),
+            __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0), lane, get<0>(shape),
+            get<1>(shape), params->row_bits, kEpiN);
+        if (row.count == 0) continue;
+        uint32_t* to = params->mask + row.first;
+        if (kEpiN % 4 == 0 && row.count == kEpiN && row.first % 4 == 0) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int q = 0; q < kEpiN / 4; ++q) {
+            reinterpret_cast<uint4*>(to)[q] = make_uint4(words[epi_m][4 * q], words[epi_m][4 * q + 1],
+                                                         words[epi_m][4 * q + 2], words[epi_m][4 * q + 3]);
+          }
+        } else {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kEpiN; ++j) {
+            if (j < row.count) to[j] = words[epi_m][j];
+          }
+        }
+      }
     }
   };
 
@@ -450,8 +496,11 @@ std::string mask_layout_error(const char* name) {
       for (int warp = 0; warp < kThreads / 32; ++warp) {
         std::vector<Coords> lanes;
         for (int lane = 0; lane < 32; ++lane) lanes.push_back(coords_of(tile_m, tile_n, 32 * warp + lane));
-        for (int epi_m = 0; epi_m < size<3>(lanes[0]); ++epi_m) {
-          for (int epi_n = 0; epi_n < size<4>(lanes[0]); ++epi_n) {
+        const int epi_rows = size<3>(lanes[0]), epi_cols = size<4>(lanes[0]);
+        for (int epi_m = 0; epi_m < epi_rows; ++epi_m) {
+          // Each lane's word of each subtile of the row, from the ballots, as visit builds them.
+          std::vector<std::vector<uint32_t>> words(32, std::vector<uint32_t>(epi_cols));
+          for (int epi_n = 0; epi_n < epi_cols; ++epi_n) {
             if (size(lanes[0](_, _, _, epi_m, epi_n)) != kMaskValuesPerSubtile) {
               return fail("a subtile holds " + std::to_string(size(lanes[0](_, _, _, epi_m, epi_n))) +
                           " values per thread");
@@ -463,18 +512,34 @@ std::string mask_layout_error(const char* name) {
                 ballot[k] |= pattern(get<0>(c), get<1>(c)) << lane;
               }
             }
-            const auto corner = lanes[0](_, _, _, epi_m, epi_n)(0);
-            for (int lane = 0; lane < 32; ++lane) {
-              const int64_t word =
-                  mask_word_index(get<0>(corner), get<1>(corner), lane, rows, cols, cols);
-              if (word < 0) continue;
+            for (int lane = 0; lane < 32; ++lane) words[lane][epi_n] = mask_word_from_ballots(ballot, lane);
+          }
+          // What end() stores: each lane's row of words at once, from the first subtile's corner.
+          const auto corner = lanes[0](_, _, _, epi_m, 0)(0);
+          for (int lane = 0; lane < 32; ++lane) {
+            const MaskRowStore store =
+                mask_row_store(get<0>(corner), get<1>(corner), lane, rows, cols, cols, epi_cols);
+            for (int j = 0; j < epi_cols; ++j) {
+              // The row's words lie side by side, one per subtile: the word subtile j's own
+              // corner places there, or none past the problem's edge.
+              const auto own = lanes[0](_, _, _, epi_m, j)(0);
+              const int64_t placed =
+                  mask_word_index(get<0>(own), get<1>(own), lane, rows, cols, cols);
+              if (placed != (j < store.count ? store.first + j : -1)) {
+                return fail("lane " + std::to_string(lane) + "'s word of subtile (" +
+                            std::to_string(epi_m) + ", " + std::to_string(j) +
+                            ") is not where its row's words are stored");
+              }
+            }
+            for (int j = 0; j < store.count; ++j) {
+              const int64_t word = store.first + j;
               if (word >= static_cast<int64_t>(stores.size())) {
                 return fail("lane " + std::to_string(lane) + " would store past the mask");
               }
               const int64_t row = word * 32 / cols, col = word * 32 % cols;
               uint32_t expected = 0;
               for (int n = 0; n < 32; ++n) expected |= pattern(row, col + n) << n;
-              if (mask_word_from_ballots(ballot, lane) != expected) {
+              if (words[lane][j] != expected) {
                 return fail("the word of row " + std::to_string(row) + ", columns " +
                             std::to_string(col) + "+ holds other bits than its elements'");
               }
