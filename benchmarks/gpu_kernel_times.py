@@ -1,8 +1,9 @@
 """Where a call's time goes on the GPU: for each provider, the device time of every kernel it
 launches (torch.profiler), the time per call when calls queue back to back (what a training step
 sees), the host time per call, and one call's kernels in the order the GPU started them, with
-the gaps between them (where the GPU idles between kernels, or overlaps them). Separates a slow
-kernel from a slow launch path, which the benchmark's per-call timing (fusedskip.bench) cannot.
+the gaps between them (where the GPU runs nothing between kernels, or runs two at once).
+Separates a slow kernel from a slow launch path, which the benchmark's per-call timing
+(fusedskip.bench) cannot.
 
     python benchmarks/gpu_kernel_times.py --op relu_add --sizes 8192x4096x4096 \
         --providers fused-cutlass,fused-gemm_epilogue,gemm [--dtype bfloat16] [--out DIR]
@@ -53,18 +54,24 @@ def gpu_intervals(prof) -> List[Tuple[str, float, float]]:
     copies), in the order it started them."""
     cuda = torch.autograd.DeviceType.CUDA
     return sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == cuda), key=lambda interval: interval[1])
+                   if e.device_type == cuda and not getattr(e, "is_user_annotation", False)),
+                  key=lambda interval: interval[1])
 
 
 class Timeline(NamedTuple):
     """One call as the GPU ran it, medians over calls that each ran the same sequence.
 
     period: from the start of a call's first kernel to the start of the next call's first;
-    busy: how much of that at least one kernel ran (the union of their intervals); rows: each
-    kernel in the order started, with its device time and the gap from the end of the kernel
-    started before it to its own start (negative where it started before that one ended)."""
+    busy: how much of that period some kernel ran, of any call; idle: the rest; rows: each
+    kernel in the order started, with its device time and the gap before it: from the moment
+    every kernel started before it had ended, to its own start (positive: the GPU ran nothing
+    for that long; negative: it started that long before the last of them ended). A kernel
+    placed early (programmatic dependent launch) counts from its placement, its wait for the
+    kernel before included: judge paths by the queued time per call, and this for where the
+    time goes."""
     period_us: float
     busy_us: float
+    idle_us: float
     rows: List[Tuple[str, float, float]]
 
 
@@ -78,24 +85,33 @@ def call_timeline(intervals: Sequence[Tuple[str, float, float]], calls: int) -> 
     if any(intervals[c * per_call + j][0] != names[j]
            for c in range(calls) for j in range(per_call)):
         return None
-    periods, busy = [], []
+    # The union of every interval, as disjoint spans in order; and before each interval, the
+    # latest end of those started before it.
+    spans: List[List[float]] = []
+    ended_before, latest = [], float("-inf")
+    for _, start, end in intervals:
+        ended_before.append(latest)
+        latest = max(latest, end)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    periods, busy, idle = [], [], []
     for c in range(calls - 1):
-        first = intervals[c * per_call][1]
-        covered, reach = 0.0, first
-        for _, start, end in intervals[c * per_call:(c + 1) * per_call]:
-            covered += max(0.0, end - max(start, reach))
-            reach = max(reach, end)
-        periods.append(intervals[(c + 1) * per_call][1] - first)
-        busy.append(covered)
+        first, following = intervals[c * per_call][1], intervals[(c + 1) * per_call][1]
+        periods.append(following - first)
+        busy.append(sum(max(0.0, min(end, following) - max(start, first)) for start, end in spans))
+        idle.append(periods[-1] - busy[-1])
     rows = []
     for j in range(per_call):
         # Gaps before a call's first kernel come from the call before; the first call has none.
         members = [c * per_call + j for c in range(calls) if c * per_call + j > 0]
-        gaps = [intervals[i][1] - intervals[i - 1][2] for i in members]
+        gaps = [intervals[i][1] - ended_before[i] for i in members]
         durations = [intervals[c * per_call + j][2] - intervals[c * per_call + j][1]
                      for c in range(calls)]
         rows.append((names[j], statistics.median(durations), statistics.median(gaps)))
-    return Timeline(statistics.median(periods), statistics.median(busy), rows)
+    return Timeline(statistics.median(periods), statistics.median(busy), statistics.median(idle),
+                    rows)
 
 
 def measure(case: Case, provider: str, mode: str, calls: int):
@@ -136,7 +152,7 @@ def timeline_lines(timeline: Optional[Timeline]) -> List[str]:
         return ["\nTimeline: the calls' kernels did not start in one order every call."]
     lines = [f"\nOne call on the GPU, in the order started (medians): a call every "
              f"{timeline.period_us:.1f} µs, some kernel running for {timeline.busy_us:.1f} of "
-             f"them, none for {timeline.period_us - timeline.busy_us:.1f}.\n",
+             f"them, none for {timeline.idle_us:.1f}.\n",
              "| # | kernel | µs | gap before, µs |\n|---:|---|---:|---:|"]
     lines += [f"| {i} | `{short(name)}` | {us:.1f} | {gap:+.1f} |"
               for i, (name, us, gap) in enumerate(timeline.rows, 1)]

@@ -87,6 +87,7 @@ def test_kernel_timeline_splits_calls_and_measures_gaps_and_overlaps():
     # Calls 0 and 1 (the last has no next call to end its period): 10 + 18 + 1, and 26 + 1 where
     # B overlaps A.
     assert timeline.busy_us == pytest.approx((29.0 + 27.0) / 2)
+    assert timeline.idle_us == pytest.approx(100.0 - 28.0)
     names = [name for name, _, _ in timeline.rows]
     assert names == ["A", "B", "Memset (Device)"]
     durations = [us for _, us, _ in timeline.rows]
@@ -119,3 +120,13 @@ def test_concat_weight_grad_benchmark_runs_and_checks_each_way(tmp_path):
     (written,) = tmp_path.glob("concat-weight-grad-*.md")
     rows = [line for line in written.read_text().splitlines() if line.startswith("| 96 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["[64, 136]", "[20, 40, 60, 80]"]
+
+
+def test_kernel_timeline_counts_time_once_where_calls_overlap():
+    """Each call's kernel starts before the call before has ended (as a kernel placed early by
+    programmatic dependent launch does): the overlap is busy time of one call, not of both."""
+    timeline = _kernel_times_module().call_timeline(
+        [("K", 5.0 * c, 5.0 * c + 10) for c in range(4)], 4)
+    assert timeline.period_us == 5.0
+    assert timeline.busy_us == 5.0 and timeline.idle_us == 0.0
+    assert timeline.rows == [("K", 10.0, -5.0)]
