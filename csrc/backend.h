@@ -75,4 +75,11 @@ void count_grouped_gemm_launch();
 // CUDA builds.
 std::string fused_gemm_mask_layout_error();
 
+// Test hooks of csrc/cuda/launch_probe.cu, only in CUDA builds: whether the library's kernels
+// launched now on the current device use programmatic dependent launch (csrc/cuda/launch.cuh),
+// and a copy of src into dst (contiguous, one size in bytes) by a kernel that lets the next one
+// launch at once and writes only delay_ns later.
+bool programmatic_launch_active();
+void late_copy_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t delay_ns);
+
 }  // namespace fusedskip

@@ -182,6 +182,34 @@ PyObject* fused_gemm_mask_layout_error_py(PyObject* /*module*/, PyObject* /*unus
   return PyUnicode_FromStringAndSize(error.data(), static_cast<Py_ssize_t>(error.size()));
 }
 
+PyObject* programmatic_launch_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+#ifdef FUSEDSKIP_WITH_CUDA
+  return PyBool_FromLong(programmatic_launch_active());
+#else
+  Py_RETURN_FALSE;
+#endif
+  END_HANDLE_TH_ERRORS
+}
+
+// _late_copy(src, dst, delay_ns): see csrc/backend.h.
+PyObject* late_copy_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]) &&
+                       PyLong_Check(args[2]),
+                   "fusedskip._C._late_copy takes (src: Tensor, dst: Tensor, delay_ns: int)");
+#ifdef FUSEDSKIP_WITH_CUDA
+  const long long delay_ns = PyLong_AsLongLong(args[2]);
+  if (delay_ns == -1 && PyErr_Occurred()) return nullptr;
+  late_copy_cuda(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), delay_ns);
+  Py_RETURN_NONE;
+#else
+  TORCH_CHECK(false, "fusedskip: _late_copy needs the CUDA build");
+  return nullptr;
+#endif
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_fused_gemm_built", fused_gemm_built_py, METH_NOARGS,
      "Whether the `cutlass` backend's sm_90a GEMM was compiled in."},
@@ -193,6 +221,10 @@ PyMethodDef methods[] = {
      "How many grouped GEMMs the `cutlass` backend's concat backward has launched."},
     {"_fused_gemm_mask_layout_error", fused_gemm_mask_layout_error_py, METH_NOARGS,
      "Empty where the CUTLASS GEMM's mask store meets the register layout it assumes."},
+    {"_programmatic_launch", programmatic_launch_py, METH_NOARGS,
+     "Whether the library's kernels launch with programmatic dependent launch on this device."},
+    {"_late_copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(late_copy_py)),
+     METH_FASTCALL, "Test hook: copies src into dst, late, letting the next kernel launch early."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},
     {"_get_backend", get_backend_py, METH_NOARGS, "The op's current backend."},
     {"fused_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_linear_py)),

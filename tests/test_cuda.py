@@ -2,6 +2,7 @@
 kernel and cuBLAS + the element-wise pass). Skipped cleanly without a GPU."""
 
 import itertools
+import os
 import types
 
 import pytest
@@ -714,6 +715,36 @@ def test_cuda_graph_capture_and_replay(kernels):
             for i, (g, e) in enumerate(zip(grads, expected_grads)):
                 assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
         ran(sample)
+
+
+def test_kernels_wait_for_the_kernel_before_them(kernels):
+    """Each backend's first kernels, forward and backward, queued right behind a kernel that lets
+    the next one launch at once and writes their operands (the inputs, then the output gradient)
+    only 2 ms later (fusedskip._C._late_copy, launched as the library launches its own). On sm_90,
+    where kernels launch with programmatic dependent launch (csrc/cuda/launch.cuh), one that read
+    its operands before waiting for the kernel before it would read the old values."""
+    dtype, samples, ran = kernels
+    late_copy = fusedskip._ops._C._late_copy
+    if torch.cuda.get_device_capability()[0] >= 9 and os.environ.get("FUSEDSKIP_PDL") != "0":
+        assert fusedskip._ops._C._programmatic_launch()
+    for sample in samples:
+        tensors, n = sample.tensors(), len(sample.inputs)
+        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
+        expected = sample.call(fusedskip, *new, *tensors[n:])
+        grad = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+        ran(sample)
+        late_grad = torch.zeros_like(grad)  # what a kernel that did not wait would read
+        torch.cuda.synchronize()
+        for x, x_new in zip(sample.inputs, new):
+            late_copy(x_new.detach(), x.detach(), 2_000_000)
+        out = sample.call(fusedskip, *tensors)
+        late_copy(grad, late_grad, 2_000_000)
+        grads = torch.autograd.grad(out, tensors, late_grad)
+        ran(sample)
+        assert_close_rel(out, expected, dtype, f"{sample.name} output")
+        for i, (g, e) in enumerate(zip(grads, expected_grads)):
+            assert_close_rel(g, e, dtype, f"{sample.name} grad {i}")
 
 
 def test_back_to_back_layers_read_what_the_one_before_wrote(kernels):

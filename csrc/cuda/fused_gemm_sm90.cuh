@@ -11,13 +11,18 @@
 #if defined(__CUDA_ARCH__) && !defined(NDEBUG)
 #define NDEBUG
 #endif
-// The kernel schedules used here (TMA warp-specialized, cooperative) wait for the kernel before
-// them on the stream (griddepcontrol.wait, in their producer warps) before they read memory, and
-// let the next one launch after their mainloop; with this, those instructions are compiled in,
-// and launch_gemm launches the kernels with programmatic dependent launch (csrc/cuda/launch.cuh).
-// The grouped GEMMs' schedule (pointer array) has no such wait: grouped_gemm_sm90.cu launches
-// them the plain way.
+// The kernel schedules used here (TMA warp-specialized, cooperative and ping-pong) wait for the
+// kernel before them on the stream (griddepcontrol.wait) in their producer warps before they
+// load, and let the next one launch after their mainloop; with this, those instructions are
+// compiled in, and launch_gemm launches the kernels with programmatic dependent launch
+// (csrc/cuda/launch.cuh). The consumer warps do not wait themselves: their first global memory
+// access (the bias, the outputs, ReluMaskStore's mask) comes after the first mainloop stage the
+// producer loaded after its wait. So a visitor node here must touch global memory only in its
+// visits and after. The grouped GEMMs' schedule (pointer array) has no such wait:
+// grouped_gemm_sm90.cu launches them the plain way.
+#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
 #define CUTLASS_ENABLE_GDC_FOR_SM90 1
+#endif
 // CUTLASS's Blackwell collectives, included by its builders, capture `this` implicitly in
 // lambdas, which C++20 deprecates (nvcc warning 2908); they are never instantiated here.
 #pragma nv_diag_suppress 2908
@@ -30,6 +35,13 @@
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/numeric_types.h>
+#include <cutlass/arch/grid_dependency_control.h>
+// launch_gemm launches with programmatic dependent launch: a kernel compiled without the wait
+// (CUTLASS headers included before this one, or a CUTLASS that spells it otherwise) would then
+// read the output of the kernel before it while that still runs.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(CUTLASS_GDC_ENABLED)
+#error "fusedskip: CUTLASS's grid dependency control is off; the kernels would not wait"
+#endif
 #pragma nv_diag_default 2908
 
 #include <ATen/ATen.h>

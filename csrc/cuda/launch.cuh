@@ -15,7 +15,10 @@
 //
 // The rule that keeps it correct: a kernel launched with PDL touches no global memory before
 // wait_for_prior_kernels(). Every __global__ function launched through launch_kernel calls it
-// first, and launch_kernel uses PDL only for code compiled with it.
+// first, and launch_kernel uses PDL only for code compiled with it. (The CUTLASS GEMMs keep the
+// rule their own way: csrc/cuda/fused_gemm_sm90.cuh.) tests/test_cuda.py queues each backend's
+// kernels right behind a kernel that lets them launch early and writes their operands late
+// (csrc/cuda/launch_probe.cu).
 #pragma once
 
 #include <atomic>
@@ -40,8 +43,9 @@ __device__ __forceinline__ void wait_for_prior_kernels() {
 }
 
 // Lets the next kernel on the stream be launched once every block of this one has called this
-// or exited: its blocks then take the multiprocessors this kernel's last blocks leave, and wait
-// for this kernel to finish before they read anything. Affects when, never what.
+// or exited: its blocks may then be placed wherever there is room (on the multiprocessors this
+// kernel's last blocks leave, or idle ones), and wait for this kernel to finish before they read
+// or write anything. Affects when, never what.
 __device__ __forceinline__ void allow_next_kernel_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" :::);
