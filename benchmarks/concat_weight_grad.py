@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
 
-from fusedskip.bench import append_markdown, parse_sizes, split_widths
+from fusedskip.bench import append_markdown, parse_sizes, split_widths, time_queued_us
 
 DEFAULT_SIZES = "4096x1024x1024,8192x4096x4096,65536x256x256,65536x1024x1024"
 
@@ -45,22 +44,6 @@ def strategies(grad: torch.Tensor, inputs: List[torch.Tensor],
     return {"per block": per_block,
             "cat + GEMM": lambda: torch.mm(grad.t(), torch.cat(inputs, 1), out=out),
             "saved cat": lambda: torch.mm(grad.t(), saved, out=out)}
-
-
-def time_us(fn: Callable[[], None], calls: int, device: str) -> float:
-    """Per call, `calls` calls queued back to back."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / calls
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - begin) * 1e6 / calls
 
 
 def main() -> int:
@@ -98,7 +81,7 @@ def main() -> int:
             times: Dict[str, List[float]] = {name: [] for name in runs}
             for _ in range(args.rounds):
                 for name, fn in runs.items():
-                    times[name].append(time_us(fn, args.calls, args.device))
+                    times[name].append(time_queued_us(fn, args.calls, args.device))
             us = {name: statistics.median(t) for name, t in times.items()}
             best = min(("per block", "cat + GEMM"), key=us.get)
             lines.append(f"| {m} | {list(widths)} | {n} | {us['per block']:.1f} | "

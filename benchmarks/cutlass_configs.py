@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import fusedskip
-from fusedskip.bench import append_markdown, parse_sizes
+from fusedskip.bench import append_markdown, parse_sizes, time_queued_us
 
 DTYPE = torch.bfloat16
 
@@ -99,13 +99,7 @@ def time_per_call(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
     host time, which at the smaller sizes can exceed a kernel's)."""
     for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    queued = start.elapsed_time(end) * 1e3 / calls
+    queued = time_queued_us(fn, calls)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()

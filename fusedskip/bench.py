@@ -355,6 +355,23 @@ def time_cuda(steps: List[Callable], repeats: int, warm_up: bool = True,
     return times
 
 
+def time_queued_us(fn: Callable[[], object], calls: int, device: str = "cuda") -> float:
+    """µs per call over `calls` calls queued back to back between two CUDA events (what a
+    training step sees, overlaps and gaps between calls included); on a CPU the wall clock."""
+    if device != "cuda":
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - begin) * 1e6 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
 def time_cpu(steps: List[Callable], min_run_time: float) -> List[float]:
     import torch.utils.benchmark as benchmark
 

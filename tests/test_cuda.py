@@ -651,16 +651,23 @@ def kernels(request):
         yield dtype, samples, ran
 
 
+def on_new_inputs(sample):
+    """The sample's tensors, and the layer on new inputs in their place (the same parameters):
+    (tensors, new inputs, output, output gradient, every tensor's gradient)."""
+    tensors, n = sample.tensors(), len(sample.inputs)
+    new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
+    expected = sample.call(fusedskip, *new, *tensors[n:])
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+    return tensors, new, expected, grad, expected_grads
+
+
 def test_non_default_stream(kernels):
     """The kernels run on the current stream: on a side stream, the inputs are rewritten after a
     long sleep; a kernel launched on any other stream would read the old values."""
     dtype, samples, ran = kernels
     for sample in samples:
-        tensors, n = sample.tensors(), len(sample.inputs)
-        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
-        expected = sample.call(fusedskip, *new, *tensors[n:])
-        grad = torch.randn_like(expected)
-        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+        tensors, new, expected, grad, expected_grads = on_new_inputs(sample)
         # Its graph, left alive, would hold the default stream's AccumulateGrad nodes for the
         # leaves the side stream's backward reaches too (torch warns of the mismatch).
         expected = expected.detach()
@@ -728,11 +735,7 @@ def test_kernels_wait_for_the_kernel_before_them(kernels):
     if torch.cuda.get_device_capability()[0] >= 9 and os.environ.get("FUSEDSKIP_PDL") != "0":
         assert fusedskip._ops._C._programmatic_launch()
     for sample in samples:
-        tensors, n = sample.tensors(), len(sample.inputs)
-        new = [torch.randn_like(x).requires_grad_() for x in sample.inputs]
-        expected = sample.call(fusedskip, *new, *tensors[n:])
-        grad = torch.randn_like(expected)
-        expected_grads = torch.autograd.grad(expected, [*new, *tensors[n:]], grad)
+        tensors, new, expected, grad, expected_grads = on_new_inputs(sample)
         ran(sample)
         late_grad = torch.zeros_like(grad)  # what a kernel that did not wait would read
         torch.cuda.synchronize()
