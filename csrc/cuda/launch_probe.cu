@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "backend.h"
@@ -44,10 +43,12 @@ void late_copy_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t delay_
                     "fusedskip: _late_copy takes two contiguous tensors of one size in bytes");
   TORCH_CHECK_VALUE(delay_ns >= 0, "fusedskip: _late_copy's delay must be >= 0");
   const c10::cuda::CUDAGuard device_guard(src.device());
-  const int64_t bytes = static_cast<int64_t>(src.nbytes());
-  const auto blocks = static_cast<unsigned int>(std::clamp<int64_t>((bytes + 255) / 256, 1, 1024));
-  launch_kernel<late_copy_kernel>(blocks, 256, static_cast<const uint8_t*>(src.const_data_ptr()),
-                                  static_cast<uint8_t*>(dst.data_ptr()), bytes, delay_ns);
+  // One block: the others' multiprocessors stay free for the next kernel's blocks to be placed
+  // on while this one waits out the delay (blocks on every one would leave no room, and the next
+  // kernel could only start as this one's blocks exit).
+  launch_kernel<late_copy_kernel>(1, 256, static_cast<const uint8_t*>(src.const_data_ptr()),
+                                  static_cast<uint8_t*>(dst.data_ptr()),
+                                  static_cast<int64_t>(src.nbytes()), delay_ns);
 }
 
 bool programmatic_launch_active() { return at::cuda::is_available() && programmatic_launch_now(); }
