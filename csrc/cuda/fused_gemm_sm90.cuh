@@ -48,6 +48,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -135,16 +136,42 @@ CUTLASS_HOST_DEVICE MaskRowStore mask_row_store(int64_t row0, int64_t col0, int 
   return {first, static_cast<int>(inside < subtiles ? inside : subtiles)};
 }
 
+// The stores end() makes for one row of a tile, `row` of its words: four side by side at once
+// where all four lie inside the problem on a 16-byte boundary (the mask itself starts on one:
+// ReluMaskStore::can_implement), else one at a time. store16(index, w0, w1, w2, w3) writes words
+// index .. index + 3, store4(index, w) one word. The host check (mask_layout_error) runs it too.
+template <int kWords, class Store16, class Store4>
+CUTLASS_HOST_DEVICE void store_mask_row(const MaskRowStore& row, const uint32_t (&words)[kWords],
+                                        Store16&& store16, Store4&& store4) {
+  static_assert(kWords % 4 == 0, "a tile row of whole 16-byte groups of mask words");
+  CUTLASS_PRAGMA_UNROLL
+  for (int q = 0; q < kWords; q += 4) {
+    if (q + 4 <= row.count && (row.first + q) % 4 == 0) {
+      store16(row.first + q, words[q], words[q + 1], words[q + 2], words[q + 3]);
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = q; j < q + 4; ++j) {
+        if (j < row.count) store4(row.first + j, words[j]);
+      }
+    }
+  }
+}
+
 // An epilogue node that passes its input (the pre-activation) through and writes the mask:
 // bit n of row m is at bit m * row_bits + n, set where relu_active holds. Per subtile, one
 // ballot per value; each of a row's words is kept in a register until the tile's last subtile,
 // and then the row's words (8 for the library's 128x256 tile, 32 bytes side by side) are stored
-// together, 16 bytes at a time: every word of the mask is written once, by the warp that holds
-// its row and columns (out_features is a multiple of 128, so a word never straddles the
-// problem's edge), with no atomics and nothing to zero first. Stored as each subtile's came, one
-// 4-byte store per row and subtile, they took 16 rows' scattered words per store instruction.
-// Words past the problem's edges (the last row tile's, and with tiles wider than 128 the last
-// column tile's) are not stored.
+// together, 16 bytes at a time (store_mask_row): every word of the mask is written once, by the
+// warp that holds its row and columns (out_features is a multiple of 128, so a word never
+// straddles the problem's edge), with no atomics and nothing to zero first. Stored as each
+// subtile's came, one 4-byte store per row and subtile, they took 16 rows' scattered words per
+// store instruction. Words past the problem's edges (the last row tile's, and with tiles wider
+// than 128 the last column tile's) are not stored.
+//
+// end() stores what the tile's visits built: it relies on the collective epilogue visiting every
+// subtile of a tile, then calling end(), with callbacks made afresh per tile, as it does under
+// the persistent tile schedulers used here. A stream-K scheduler that reduces in separate passes
+// stores one subtile per call and would break that.
 struct ReluMaskStore {
   struct SharedStorage {};
   struct Arguments {
@@ -160,8 +187,9 @@ struct ReluMaskStore {
   }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
-    return args.mask != nullptr && args.row_bits % 32 == 0 &&
-           args.row_bits == static_cast<int64_t>(get<1>(problem_shape));
+    // 16-byte aligned: end() stores four words at once (store_mask_row).
+    return args.mask != nullptr && reinterpret_cast<uintptr_t>(args.mask) % 16 == 0 &&
+           args.row_bits % 32 == 0 && args.row_bits == static_cast<int64_t>(get<1>(problem_shape));
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -199,9 +227,9 @@ struct ReluMaskStore {
     Params const* params;
     static constexpr int kEpiM = decltype(size<3>(std::declval<CoordTensor>()))::value;
     static constexpr int kEpiN = decltype(size<4>(std::declval<CoordTensor>()))::value;
-    // This lane's word of each subtile (lanes 16-31 keep none); indexed by the unrolled epilogue
-    // loops' constants, so registers.
-    uint32_t words[kEpiM][kEpiN];
+    // This lane's word of each subtile (lanes 16-31 build theirs too, and store none); indexed
+    // by the unrolled epilogue loops' constants, so registers.
+    uint32_t words[kEpiM][kEpiN] = {};
 
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
@@ -230,20 +258,13 @@ struct ReluMaskStore {
             __shfl_sync(0xffffffffu, static_cast<int>(get<0>(corner)), 0),
             __shfl_sync(0xffffffffu, static_cast<int>(get<1>(corner)), 0), lane, get<0>(shape),
             get<1>(shape), params->row_bits, kEpiN);
-        if (row.count == 0) continue;
-        uint32_t* to = params->mask + row.first;
-        if (kEpiN % 4 == 0 && row.count == kEpiN && row.first % 4 == 0) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int q = 0; q < kEpiN / 4; ++q) {
-            reinterpret_cast<uint4*>(to)[q] = make_uint4(words[epi_m][4 * q], words[epi_m][4 * q + 1],
-                                                         words[epi_m][4 * q + 2], words[epi_m][4 * q + 3]);
-          }
-        } else {
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < kEpiN; ++j) {
-            if (j < row.count) to[j] = words[epi_m][j];
-          }
-        }
+        uint32_t* mask = params->mask;
+        store_mask_row(
+            row, words[epi_m],
+            [mask](int64_t index, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+              *reinterpret_cast<uint4*>(mask + index) = make_uint4(w0, w1, w2, w3);
+            },
+            [mask](int64_t index, uint32_t word) { mask[index] = word; });
       }
     }
   };
@@ -543,15 +564,40 @@ std::string mask_layout_error(const char* name) {
                             ") is not where its row's words are stored");
               }
             }
-            for (int j = 0; j < store.count; ++j) {
-              const int64_t word = store.first + j;
-              if (word >= static_cast<int64_t>(stores.size())) {
+            // The stores end() makes, as (word index, value); a 16-byte one must be aligned.
+            std::vector<std::pair<int64_t, uint32_t>> made;
+            bool misaligned = false;
+            const auto store16 = [&](int64_t index, uint32_t w0, uint32_t w1, uint32_t w2,
+                                     uint32_t w3) {
+              misaligned = misaligned || index % 4 != 0;
+              for (const uint32_t w : {w0, w1, w2, w3}) made.emplace_back(index++, w);
+            };
+            const auto store4 = [&](int64_t index, uint32_t w) { made.emplace_back(index, w); };
+            // The kernels' rows have 4 or 8 subtiles (128- and 256-wide tiles of 32-wide ones).
+            uint32_t four[4], eight[8];
+            if (epi_cols == 4) {
+              std::copy(words[lane].begin(), words[lane].end(), four);
+              store_mask_row(store, four, store16, store4);
+            } else if (epi_cols == 8) {
+              std::copy(words[lane].begin(), words[lane].end(), eight);
+              store_mask_row(store, eight, store16, store4);
+            } else {
+              return fail(std::to_string(epi_cols) + " subtiles in a row: not checked");
+            }
+            if (misaligned) return fail("a 16-byte mask store off a 16-byte boundary");
+            if (static_cast<int>(made.size()) != store.count) {
+              return fail("lane " + std::to_string(lane) + " stores " +
+                          std::to_string(made.size()) + " words of its row's " +
+                          std::to_string(store.count));
+            }
+            for (const auto& [word, value] : made) {
+              if (word < 0 || word >= static_cast<int64_t>(stores.size())) {
                 return fail("lane " + std::to_string(lane) + " would store past the mask");
               }
               const int64_t row = word * 32 / cols, col = word * 32 % cols;
               uint32_t expected = 0;
               for (int n = 0; n < 32; ++n) expected |= pattern(row, col + n) << n;
-              if (words[lane][j] != expected) {
+              if (value != expected) {
                 return fail("the word of row " + std::to_string(row) + ", columns " +
                             std::to_string(col) + "+ holds other bits than its elements'");
               }
