@@ -66,33 +66,37 @@ inline bool programmatic_launch_wanted() {
   return wanted;
 }
 
-// Whether kernels launched now on the current device use PDL: wanted, and the device is sm_90 or
-// newer. For kernels compiled for sm_90 only (the CUTLASS GEMMs, which run on sm_90 alone).
+// Whether kernels launched on `device` use PDL: wanted, and the device is sm_90 or newer. For
+// kernels compiled for sm_90 only (the CUTLASS GEMMs, which run on sm_90 alone).
+inline bool programmatic_launch_on(c10::DeviceIndex device) {
+  return programmatic_launch_wanted() && at::cuda::getDeviceProperties(device)->major >= 9;
+}
 inline bool programmatic_launch_now() {
-  return programmatic_launch_wanted() && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  return programmatic_launch_on(c10::cuda::current_device());
 }
 
 // kKernel<<<blocks, threads, 0, current stream>>>(args...), then the launch check; with PDL where
-// programmatic_launch_now and the code the device runs has the wait, that is, was compiled for
-// sm_90 or newer. On a newer GPU than the build's newest SASS the device runs the compute_80 PTX
-// (setup.py), compiled without it: a kernel launched with PDL would then read the output of the
-// one before while that still runs. So the PTX version of what runs, per kernel and device,
-// from cudaFuncGetAttributes once (ptxVersion is what the code was compiled from, 80 there).
+// programmatic_launch_on the device and the code the device runs has the wait, that is, was
+// compiled for sm_90 or newer. On a newer GPU than the build's newest SASS the device runs the
+// compute_80 PTX (setup.py), compiled without it: a kernel launched with PDL would then read the
+// output of the one before while that still runs. So the PTX version of what runs, per kernel and
+// device, from cudaFuncGetAttributes once (ptxVersion is what the code was compiled from, 80
+// there). The current device is looked up once per launch: the stream and the cache use it.
 template <auto kKernel, typename... Args>
 void launch_kernel(unsigned int blocks, unsigned int threads, Args&&... args) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
   bool programmatic = false;
-  if (programmatic_launch_now()) {
-    // 0: not yet asked; 1: without the wait; 2: with it.
-    static std::atomic<int8_t> has_wait[C10_COMPILE_TIME_MAX_GPUS] = {};
-    const c10::DeviceIndex device = c10::cuda::current_device();
+  if (programmatic_launch_wanted()) {
+    // 0: not yet asked; 1: a plain launch (before sm_90, or code without the wait); 2: PDL.
+    static std::atomic<int8_t> launch_state[C10_COMPILE_TIME_MAX_GPUS] = {};
     TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS);
-    int8_t state = has_wait[device].load(std::memory_order_relaxed);
+    int8_t state = launch_state[device].load(std::memory_order_relaxed);
     if (state == 0) {
       cudaFuncAttributes attributes{};
       C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kKernel));
-      state = attributes.ptxVersion >= 90 ? 2 : 1;
-      has_wait[device].store(state, std::memory_order_relaxed);
+      state = programmatic_launch_on(device) && attributes.ptxVersion >= 90 ? 2 : 1;
+      launch_state[device].store(state, std::memory_order_relaxed);
     }
     programmatic = state == 2;
   }
