@@ -130,3 +130,63 @@ def test_kernel_timeline_counts_time_once_where_calls_overlap():
     assert timeline.period_us == 5.0
     assert timeline.busy_us == 5.0 and timeline.idle_us == 0.0
     assert timeline.rows == [("K", 10.0, -5.0)]
+
+
+# Nsight Compute's raw page as CSV, as `ncu --import R --csv --page raw --print-units base`
+# prints it: its own lines first, a header, a row of units, one row per kernel.
+NCU_RAW = '''==PROF== Connected to process 1
+"ID","Process ID","Kernel Name","gpu__time_duration.sum","launch__grid_size","sm__warps_active.avg.pct_of_peak_sustained_active","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
+"","","","nsecond","","%","ratio","ratio","ratio"
+"0","7","void fusedskip::(anonymous namespace)::tile_gemm_kernel<Math, true>(Params)","32,012","1024","23.5","11.25","4.5","0.75"
+"1","7","split_sum_kernel","6300","528","80","0.5","",""
+'''
+
+
+def test_ncu_summary_reads_the_raw_csv(tmp_path):
+    """One line per kernel: the duration in µs from the units row, thousands separators read, the
+    largest stall reasons first, what is missing as '-'."""
+    spec = importlib.util.spec_from_file_location("ncu_summary",
+                                                  ROOT / "benchmarks" / "ncu_summary.py")
+    ncu_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ncu_summary)
+    path = tmp_path / "raw.csv"
+    path.write_text(NCU_RAW)
+    rows = ncu_summary.read_rows(str(path))
+    assert [row["ID"] for row in rows] == ["0", "1"]
+    lines = ncu_summary.summary_lines(rows)
+    assert len(lines) == 4
+    first = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    titles = [title for title, _, _ in ncu_summary.COLUMNS]
+    assert first[0] == "`fusedskip::tile_gemm_kernel<Math, true>(Params)`"
+    assert first[1 + titles.index("µs")] == "32.0"
+    assert first[1 + titles.index("blocks")] == "1,024"
+    assert first[1 + titles.index("occupancy % (of possible)")] == "24"
+    assert first[1 + titles.index("regs")] == "-"
+    assert first[-1] == "long_scoreboard 11.2, barrier 4.5, wait 0.8"
+    second = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert second[1 + titles.index("µs")] == "6.3"
+    assert second[-1] == "long_scoreboard 0.5"
+
+
+def test_gpu_profile_runs_each_case_and_summarises(tmp_path):
+    """scripts/gpu_profile.sh with a stand-in ncu: a report and a CSV per case, and the summary of
+    them all."""
+    fake = tmp_path / "ncu"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [[ "$1" == --import ]]; then cat "$NCU_RAW_FILE"; exit 0; fi\n'
+                    'while [[ $# -gt 0 && "$1" != -o ]]; do shift; done\n'
+                    'touch "$2.ncu-rep"\n')
+    fake.chmod(0o755)
+    raw = tmp_path / "raw.csv"
+    raw.write_text(NCU_RAW)
+    out = tmp_path / "profile"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_profile.sh")],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OUT=str(out), PYTHON=sys.executable,
+                                     NCU=str(fake), NCU_RAW_FILE=str(raw)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = sorted(p.name for p in out.glob("ncu-*.ncu-rep"))
+    assert cases == ["ncu-concat2-65536x30x30.ncu-rep", "ncu-relu_add-4096x256x256.ncu-rep",
+                     "ncu-relu_add-65536x30x30.ncu-rep"]
+    summary = (out / "ncu-summary.md").read_text()
+    assert summary.count("### ") == 3 and summary.count("tile_gemm_kernel") == 3
