@@ -176,11 +176,9 @@ FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_
 }
 
 // One row, the 8 columns of one mask byte: the unit of work of a CUDA thread in the element-wise
-// pass, and in the native kernel's epilogue where there is no bias or residual to read (with
-// them, tile_epilogue_units runs the read and write halves over a thread's units; on a CPU,
-// under cuda_emulation). Everything is
-// computed in opmath (float for half types), rounded once at the end. `gemm` points at x W^T's
-// element (row, 8 * byte).
+// pass (the native kernel's epilogue, tile_epilogue in csrc/tile_gemm.h, walks a tile's columns
+// instead, through the same epilogue_value). Everything is computed in opmath (float for half
+// types), rounded once at the end. `gemm` points at x W^T's element (row, 8 * byte).
 template <bool kRelu, Residual kResidual, bool kBias, typename scalar_t, typename gemm_t>
 FS_HOST_DEVICE void forward_epilogue_unit(const ForwardEpilogueParams<scalar_t>& p,
                                           const gemm_t* gemm, int64_t row, int64_t byte) {

@@ -417,46 +417,95 @@ FS_UNROLL
   }
 }
 
-// The forward epilogue of one thread's kUnits units of a tile: rows row0 + j row_step (those
-// inside the output), columns [first_col, first_col + count); unit j's x W^T at
-// tile + j tile_step. Where there are bias or residual values to read from global memory, every
-// unit's are read before any output is written: in turn, each unit's reads would wait for the
-// previous unit's writes (forward_epilogue_cols), a memory round trip per unit. Without them the
-// reads are of the shared-memory tile alone, and holding every unit's would only cost registers.
-template <bool kRelu, Residual kResidual, bool kBias, bool kFull, int kUnits, typename scalar_t,
-          typename acc_t>
-FS_HOST_DEVICE void tile_epilogue_units(const ForwardEpilogueParams<scalar_t>& e,
-                                        const acc_t* tile, int tile_step, int64_t row0,
-                                        int row_step, int64_t first_col, int count) {
-  if constexpr (!kBias && kResidual == Residual::kNone) {
+// The epilogue of one tile, from the accumulator tile in shared memory: the forward's bias,
+// residual and ReLU into `out` and the mask; a backward problem's plain store; or a split-K
+// slice's float partial sums. Each thread takes one column of the tile and steps down its rows,
+// so a warp's 32 threads read and write 32 neighbouring elements of one row at a time: whole
+// 32-byte sectors, at any width and alignment. (One thread per mask byte, 8 columns each, put a
+// warp's accesses 16 bytes apart over four rows: 8 times the memory transactions, loads and
+// stores alike.) A thread reads the residual of kBatch rows before it writes any of their
+// outputs, so that those loads are in flight together: the compiler cannot tell `out` from
+// `residual`, and would keep each read after the write before it, a memory round trip each.
+// (The bias is one value per thread, read once.)
+//
+// The mask: a byte holds 8 columns of a row, which 8 threads computed. Each thread leaves its
+// elements' ReLU outcome in the tile in place of the value it has used; after a sync, one thread
+// per mask byte reads the 8 outcomes and stores the byte.
+template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params,
+          class Problem>
+FS_HOST_DEVICE void tile_epilogue(const Params& p, const Problem& prob, int64_t split, int64_t m0,
+                                  int64_t n0, typename Math::Smem& smem, Block& block) {
+  using scalar_t = typename Math::scalar_t;
+  using acc_t = typename Math::acc_t;
+  constexpr int kRowStep = Math::kThreads / Math::kBN;  // rows the block's threads cover at once
+  constexpr int kRows = Math::kBM / kRowStep;          // rows per thread
+  // Rows whose residual a thread reads before writing their outputs; with nothing to read from
+  // global memory, a row at a time (fewer registers).
+  constexpr int kBatch = kResidual == Residual::kNone ? 1 : 8;
+  static_assert(kRowStep * Math::kBN == Math::kThreads && kRows % kBatch == 0);
+  acc_t* tile = smem.c();
+  block.for_each_thread([&](int thread) {
+    const int col = thread % Math::kBN, row0 = thread / Math::kBN;
+    const int64_t n = n0 + col;
+    if (n >= prob.n) return;
+    if (prob.partial != nullptr) {
+      acc_t* dst = prob.partial + split * prob.partial_stride_split + n;
 FS_NO_UNROLL
-    for (int j = 0; j < kUnits; ++j) {
-      const int64_t row = row0 + j * row_step;
-      if (row < e.rows) {
-        forward_epilogue_unit<kRelu, kResidual, kBias>(e, tile + j * tile_step, row,
-                                                       first_col / kMaskBitsPerByte);
+      for (int i = 0; i < kRows; ++i) {
+        const int r = row0 + i * kRowStep;
+        if (m0 + r < prob.m) dst[(m0 + r) * prob.out_stride_m] = tile[r * Math::kCLd + col];
+      }
+      return;
+    }
+    acc_t bias = acc_t(0);
+    if constexpr (kBias) bias = static_cast<acc_t>(p.bias[n]);
+FS_NO_UNROLL
+    for (int first = 0; first < kRows; first += kBatch) {
+      acc_t residual[kBatch] = {};
+      if constexpr (kResidual != Residual::kNone) {
+FS_UNROLL
+        for (int i = 0; i < kBatch; ++i) {
+          const int64_t m = m0 + row0 + (first + i) * kRowStep;
+          if (m < prob.m) residual[i] = static_cast<acc_t>(p.residual[m * p.residual_stride_row + n]);
+        }
+      }
+FS_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        const int r = row0 + (first + i) * kRowStep;
+        const int64_t m = m0 + r;
+        if (m < prob.m) {
+          bool active = false;
+          const acc_t value = epilogue_value<kRelu, kResidual, kBias>(tile[r * Math::kCLd + col],
+                                                                      bias, residual[i], active);
+          prob.out[m * prob.out_stride_m + n] = static_cast<scalar_t>(value);
+          if constexpr (kRelu) tile[r * Math::kCLd + col] = active ? acc_t(1) : acc_t(0);
+        }
       }
     }
-    return;
-  }
-  EpilogueOperands<acc_t> operands[kUnits];
+  });
+  if constexpr (kRelu) {
+    constexpr int kBytesPerRow = Math::kBN / kMaskBitsPerByte;
+    constexpr int kByteRowStep = Math::kThreads / kBytesPerRow;
+    static_assert(kByteRowStep * kBytesPerRow == Math::kThreads);
+    const int64_t mask_row_bytes = mask_bytes_per_row(prob.n);
+    block.sync();
+    block.for_each_thread([&](int thread) {
+      const int byte = thread % kBytesPerRow;
+      const int64_t first_col = n0 + byte * kMaskBitsPerByte;
+      if (first_col >= prob.n) return;
+      const int count = prob.n - first_col < kMaskBitsPerByte ? static_cast<int>(prob.n - first_col)
+                                                              : kMaskBitsPerByte;
+FS_NO_UNROLL
+      for (int r = thread / kBytesPerRow; r < Math::kBM && m0 + r < prob.m; r += kByteRowStep) {
+        const acc_t* outcome = tile + r * Math::kCLd + byte * kMaskBitsPerByte;
+        uint8_t bits = 0;
 FS_UNROLL
-  for (int j = 0; j < kUnits; ++j) {
-    const int64_t row = row0 + j * row_step;
-    if (row < e.rows) {
-      operands[j] = forward_epilogue_read<kResidual, kBias, kFull>(e, tile + j * tile_step, row,
-                                                                   first_col, count);
-    }
-  }
-FS_UNROLL
-  for (int j = 0; j < kUnits; ++j) {
-    const int64_t row = row0 + j * row_step;
-    if (row >= e.rows) continue;
-    const uint8_t bits = forward_epilogue_write<kRelu, kResidual, kBias, kFull>(
-        e, operands[j], row, first_col, count);
-    if constexpr (kRelu) {
-      e.mask[row * mask_bytes_per_row(e.cols) + first_col / kMaskBitsPerByte] = bits;
-    }
+        for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
+          if (bit < count && outcome[bit] != acc_t(0)) bits |= static_cast<uint8_t>(1u << bit);
+        }
+        p.mask[(m0 + r) * mask_row_bytes + first_col / kMaskBitsPerByte] = bits;
+      }
+    });
   }
 }
 
@@ -464,8 +513,6 @@ FS_UNROLL
 template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params>
 FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
                                     typename Math::Smem& smem, Block& block) {
-  using scalar_t = typename Math::scalar_t;
-  using acc_t = typename Math::acc_t;
   static_assert(Math::kBM == kTileEdge && Math::kBN == kTileEdge);
   int index = 0;
   while (index + 1 < p.num_problems && block_index >= p.first_block[index + 1]) ++index;
@@ -494,42 +541,7 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   block.for_each_worker([&](int worker, auto& acc) { Math::store(smem, acc, worker); });
   block.sync();
 
-  // Epilogue: one unit = the 8 columns of one mask byte in one row, as in the element-wise pass.
-  // A thread's units share their columns (kThreads is a whole number of tile rows' units) and lie
-  // kRowStep rows apart.
-  constexpr int kBytesPerTileRow = Math::kBN / kMaskBitsPerByte;
-  constexpr int kRowStep = Math::kThreads / kBytesPerTileRow;
-  constexpr int kUnits = Math::kBM / kRowStep;
-  static_assert(kRowStep * kBytesPerTileRow == Math::kThreads && kUnits * kRowStep == Math::kBM);
-  block.for_each_thread([&](int thread) {
-    const int byte = thread % kBytesPerTileRow, r0 = thread / kBytesPerTileRow;
-    const int64_t first_col = n0 + byte * kMaskBitsPerByte;
-    if (first_col >= prob.n) return;
-    const int count = prob.n - first_col < kMaskBitsPerByte ? static_cast<int>(prob.n - first_col)
-                                                            : kMaskBitsPerByte;
-    const acc_t* tile = smem.c() + r0 * Math::kCLd + byte * kMaskBitsPerByte;
-    if (prob.partial != nullptr) {
-FS_NO_UNROLL
-      for (int j = 0; j < kUnits && m0 + r0 + j * kRowStep < prob.m; ++j) {
-        acc_t* dst = prob.partial + split * prob.partial_stride_split +
-                     (m0 + r0 + j * kRowStep) * prob.out_stride_m + first_col;
-        for (int c = 0; c < count; ++c) dst[c] = tile[j * kRowStep * Math::kCLd + c];
-      }
-      return;
-    }
-    const ForwardEpilogueParams<scalar_t> e{prob.out, prob.out_stride_m,   p.bias,
-                                            p.residual, p.residual_stride_row, p.mask,
-                                            prob.m,   prob.n};
-    if (count == kMaskBitsPerByte) {
-      tile_epilogue_units<kRelu, kResidual, kBias, true, kUnits>(e, tile, kRowStep * Math::kCLd,
-                                                                 m0 + r0, kRowStep, first_col,
-                                                                 count);
-    } else {
-      tile_epilogue_units<kRelu, kResidual, kBias, false, kUnits>(e, tile, kRowStep * Math::kCLd,
-                                                                  m0 + r0, kRowStep, first_col,
-                                                                  count);
-    }
-  });
+  tile_epilogue<Math, kRelu, kResidual, kBias>(p, prob, split, m0, n0, smem, block);
 }
 
 // Second pass of split-K: every element's slices summed in order (deterministic). A slice's
