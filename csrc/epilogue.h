@@ -2,12 +2,14 @@
 //
 // The CUDA kernels call the per-unit bodies below. On a CPU the element-wise passes run row-wise
 // loops of their own around the same per-element maths (epilogue_value, relu_active), adding in
-// the same order; the per-unit bodies themselves run there under the cuda_emulation backend (the
-// native kernel's emulation, and the backward pass). So CPU tests exercise the exact arithmetic
-// (order of adds, NaN handling, mask packing) the GPU runs.
+// the same order; the per-unit bodies themselves run there under the cuda_emulation backend
+// (forward_epilogue_pass_unit, backward_epilogue_unit; the native kernel's epilogue,
+// tile_epilogue in csrc/tile_gemm.h, under its emulation). So CPU tests exercise the exact
+// arithmetic (order of adds, NaN handling, mask packing) the GPU runs.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 
@@ -203,6 +205,43 @@ FS_HOST_DEVICE bool forward_epilogue_vectorizable(const ForwardEpilogueParams<sc
          (p.bias == nullptr || aligned_for_pack8(p.bias)) &&
          (p.residual == nullptr ||
           (aligned_for_pack8(p.residual) && p.residual_stride_row % kMaskBitsPerByte == 0));
+}
+
+// Unit `unit` of the element-wise forward pass: row unit / bytes, mask byte unit % bytes (bytes =
+// mask_bytes_per_row(cols)); `gemm` is x W^T, (rows, cols) contiguous. What one CUDA thread does
+// per unit (csrc/cuda/epilogue_kernels.cuh), and a CPU under cuda_emulation, so that CPU tests run
+// it. kVec: every unit is 8 whole columns on 16-byte boundaries in gemm, out, residual and bias
+// (forward_epilogue_vectorizable), so each operand's 8 values move as whole words and the shared
+// per-element code (forward_epilogue_cols) runs on registers: 16-byte accesses instead of 2-byte
+// ones for half types.
+template <bool kRelu, Residual kResidual, bool kBias, bool kVec, typename scalar_t,
+          typename gemm_t>
+FS_HOST_DEVICE void forward_epilogue_pass_unit(const ForwardEpilogueParams<scalar_t>& p,
+                                               const gemm_t* gemm, int64_t unit) {
+  const int64_t bytes_per_row = mask_bytes_per_row(p.cols);
+  const int64_t row = unit / bytes_per_row, byte = unit % bytes_per_row;
+  const int64_t col = byte * kMaskBitsPerByte;
+  if constexpr (kVec) {
+    static_assert(std::is_same_v<gemm_t, scalar_t>, "whole words of x W^T in the output dtype");
+    const Pack8<scalar_t> values = load_pack8(gemm + row * p.cols + col);
+    Pack8<scalar_t> bias{}, residual{}, out;
+    if constexpr (kBias) bias = load_pack8(p.bias + col);
+    if constexpr (kResidual != Residual::kNone) {
+      residual = load_pack8(p.residual + row * p.residual_stride_row + col);
+    }
+    ForwardEpilogueParams<scalar_t> unit_params = p;  // the same unit, in registers
+    unit_params.out = out.v;
+    unit_params.out_stride_row = 0;
+    unit_params.bias = bias.v;
+    unit_params.residual = residual.v;
+    unit_params.residual_stride_row = 0;
+    const uint8_t bits = forward_epilogue_cols<kRelu, kResidual, kBias, true>(
+        unit_params, values.v, 0, 0, kMaskBitsPerByte);
+    store_pack8(p.out + row * p.out_stride_row + col, out);
+    if constexpr (kRelu) p.mask[unit] = bits;
+  } else {
+    forward_epilogue_unit<kRelu, kResidual, kBias>(p, gemm + row * p.cols + col, row, byte);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -192,6 +192,51 @@ PyObject* programmatic_launch_py(PyObject* /*module*/, PyObject* /*unused*/) {
   END_HANDLE_TH_ERRORS
 }
 
+// _forward_epilogue(gemm, out, bias, residual, mask, residual_before_relu): test hook, the
+// element-wise forward pass alone on CPU tensors (csrc/cpu/fused_linear_cpu.cpp): its row loops,
+// or under the cuda_emulation backend the GPU's units (csrc/epilogue.h), which the op itself never
+// reaches there (its forward is the native kernel's). bias, residual, mask: a Tensor or None.
+PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  auto optional_tensor = [&](int i) {
+    return args[i] == Py_None ? at::Tensor() : THPVariable_Unpack(args[i]);
+  };
+  TORCH_CHECK_TYPE(nargs == 6 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]) &&
+                       (args[2] == Py_None || THPVariable_Check(args[2])) &&
+                       (args[3] == Py_None || THPVariable_Check(args[3])) &&
+                       (args[4] == Py_None || THPVariable_Check(args[4])) && PyBool_Check(args[5]),
+                   "fusedskip._C._forward_epilogue takes (gemm, out, bias, residual, mask: Tensor "
+                   "or None, residual_before_relu: bool)");
+  const at::Tensor gemm = THPVariable_Unpack(args[0]), out = THPVariable_Unpack(args[1]);
+  const at::Tensor bias = optional_tensor(2), residual = optional_tensor(3),
+                   mask = optional_tensor(4);
+  // The pass's contract (csrc/fused_linear.h), checked: the hook takes tensors from tests only.
+  TORCH_CHECK(gemm.is_cpu() && out.is_cpu() && gemm.dim() == 2 && gemm.is_contiguous() &&
+                  out.is_contiguous() && out.sizes() == gemm.sizes() &&
+                  (gemm.scalar_type() == out.scalar_type() || gemm.scalar_type() == at::kFloat),
+              "fusedskip._C._forward_epilogue: gemm and out must be contiguous CPU tensors of one "
+              "shape, gemm in out's dtype or float32");
+  TORCH_CHECK(!bias.defined() || (bias.is_contiguous() && bias.dim() == 1 &&
+                                  bias.size(0) == out.size(1) &&
+                                  bias.scalar_type() == out.scalar_type()),
+              "fusedskip._C._forward_epilogue: bias must be contiguous (cols) in out's dtype");
+  TORCH_CHECK(!residual.defined() || (residual.sizes() == out.sizes() && residual.stride(1) == 1 &&
+                                      residual.scalar_type() == out.scalar_type()),
+              "fusedskip._C._forward_epilogue: residual must be out's shape and dtype, unit "
+              "column stride");
+  TORCH_CHECK(!mask.defined() ||
+                  (mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+                   mask.sizes() == at::IntArrayRef({out.size(0), (out.size(1) + 7) / 8})),
+              "fusedskip._C._forward_epilogue: mask must be contiguous uint8 (rows, ceil(cols/8))");
+  const Residual where = !residual.defined() ? Residual::kNone
+                         : mask.defined() && args[5] == Py_True ? Residual::kBeforeRelu
+                                                               : Residual::kAfterRelu;
+  forward_epilogue_cpu(gemm, out, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                       residual, mask, where);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _late_copy(src, dst, delay_ns): see csrc/backend.h.
 PyObject* late_copy_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -223,6 +268,9 @@ PyMethodDef methods[] = {
      "Empty where the CUTLASS GEMM's mask store meets the register layout it assumes."},
     {"_programmatic_launch", programmatic_launch_py, METH_NOARGS,
      "Whether the library's kernels launch with programmatic dependent launch on this device."},
+    {"_forward_epilogue",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_epilogue_py)),
+     METH_FASTCALL, "Test hook: the element-wise forward pass alone, on CPU tensors."},
     {"_late_copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(late_copy_py)),
      METH_FASTCALL, "Test hook: copies src into dst, late, letting the next kernel launch early."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},

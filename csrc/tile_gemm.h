@@ -420,10 +420,11 @@ FS_UNROLL
 // The epilogue of one tile, from the accumulator tile in shared memory: the forward's bias,
 // residual and ReLU into `out` and the mask; a backward problem's plain store; or a split-K
 // slice's float partial sums. Each thread takes one column of the tile and steps down its rows,
-// so a warp's 32 threads read and write 32 neighbouring elements of one row at a time: whole
-// 32-byte sectors, at any width and alignment. (One thread per mask byte, 8 columns each, put a
-// warp's accesses 16 bytes apart over four rows: 8 times the memory transactions, loads and
-// stores alike.) A thread reads the residual of kBatch rows before it writes any of their
+// so a warp's 32 threads read and write 32 neighbouring elements of one row at a time: one
+// stretch of 64 bytes (half types; 128 for float, 256 for double), 2 or 3 sectors of 32 bytes.
+// (One thread per mask byte, 8 columns each, put a warp's accesses 16 bytes apart over four
+// rows, each sector touched again for every one of a unit's 8 columns: up to 8 times the memory
+// transactions, loads and stores alike.) A thread reads the residual of kBatch rows before it writes any of their
 // outputs, so that those loads are in flight together: the compiler cannot tell `out` from
 // `residual`, and would keep each read after the write before it, a memory round trip each.
 // (The bias is one value per thread, read once.)

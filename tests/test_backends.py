@@ -190,6 +190,67 @@ def test_cpu_backward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, grad_l
                                rtol=tolerance, atol=tolerance)
 
 
+# The forward's element-wise pass likewise: its CPU row loops against the GPU's units
+# (csrc/epilogue.h, forward_epilogue_pass_unit), which run on a CPU only under cuda_emulation and
+# only through this hook (the op's forward there is the native kernel's own epilogue). Whole words
+# where every unit is 8 columns on 16-byte boundaries; element by element off them.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", (1, 37, 64, 136))
+@pytest.mark.parametrize("form", ("relu_add", "add_relu", "relu", "bias_residual"))
+@pytest.mark.parametrize("aligned", (True, False), ids=("aligned", "offset"))
+def test_cpu_forward_pass_matches_the_gpu_units_bit_for_bit(dtype, cols, form, aligned):
+    generator = torch.Generator().manual_seed(SEED)
+    rows = 45
+
+    def rand(*shape):
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+        if aligned:
+            return values
+        # One element in: off every 16-byte boundary, still contiguous.
+        flat = torch.empty(values.numel() + 1, dtype=dtype)[1:]
+        return flat.view(values.shape).copy_(values)
+
+    gemm = rand(rows, cols)
+    gemm[::7, ::3] = float("nan")
+    gemm[1::7, ::5] = float("inf")
+    gemm[2::7, ::4] = float("-inf")
+    bias = rand(cols)
+    residual = rand(rows, cols) if aligned else rand(rows, cols + 3)[:, 1:cols + 1]
+    relu = form != "bias_residual"
+    if form == "relu":
+        residual = None
+
+    def run(backend):
+        out = rand(rows, cols).fill_(float("nan"))
+        mask = torch.full((rows, (cols + 7) // 8), 0xA5, dtype=torch.uint8) if relu else None
+        with fusedskip.use_backend(backend):
+            fusedskip._ops._C._forward_epilogue(gemm, out, bias, residual, mask, form == "add_relu")
+        return out, mask
+
+    rows_out, rows_mask = run("gemm_epilogue")
+    units_out, units_mask = run("cuda_emulation")
+    assert torch.equal(rows_out.isnan(), units_out.isnan())
+    assert torch.equal(rows_out.nan_to_num(7.0), units_out.nan_to_num(7.0))
+    if relu:
+        assert torch.equal(rows_mask, units_mask)
+    # And both are right: the same sums in opmath (float32 for half types), in the same order,
+    # rounded once at the end.
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    pre = gemm.to(opmath) + bias.to(opmath)
+    if form in ("add_relu", "bias_residual"):
+        pre = pre + residual.to(opmath)
+    out = torch.relu(pre) if relu else pre
+    if form == "relu_add":
+        out = out + residual.to(opmath)
+    expected = out.to(dtype)
+    assert torch.equal(units_out.isnan(), expected.isnan())
+    assert torch.equal(units_out.nan_to_num(7.0), expected.nan_to_num(7.0))
+    if relu:
+        assert torch.equal(unpack_mask(units_mask, cols), (pre > 0) | pre.isnan())
+        if cols % 8:  # the last byte's bits past the last column stay clear
+            assert not (units_mask[:, -1] >> (cols % 8)).any()
+
+
 @pytest.mark.parametrize("backend", ("gemm_epilogue", "cuda_emulation"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_pass_sums_each_blocks_rows_first_to_last(backend, dtype):

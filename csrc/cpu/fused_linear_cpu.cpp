@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__) || defined(_M_X64)
@@ -211,6 +212,26 @@ void forward_epilogue_cpu(const at::Tensor& gemm, const at::Tensor& out,
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
+            if (current_backend() == Backend::kCudaEmulation) {
+              // The GPU's element-wise units themselves, so that CPU tests run their code.
+              bool vec = false;
+              if constexpr (std::is_same_v<gemm_t, scalar_t>) {
+                vec = forward_epilogue_vectorizable(p, gemm_data);
+              }
+              FS_BOOL_SWITCH(vec, kVec, [&] {
+                if constexpr (!kVec || std::is_same_v<gemm_t, scalar_t>) {
+                  const int64_t units = rows * mask_bytes_per_row(cols);
+                  at::parallel_for(0, units, grain_rows(kMaskBitsPerByte),
+                                   [&](int64_t begin, int64_t end) {
+                    for (int64_t unit = begin; unit < end; ++unit) {
+                      forward_epilogue_pass_unit<kRelu, kResidual, kBias, kVec>(p, gemm_data,
+                                                                                unit);
+                    }
+                  });
+                }
+              });
+              return;
+            }
             at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
               // Chunks of whole rows, at least one; 8 zero bytes after the last element so
               // the mask packing may read 8 bytes from any column.
