@@ -20,7 +20,7 @@ Needs an sm_90 GPU and fusedskip._cutlass_configs, which a build with FUSEDSKIP_
 adds (setup.py):
 
     FUSEDSKIP_CUTLASS_CONFIGS=1 pip install --no-build-isolation -e .
-    python benchmarks/cutlass_configs.py [--sizes 8192x4096x4096,4096x1024x1024] [--out DIR]
+    python benchmarks/cutlass_configs.py [--sizes 8192x4096x4096,4096x1024x1024,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -184,7 +184,11 @@ def table_row(row: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="8192x4096x4096,4096x1024x1024",
+    # 65536x1024x1024: 16 K steps a tile, so the epilogue (residual in, output and mask out) is a
+    # larger share of each tile than at K = 4096, where a ping-pong schedule's overlap of one
+    # tile's epilogue with the next one's mainloop should show if it pays anywhere; the
+    # library's kernel ran at 1.26-1.41x the GEMM alone there (results/h100-2026-11-28/4-sweep).
+    parser.add_argument("--sizes", default="8192x4096x4096,4096x1024x1024,65536x1024x1024",
                         help="MxKxN[,MxKxN...]: N a multiple of 128, K of 8")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)

@@ -231,8 +231,9 @@ step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 
   --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
 # 7. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
-# (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py): does any mainloop match cuBLAS's,
-# and what does the fused epilogue add? A configs module that is there but does not load fails.
+# (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py; 8192x4096x4096, 4096x1024x1024 and
+# the short-K 65536x1024x1024): does any mainloop match cuBLAS's, and what does the fused
+# epilogue add? A configs module that is there but does not load fails.
 EXT_SUFFIX=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 if [[ -e "fusedskip/_cutlass_configs$EXT_SUFFIX" ]] ||
    $PY -c "import fusedskip._cutlass_configs" 2>/dev/null; then
