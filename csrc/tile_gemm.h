@@ -421,7 +421,8 @@ FS_UNROLL
 // residual and ReLU into `out` and the mask; a backward problem's plain store; or a split-K
 // slice's float partial sums. Each thread takes one column of the tile and steps down its rows,
 // so a warp's 32 threads read and write 32 neighbouring elements of one row at a time: one
-// stretch of 64 bytes (half types; 128 for float, 256 for double), 2 or 3 sectors of 32 bytes.
+// stretch of 64 bytes (half types; 128 for float, 256 for double), 2 or 3 sectors of 32 bytes
+// (where 16 columns are all a tile has left, 16 of each of two rows).
 // (One thread per mask byte, 8 columns each, put a warp's accesses 16 bytes apart over four
 // rows, each sector touched again for every one of a unit's 8 columns: up to 8 times the memory
 // transactions, loads and stores alike.) A thread reads the residual of kBatch rows before it writes any of their
@@ -438,22 +439,30 @@ FS_HOST_DEVICE void tile_epilogue(const Params& p, const Problem& prob, int64_t 
                                   int64_t n0, typename Math::Smem& smem, Block& block) {
   using scalar_t = typename Math::scalar_t;
   using acc_t = typename Math::acc_t;
-  constexpr int kRowStep = Math::kThreads / Math::kBN;  // rows the block's threads cover at once
-  constexpr int kRows = Math::kBM / kRowStep;          // rows per thread
+  // Threads per tile row: the tile's width, or where fewer columns are left (the seed's layers
+  // are 10 and 30 wide) the power of two from 16 up that covers them. A 64-wide span would leave
+  // a 10-wide layer's tile 20 threads with columns, walking 32 rows each (tensor cores); with 16,
+  // 80 threads walk 8.
+  const int64_t cols_left = prob.n - n0;
+  const int span = cols_left <= 16 ? 16 : cols_left <= 32 ? 32 : Math::kBN;
+  const int row_step = Math::kThreads / span;  // rows the block's threads cover at once
+  const int rows = Math::kBM / row_step;       // rows per thread: at least kBM * 16 / kThreads
   // Rows whose residual a thread reads before writing their outputs; with nothing to read from
   // global memory, a row at a time (fewer registers).
-  constexpr int kBatch = kResidual == Residual::kNone ? 1 : 8;
-  static_assert(kRowStep * Math::kBN == Math::kThreads && kRows % kBatch == 0);
+  constexpr int kBatch = kResidual == Residual::kNone ? 1 : 4;
+  static_assert(Math::kBN == 64 && Math::kThreads % Math::kBN == 0 &&
+                    (Math::kBM * 16 / Math::kThreads) % kBatch == 0,
+                "spans of 16, 32 and 64 columns, each a whole number of batches of rows");
   acc_t* tile = smem.c();
   block.for_each_thread([&](int thread) {
-    const int col = thread % Math::kBN, row0 = thread / Math::kBN;
+    const int col = thread % span, row0 = thread / span;
     const int64_t n = n0 + col;
     if (n >= prob.n) return;
     if (prob.partial != nullptr) {
       acc_t* dst = prob.partial + split * prob.partial_stride_split + n;
 FS_NO_UNROLL
-      for (int i = 0; i < kRows; ++i) {
-        const int r = row0 + i * kRowStep;
+      for (int i = 0; i < rows; ++i) {
+        const int r = row0 + i * row_step;
         if (m0 + r < prob.m) dst[(m0 + r) * prob.out_stride_m] = tile[r * Math::kCLd + col];
       }
       return;
@@ -461,18 +470,18 @@ FS_NO_UNROLL
     acc_t bias = acc_t(0);
     if constexpr (kBias) bias = static_cast<acc_t>(p.bias[n]);
 FS_NO_UNROLL
-    for (int first = 0; first < kRows; first += kBatch) {
+    for (int first = 0; first < rows; first += kBatch) {
       acc_t residual[kBatch] = {};
       if constexpr (kResidual != Residual::kNone) {
 FS_UNROLL
         for (int i = 0; i < kBatch; ++i) {
-          const int64_t m = m0 + row0 + (first + i) * kRowStep;
+          const int64_t m = m0 + row0 + (first + i) * row_step;
           if (m < prob.m) residual[i] = static_cast<acc_t>(p.residual[m * p.residual_stride_row + n]);
         }
       }
 FS_UNROLL
       for (int i = 0; i < kBatch; ++i) {
-        const int r = row0 + (first + i) * kRowStep;
+        const int r = row0 + (first + i) * row_step;
         const int64_t m = m0 + r;
         if (m < prob.m) {
           bool active = false;
@@ -485,19 +494,18 @@ FS_UNROLL
     }
   });
   if constexpr (kRelu) {
-    constexpr int kBytesPerRow = Math::kBN / kMaskBitsPerByte;
-    constexpr int kByteRowStep = Math::kThreads / kBytesPerRow;
-    static_assert(kByteRowStep * kBytesPerRow == Math::kThreads);
+    const int bytes_per_row = span / kMaskBitsPerByte;
+    const int byte_row_step = Math::kThreads / bytes_per_row;
     const int64_t mask_row_bytes = mask_bytes_per_row(prob.n);
     block.sync();
     block.for_each_thread([&](int thread) {
-      const int byte = thread % kBytesPerRow;
+      const int byte = thread % bytes_per_row;
       const int64_t first_col = n0 + byte * kMaskBitsPerByte;
       if (first_col >= prob.n) return;
       const int count = prob.n - first_col < kMaskBitsPerByte ? static_cast<int>(prob.n - first_col)
                                                               : kMaskBitsPerByte;
 FS_NO_UNROLL
-      for (int r = thread / kBytesPerRow; r < Math::kBM && m0 + r < prob.m; r += kByteRowStep) {
+      for (int r = thread / bytes_per_row; r < Math::kBM && m0 + r < prob.m; r += byte_row_step) {
         const acc_t* outcome = tile + r * Math::kCLd + byte * kMaskBitsPerByte;
         uint8_t bits = 0;
 FS_UNROLL

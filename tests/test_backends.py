@@ -418,6 +418,23 @@ def test_emulated_tile_edges(dtype, emulation):
                                 dtype)
 
 
+# The epilogue's threads span 16, 32 or 64 columns of a tile, by how many it has left
+# (csrc/tile_gemm.h, tile_epilogue): widths on both sides of each, alone and as a wider layer's
+# last tile; each order of the residual, and without ReLU.
+SPAN_EDGES = (10, 16, 17, 30, 32, 33, 80, 81, 96, 97)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_epilogue_spans(dtype, emulation):
+    generator = torch.Generator().manual_seed(SEED)
+    for cols in SPAN_EDGES:
+        for residual, relu in ((None, False), (None, True), ("relu_add", True),
+                               ("add_relu", True)):
+            sample = make_sample([19], cols, (67,), residual=residual, relu=relu, dtype=dtype,
+                                 generator=generator)
+            check_against_reference(sample, dtype)
+
+
 @pytest.mark.parametrize("count", range(1, 9))
 def test_emulated_concat_one_to_eight_inputs(count, emulation):
     widths = [1, 33, 7, 13, 2, 65, 11, 9][:count]
