@@ -211,11 +211,17 @@ PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ss
   const at::Tensor bias = optional_tensor(2), residual = optional_tensor(3),
                    mask = optional_tensor(4);
   // The pass's contract (csrc/fused_linear.h), checked: the hook takes tensors from tests only.
-  TORCH_CHECK(gemm.is_cpu() && out.is_cpu() && gemm.dim() == 2 && gemm.is_contiguous() &&
-                  out.is_contiguous() && out.sizes() == gemm.sizes() &&
-                  (gemm.scalar_type() == out.scalar_type() || gemm.scalar_type() == at::kFloat),
-              "fusedskip._C._forward_epilogue: gemm and out must be contiguous CPU tensors of one "
-              "shape, gemm in out's dtype or float32");
+  for (const at::Tensor& t : {gemm, out, bias, residual, mask}) {
+    TORCH_CHECK(!t.defined() || t.is_cpu(), "fusedskip._C._forward_epilogue: CPU tensors only");
+  }
+  const bool half_out = out.scalar_type() == at::kHalf || out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(gemm.dim() == 2 && gemm.is_contiguous() && out.is_contiguous() &&
+                  out.sizes() == gemm.sizes() &&
+                  at::isFloatingType(out.scalar_type()) &&
+                  (gemm.scalar_type() == out.scalar_type() ||
+                   (half_out && gemm.scalar_type() == at::kFloat)),
+              "fusedskip._C._forward_epilogue: gemm and out must be contiguous tensors of one "
+              "shape, gemm in out's floating dtype or (for a half type) float32");
   TORCH_CHECK(!bias.defined() || (bias.is_contiguous() && bias.dim() == 1 &&
                                   bias.size(0) == out.size(1) &&
                                   bias.scalar_type() == out.scalar_type()),

@@ -448,11 +448,11 @@ FS_HOST_DEVICE void tile_epilogue(const Params& p, const Problem& prob, int64_t 
   const int row_step = Math::kThreads / span;  // rows the block's threads cover at once
   const int rows = Math::kBM / row_step;       // rows per thread: at least kBM * 16 / kThreads
   // Rows whose residual a thread reads before writing their outputs; with nothing to read from
-  // global memory, a row at a time (fewer registers).
-  constexpr int kBatch = kResidual == Residual::kNone ? 1 : 4;
-  static_assert(Math::kBN == 64 && Math::kThreads % Math::kBN == 0 &&
-                    (Math::kBM * 16 / Math::kThreads) % kBatch == 0,
-                "spans of 16, 32 and 64 columns, each a whole number of batches of rows");
+  // global memory, a row at a time (fewer registers). A thread may have fewer rows (4: SIMT's
+  // 256 threads over 16 columns).
+  constexpr int kBatch = kResidual == Residual::kNone ? 1 : 8;
+  static_assert(Math::kBN == 64 && Math::kThreads % Math::kBN == 0,
+                "spans of 16, 32 and 64 columns, each a whole number of rows of threads");
   acc_t* tile = smem.c();
   block.for_each_thread([&](int thread) {
     const int col = thread % span, row0 = thread / span;
@@ -476,14 +476,16 @@ FS_NO_UNROLL
 FS_UNROLL
         for (int i = 0; i < kBatch; ++i) {
           const int64_t m = m0 + row0 + (first + i) * row_step;
-          if (m < prob.m) residual[i] = static_cast<acc_t>(p.residual[m * p.residual_stride_row + n]);
+          if (first + i < rows && m < prob.m) {
+            residual[i] = static_cast<acc_t>(p.residual[m * p.residual_stride_row + n]);
+          }
         }
       }
 FS_UNROLL
       for (int i = 0; i < kBatch; ++i) {
         const int r = row0 + (first + i) * row_step;
         const int64_t m = m0 + r;
-        if (m < prob.m) {
+        if (first + i < rows && m < prob.m) {
           bool active = false;
           const acc_t value = epilogue_value<kRelu, kResidual, kBias>(tile[r * Math::kCLd + col],
                                                                       bias, residual[i], active);
