@@ -110,8 +110,9 @@ def main(backends=("native", "gemm_epilogue", "cutlass"), small=False) -> int:
             group = (backend, dtype)
             print(f"cuda_smoke: {backend} {dtype} from case {cases + 1}, "
                   f"{time.monotonic() - start:.0f} s in", flush=True)
-        # 64 outputs: whole 16-byte words in the element-wise passes; 37: the ragged edge.
-        cols = 64 if widths == [24] else 37
+        # 64 outputs: whole 16-byte words in the element-wise passes; 37 and 30: ragged edges
+        # (30 also the native epilogue's 32-column span; the split-K case's 70 its 16-column one).
+        cols = 64 if widths == [24] else 30 if widths == [13] else 37
         sample = make_sample(widths, cols, (rows,), bias=bias, residual=residual, relu=relu,
                              layout=layout, dtype=dtype, device="cuda")
         with fusedskip.use_backend(backend):
