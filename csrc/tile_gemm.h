@@ -422,13 +422,13 @@ FS_UNROLL
 // slice's float partial sums. Each thread takes one column of the tile and steps down its rows,
 // so a warp's 32 threads read and write 32 neighbouring elements of one row at a time: one
 // stretch of 64 bytes (half types; 128 for float, 256 for double), 2 or 3 sectors of 32 bytes
-// (where 16 columns are all a tile has left, 16 of each of two rows).
-// (One thread per mask byte, 8 columns each, put a warp's accesses 16 bytes apart over four
-// rows, each sector touched again for every one of a unit's 8 columns: up to 8 times the memory
-// transactions, loads and stores alike.) A thread reads the residual of kBatch rows before it writes any of their
-// outputs, so that those loads are in flight together: the compiler cannot tell `out` from
-// `residual`, and would keep each read after the write before it, a memory round trip each.
-// (The bias is one value per thread, read once.)
+// (where 16 columns are all a tile has left, 16 of each of two rows). One thread per mask byte,
+// 8 columns each, put a warp's accesses 16 bytes apart over four rows, each sector touched again
+// for every one of a unit's 8 columns: up to 8 times the memory transactions, loads and stores
+// alike. A thread reads the residual of kBatch rows before it writes any of their outputs, so
+// that those loads are in flight together: the compiler cannot tell `out` from `residual`, and
+// would keep each read after the write before it, a memory round trip each. (The bias is one
+// value per thread, read once.)
 //
 // The mask: a byte holds 8 columns of a row, which 8 threads computed. Each thread leaves its
 // elements' ReLU outcome in the tile in place of the value it has used; after a sync, one thread
