@@ -110,71 +110,45 @@ FS_HOST_DEVICE acc_t epilogue_value(acc_t value, acc_t bias, acc_t residual, boo
   return value;
 }
 
-// One unit's operands (x W^T, bias, residual) for columns [first_col, first_col + count) of one
-// row, count <= 8, in opmath; zero where absent. `gemm` points at x W^T's element
-// (row, first_col), wherever it lives (global memory, a shared-memory tile, registers).
-template <typename acc_t>
-struct EpilogueOperands {
-  acc_t gemm[kMaskBitsPerByte] = {};
-  acc_t bias[kMaskBitsPerByte] = {};
-  acc_t residual[kMaskBitsPerByte] = {};
-};
-
-template <Residual kResidual, bool kBias, bool kFull, typename scalar_t, typename gemm_t>
-FS_HOST_DEVICE EpilogueOperands<at::opmath_type<scalar_t>> forward_epilogue_read(
-    const ForwardEpilogueParams<scalar_t>& p, const gemm_t* gemm, int64_t row, int64_t first_col,
-    int count) {
+// One unit: columns [first_col, first_col + count) of one row, count <= 8; returns its mask byte
+// (0 without ReLU). `gemm` points at x W^T's element (row, first_col), wherever it lives (global
+// memory, registers). With kFull the count is 8 and the loops have no bounds test: straight-line
+// code the compiler vectorises. Every operand is read before any output is written: the
+// compiler cannot tell `out` from `residual` or `gemm` apart, so a read after a write would wait
+// for it, one memory round trip per column where there is no 16-byte form.
+template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t,
+          typename gemm_t>
+FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t>& p,
+                                             const gemm_t* gemm, int64_t row, int64_t first_col,
+                                             int count) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* bias = p.bias + first_col;
   const scalar_t* residual = p.residual + row * p.residual_stride_row + first_col;
-  EpilogueOperands<acc_t> v;
+  acc_t gemm_v[kMaskBitsPerByte] = {}, bias_v[kMaskBitsPerByte] = {},
+        residual_v[kMaskBitsPerByte] = {};
 FS_UNROLL
   for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
     if (kFull || bit < count) {
-      v.gemm[bit] = static_cast<acc_t>(gemm[bit]);
-      if constexpr (kBias) v.bias[bit] = static_cast<acc_t>(bias[bit]);
+      gemm_v[bit] = static_cast<acc_t>(gemm[bit]);
+      if constexpr (kBias) bias_v[bit] = static_cast<acc_t>(bias[bit]);
       if constexpr (kResidual != Residual::kNone) {
-        v.residual[bit] = static_cast<acc_t>(residual[bit]);
+        residual_v[bit] = static_cast<acc_t>(residual[bit]);
       }
     }
   }
-  return v;
-}
-
-// The unit's outputs from its operands; returns its mask byte (0 without ReLU).
-template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t>
-FS_HOST_DEVICE uint8_t forward_epilogue_write(const ForwardEpilogueParams<scalar_t>& p,
-                                              const EpilogueOperands<at::opmath_type<scalar_t>>& v,
-                                              int64_t row, int64_t first_col, int count) {
-  using acc_t = at::opmath_type<scalar_t>;
   scalar_t* out = p.out + row * p.out_stride_row + first_col;
   uint8_t bits = 0;
 FS_UNROLL
   for (int bit = 0; bit < kMaskBitsPerByte; ++bit) {
     if (kFull || bit < count) {
       bool active = false;
-      const acc_t value = epilogue_value<kRelu, kResidual, kBias>(v.gemm[bit], v.bias[bit],
-                                                                  v.residual[bit], active);
+      const acc_t value = epilogue_value<kRelu, kResidual, kBias>(gemm_v[bit], bias_v[bit],
+                                                                  residual_v[bit], active);
       if constexpr (kRelu) bits |= static_cast<uint8_t>(active) << bit;
       out[bit] = static_cast<scalar_t>(value);
     }
   }
   return bits;
-}
-
-// One unit: columns [first_col, first_col + count) of one row, count <= 8. With kFull the count
-// is 8 and the loops have no bounds test: straight-line code the compiler vectorises. Every
-// operand is read before any output is written: the compiler cannot tell `out` from `residual`
-// or `gemm` apart, so a read after a write would wait for it, one memory round trip per column
-// where there is no 16-byte form.
-template <bool kRelu, Residual kResidual, bool kBias, bool kFull, typename scalar_t,
-          typename gemm_t>
-FS_HOST_DEVICE uint8_t forward_epilogue_cols(const ForwardEpilogueParams<scalar_t>& p,
-                                             const gemm_t* gemm, int64_t row, int64_t first_col,
-                                             int count) {
-  return forward_epilogue_write<kRelu, kResidual, kBias, kFull>(
-      p, forward_epilogue_read<kResidual, kBias, kFull>(p, gemm, row, first_col, count), row,
-      first_col, count);
 }
 
 // One row, the 8 columns of one mask byte: the unit of work of a CUDA thread in the element-wise
