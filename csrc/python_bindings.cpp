@@ -243,6 +243,53 @@ PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ss
   END_HANDLE_TH_ERRORS
 }
 
+// _backward_epilogue(grad_out, mask, grad_preact, grad_bias): test hook, the element-wise
+// backward pass alone on CPU tensors, as _forward_epilogue the forward's: its row loops, or under
+// cuda_emulation the GPU's units, which the op reaches there only for a residual's gradient
+// wanted alone (any other gradient takes the native kernel, which reads the mask itself).
+// mask and grad_preact: both Tensors (the ReLU's) or both None; grad_bias: a Tensor or None.
+PyObject* backward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  auto optional_tensor = [&](int i) {
+    return args[i] == Py_None ? at::Tensor() : THPVariable_Unpack(args[i]);
+  };
+  TORCH_CHECK_TYPE(nargs == 4 && THPVariable_Check(args[0]) &&
+                       (args[1] == Py_None || THPVariable_Check(args[1])) &&
+                       (args[2] == Py_None || THPVariable_Check(args[2])) &&
+                       (args[3] == Py_None || THPVariable_Check(args[3])),
+                   "fusedskip._C._backward_epilogue takes (grad_out: Tensor, mask, grad_preact, "
+                   "grad_bias: Tensor or None)");
+  const at::Tensor grad_out = THPVariable_Unpack(args[0]);
+  const at::Tensor mask = optional_tensor(1), grad_preact = optional_tensor(2),
+                   grad_bias = optional_tensor(3);
+  // The pass's contract (csrc/fused_linear.h), checked: the hook takes tensors from tests only.
+  for (const at::Tensor& t : {grad_out, mask, grad_preact, grad_bias}) {
+    TORCH_CHECK(!t.defined() || t.is_cpu(), "fusedskip._C._backward_epilogue: CPU tensors only");
+  }
+  TORCH_CHECK(grad_out.dim() == 2 && at::isFloatingType(grad_out.scalar_type()),
+              "fusedskip._C._backward_epilogue: grad_out must be a 2-D floating tensor");
+  const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
+  TORCH_CHECK(mask.defined() == grad_preact.defined(),
+              "fusedskip._C._backward_epilogue: mask and grad_preact go together (the ReLU's)");
+  TORCH_CHECK(!mask.defined() ||
+                  (mask.is_contiguous() && mask.scalar_type() == at::kByte &&
+                   mask.sizes() == at::IntArrayRef({rows, (cols + 7) / 8})),
+              "fusedskip._C._backward_epilogue: mask must be contiguous uint8 (rows, ceil(cols/8))");
+  TORCH_CHECK(!grad_preact.defined() ||
+                  (grad_preact.is_contiguous() && grad_preact.sizes() == grad_out.sizes() &&
+                   grad_preact.scalar_type() == grad_out.scalar_type()),
+              "fusedskip._C._backward_epilogue: grad_preact must be contiguous, grad_out's shape "
+              "and dtype");
+  TORCH_CHECK(!grad_bias.defined() || (grad_bias.is_contiguous() && grad_bias.dim() == 1 &&
+                                       grad_bias.size(0) == cols &&
+                                       grad_bias.scalar_type() == grad_out.scalar_type()),
+              "fusedskip._C._backward_epilogue: grad_bias must be contiguous (cols) in "
+              "grad_out's dtype");
+  backward_epilogue_cpu(grad_out, mask, grad_preact, grad_bias);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _late_copy(src, dst, delay_ns): see csrc/backend.h.
 PyObject* late_copy_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -277,6 +324,9 @@ PyMethodDef methods[] = {
     {"_forward_epilogue",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_epilogue_py)),
      METH_FASTCALL, "Test hook: the element-wise forward pass alone, on CPU tensors."},
+    {"_backward_epilogue",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(backward_epilogue_py)),
+     METH_FASTCALL, "Test hook: the element-wise backward pass alone, on CPU tensors."},
     {"_late_copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(late_copy_py)),
      METH_FASTCALL, "Test hook: copies src into dst, late, letting the next kernel launch early."},
     {"_set_backend", set_backend_py, METH_O, "Chooses the op's backend (csrc/backend.h)."},
