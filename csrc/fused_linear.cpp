@@ -233,16 +233,16 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
 void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
                    const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                    const std::vector<at::Tensor>& grad_inputs_2d, const at::Tensor& grad_weight,
-                   const at::Tensor& grad_bias) {
+                   const at::Tensor& grad_bias, const at::Tensor& grad_preact) {
 #ifdef FUSEDSKIP_WITH_CUDA
   if (weight.is_cuda()) {
     return tile_backward_cuda(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
-                              grad_bias);
+                              grad_bias, grad_preact);
   }
 #endif
   TORCH_CHECK(weight.is_cpu(), "fusedskip: no native kernel for device ", weight.device());
   tile_backward_emulated(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
-                         grad_bias);
+                         grad_bias, grad_preact);
 }
 
 at::Tensor empty_placeholder(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -433,27 +433,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
 
   const at::Tensor grad_out_2d = as_2d(grad_output, g.rows, g.cols);
   const GemmPath path = choose_gemm_path(weight, g);
+  bool want_any_input = false;
+  for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
   // The native kernel reads grad_output through the mask and sums the bias gradient itself: the
-  // whole backward in one launch. Only when the pre-activation gradient is itself an output
-  // (the residual of add_relu needs it) is it written out first, by the element-wise pass.
-  // Not with TF32 either: the bias gradient would then be summed from TF32-rounded operands
-  // (relative error ~1e-4), where torch sums it in full float32.
+  // whole backward in one launch. Where the pre-activation gradient is itself an output (the
+  // residual of add_relu needs it), the blocks that load it store it too; only where no GEMM
+  // reads it (the residual's gradient alone) does the element-wise pass write it.
+  // Not with TF32: the bias gradient would then be summed from TF32-rounded operands (relative
+  // error ~1e-4), where torch sums it in full float32.
   const bool tf32 = weight.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
-  const bool tiles_take_mask = path == GemmPath::kTiles && !(relu && want_preact) && !tf32;
-  const bool preact_written = relu && !tiles_take_mask;
+  const bool tiles_take_mask =
+      path == GemmPath::kTiles && !tf32 &&
+      (!(relu && want_preact) || want_any_input || want_weight || want_bias);
+  const bool pass_writes_preact = relu && !tiles_take_mask;  // the GEMMs' operand, then
   const at::Tensor grad_preact_2d =
-      preact_written ? at::empty({g.rows, g.cols}, weight.options()) : grad_out_2d;
+      relu && (want_preact || pass_writes_preact) ? at::empty({g.rows, g.cols}, weight.options())
+                                                  : grad_out_2d;
   const at::Tensor grad_bias = want_bias ? at::empty({g.cols}, weight.options()) : at::Tensor();
   if (!tiles_take_mask && (relu || want_bias)) {
-    backward_epilogue(grad_out_2d, mask, preact_written ? grad_preact_2d : at::Tensor(),
+    backward_epilogue(grad_out_2d, mask, pass_writes_preact ? grad_preact_2d : at::Tensor(),
                       grad_bias);
   }
 
   // The inputs' gradients are column blocks of one: the cat's (rows, in_features), as eager's
   // linear computes it; the weight's is (cols, in_features).
   std::vector<at::Tensor> grad_inputs_2d, inputs_2d;
-  bool want_any_input = false;
-  for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
   c10::SmallVector<int64_t, 6> input_shape = g.out_shape;
   input_shape.back() = weight.size(1);
   const at::Tensor grad_input =
@@ -471,10 +475,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
       want_weight ? at::empty({g.cols, weight.size(1)}, weight.options()) : at::Tensor();
   if (tiles_take_mask) {
     tile_backward(grad_out_2d, relu ? mask : at::Tensor(), inputs_2d, weight, grad_inputs_2d,
-                  grad_weight, grad_bias);
+                  grad_weight, grad_bias, relu && want_preact ? grad_preact_2d : at::Tensor());
   } else if (path == GemmPath::kTiles) {
     tile_backward(grad_preact_2d, at::Tensor(), inputs_2d, weight, grad_inputs_2d, grad_weight,
-                  at::Tensor());
+                  at::Tensor(), at::Tensor());
   } else if (path == GemmPath::kCpuLoops) {
     direct_gemm_backward_cpu(grad_preact_2d, inputs_2d, weight, g, grad_inputs_2d, grad_weight);
   } else {

@@ -180,7 +180,8 @@ void tile_forward_emulated(const std::vector<at::Tensor>& inputs_2d, const at::T
 void tile_backward_emulated(const at::Tensor& grad_out, const at::Tensor& mask,
                             const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                             const std::vector<at::Tensor>& grad_inputs_2d,
-                            const at::Tensor& grad_weight, const at::Tensor& grad_bias);
+                            const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                            const at::Tensor& grad_preact);
 
 #ifdef FUSEDSKIP_WITH_CUDA
 void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
@@ -189,7 +190,8 @@ void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tenso
 void tile_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                         const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                         const std::vector<at::Tensor>& grad_inputs_2d,
-                        const at::Tensor& grad_weight, const at::Tensor& grad_bias);
+                        const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                        const at::Tensor& grad_preact);
 void forward_epilogue_cuda(const at::Tensor& gemm, const at::Tensor& out,
                            const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                            const at::Tensor& mask, Residual where);

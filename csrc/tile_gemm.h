@@ -99,6 +99,12 @@ struct TileParams {
   const scalar_t* residual;
   int64_t residual_stride_row;
   uint8_t* mask;
+  // Backward only, where the output gradient through the mask is itself wanted (the residual's
+  // gradient of add_relu): grad_preact (rows, cols) gets it from the loads of problem
+  // preact_problem, each element once, so that no pass of its own reads G and the mask again.
+  scalar_t* grad_preact;
+  int64_t grad_preact_stride_row;
+  int preact_problem;
 };
 
 // Shared memory of one block: the A and B tiles of one K step, then (aliasing them, after a sync)
@@ -417,6 +423,41 @@ FS_UNROLL
   }
 }
 
+// Backward, where the output gradient through the mask is itself wanted: the masked operand's
+// tile of a K step, as load_tiles left it in shared memory, stored to grad_preact (row stride
+// `stride`) at G's coordinates. Neighbouring threads take neighbouring columns of G. (Stored from
+// shared memory, not from load_tiles' registers: there the stores' addresses pushed the
+// tensor-core kernels' registers past their cap, into hundreds of bytes of spills.)
+template <class Math, class Problem>
+FS_HOST_DEVICE void store_preact(const typename Math::Smem& smem, const Problem& prob,
+                                 typename Math::scalar_t* preact, int64_t stride, int64_t m0,
+                                 int64_t n0, int64_t k0, int64_t k_end, int thread) {
+  constexpr int kPerThread = Math::kBM * Math::kBK / Math::kThreads;
+  const MaskedOperand masked = prob.segment[0].mask_on;
+  if (masked == MaskedOperand::kB) {  // B(k, n) = G[k, n]
+    const TileRun run = tile_run<Math::kBK, Math::kBN, Math::kThreads>(false, thread);
+FS_NO_UNROLL
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t k = k0 + run.row(i), n = n0 + run.col(i);
+      if (k < k_end && n < prob.n) {
+        preact[k * stride + n] = smem.b()[run.row(i) * Math::kBLd + run.col(i)];
+      }
+    }
+    return;
+  }
+  // A(m, k) = G[m, k] (kA), or G[k, m] (kATransposed), whose tile rows are then G's columns.
+  const bool transposed = masked == MaskedOperand::kATransposed;
+  const TileRun run = tile_run<Math::kBM, Math::kBK, Math::kThreads>(transposed, thread);
+FS_NO_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t m = m0 + run.row(i), k = k0 + run.col(i);
+    if (m < prob.m && k < k_end) {
+      preact[(transposed ? k * stride + m : m * stride + k)] =
+          smem.a()[run.row(i) * Math::kALd + run.col(i)];
+    }
+  }
+}
+
 // The epilogue of one tile, from the accumulator tile in shared memory: the forward's bias,
 // residual and ReLU into `out` and the mask; a backward problem's plain store; or a split-K
 // slice's float partial sums. Each thread takes one column of the tile and steps down its rows,
@@ -521,7 +562,9 @@ FS_UNROLL
 }
 
 // Block `block_index` of a launch over `p`.
-template <class Math, bool kRelu, Residual kResidual, bool kBias, class Block, class Params>
+// kStoresPreact (backward only): p.grad_preact is set, and gets G from the loads.
+template <class Math, bool kRelu, Residual kResidual, bool kBias, bool kStoresPreact, class Block,
+          class Params>
 FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
                                     typename Math::Smem& smem, Block& block) {
   static_assert(Math::kBM == kTileEdge && Math::kBN == kTileEdge);
@@ -533,6 +576,13 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
   const int64_t tile_n = (local / prob.tiles_m) % prob.tiles_n;
   const int64_t split = local / (prob.tiles_m * prob.tiles_n);
   const int64_t m0 = tile_m * Math::kBM, n0 = tile_n * Math::kBN;
+  // The blocks that store G for grad_preact: of the problem chosen, those of the first tile
+  // along the dimension over which its masked operand's tiles repeat (a masked A is read again
+  // for every column tile, a masked B for every row tile), so that each element is stored once.
+  static_assert(!kStoresPreact || Params::kReadsGradient);
+  const bool stores_preact =
+      kStoresPreact && index == p.preact_problem &&
+      (prob.segment[0].mask_on == MaskedOperand::kB ? tile_m : tile_n) == 0;
 
   block.for_each_worker([&](int, auto& acc) { Math::zero(acc); });
   int64_t k_total = 0;
@@ -546,6 +596,14 @@ FS_HOST_DEVICE void tile_gemm_block(const Params& p, int64_t block_index,
       load_tiles<Math, Params::kReadsGradient>(smem, prob, at, m0, n0, k0, k_end, thread);
     });
     block.sync();
+    if constexpr (kStoresPreact) {
+      if (stores_preact) {
+        block.for_each_thread([&](int thread) {
+          store_preact<Math>(smem, prob, p.grad_preact, p.grad_preact_stride_row, m0, n0, k0,
+                             k_end, thread);
+        });
+      }
+    }
     block.for_each_worker([&](int worker, auto& acc) { Math::mma(smem, acc, worker); });
     block.sync();  // the next loads (or the accumulator tile below) overwrite the tiles
   }

@@ -7,7 +7,8 @@
 // An Executor provides
 //   template <typename scalar_t> using TensorCoreMath = ...;   the fragment maths
 //   static int multiprocessors();                              sizes split-K
-//   template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
+//   template <class Math, bool kRelu, Residual kResidual, bool kBias, bool kStoresPreact,
+//             class Params>
 //   static void run_tiles(const Params&, int64_t blocks);   blocks 0 .. blocks-1 of the 1-D grid
 //   template <typename scalar_t>
 //   static void split_sum(const SplitSumParams<scalar_t>&);
@@ -104,7 +105,7 @@ void tile_forward(const std::vector<at::Tensor>& inputs_2d, const at::Tensor& we
       FS_BOOL_SWITCH(mask.defined(), kRelu, [&] {
         FS_RESIDUAL_SWITCH(where, kResidual, [&] {
           FS_BOOL_SWITCH(has_bias, kBias, [&] {
-            Executor::template run_tiles<Math, kRelu, kResidual, kBias>(p, p.first_block[1]);
+            Executor::template run_tiles<Math, kRelu, kResidual, kBias, false>(p, p.first_block[1]);
           });
         });
       });
@@ -125,12 +126,13 @@ constexpr int64_t kTileSplitBlocksPerSm = 4;
 // with unit column stride: column blocks of one gradient), grad_weight[:, block i] =
 // G^T inputs_2d[i] (when defined, (cols, in_features) contiguous) and grad_bias = 1^T G (when
 // defined), with G = grad_out (any strides) read through the ReLU `mask` where that is defined,
-// else as it is.
+// else as it is. grad_preact (when defined; (rows, cols), unit column stride; needs the mask and
+// at least one of the gradients above) gets G itself, stored by the blocks that load it.
 template <class Executor>
 void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
                    const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                    const std::vector<at::Tensor>& grad_inputs_2d, const at::Tensor& grad_weight,
-                   const at::Tensor& grad_bias) {
+                   const at::Tensor& grad_bias, const at::Tensor& grad_preact) {
   const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
   const int64_t in_total = weight.size(1);
   const uint8_t* mask_data = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
@@ -173,7 +175,7 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
                      : at::Tensor();
       if constexpr (Executor::kPoison) {
         const double nan = std::numeric_limits<double>::quiet_NaN();
-        for (const at::Tensor& t : {partial, grad_weight, grad_bias}) {
+        for (const at::Tensor& t : {partial, grad_weight, grad_bias, grad_preact}) {
           if (t.defined()) t.fill_(nan);
         }
         for (const at::Tensor& grad : grad_inputs_2d) {
@@ -257,8 +259,19 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
       }
       p.num_problems = problems;
       p.first_block[problems] = blocks;
+      if (grad_preact.defined()) {
+        // Every problem reads G through the mask: the first one stores it.
+        TORCH_INTERNAL_ASSERT(mask.defined() && problems > 0 && grad_preact.stride(1) == 1);
+        p.grad_preact = grad_preact.data_ptr<scalar_t>();
+        p.grad_preact_stride_row = grad_preact.stride(0);
+        p.preact_problem = 0;
+      }
       if (blocks == 0) return;
-      Executor::template run_tiles<Math, false, Residual::kNone, false>(p, blocks);
+      // Where grad_preact is wanted, kernels of their own: the extra stores in every backward
+      // kernel's K loop cost registers, and the tensor-core kernels have none to spare.
+      FS_BOOL_SWITCH(grad_preact.defined(), kStoresPreact, [&] {
+        Executor::template run_tiles<Math, false, Residual::kNone, false, kStoresPreact>(p, blocks);
+      });
       if (splits > 1) {
         Executor::template split_sum<scalar_t>(SplitSumParams<scalar_t>{
             partial.const_data_ptr<acc_t>(), static_cast<int>(splits), weight_count + bias_count,

@@ -254,6 +254,38 @@ def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(mask.shape[0], -1)[:, :cols].bool()
 
 
+# add_relu's residual gradient is the output gradient G through the mask. The native backward
+# stores it from the loads of one of its problems, whichever is asked for first: an input's
+# gradient (G read as A, again for every column tile of the input), the weight's (G^T as A,
+# again for every column tile; split over rows) or the bias's (G as B). Each element must be
+# stored exactly once, as the element-wise pass would: a select, so a NaN or Inf where the ReLU
+# was off gives 0, and passes where it was on. Run under the backend that reaches the native
+# kernel on `device` (cuda_emulation on a CPU).
+def check_native_backward_stores_masked_gradient(first: str, dtype, device: str) -> None:
+    generator = torch.Generator().manual_seed(SEED)
+    rows, width, cols = 1500, 70, 130  # split-K over the rows; 2 and 3 tiles of 64 across
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).to(device)
+
+    x, w, r = rand(rows, width), rand(cols, width), rand(rows, cols)
+    _, mask = torch.ops.fusedskip.fused_linear([x], w, None, r, True, True)
+    grad = rand(cols, rows).t()  # column-major: read through any strides
+    grad[::7, ::5] = float("nan")
+    grad[3::11, 1::3] = float("-inf")
+    active = unpack_mask(mask, cols)
+    special = ~torch.isfinite(grad)
+    assert bool((special & active).any()) and bool((special & ~active).any())
+    wanted = [first == "input", first == "weight", first == "bias", True]
+    if device == "cuda":
+        poison_allocator()
+    *_, grad_preact = torch.ops.fusedskip.fused_linear_backward(grad, [x], w, mask, True, wanted)
+    expected = torch.where(active, grad, torch.zeros((), dtype=dtype, device=device))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert grad_preact.shape == expected.shape
+    assert torch.equal(grad_preact.contiguous().view(bits), expected.contiguous().view(bits))
+
+
 def check_against_reference(sample: Sample, dtype, tol=None) -> None:
     """Output and every gradient of the fused op against float64, by relative error.
 

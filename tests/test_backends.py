@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (SEED, assert_close_rel, check_against_reference, ids, make_sample,
+from conftest import (SEED, assert_close_rel, check_against_reference,
+                      check_native_backward_stores_masked_gradient, ids, make_sample,
                       new_memory_is_nan, sample_grid, strided_like, unpack_mask)
 
 pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
@@ -537,25 +538,38 @@ def test_forced_native_kernel_refuses_shapes_beyond_one_launch(emulation):
         fusedskip.linear_concat([x], w)
 
 
-@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias", "residual"])
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias", "residual",
+                                    "input+residual", "weight+residual", "bias+residual"])
 def test_emulated_backward_of_each_gradient_alone(wanted, emulation):
     """The native backward is one launch over the gradients asked for; each alone is right
-    (through the mask, with the bias gradient as its own problem and split-K at 1500 rows)."""
+    (through the mask, with the bias gradient as its own problem and split-K at 1500 rows), and
+    so is the residual's with each other one (add_relu's, which the blocks that load the output
+    gradient for the other store too; alone, the element-wise pass writes it)."""
     generator = torch.Generator().manual_seed(SEED)
     for rows, order in ((70, "relu_add"), (1500, "add_relu")):
         sample = make_sample([13], 65, (rows,), residual=order, requires_grad=False,
                              generator=generator)
         tensors = sample.tensors()
-        names = {"input": [0], "weight": [1], "bias": [2], "weight+bias": [1, 2], "residual": [3]}
-        chosen = [tensors[i].requires_grad_() for i in names[wanted]]
+        names = {"input": [0], "weight": [1], "bias": [2], "residual": [3]}
+        chosen = [tensors[i].requires_grad_()
+                  for i in sorted(sum((names[name] for name in wanted.split("+")), []))]
         out = sample.call(fusedskip, *tensors)
         grad = torch.randn(out.shape, generator=generator, dtype=out.dtype)
         got = torch.autograd.grad(out, chosen, grad)
         ref64 = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
         ref_out = sample.call(fusedskip.reference, *ref64)
-        expected = torch.autograd.grad(ref_out, [ref64[i] for i in names[wanted]], grad)
+        expected = torch.autograd.grad(ref_out, [t for t in ref64 if t.requires_grad], grad)
+        assert len(got) == len(expected) == len(chosen)
         for g, e in zip(got, expected):
             assert_close_rel(g, e, torch.float64, f"{wanted} at {rows} rows")
+
+
+# add_relu's residual gradient, stored by the native backward's loads (conftest's
+# check_native_backward_stores_masked_gradient; on a GPU in tests/test_cuda.py).
+@pytest.mark.parametrize("first", ["input", "weight", "bias"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_emulated_backward_stores_the_masked_gradient_bit_for_bit(first, dtype, emulation):
+    check_native_backward_stores_masked_gradient(first, dtype, "cpu")
 
 
 def test_emulated_bias_gradient_in_full_float32_under_tf32(emulation):

@@ -90,14 +90,15 @@ struct HostExecutor {
   static int multiprocessors() { return 4; }
   static constexpr bool kPoison = true;
 
-  template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
+  template <class Math, bool kRelu, Residual kResidual, bool kBias, bool kStoresPreact,
+            class Params>
   static void run_tiles(const Params& p, int64_t blocks) {
     TORCH_INTERNAL_ASSERT(blocks <= kTileMaxBlocks);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       auto smem = std::make_unique<typename Math::Smem>();
       auto block = std::make_unique<HostBlock<Math>>();
       for (int64_t index = begin; index < end; ++index) {
-        tile_gemm_block<Math, kRelu, kResidual, kBias>(p, index, *smem, *block);
+        tile_gemm_block<Math, kRelu, kResidual, kBias, kStoresPreact>(p, index, *smem, *block);
       }
     });
   }
@@ -119,9 +120,10 @@ void tile_forward_emulated(const std::vector<at::Tensor>& inputs_2d, const at::T
 void tile_backward_emulated(const at::Tensor& grad_out, const at::Tensor& mask,
                             const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                             const std::vector<at::Tensor>& grad_inputs_2d,
-                            const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+                            const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                            const at::Tensor& grad_preact) {
   tile_backward<HostExecutor>(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
-                              grad_bias);
+                              grad_bias, grad_preact);
 }
 
 }  // namespace fusedskip

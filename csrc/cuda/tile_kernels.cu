@@ -139,14 +139,15 @@ constexpr int kTileMinBlocksPerSm = 512 / Math::kThreads;
 
 // __grid_constant__: the block body takes the (up to ~2 KB) parameters by reference; this keeps
 // them in parameter space instead of a per-thread local copy.
-template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
+template <class Math, bool kRelu, Residual kResidual, bool kBias, bool kStoresPreact,
+          class Params>
 __global__ void __launch_bounds__(Math::kThreads, kTileMinBlocksPerSm<Math>)
     tile_gemm_kernel(const __grid_constant__ Params p) {
   wait_for_prior_kernels();
   allow_next_kernel_launch();
   __shared__ typename Math::Smem smem;
   DeviceBlock<Math> block;
-  tile_gemm_block<Math, kRelu, kResidual, kBias>(p, blockIdx.x, smem, block);
+  tile_gemm_block<Math, kRelu, kResidual, kBias, kStoresPreact>(p, blockIdx.x, smem, block);
 }
 
 template <typename scalar_t>
@@ -170,11 +171,12 @@ struct CudaExecutor {
   }
   static constexpr bool kPoison = false;  // the CUDA tests poison the allocator instead
 
-  template <class Math, bool kRelu, Residual kResidual, bool kBias, class Params>
+  template <class Math, bool kRelu, Residual kResidual, bool kBias, bool kStoresPreact,
+            class Params>
   static void run_tiles(const Params& p, int64_t blocks) {
     // csrc/backend.cpp routes shapes beyond the grid's limit to the GEMM + epilogue path.
     TORCH_INTERNAL_ASSERT(blocks <= kTileMaxBlocks);
-    launch_kernel<tile_gemm_kernel<Math, kRelu, kResidual, kBias, Params>>(
+    launch_kernel<tile_gemm_kernel<Math, kRelu, kResidual, kBias, kStoresPreact, Params>>(
         static_cast<unsigned>(blocks), Math::kThreads, p);
   }
 
@@ -201,10 +203,11 @@ void tile_forward_cuda(const std::vector<at::Tensor>& inputs_2d, const at::Tenso
 void tile_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                         const std::vector<at::Tensor>& inputs_2d, const at::Tensor& weight,
                         const std::vector<at::Tensor>& grad_inputs_2d,
-                        const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+                        const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                        const at::Tensor& grad_preact) {
   const c10::cuda::CUDAGuard device_guard(weight.device());
   tile_backward<CudaExecutor>(grad_out, mask, inputs_2d, weight, grad_inputs_2d, grad_weight,
-                              grad_bias);
+                              grad_bias, grad_preact);
 }
 
 }  // namespace fusedskip
