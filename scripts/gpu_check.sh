@@ -193,7 +193,10 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
 
 # 5. Device time per kernel against host time per call: the large relu_add layer on each path;
 # the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
-# the H200 (results/h200-2026-11-26), far above its kernels' work; and the large concat layer:
+# the H200 (results/h200-2026-11-26), far above its kernels' work; add_relu's, whose backward
+# on the native kernel is one launch since 2026-11-28 (the residual's gradient stored by the
+# kernel's loads; 1.39x eager at 64x10 in the 2026-11-28 sweep, against relu_add's 2.11x),
+# narrow and at many rows; and the large concat layer:
 # the cat and cuBLAS (fused) against the CUTLASS concat kernels, cat-free forward and grouped
 # backward (fused-cutlass), and eager; and concat4 at 65536 rows, whose blocks (96 to 424 wide)
 # made one cuBLAS GEMM each 0.77x eager in the 2026-11-28 sweep, before the inputs' gradients
@@ -211,6 +214,8 @@ step kernel_times 150 bash -c '
     --out "$1" --providers fused,fused-cutlass,fused-gemm_epilogue,gemm || rc=1
   $0 benchmarks/gpu_kernel_times.py --op relu_add --mode forward+backward \
     --sizes 64x30x30,65536x30x30 --out "$1" --providers fused,eager || rc=1
+  $0 benchmarks/gpu_kernel_times.py --op add_relu --mode forward+backward \
+    --sizes 64x10x10,65536x30x30 --out "$1" --providers fused,eager || rc=1
   $0 benchmarks/gpu_kernel_times.py --op concat2 --mode forward+backward \
     --sizes 8192x4096x4096 --out "$1" --providers fused,fused-cutlass,eager || rc=1
   $0 benchmarks/gpu_kernel_times.py --op concat4 --mode forward+backward \
