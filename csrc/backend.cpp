@@ -112,6 +112,7 @@ namespace {
 std::atomic<int64_t> fused_gemm_launch_count{0};
 std::atomic<int64_t> concat_gemm_launch_count{0};
 std::atomic<int64_t> grouped_gemm_launch_count{0};
+std::atomic<int64_t> backward_pass_run_count{0};
 }  // namespace
 
 bool fused_gemm_built() {
@@ -139,6 +140,10 @@ int64_t grouped_gemm_launches() {
 void count_grouped_gemm_launch() {
   grouped_gemm_launch_count.fetch_add(1, std::memory_order_relaxed);
 }
+
+int64_t backward_pass_runs() { return backward_pass_run_count.load(std::memory_order_relaxed); }
+
+void count_backward_pass_run() { backward_pass_run_count.fetch_add(1, std::memory_order_relaxed); }
 
 GemmPath choose_gemm_path(const at::Tensor& weight, const Geometry& g) {
   const Backend backend = current_backend();

@@ -69,6 +69,10 @@ int64_t concat_gemm_launches();
 void count_concat_gemm_launch();
 int64_t grouped_gemm_launches();
 void count_grouped_gemm_launch();
+// How many times the backward's element-wise pass (mask and bias gradient) has run, any device:
+// where the native kernel reads the mask itself, tests check that the pass did not run.
+int64_t backward_pass_runs();
+void count_backward_pass_run();
 
 // Empty where the CUTLASS GEMM's mask store meets the register layout it assumes, checked on the
 // host for every instantiated kernel (csrc/cuda/fused_gemm_sm90.cu); else what is wrong. Only in

@@ -212,6 +212,7 @@ void forward_epilogue(const at::Tensor& gemm, const at::Tensor& out,
 
 void backward_epilogue(const at::Tensor& grad_out, const at::Tensor& mask,
                        const at::Tensor& grad_preact, const at::Tensor& grad_bias) {
+  count_backward_pass_run();
 #ifdef FUSEDSKIP_WITH_CUDA
   if (grad_out.is_cuda()) return backward_epilogue_cuda(grad_out, mask, grad_preact, grad_bias);
 #endif
@@ -434,17 +435,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
   const at::Tensor grad_out_2d = as_2d(grad_output, g.rows, g.cols);
   const GemmPath path = choose_gemm_path(weight, g);
   bool want_any_input = false;
-  for (size_t i = 0; i < count; ++i) want_any_input = want_any_input || output_mask.get(i);
+  // Whether a wanted GEMM of the backward reads all of G: the bias gradient's, or an input's or
+  // a weight block's of non-zero width (a block 0 wide has no tiles).
+  bool some_gemm_reads_g = want_bias;
+  for (size_t i = 0; i < count; ++i) {
+    want_any_input = want_any_input || output_mask.get(i);
+    some_gemm_reads_g = some_gemm_reads_g || ((output_mask.get(i) || want_weight) && g.widths[i] > 0);
+  }
   // The native kernel reads grad_output through the mask and sums the bias gradient itself: the
   // whole backward in one launch. Where the pre-activation gradient is itself an output (the
   // residual of add_relu needs it), the blocks that load it store it too; only where no GEMM
-  // reads it (the residual's gradient alone) does the element-wise pass write it.
+  // reads it (the residual's gradient alone, or beside 0-wide blocks) does the element-wise pass
+  // write it.
   // Not with TF32: the bias gradient would then be summed from TF32-rounded operands (relative
   // error ~1e-4), where torch sums it in full float32.
   const bool tf32 = weight.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
   const bool tiles_take_mask =
-      path == GemmPath::kTiles && !tf32 &&
-      (!(relu && want_preact) || want_any_input || want_weight || want_bias);
+      path == GemmPath::kTiles && !tf32 && (!(relu && want_preact) || some_gemm_reads_g);
   const bool pass_writes_preact = relu && !tiles_take_mask;  // the GEMMs' operand, then
   const at::Tensor grad_preact_2d =
       relu && (want_preact || pass_writes_preact) ? at::empty({g.rows, g.cols}, weight.options())

@@ -173,6 +173,10 @@ PyObject* grouped_gemm_launches_py(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(grouped_gemm_launches());
 }
 
+PyObject* backward_pass_runs_py(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(backward_pass_runs());
+}
+
 PyObject* fused_gemm_mask_layout_error_py(PyObject* /*module*/, PyObject* /*unused*/) {
 #ifdef FUSEDSKIP_WITH_CUDA
   const std::string error = fused_gemm_mask_layout_error();
@@ -317,6 +321,8 @@ PyMethodDef methods[] = {
      "How many times the `cutlass` backend's concat forward GEMM has run in this process."},
     {"_grouped_gemm_launches", grouped_gemm_launches_py, METH_NOARGS,
      "How many grouped GEMMs the `cutlass` backend's concat backward has launched."},
+    {"_backward_pass_runs", backward_pass_runs_py, METH_NOARGS,
+     "How many times the backward's element-wise pass has run in this process."},
     {"_fused_gemm_mask_layout_error", fused_gemm_mask_layout_error_py, METH_NOARGS,
      "Empty where the CUTLASS GEMM's mask store meets the register layout it assumes."},
     {"_programmatic_launch", programmatic_launch_py, METH_NOARGS,

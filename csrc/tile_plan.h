@@ -260,11 +260,16 @@ void tile_backward(const at::Tensor& grad_out, const at::Tensor& mask,
       p.num_problems = problems;
       p.first_block[problems] = blocks;
       if (grad_preact.defined()) {
-        // Every problem reads G through the mask: the first one stores it.
-        TORCH_INTERNAL_ASSERT(mask.defined() && problems > 0 && grad_preact.stride(1) == 1);
+        // Every problem reads all of G through the mask, but one with no tiles (an input 0 wide)
+        // reads none of it: the first with tiles stores it. The caller sees that one exists.
+        TORCH_INTERNAL_ASSERT(mask.defined() && grad_preact.stride(1) == 1);
+        while (p.preact_problem < problems &&
+               p.first_block[p.preact_problem + 1] == p.first_block[p.preact_problem]) {
+          ++p.preact_problem;
+        }
+        TORCH_INTERNAL_ASSERT(p.preact_problem < problems || grad_preact.numel() == 0);
         p.grad_preact = grad_preact.data_ptr<scalar_t>();
         p.grad_preact_stride_row = grad_preact.stride(0);
-        p.preact_problem = 0;
       }
       if (blocks == 0) return;
       // Where grad_preact is wanted, kernels of their own: the extra stores in every backward

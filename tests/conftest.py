@@ -255,31 +255,48 @@ def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 # add_relu's residual gradient is the output gradient G through the mask. The native backward
-# stores it from the loads of one of its problems, whichever is asked for first: an input's
-# gradient (G read as A, again for every column tile of the input), the weight's (G^T as A,
-# again for every column tile; split over rows) or the bias's (G as B). Each element must be
+# stores it from the loads of one of its problems, the first asked for that has tiles: an
+# input's gradient (G read as A, again for every column tile of the input), the weight's (G^T as
+# A, again for every column tile; split over rows) or the bias's (G as B). Each element must be
 # stored exactly once, as the element-wise pass would: a select, so a NaN or Inf where the ReLU
-# was off gives 0, and passes where it was on. Run under the backend that reaches the native
-# kernel on `device` (cuda_emulation on a CPU).
-def check_native_backward_stores_masked_gradient(first: str, dtype, device: str) -> None:
+# was off gives 0, and passes where it was on. Only where no GEMM asked for reads G (the blocks
+# asked for are 0 wide) does the pass write it. Run under the backend that reaches the native
+# kernel on `device` (cuda_emulation on a CPU). `wanted`: the gradients of the inputs, the weight
+# and the bias besides the residual's.
+MASKED_GRADIENT_CASES = {  # id: (input widths, wanted)
+    "input": ([70], (True, False, False)),
+    "weight": ([70], (False, True, False)),
+    "bias": ([70], (False, False, True)),
+    "0-wide-input": ([0, 70], (True, False, False, False)),
+    "weight-of-0-wide-and-70": ([0, 70], (False, False, True, False)),
+    "all-of-0-wide-and-70": ([0, 70], (True, True, True, True)),
+}
+
+
+def check_native_backward_stores_masked_gradient(case: str, dtype, device: str) -> None:
+    widths, wanted = MASKED_GRADIENT_CASES[case]
     generator = torch.Generator().manual_seed(SEED)
-    rows, width, cols = 1500, 70, 130  # split-K over the rows; 2 and 3 tiles of 64 across
+    rows, cols = 1500, 130  # split-K over the rows; 2 and 3 tiles of 64 across
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(dtype).to(device)
 
-    x, w, r = rand(rows, width), rand(cols, width), rand(rows, cols)
-    _, mask = torch.ops.fusedskip.fused_linear([x], w, None, r, True, True)
+    xs, w, r = [rand(rows, k) for k in widths], rand(cols, sum(widths)), rand(rows, cols)
+    _, mask = torch.ops.fusedskip.fused_linear(xs, w, None, r, True, True)
     grad = rand(cols, rows).t()  # column-major: read through any strides
     grad[::7, ::5] = float("nan")
     grad[3::11, 1::3] = float("-inf")
     active = unpack_mask(mask, cols)
     special = ~torch.isfinite(grad)
     assert bool((special & active).any()) and bool((special & ~active).any())
-    wanted = [first == "input", first == "weight", first == "bias", True]
     if device == "cuda":
         poison_allocator()
-    *_, grad_preact = torch.ops.fusedskip.fused_linear_backward(grad, [x], w, mask, True, wanted)
+    passes = fusedskip._ops._C._backward_pass_runs()
+    *_, grad_preact = torch.ops.fusedskip.fused_linear_backward(grad, xs, w, mask, True,
+                                                                [*wanted, True])
+    kernel_reads_g = wanted[-1] or any((want or wanted[-2]) and k > 0
+                                       for want, k in zip(wanted, widths))
+    assert (fusedskip._ops._C._backward_pass_runs() == passes) == kernel_reads_g
     expected = torch.where(active, grad, torch.zeros((), dtype=dtype, device=device))
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert grad_preact.shape == expected.shape

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (SEED, assert_close_rel, check_against_reference,
+from conftest import (MASKED_GRADIENT_CASES, SEED, assert_close_rel, check_against_reference,
                       check_native_backward_stores_masked_gradient, ids, make_sample,
                       new_memory_is_nan, sample_grid, strided_like, unpack_mask)
 
@@ -566,10 +566,10 @@ def test_emulated_backward_of_each_gradient_alone(wanted, emulation):
 
 # add_relu's residual gradient, stored by the native backward's loads (conftest's
 # check_native_backward_stores_masked_gradient; on a GPU in tests/test_cuda.py).
-@pytest.mark.parametrize("first", ["input", "weight", "bias"])
+@pytest.mark.parametrize("case", MASKED_GRADIENT_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_emulated_backward_stores_the_masked_gradient_bit_for_bit(first, dtype, emulation):
-    check_native_backward_stores_masked_gradient(first, dtype, "cpu")
+def test_emulated_backward_stores_the_masked_gradient_bit_for_bit(case, dtype, emulation):
+    check_native_backward_stores_masked_gradient(case, dtype, "cpu")
 
 
 def test_emulated_bias_gradient_in_full_float32_under_tf32(emulation):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (CUDA, CUDA_MARKS, Sample, assert_close_rel, check_against_reference,
-                      check_native_backward_stores_masked_gradient, ids, make_sample,
-                      poison_allocator, sample_grid, unpack_mask)
+from conftest import (CUDA, CUDA_MARKS, MASKED_GRADIENT_CASES, Sample, assert_close_rel,
+                      check_against_reference, check_native_backward_stores_masked_gradient, ids,
+                      make_sample, poison_allocator, sample_grid, unpack_mask)
 
 pytestmark = CUDA_MARKS
 
@@ -52,13 +52,13 @@ def grouped_launches() -> int:
 GRID = sample_grid(device="cuda") if CUDA else []
 
 
-@pytest.mark.parametrize("first", ["input", "weight", "bias"])
+@pytest.mark.parametrize("case", MASKED_GRADIENT_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_native_backward_stores_the_masked_gradient_bit_for_bit(first, dtype):
+def test_native_backward_stores_the_masked_gradient_bit_for_bit(case, dtype):
     """add_relu's residual gradient from the native backward's loads: conftest's check, as
     tests/test_backends.py runs it on the CPU's emulation of this kernel."""
     with fusedskip.use_backend("native"):
-        check_native_backward_stores_masked_gradient(first, dtype, "cuda")
+        check_native_backward_stores_masked_gradient(case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("sample", GRID, ids=ids(GRID))
