@@ -440,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
   bool some_gemm_reads_g = want_bias;
   for (size_t i = 0; i < count; ++i) {
     want_any_input = want_any_input || output_mask.get(i);
-    some_gemm_reads_g = some_gemm_reads_g || ((output_mask.get(i) || want_weight) && g.widths[i] > 0);
+    some_gemm_reads_g =
+        some_gemm_reads_g || ((output_mask.get(i) || want_weight) && g.widths[i] > 0);
   }
   // The native kernel reads grad_output through the mask and sums the bias gradient itself: the
   // whole backward in one launch. Where the pre-activation gradient is itself an output (the

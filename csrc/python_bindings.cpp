@@ -278,7 +278,8 @@ PyObject* backward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_s
   TORCH_CHECK(!mask.defined() ||
                   (mask.is_contiguous() && mask.scalar_type() == at::kByte &&
                    mask.sizes() == at::IntArrayRef({rows, (cols + 7) / 8})),
-              "fusedskip._C._backward_epilogue: mask must be contiguous uint8 (rows, ceil(cols/8))");
+              "fusedskip._C._backward_epilogue: mask must be contiguous uint8 "
+              "(rows, ceil(cols/8))");
   TORCH_CHECK(!grad_preact.defined() ||
                   (grad_preact.is_contiguous() && grad_preact.sizes() == grad_out.sizes() &&
                    grad_preact.scalar_type() == grad_out.scalar_type()),
