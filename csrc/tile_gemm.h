@@ -101,7 +101,8 @@ struct TileParams {
   uint8_t* mask;
   // Backward only, where the output gradient through the mask is itself wanted (the residual's
   // gradient of add_relu): grad_preact (rows, cols) gets it from the loads of problem
-  // preact_problem, each element once, so that no pass of its own reads G and the mask again.
+  // preact_problem (the first with tiles), each element once, so that no pass of its own reads
+  // G and the mask again.
   scalar_t* grad_preact;
   int64_t grad_preact_stride_row;
   int preact_problem;
