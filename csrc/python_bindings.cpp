@@ -10,6 +10,7 @@
 #include <Python.h>
 
 #include <cstring>
+#include <initializer_list>
 
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
@@ -196,15 +197,24 @@ PyObject* programmatic_launch_py(PyObject* /*module*/, PyObject* /*unused*/) {
   END_HANDLE_TH_ERRORS
 }
 
+// The element-wise pass hooks' arguments: a Tensor, or None for an undefined one; CPU tensors
+// only (the hooks run the passes' CPU code).
+at::Tensor tensor_or_none(PyObject* arg) {
+  return arg == Py_None ? at::Tensor() : THPVariable_Unpack(arg);
+}
+
+void check_cpu_only(const char* hook, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || t.is_cpu(), "fusedskip._C.", hook, ": CPU tensors only");
+  }
+}
+
 // _forward_epilogue(gemm, out, bias, residual, mask, residual_before_relu): test hook, the
 // element-wise forward pass alone on CPU tensors (csrc/cpu/fused_linear_cpu.cpp): its row loops,
 // or under the cuda_emulation backend the GPU's units (csrc/epilogue.h), which the op itself never
 // reaches there (its forward is the native kernel's). bias, residual, mask: a Tensor or None.
 PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  auto optional_tensor = [&](int i) {
-    return args[i] == Py_None ? at::Tensor() : THPVariable_Unpack(args[i]);
-  };
   TORCH_CHECK_TYPE(nargs == 6 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]) &&
                        (args[2] == Py_None || THPVariable_Check(args[2])) &&
                        (args[3] == Py_None || THPVariable_Check(args[3])) &&
@@ -212,12 +222,10 @@ PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ss
                    "fusedskip._C._forward_epilogue takes (gemm, out, bias, residual, mask: Tensor "
                    "or None, residual_before_relu: bool)");
   const at::Tensor gemm = THPVariable_Unpack(args[0]), out = THPVariable_Unpack(args[1]);
-  const at::Tensor bias = optional_tensor(2), residual = optional_tensor(3),
-                   mask = optional_tensor(4);
+  const at::Tensor bias = tensor_or_none(args[2]), residual = tensor_or_none(args[3]),
+                   mask = tensor_or_none(args[4]);
   // The pass's contract (csrc/fused_linear.h), checked: the hook takes tensors from tests only.
-  for (const at::Tensor& t : {gemm, out, bias, residual, mask}) {
-    TORCH_CHECK(!t.defined() || t.is_cpu(), "fusedskip._C._forward_epilogue: CPU tensors only");
-  }
+  check_cpu_only("_forward_epilogue", {gemm, out, bias, residual, mask});
   const bool half_out = out.scalar_type() == at::kHalf || out.scalar_type() == at::kBFloat16;
   TORCH_CHECK(gemm.dim() == 2 && gemm.is_contiguous() && out.is_contiguous() &&
                   out.sizes() == gemm.sizes() &&
@@ -254,9 +262,6 @@ PyObject* forward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ss
 // mask and grad_preact: both Tensors (the ReLU's) or both None; grad_bias: a Tensor or None.
 PyObject* backward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  auto optional_tensor = [&](int i) {
-    return args[i] == Py_None ? at::Tensor() : THPVariable_Unpack(args[i]);
-  };
   TORCH_CHECK_TYPE(nargs == 4 && THPVariable_Check(args[0]) &&
                        (args[1] == Py_None || THPVariable_Check(args[1])) &&
                        (args[2] == Py_None || THPVariable_Check(args[2])) &&
@@ -264,12 +269,10 @@ PyObject* backward_epilogue_py(PyObject* /*module*/, PyObject* const* args, Py_s
                    "fusedskip._C._backward_epilogue takes (grad_out: Tensor, mask, grad_preact, "
                    "grad_bias: Tensor or None)");
   const at::Tensor grad_out = THPVariable_Unpack(args[0]);
-  const at::Tensor mask = optional_tensor(1), grad_preact = optional_tensor(2),
-                   grad_bias = optional_tensor(3);
+  const at::Tensor mask = tensor_or_none(args[1]), grad_preact = tensor_or_none(args[2]),
+                   grad_bias = tensor_or_none(args[3]);
   // The pass's contract (csrc/fused_linear.h), checked: the hook takes tensors from tests only.
-  for (const at::Tensor& t : {grad_out, mask, grad_preact, grad_bias}) {
-    TORCH_CHECK(!t.defined() || t.is_cpu(), "fusedskip._C._backward_epilogue: CPU tensors only");
-  }
+  check_cpu_only("_backward_epilogue", {grad_out, mask, grad_preact, grad_bias});
   TORCH_CHECK(grad_out.dim() == 2 && at::isFloatingType(grad_out.scalar_type()),
               "fusedskip._C._backward_epilogue: grad_out must be a 2-D floating tensor");
   const int64_t rows = grad_out.size(0), cols = grad_out.size(1);
