@@ -9,7 +9,9 @@
 One row per (op, provider, mode, dtype, shape): p20/p50/p80 time, TFLOP/s, GB/s (each input
 read once, each output written once), fraction of the roofline (peaks measured on the device at
 the start of the run), speedup over eager, peak memory of forward+backward (GPU), and the device,
-versions and commit. Every provider's output (and in forward+backward its gradients) is checked
+versions and commit. On a GPU the p20/p50/p80 are of single calls, each waited for; the row also
+has the time per call with calls queued back to back, as a training loop issues them, and the
+speedup over eager by that measure (see time_case). Every provider's output (and in forward+backward its gradients) is checked
 against the float64 reference before it is timed; a mismatch is recorded and the row is not
 timed. Results go to benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md,
 speedup.png); Ctrl-C stops the sweep and keeps the rows of the cases it finished.
@@ -355,6 +357,12 @@ def time_cuda(steps: List[Callable], repeats: int, warm_up: bool = True,
     return times
 
 
+def rotation(steps: List[Callable], first: int = 0) -> Callable[[], object]:
+    """One call per invocation, through the steps (input sets) in turn from `first`."""
+    turn = itertools.count(first)
+    return lambda: steps[next(turn) % len(steps)]()
+
+
 def time_queued_us(fn: Callable[[], object], calls: int, device: str = "cuda") -> float:
     """µs per call over `calls` calls queued back to back between two CUDA events (what a
     training step sees, overlaps and gaps between calls included); on a CPU the wall clock."""
@@ -511,11 +519,20 @@ def prepare(case: Case, provider: str, fn: Callable, mode: str, arg_sets, grad,
 TIMING_ROUNDS = 5
 
 
+@dataclasses.dataclass
+class Timings:
+    """One provider's times on one case: µs of each single call (CUDA events around it on a
+    GPU, waiting for it to finish; on a CPU, per call over torch.utils.benchmark's blocks), and
+    on a GPU the µs per call of each round's calls queued back to back."""
+    per_call: List[float] = dataclasses.field(default_factory=list)
+    queued: List[float] = dataclasses.field(default_factory=list)
+
+
 def time_interleaved(device: str, timed: Sequence[Tuple[str, List[Callable]]], repeats: int,
                      min_run_time: float) -> List[Any]:
-    """Each entry's times over TIMING_ROUNDS rounds, in the order given, or the status saying
+    """Each entry's Timings over TIMING_ROUNDS rounds, in the order given, or the status saying
     why its calls stopped (it then sits out the later rounds)."""
-    results: List[Any] = [[] for _ in timed]
+    results: List[Any] = [Timings() for _ in timed]
     per_round = max(1, repeats // TIMING_ROUNDS)
     for round_index in range(TIMING_ROUNDS):
         for i, (provider, steps) in enumerate(timed):
@@ -523,10 +540,14 @@ def time_interleaved(device: str, timed: Sequence[Tuple[str, List[Callable]]], r
                 continue
             with provider_backend(provider):
                 try:
-                    results[i] += (
-                        time_cuda(steps, per_round, warm_up=round_index == 0,
-                                  first=round_index * per_round) if device == "cuda"
-                        else time_cpu(steps, min_run_time / TIMING_ROUNDS))
+                    if device == "cuda":
+                        first = round_index * per_round
+                        results[i].per_call += time_cuda(steps, per_round,
+                                                         warm_up=round_index == 0, first=first)
+                        results[i].queued.append(time_queued_us(rotation(steps, first),
+                                                                per_round))
+                    else:
+                        results[i].per_call += time_cpu(steps, min_run_time / TIMING_ROUNDS)
                 except Exception as error:  # e.g. no derivative: costs this provider's row only
                     # The message only: the exception's traceback would keep the failed call's
                     # tensors alive through the other providers' rounds.
@@ -622,7 +643,14 @@ def run_sweep(plan: Plan, args, device: str, env: Dict[str, object]) -> Tuple[Li
 def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, repeats,
               min_run_time) -> List[dict]:
     """Every provider's row for one (dtype, shape, op, mode): each speedup is against eager on
-    this same case."""
+    this same case.
+
+    On a GPU, two measures. A single call between CUDA events, waited for before the next, is
+    what a call costs alone: its host time, then its kernels' (the p20/p50/p80). Queued back to
+    back, one call's host work overlaps the kernels of the one before, as in a training loop:
+    per call, the larger of host and device time (queued_us, the median of the rounds). Where
+    the host work is the whole cost (the launch-bound sizes), the queued measure is the one a
+    model sees."""
     m, k, n = size
     case = Case(op, m, k, n, dtype, device)
     order = OPS[op][2]
@@ -665,6 +693,7 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
             timed.append((provider, row, steps))
     results = time_interleaved(device, [(p, steps) for p, _, steps in timed], repeats,
                                min_run_time)
+    eager_queued = None
     for (provider, row, steps), times in zip(timed, results):
         if isinstance(times, str):
             row.update(status=times)
@@ -672,17 +701,21 @@ def time_case(dtype, size, op, mode, providers, device, env, peaks, progress, re
         if mode == "forward+backward":
             with provider_backend(provider):
                 row["peak_mem_mb"] = peak_memory_mb(steps[0]) if device == "cuda" else None
-        p20, p50, p80 = quantiles(times)
+        p20, p50, p80 = quantiles(times.per_call)
         row.update(status="ok", p20_us=p20, p50_us=p50, p80_us=p80,
                    tflops=row["flops"] / p50 / 1e6, gbps=row["bytes"] / p50 / 1e3)
         floor_us = max(row["flops"] / (peaks["tflops"][row["dtype"]] * 1e6),
                        row["bytes"] / (peaks["gbps"] * 1e3))
         row["roofline_fraction"] = floor_us / p50
+        if times.queued:
+            row["queued_us"] = quantiles(times.queued)[1]  # the median round
         if provider == "eager":
-            eager_p50 = p50
+            eager_p50, eager_queued = p50, row.get("queued_us")
     for row in case_rows:
         if row.get("p50_us") and eager_p50:
             row["speedup_vs_eager"] = eager_p50 / row["p50_us"]
+        if row.get("queued_us") and eager_queued:
+            row["queued_speedup_vs_eager"] = eager_queued / row["queued_us"]
     return case_rows
 
 
@@ -804,21 +837,24 @@ def write_rows(rows: List[dict], out_dir: str, stem: str = "rows"):
 
 
 def markdown_table(rows: List[dict]) -> str:
+    def number(value, digits):  # none: no eager row for the case, or no queued timing (CPU)
+        return f"{value:.{digits}f}" if value else "–"
+
     lines = ["| op | mode | dtype | M | K | N | provider | p50 µs | p20–p80 µs | TFLOP/s | GB/s | "
-             "roofline | vs eager | peak MiB | status |",
-             "|---|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "roofline | vs eager | queued µs | vs eager, queued | peak MiB | status |",
+             "|---|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("status") == "ok":
             mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else ""
-            speedup = r.get("speedup_vs_eager")  # none without an eager row for the case
             lines.append(
                 f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | {r['N']} | "
                 f"{r['provider']} | {r['p50_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | "
                 f"{r['tflops']:.3f} | {r['gbps']:.1f} | {r['roofline_fraction']:.3f} | "
-                f"{f'{speedup:.2f}' if speedup else '–'} | {mem} | ok |")
+                f"{number(r.get('speedup_vs_eager'), 2)} | {number(r.get('queued_us'), 1)} | "
+                f"{number(r.get('queued_speedup_vs_eager'), 2)} | {mem} | ok |")
         else:
             lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['M']} | {r['K']} | "
-                         f"{r['N']} | {r['provider']} | | | | | | | | {r.get('status')} |")
+                         f"{r['N']} | {r['provider']} | | | | | | | | | | {r.get('status')} |")
     return "\n".join(lines)
 
 

@@ -392,9 +392,52 @@ def test_providers_are_timed_in_turns_and_a_failing_one_sits_out(monkeypatch):
     rounds = bench.TIMING_ROUNDS
     assert rounds > 1
     assert calls == ["a", "b", "c"] + ["a", "c"] * (rounds - 1)
-    assert a == [1.0, 4.0] + [float(6 + 2 * i) for i in range(rounds - 2)]  # call numbers
+    assert a.per_call == [1.0, 4.0] + [float(6 + 2 * i) for i in range(rounds - 2)]  # call numbers
     assert b == "error: RuntimeError: no derivative"
-    assert len(c) == rounds
+    assert len(c.per_call) == rounds
+    assert a.queued == c.queued == []  # on a CPU the calls are back to back already
+
+
+def test_on_a_gpu_each_round_also_times_calls_queued_back_to_back(monkeypatch):
+    """Each round times its calls one by one (each waited for), then as many queued back to
+    back, through the input sets in turn; the queued time is one value per round."""
+    calls = []
+    steps = [lambda i=i: calls.append(i) for i in range(3)]
+
+    def fake_time_cuda(steps, repeats, warm_up=True, first=0):
+        return [float(first + i) for i in range(repeats)]
+
+    def fake_time_queued_us(fn, calls_wanted, device="cuda"):
+        for _ in range(calls_wanted):
+            fn()
+        return 100.0 + len(calls)
+
+    monkeypatch.setattr(bench, "time_cuda", fake_time_cuda)
+    monkeypatch.setattr(bench, "time_queued_us", fake_time_queued_us)
+    timings, = bench.time_interleaved("cuda", [("fused", steps)], 10, 0.5)
+    rounds = bench.TIMING_ROUNDS
+    per_round = 10 // rounds
+    assert timings.per_call == [float(i) for i in range(rounds * per_round)]
+    assert calls == [i % 3 for i in range(rounds * per_round)]  # input sets rotate on
+    assert timings.queued == [100.0 + per_round * (r + 1) for r in range(rounds)]
+
+
+def test_the_table_shows_both_measures_where_there_are_both():
+    row = {"op": "relu_add", "mode": "forward", "dtype": "bfloat16", "M": 64, "K": [10], "N": 10,
+           "status": "ok", "p20_us": 20.0, "p50_us": 23.1, "p80_us": 24.6, "tflops": 0.001,
+           "gbps": 0.2, "roofline_fraction": 0.0001}
+    gpu = dict(row, provider="fused", speedup_vs_eager=2.04, queued_us=9.87,
+               queued_speedup_vs_eager=2.5)
+    cpu = dict(row, provider="fused", speedup_vs_eager=1.5)
+    header, _, gpu_line, cpu_line = bench.markdown_table([gpu, cpu]).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    gpu_cells = dict(zip(columns, [c.strip() for c in gpu_line.strip("|").split("|")]))
+    cpu_cells = dict(zip(columns, [c.strip() for c in cpu_line.strip("|").split("|")]))
+    assert (gpu_cells["vs eager"], gpu_cells["queued µs"], gpu_cells["vs eager, queued"]) == (
+        "2.04", "9.9", "2.50")
+    assert (cpu_cells["vs eager"], cpu_cells["queued µs"], cpu_cells["vs eager, queued"]) == (
+        "1.50", "–", "–")
+    assert len(gpu_cells) == len(columns) == len(cpu_line.strip("|").split("|"))
 
 
 def test_a_provider_named_twice_gets_two_rows_of_its_own(tmp_path, monkeypatch):
