@@ -127,7 +127,7 @@ def _is_cat(node) -> bool:
         node.target in _CAT_FUNCTIONS
 
 
-# In-place operators the tracer records as functions (`x += y`, `x[i] = y`: _StrictProxy).
+# In-place operators the tracer records as functions (`x += y`, `x[i] = y`: _RecordsWrites).
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -145,8 +145,9 @@ def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
 def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     """The nodes whose tensors `node` may write into: its first argument for an in-place method,
     function or module (`mul_`, `torch.relu_`, `x += y`, `x[i] = y`, `inplace=True` by keyword or
-    position, `nn.ReLU(inplace=True)`), `out=`, and every argument of an op whose schema mutates
-    or of a function this pass does not know."""
+    position, `nn.ReLU(inplace=True)`), `out=`, the arguments _FUNCTIONS_WRITING_ARGUMENTS name,
+    and every argument of an op whose schema mutates, of a function this pass does not know, or
+    of a module with a forward or hooks of its own."""
     if "out" in node.kwargs:
         return _node_args(node)
     first: List[torch.fx.Node] = []  # the written argument: a tensor, or a list of them
@@ -159,8 +160,8 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         return first if in_place else []
     if node.op == "call_module":
         module = modules.get(node.target)
-        if module is not None and not _runs_its_class_forward(module):
-            written = _node_args(node)  # a forward of its own may write what it is given
+        if module is not None and (not _runs_its_class_forward(module) or _hooked(module)):
+            written = _node_args(node)  # a forward or hook of its own may write what it is given
         else:
             written = first if getattr(module, "inplace", False) else []
         own = _state_it_may_write(module)
@@ -171,16 +172,14 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     if node.op != "call_function":
         return []
     target = node.target
-    if target in _RUNNING_STATS_FUNCTIONS:  # F.batch_norm(x, mean, var, training=True)
+    if target in _FUNCTIONS_WRITING_ARGUMENTS:  # F.batch_norm(x, mean, var, training=True)
         try:
             call = inspect.signature(target).bind(*node.args, **node.kwargs)
         except TypeError:
             return _node_args(node)
         call.apply_defaults()
-        bound = call.arguments
-        if bound.get("training", bound.get("use_input_stats")) is not False:
-            return [bound[k] for k in ("running_mean", "running_var")
-                    if isinstance(bound.get(k), torch.fx.Node)]
+        return [call.arguments[k] for k in _FUNCTIONS_WRITING_ARGUMENTS[target](call.arguments)
+                if isinstance(call.arguments.get(k), torch.fx.Node)]
     if target in _INPLACE_OPERATORS or node.kwargs.get("inplace", False):
         return first
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -204,14 +203,33 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
 _STATELESS_MODULES = (nn.Linear, LinearReLUResidual, ConcatLinear, nn.modules.conv._ConvNd,
                       nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                       nn.Identity, nn.Dropout)
-# Functions that update the running statistics they are given, unless told not to.
-_RUNNING_STATS_FUNCTIONS = (F.batch_norm, F.instance_norm)
+
+
+def _running_statistics(arguments) -> Tuple[str, ...]:
+    """Updated unless told not to (training=False, use_input_stats=False)."""
+    if arguments.get("training", arguments.get("use_input_stats")) is False:
+        return ()
+    return ("running_mean", "running_var")
+
+
+def _renormalised_weight(arguments) -> Tuple[str, ...]:
+    """With max_norm, the rows looked up are renormalised in place (a Linear's weight, where the
+    two are tied)."""
+    return ("weight",) if arguments.get("max_norm") is not None else ()
+
+
+# Functions that write some of their arguments in place, each with which of them a call's
+# arguments make it write: F.batch_norm(x, mean, var, training=True) updates mean and var.
+_FUNCTIONS_WRITING_ARGUMENTS = {F.batch_norm: _running_statistics,
+                                F.instance_norm: _running_statistics,
+                                F.embedding: _renormalised_weight,
+                                F.embedding_bag: _renormalised_weight}
 
 
 def _state_it_may_write(module: Optional[nn.Module]) -> set:
-    """The ids of the parameters and buffers a leaf module's forward may write."""
+    """The ids of the parameters and buffers a leaf module's forward (or its hooks) may write."""
     if module is None or (isinstance(module, _STATELESS_MODULES) and
-                           _as_its_class_defines(module)):
+                           _as_its_class_defines(module) and not _hooked(module)):
         return set()
     return {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
 
@@ -638,25 +656,42 @@ def _in_place_operator(op):
     return method
 
 
-class _StrictProxy(torch.fx.Proxy):
-    """A traced value that records `x += y` (and every augmented assignment, set below) as the
-    in-place operator it is (FX's Proxy records an out-of-place add, so the write vanished from
-    the graph), records `x[i] = y` (FX's Proxy cannot: the trace failed), and refuses attribute
-    assignment (`self.buffer.data = t`), which a graph cannot record."""
+class _RecordsWrites:
+    """What a traced value does beyond FX's Proxy: records `x += y` (and every augmented
+    assignment, set below) as the in-place operator it is (FX's Proxy records an out-of-place
+    add, so the write vanished from the graph), records `x[i] = y` (FX's Proxy cannot: the trace
+    failed), refuses attribute assignment (`self.buffer.data = t`), which a graph cannot record,
+    and hands out its attributes (`x.T`, `x.data`: views, which `v = x.T; v += 1` writes
+    through) as values that do the same."""
+
+    _OWN_ATTRIBUTES = ("node", "tracer", "root", "attr", "_node")  # FX's Proxy and Attribute
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __setattr__(self, name, value):
-        if name not in ("node", "tracer"):
+        if name not in self._OWN_ATTRIBUTES:
             raise RuntimeError(f"forward sets the attribute {name!r} of a traced tensor (e.g. "
                                "`buffer.data = ...`), which a traced graph cannot do")
         object.__setattr__(self, name, value)
 
+    def __getattr__(self, name):
+        return _StrictAttribute(self, name)
+
 
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
               "xor", "lshift", "rshift"):
-    setattr(_StrictProxy, f"__i{_name}__", _in_place_operator(getattr(operator, f"i{_name}")))
+    setattr(_RecordsWrites, f"__i{_name}__", _in_place_operator(getattr(operator, f"i{_name}")))
+
+
+class _StrictProxy(_RecordsWrites, torch.fx.Proxy):
+    """A traced value (_RecordsWrites)."""
+
+
+class _StrictAttribute(_RecordsWrites, torch.fx.proxy.Attribute):
+    """An attribute of a traced value (`x.T`), itself a traced value (_RecordsWrites); as in
+    FX, its node is made where it is used as a value, and a call of it (`x.add_(1)`) is a
+    method call."""
 
 
 def _modes() -> Tuple:
@@ -948,6 +983,23 @@ def _assert_given(value, name: str) -> None:
                              "out for calls without it")
 
 
+def _assert_left_out(value, name: str, keyword_only: bool) -> None:
+    """In place of FX's own guard for a parameter specialised to None: that one, traced again
+    when a fused model is unpickled, broke every later FX trace in the process."""
+    if isinstance(value, torch.fx.Proxy):  # traced again: stay a node
+        value.tracer.create_proxy("call_function", _assert_left_out, (value, name, keyword_only),
+                                  {})
+        return
+    if value is not None:
+        how = ("a keyword-only parameter, which example_inputs (positional) cannot give, so it "
+               "is always fused at None; to fuse the model for calls with it, make it "
+               "positional" if keyword_only else
+               "example_inputs left it out; pass example_inputs that include it to fuse the "
+               "model for calls with it")
+        raise AssertionError(f"fusedskip.fuse: this model was fused for calls without `{name}` "
+                             f"({how})")
+
+
 def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphModule:
     """torch.fx.symbolic_trace, made safe for what a graph cannot hold, leaving the model as it
     was (_ModelState) whatever happens.
@@ -964,6 +1016,14 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     any (_optional_parameters)."""
     concrete, given = _optional_parameters(model, example)
     concrete = concrete or None
+    keyword_only = {p.name for p in inspect.signature(model.forward).parameters.values()
+                    if p.kind == inspect.Parameter.KEYWORD_ONLY} if concrete else set()
+    scripted = [name or type(model).__name__ for name, m in model.named_modules()
+                if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise RuntimeError(f"TorchScript modules ({', '.join(scripted)}: torch.jit.script or "
+                           "trace), which FX cannot trace: fuse the eager model, then script "
+                           "the result")
     hooked = _hooks_traced_through(model)
     if hooked:
         raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
@@ -1023,12 +1083,10 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
             name = node.target[:-len("_1")] if node.target.endswith("_1") else None
             if concrete and name in concrete:
                 node.target = name
-                for check in list(node.users):  # FX's guard that it is None: say what to do
+                for check in list(node.users):  # FX's guard that it is None: ours instead
                     if getattr(check.target, "__name__", "") == "_assert_is_none":
-                        check.args = (node, f"fusedskip.fuse: this model was fused for calls "
-                                            f"without `{name}` (example_inputs left it out); "
-                                            f"pass example_inputs that include it to fuse the "
-                                            f"model for calls with it")
+                        check.target = _assert_left_out
+                        check.args = (node, name, name in keyword_only)
             elif node.target in given:
                 with graph.inserting_after(placeholders[-1]):
                     graph.call_function(_assert_given, (node, node.target))

@@ -580,8 +580,9 @@ def test_a_forward_reading_the_grad_mode_is_refused():
 class ReadsStateWrittenLater(nn.Module):
     """Between the Linear and the pattern's end, something writes a tensor the Linear read, in a
     way no in-place op in the graph shows: a BatchNorm updating the running mean the Linear read,
-    an Embedding(max_norm) renormalising the weight it shares with the Linear, F.batch_norm
-    updating the buffers it is given, a _foreach_ op writing a list holding the Linear's input."""
+    an Embedding(max_norm) or F.embedding(max_norm=...) renormalising the weight it shares with
+    the Linear, F.batch_norm updating the buffers it is given, a _foreach_ op writing a list
+    holding the Linear's input, a LayerNorm's hook writing the input it shares with the Linear."""
 
     def __init__(self, case):
         super().__init__()
@@ -591,6 +592,8 @@ class ReadsStateWrittenLater(nn.Module):
         self.emb = nn.Embedding(4, 4, max_norm=0.5)
         if case == "embedding":
             self.emb.weight = self.fc.weight
+        self.norm = nn.LayerNorm(4)
+        self.norm.register_forward_pre_hook(lambda module, args: args[0].mul_(0.5))
         self.register_buffer("mean", torch.zeros(4))
         self.register_buffer("var", torch.ones(4))
 
@@ -599,16 +602,22 @@ class ReadsStateWrittenLater(nn.Module):
             h, side = self.fc(self.bn.running_mean.expand(3, 4)), self.bn(w)
         elif self.case == "embedding":
             h, side = self.fc(x), self.emb(torch.tensor([0, 1]))
+        elif self.case == "F.embedding":
+            h, side = self.fc(x), F.embedding(torch.tensor([0, 1]), self.fc.weight, max_norm=0.5)
         elif self.case == "batch_norm":
             h = self.fc(self.mean.expand(3, 4))
             side = F.batch_norm(w, self.mean, self.var, training=True)
+        elif self.case == "hook":
+            x = x * 1.0
+            h, side = self.fc(x), self.norm(x)
         else:
             h = self.fc(x)
             side = torch._foreach_mul_([x], 2.0)
         return torch.relu(h) + w, side
 
 
-@pytest.mark.parametrize("case", ["batchnorm", "embedding", "batch_norm", "foreach"])
+@pytest.mark.parametrize("case", ["batchnorm", "embedding", "F.embedding", "batch_norm",
+                                  "foreach", "hook"])
 def test_writes_no_in_place_op_shows_stop_fusion(case):
     torch.manual_seed(0)
     model = ReadsStateWrittenLater(case).double()
@@ -1347,6 +1356,80 @@ def test_an_augmented_assignment_is_the_in_place_write_it_is():
     # a batch-of-one example still proves the Linear's own input an equal residual
     fused = fusedskip.fuse(model, example_inputs=(x[:1].clone(),))
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+
+
+@pytest.mark.parametrize("view", ["T", "mT", "data"])
+def test_an_augmented_assignment_through_an_attribute_view_is_in_place(view):
+    """`v = y.T; v += 1` writes y: attributes of a traced value that are views of it record
+    augmented assignment in place too (FX's attribute proxy recorded an out-of-place add, and
+    the fused model computed something else, with or without a pattern fused)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = x * 1.0
+            v = getattr(y, view)
+            v += 1.0
+            return torch.relu(self.linear(y)) + y
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_a_fused_model_unpickles_again_and_fx_still_traces_after():
+    """A parameter fused at None is guarded by fusedskip's own check, not FX's: FX's, traced
+    again as a fused model was unpickled, broke every later FX trace in the process (fuse()'s
+    and anyone's)."""
+    import pickle
+
+    model = OptionalMask()
+    x = torch.randn(4, 8)
+    blob = pickle.dumps(fusedskip.fuse(model, example_inputs=(x,)))
+    for _ in range(2):
+        copied = pickle.loads(blob)
+        torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="fused for calls without `mask`"):
+            copied(x, x)
+    assert fusedskip.fuse(OptionalMask(), example_inputs=(x,)).fuse_report.fused
+    torch.fx.symbolic_trace(nn.Linear(2, 2))
+
+
+def test_a_keyword_only_parameter_left_at_none_says_how_to_fuse_for_it():
+    """example_inputs are positional: a keyword-only parameter is always fused at None, and the
+    call that passes it is told so, not to put it in example_inputs."""
+    class KeywordOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x, *, r=None):
+            h = torch.relu(self.linear(x))
+            return h if r is None else h + r
+
+    model = KeywordOnly()
+    x = torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="`r` .*keyword-only.*make it positional"):
+        fused(x, r=x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_torchscript_module_is_refused_saying_why():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    scripted = torch.jit.script(model)
+    out = fusedskip.fuse(scripted, example_inputs=(torch.randn(2, 4),))
+    assert out is scripted
+    assert "TorchScript" in str(out.fuse_report) and "fuse the eager model" in str(out.fuse_report)
+    holder = nn.Sequential(torch.jit.script(nn.Linear(4, 4)), nn.ReLU())
+    out = fusedskip.fuse(holder, example_inputs=(torch.randn(2, 4),))
+    assert out is holder and "TorchScript modules (0:" in str(out.fuse_report)
 
 
 def test_a_model_on_the_meta_device_fuses():
