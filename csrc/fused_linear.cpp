@@ -350,6 +350,11 @@ std::tuple<at::Tensor, at::Tensor> fused_linear(at::TensorList inputs, const at:
   const auto mask_options = weight.options().dtype(at::kByte);
   at::Tensor mask = relu ? at::empty({g.rows, mask_bytes_per_row(g.cols)}, mask_options)
                          : at::empty({0}, mask_options);
+  if (g.rows == 0 || g.cols == 0) {
+    // Nothing to compute (an expert given no tokens): no path may touch the weight, which the
+    // CPU loops would copy whole first.
+    return {at::empty(g.out_shape, weight.options()), mask};
+  }
   const GemmPath path = choose_gemm_path(weight, g);
   if (path == GemmPath::kTiles) {
     at::Tensor out = at::empty({g.rows, g.cols}, weight.options());
@@ -418,6 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
   at::Tensor mask;
   if (relu) {
     const std::vector<int64_t> mask_shape = {g.rows, mask_bytes_per_row(g.cols)};
+    TORCH_CHECK_VALUE(relu_mask.defined(), "fusedskip: relu_mask is None but relu is True; pass ",
+                      "the mask fused_linear returned with the output");
     TORCH_CHECK_TYPE(relu_mask.layout() == at::kStrided, "fusedskip: relu_mask must be a dense ",
                      "(strided) tensor, got layout ", layout_name(relu_mask.layout()));
     TORCH_CHECK_TYPE(relu_mask.scalar_type() == at::kByte, "fusedskip: relu_mask must be ",
@@ -506,8 +513,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
                               : empty_placeholder(weight)};
 }
 
-// Sparse tensors dispatch to their own keys; there the op only runs its checks, which refuse
-// them with a message naming the argument (instead of the dispatcher's "no kernel" error).
+// Sparse, MKL-DNN and quantized tensors dispatch to their own keys; there the op only runs its
+// checks, which refuse them with a message naming the argument (instead of the dispatcher's "no
+// kernel" error).
 #define FUSEDSKIP_REFUSE_LAYOUT(key)                                  \
   TORCH_LIBRARY_IMPL(fusedskip, key, m) {                              \
     m.impl("fused_linear", &fused_linear);                             \
@@ -517,6 +525,9 @@ FUSEDSKIP_REFUSE_LAYOUT(SparseCPU)
 FUSEDSKIP_REFUSE_LAYOUT(SparseCUDA)
 FUSEDSKIP_REFUSE_LAYOUT(SparseCsrCPU)
 FUSEDSKIP_REFUSE_LAYOUT(SparseCsrCUDA)
+FUSEDSKIP_REFUSE_LAYOUT(MkldnnCPU)
+FUSEDSKIP_REFUSE_LAYOUT(QuantizedCPU)
+FUSEDSKIP_REFUSE_LAYOUT(QuantizedCUDA)
 #undef FUSEDSKIP_REFUSE_LAYOUT
 
 }  // namespace fusedskip

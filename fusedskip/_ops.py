@@ -93,6 +93,9 @@ else:
             raise ValueError(f"fusedskip: grad_output must have the output's shape {out_shape}, "
                              f"got {list(grad_output.shape)}")
         if relu:
+            if relu_mask is None:
+                raise ValueError("fusedskip: relu_mask is None but relu is True; pass the mask "
+                                 "fused_linear returned with the output")
             if relu_mask.layout != torch.strided:
                 raise TypeError("fusedskip: relu_mask must be a dense (strided) tensor, got "
                                 f"layout {relu_mask.layout}")

@@ -38,6 +38,12 @@ def nested(*parts, layout=torch.strided):
         return torch.nested.nested_tensor(list(parts), layout=layout)
 
 
+def quantized(tensor, dtype):
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; users still pass them
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(tensor, 0.1, 0, dtype)
+
+
 # (id, function name, args, kwargs, exception type, text the message must contain)
 CASES = [
     ("int-input", "linear_relu_residual", (t(4, 3, dtype=torch.int64), W), {}, TypeError,
@@ -107,7 +113,18 @@ CASES = [
      "activation must be None or 'relu'"),
     ("device", "linear_relu_residual", (X.to("meta"), W), {}, RuntimeError,
      "input is on device meta but weight is on cpu"),
-]
+    ("quantized-input", "linear_relu_residual",
+     (quantized(X, torch.qint8), W), {}, TypeError,
+     "input has dtype torch.qint8"),
+    ("quantized-residual", "linear_relu_residual",
+     (X, W, B, quantized(R, torch.quint8)), {}, TypeError,
+     "residual has dtype torch.quint8"),
+    ("concat-quantized", "linear_concat",
+     ([t(4, 1), quantized(t(4, 2), torch.qint8)], W), {}, TypeError,
+     "inputs[1] has dtype torch.qint8"),
+] + ([("mkldnn-weight", "linear_relu_residual", (X, W.to_mkldnn()), {}, TypeError,
+       "weight must be a dense (strided) tensor, got layout torch._mkldnn")]
+     if torch.backends.mkldnn.is_available() else [])
 
 
 NO_OP_CHECKS = "the compiled extension is not loaded: the reference path checks in Python"
@@ -282,6 +299,8 @@ BACKWARD_CASES = [
      "relu_mask must be a dense (strided) tensor, got layout torch.sparse_coo"),
     ("mask-device", dict(relu_mask=MASK.to("meta")), RuntimeError,
      "relu_mask is on device meta but weight is on cpu"),
+    ("mask-none", dict(relu_mask=None), ValueError,
+     "relu_mask is None but relu is True; pass the mask fused_linear returned with the output"),
 ]
 
 

@@ -97,6 +97,16 @@ def test_concat_of_one_to_eight_odd_widths(count):
         check_against_reference(make_sample(widths, 17, (6,), relu=relu, dtype=dtype), dtype)
 
 
+def test_an_empty_batch_never_reads_the_weight():
+    """No rows (an expert given no tokens): the output is empty at once, whatever the weight's
+    size (the CPU loops had copied the whole weight first: 10^10 elements here, a bad_alloc)."""
+    weight = torch.zeros(1, 1).expand(10**5, 10**5)
+    for out in (fusedskip.linear_relu_residual(torch.randn(0, 10**5), weight),
+                fusedskip.linear_concat([torch.randn(2, 0, 1), torch.randn(2, 0, 10**5 - 1)],
+                                        weight, activation="relu")):
+        assert out.shape[-2:] == (0, 10**5) and out.dtype == torch.float32
+
+
 def test_zero_width_inputs_and_zero_out_features():
     x1, x2 = torch.randn(4, 0), torch.randn(4, 3)
     w = torch.randn(5, 3)
