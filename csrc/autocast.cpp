@@ -10,7 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "fused_linear.h"
@@ -48,16 +47,15 @@ std::tuple<at::Tensor, at::Tensor> autocast_kernel(
   // A wider residual: what eager computes, each step in the dtype eager computes it in.
   if (relu && !residual_before_relu) {  // relu(linear(x)) + r
     auto [hidden, mask] = op(std::nullopt, true, false);
-    check_residual(*residual, cast_weight, hidden.sizes(), /*same_dtype=*/false);
+    check_residual(*residual, cast_weight, hidden.sym_sizes(), /*same_dtype=*/false);
     return {at::add(hidden, *residual), mask};
   }
   auto [preact, no_mask] = op(std::nullopt, false, false);
-  check_residual(*residual, cast_weight, preact.sizes(), /*same_dtype=*/false);
+  check_residual(*residual, cast_weight, preact.sym_sizes(), /*same_dtype=*/false);
   at::Tensor sum = at::add(preact, *residual);
   if (!relu) return {sum, no_mask};  // linear(x) + r (the op's own form; the public API has none)
   // relu(linear(x) + r): the mask from the sum the ReLU sees.
-  const int64_t rows = c10::multiply_integers(sum.sizes().begin(), sum.sizes().end() - 1);
-  at::Tensor mask = pack_relu_mask(sum, rows);
+  at::Tensor mask = pack_relu_mask(sum);
   return {at::relu(sum), mask};
 }
 

@@ -227,7 +227,7 @@ bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
     at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, bool relu, bool residual_before_relu) {
-  const Geometry g = check_forward_args(inputs, weight, bias, residual);
+  check_forward_shapes(inputs, weight, bias, residual);
   const at::ScalarType dtype = weight.scalar_type();
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto widen = [compute](const at::Tensor& t) { return t.to(compute); };
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_composite(
   if (!relu) return {preact.to(dtype), at::empty({0}, weight.options().dtype(at::kByte))};
   at::Tensor output = at::relu(preact);
   if (has_residual && !residual_before_relu) output = output + widen(*residual);
-  return {output.to(dtype), pack_relu_mask(preact, g.rows)};
+  return {output.to(dtype), pack_relu_mask(preact)};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
@@ -263,13 +263,18 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(
 }  // namespace
 
 // The inverse of unpack_relu_mask (not <= 0 is relu_active's test, so NaN too).
-at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows) {
-  const int64_t cols = preact.size(-1), bytes = mask_bytes_per_row(cols);
-  const at::Tensor active = preact.detach().reshape({rows, cols}).le(0).logical_not().to(at::kByte);
-  const at::Tensor padded = at::constant_pad_nd(active, {0, bytes * kMaskBitsPerByte - cols});
+at::Tensor pack_relu_mask(const at::Tensor& preact) {
+  const c10::SymInt cols = preact.sym_size(-1);
+  const c10::SymInt bytes = (cols + (kMaskBitsPerByte - 1)) / kMaskBitsPerByte;
+  c10::SymInt rows = 1;
+  for (const c10::SymInt& size : preact.sym_sizes().slice(0, preact.dim() - 1)) rows *= size;
+  const at::Tensor active =
+      preact.detach().reshape_symint({rows, cols}).le(0).logical_not().to(at::kByte);
+  const at::Tensor padded =
+      at::constant_pad_nd_symint(active, {0, bytes * kMaskBitsPerByte - cols});
   const at::Tensor bit_values =
       at::ones({}, padded.options()).bitwise_left_shift(at::arange(kMaskBitsPerByte, padded.options()));
-  return padded.view({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
+  return padded.view_symint({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
 }
 
 TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }

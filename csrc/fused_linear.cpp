@@ -130,66 +130,77 @@ void check_autocast_operands(at::TensorList inputs, const at::Tensor& weight,
                    "bias all as float64, or none of them");
 }
 
-Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& residual) {
+void check_forward_shapes(at::TensorList inputs, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual) {
   const int64_t count = static_cast<int64_t>(inputs.size());
   TORCH_CHECK_VALUE(count >= 1 && count <= kMaxInputs, "fusedskip: inputs must hold 1 to ",
                     kMaxInputs, " tensors, got ", count);
   check_tensor({"weight"}, weight, weight);
   TORCH_CHECK_VALUE(weight.dim() == 2,
                     "fusedskip: weight must be 2-D (out_features, in_features), got shape ",
-                    weight.sizes());
+                    weight.sym_sizes());
 
-  Geometry g;
-  g.cols = weight.size(0);
-  const at::IntArrayRef leading = inputs[0].defined() && inputs[0].dim() >= 1
-                                      ? inputs[0].sizes().slice(0, inputs[0].dim() - 1)
-                                      : at::IntArrayRef();
-  int64_t width_sum = 0;
+  const c10::SymIntArrayRef leading = inputs[0].defined() && inputs[0].dim() >= 1
+                                          ? inputs[0].sym_sizes().slice(0, inputs[0].dim() - 1)
+                                          : c10::SymIntArrayRef();
+  c10::SymDimVector widths;
+  c10::SymInt width_sum = 0;
   for (int64_t i = 0; i < count; ++i) {
     const at::Tensor& x = inputs[i];
     check_tensor(input_arg(i, count), x, weight);
     TORCH_CHECK_VALUE(x.dim() >= 1, "fusedskip: ", input_arg(i, count),
                       " must have at least one dimension (..., in_features), got a 0-d tensor");
-    const at::IntArrayRef x_leading = x.sizes().slice(0, x.dim() - 1);
+    const c10::SymIntArrayRef x_leading = x.sym_sizes().slice(0, x.dim() - 1);
     TORCH_CHECK_VALUE(x_leading.equals(leading), "fusedskip: ", input_arg(i, count),
                       " has leading dims ", x_leading, " but inputs[0] has ", leading,
                       "; all inputs must share their leading dims (only the last dim may differ)");
-    g.widths.push_back(x.size(-1));
-    width_sum += x.size(-1);
+    widths.push_back(x.sym_size(-1));
+    width_sum += x.sym_size(-1);
   }
   if (count == 1) {
-    TORCH_CHECK_VALUE(width_sum == weight.size(1), "fusedskip: input has ", width_sum,
-                      " features (its last dim) but weight has in_features ", weight.size(1),
-                      " (weight shape ", weight.sizes(), ")");
+    TORCH_CHECK_VALUE(width_sum == weight.sym_size(1), "fusedskip: input has ", width_sum,
+                      " features (its last dim) but weight has in_features ", weight.sym_size(1),
+                      " (weight shape ", weight.sym_sizes(), ")");
   } else {
-    TORCH_CHECK_VALUE(width_sum == weight.size(1), "fusedskip: the inputs' last dims ",
-                      at::IntArrayRef(g.widths), " sum to ", width_sum,
-                      " but weight has in_features ", weight.size(1), " (weight shape ",
-                      weight.sizes(), ")");
+    TORCH_CHECK_VALUE(width_sum == weight.sym_size(1), "fusedskip: the inputs' last dims ",
+                      c10::SymIntArrayRef(widths), " sum to ", width_sum,
+                      " but weight has in_features ", weight.sym_size(1), " (weight shape ",
+                      weight.sym_sizes(), ")");
   }
+  if (bias.has_value() && bias->defined()) {
+    check_tensor({"bias"}, *bias, weight);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0),
+                      "fusedskip: bias must have shape [", weight.sym_size(0),
+                      "] (out_features), got ", bias->sym_sizes());
+  }
+  if (residual.has_value() && residual->defined()) {
+    c10::SymDimVector out_shape(leading.begin(), leading.end());
+    out_shape.push_back(weight.sym_size(0));
+    check_residual(*residual, weight, out_shape);
+  }
+}
 
+Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual) {
+  check_forward_shapes(inputs, weight, bias, residual);
+  Geometry g;
+  g.cols = weight.size(0);
+  const at::IntArrayRef leading = inputs[0].sizes().slice(0, inputs[0].dim() - 1);
+  for (const at::Tensor& x : inputs) g.widths.push_back(x.size(-1));
   g.rows = c10::multiply_integers(leading);
   g.out_shape.assign(leading.begin(), leading.end());
   g.out_shape.push_back(g.cols);
-
-  if (bias.has_value() && bias->defined()) {
-    check_tensor({"bias"}, *bias, weight);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.cols,
-                      "fusedskip: bias must have shape [", g.cols, "] (out_features), got ",
-                      bias->sizes());
-  }
-  if (residual.has_value() && residual->defined()) check_residual(*residual, weight, g.out_shape);
   return g;
 }
 
 void check_residual(const at::Tensor& residual, const at::Tensor& weight,
-                    at::IntArrayRef out_shape, bool same_dtype) {
+                    c10::SymIntArrayRef out_shape, bool same_dtype) {
   check_tensor({"residual"}, residual, weight, same_dtype);
-  TORCH_CHECK_VALUE(residual.sizes().equals(out_shape),
+  TORCH_CHECK_VALUE(residual.sym_sizes().equals(out_shape),
                     "fusedskip: residual must have the output's shape ", out_shape, ", got ",
-                    residual.sizes(), " (residuals are not broadcast)");
+                    residual.sym_sizes(), " (residuals are not broadcast)");
 }
 
 Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu) {

@@ -73,7 +73,14 @@ inline bool tma_operand(const at::Tensor& t) {
 void check_autocast_operands(at::TensorList inputs, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, c10::DeviceType device);
 
-// Raises ValueError / TypeError / RuntimeError naming the offending argument.
+// The op's argument checks: raise ValueError / TypeError / RuntimeError naming the offending
+// argument. On sizes that may be symbolic: the composite (csrc/autograd.cpp) runs them under vmap
+// inside torch.compile with dynamic shapes, where sizes() throws.
+void check_forward_shapes(at::TensorList inputs, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual);
+
+// check_forward_shapes, then the geometry the kernels need (concrete sizes only).
 Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual);
@@ -81,7 +88,7 @@ Geometry check_forward_args(at::TensorList inputs, const at::Tensor& weight,
 // The residual's part of those checks. same_dtype false: a residual wider than the linear, which
 // autocast adds after the op (csrc/autocast.cpp).
 void check_residual(const at::Tensor& residual, const at::Tensor& weight,
-                    at::IntArrayRef out_shape, bool same_dtype = true);
+                    c10::SymIntArrayRef out_shape, bool same_dtype = true);
 
 Residual residual_kind(bool has_residual, bool relu, bool residual_before_relu);
 
@@ -101,8 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask);
 
 // (..., cols) pre-activation -> the op's packed ReLU mask (rows, ceil(cols / 8)) uint8, with ATen
-// ops (any device): bit c % 8 of byte c / 8 set where relu_active (csrc/epilogue.h), NaN included.
-at::Tensor pack_relu_mask(const at::Tensor& preact, int64_t rows);
+// ops (any device, sizes symbolic or not): bit c % 8 of byte c / 8 set where relu_active
+// (csrc/epilogue.h), NaN included.
+at::Tensor pack_relu_mask(const at::Tensor& preact);
 
 // The op's autocast kernel for a CPU or CUDA `device` (csrc/autocast.cpp): the arguments cast as
 // nn.Linear's are, then the op without autocast.

@@ -73,6 +73,42 @@ def test_dynamic_shapes(frozen):
     assert counter.frame_count == 1
 
 
+def test_vmap_compiles_with_dynamic_shapes():
+    """vmap inside torch.compile(dynamic=True): the batched op (its ATen composite) checks its
+    arguments and packs the mask on symbolic sizes (on plain ones it raised, and without
+    fullgraph nothing was compiled), for batched inputs, a batched weight, add_relu's residual
+    and a concat; one graph for every batch size and vmap size, eager's values and
+    gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    vmap = torch.func.vmap
+
+    def batched(xs, ws, rs):
+        inputs = vmap(lambda x, r: fusedskip.linear_relu_residual(x, ws[0], None, r,
+                                                                 order="add_relu"))(xs, rs)
+        weights = vmap(lambda w: fusedskip.linear_concat([xs[0, :, :2], xs[0, :, 2:]], w,
+                                                          activation="relu"))(ws)
+        return inputs, weights
+
+    compiled = torch.compile(batched, fullgraph=True, dynamic=True, backend=counter)
+    # No size equal to another (dynamo's duck sizing would guard on that).
+    for rows, batch, ensemble in ((4, 2, 3), (7, 9, 10), (11, 12, 13)):
+        xs = torch.randn(batch, rows, 5, dtype=torch.float64, requires_grad=True)
+        ws = torch.randn(ensemble, 6, 5, dtype=torch.float64, requires_grad=True)
+        rs = torch.randn(batch, rows, 6, dtype=torch.float64)
+        got, want = compiled(xs, ws, rs), batched(xs, ws, rs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(want[0], torch.relu(xs @ ws[0].T + rs))
+        torch.testing.assert_close(want[1], torch.relu(xs[0] @ ws.transpose(1, 2)))
+        loss = [sum(t.square().sum() for t in out) for out in (got, want)]
+        for g, w in zip(torch.autograd.grad(loss[0], (xs, ws)),
+                        torch.autograd.grad(loss[1], (xs, ws))):
+            torch.testing.assert_close(g, w)
+    assert counter.frame_count == 1
+
+
 def test_compiled_graphs_call_the_fused_ops():
     """The traced forward and backward graphs hold the fused ops, not a decomposition."""
     graphs = []
