@@ -12,6 +12,8 @@ Environment knobs:
   MAX_JOBS                       parallel compile jobs (ninja)
   FUSEDSKIP_DEBUG=1              -O0 -g host code, for a debugger
   FUSEDSKIP_PTXAS_VERBOSE=1      ptxas's registers / shared memory / spills of every kernel
+  FUSEDSKIP_WERROR=1             every compiler warning an error (host and device code): CI
+                                 builds so, the build must have none
 """
 
 import glob
@@ -126,6 +128,9 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     if os.environ.get("FUSEDSKIP_DEBUG", "0") not in ("", "0"):
         cxx = ["-O0", "-g", "-std=c++20", "-Wall"]
+    werror = os.environ.get("FUSEDSKIP_WERROR", "0") not in ("", "0")
+    if werror:
+        cxx.append("-Werror")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not cuda_home:
         print("fusedskip: building the CPU-only extension", file=sys.stderr)
@@ -140,6 +145,8 @@ def extensions():
             "-Xcompiler=-Wall", "-Xcompiler=-Wno-unused-function"] + arch_flags(archs)
     if os.environ.get("FUSEDSKIP_PTXAS_VERBOSE", "0") not in ("", "0"):
         nvcc.append("-Xptxas=-v")
+    if werror:
+        nvcc += ["-Werror=all-warnings", "-Xcompiler=-Werror"]
     macros = [("FUSEDSKIP_WITH_CUDA", "1")]
     cutlass = cutlass_include_dir()
     # The CUTLASS kernels (csrc/cuda/*_sm90.cu) are Hopper code: only worth building for 9.0a.
