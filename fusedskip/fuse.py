@@ -132,8 +132,9 @@ _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.i
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.imatmul}
-# Functions whose behaviour is known: anything else (an fx.wrap'd helper) may write anywhere.
-_KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+# Functions whose behaviour is known (fusedskip's own write nothing they are given): anything
+# else (an fx.wrap'd helper) may write anywhere (_may_write_anything).
+_KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fusedskip.")
 
 
 def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
@@ -279,6 +280,19 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
     return None
 
 
+def _may_write_anything(node: torch.fx.Node, modules) -> bool:
+    """Code the graph does not show, which may write any tensor it can reach (through a
+    closure, a module attribute): a leaf module's hooks or a forward set on the instance, a
+    function this pass does not know (an fx.wrap'd helper)."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return module is not None and (_hooked(module) or not _runs_its_class_forward(module))
+    if node.op == "call_function" and not isinstance(
+            node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return not (getattr(node.target, "__module__", None) or "").startswith(_KNOWN_MODULES)
+    return False
+
+
 def _before(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     """Whether node `a` comes before node `b` in their graph."""
     node = a.next
@@ -304,6 +318,8 @@ def _write_between(first: torch.fx.Node, last: torch.fx.Node, chain, modules, li
     node = first.next
     while node is not last:
         after_first.add(node)
+        if node not in chain and _may_write_anything(node, modules):
+            return node
         if node not in chain and node.op == "call_module" and \
                 shared & _state_it_may_write(modules.get(node.target)):
             return node  # it may write the Linear's weight or bias (a tied Embedding(max_norm))
@@ -664,7 +680,7 @@ class _RecordsWrites:
     and hands out its attributes (`x.T`, `x.data`: views, which `v = x.T; v += 1` writes
     through) as values that do the same."""
 
-    _OWN_ATTRIBUTES = ("node", "tracer", "root", "attr", "_node")  # FX's Proxy and Attribute
+    _OWN_ATTRIBUTES: Tuple[str, ...] = ("node", "tracer")  # FX's Proxy's own
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
@@ -692,6 +708,8 @@ class _StrictAttribute(_RecordsWrites, torch.fx.proxy.Attribute):
     """An attribute of a traced value (`x.T`), itself a traced value (_RecordsWrites); as in
     FX, its node is made where it is used as a value, and a call of it (`x.add_(1)`) is a
     method call."""
+
+    _OWN_ATTRIBUTES = ("tracer", "root", "attr", "_node")  # FX's Attribute's own
 
 
 def _modes() -> Tuple:

@@ -894,8 +894,8 @@ class WriteThroughAnAdapter(nn.Module):
         self.cache.forward = lambda t: self.memory
 
     def forward(self, x):
+        t = self.cache(x * 1.0)  # before the Linear (between, it may write anything itself)
         h = self.linear(self.memory)
-        t = self.cache(x * 1.0)
         t.mul_(2)  # exact, and undone below: every call sees the same memory
         y = torch.relu(h) + x
         t.div_(2)
@@ -1356,6 +1356,74 @@ def test_an_augmented_assignment_is_the_in_place_write_it_is():
     # a batch-of-one example still proves the Linear's own input an equal residual
     fused = fusedskip.fuse(model, example_inputs=(x[:1].clone(),))
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU -> add"]
+
+
+_WEIGHTS_TO_HALVE = []
+
+
+@torch.fx.wrap
+def _halve_weights(t):
+    """A helper FX keeps whole (fx.wrap) that writes tensors it is not given."""
+    for weight in _WEIGHTS_TO_HALVE:
+        weight.data.mul_(0.5)
+    return t
+
+
+class SideBranchBetween(nn.Module):
+    def __init__(self, side):
+        super().__init__()
+        self.side = side
+        self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = _halve_weights(x * 1.0) if self.side == "wrapped" else self.act(x * 1.0)
+        return torch.relu(h) + x, g
+
+
+@pytest.mark.parametrize("side", ["hook", "instance forward", "wrapped"])
+def test_code_the_graph_does_not_show_stops_fusion_around_it(side):
+    """A leaf module's hook or a forward set on its instance, or an fx.wrap'd helper, between
+    the Linear and the pattern's end may write anything it reaches (here the Linear's weight,
+    through a closure or a global), not only what it is given: the pattern is not fused, and
+    the fused model computes what the model does."""
+    torch.manual_seed(0)
+    model = SideBranchBetween(side).double()
+    if side == "hook":
+        model.act.register_forward_hook(lambda *_: model.fc.weight.data.mul_(0.5))
+    elif side == "instance forward":
+        model.act.forward = lambda t: (model.fc.weight.data.mul_(0.5), t)[1]
+    x = torch.randn(3, 4, dtype=torch.float64)
+    _WEIGHTS_TO_HALVE[:] = [model.fc.weight]
+    try:
+        fused = fusedskip.fuse(model, example_inputs=(x,))
+        assert not fused.fuse_report.fused, str(fused.fuse_report)
+        assert "may write in place between the Linear" in str(fused.fuse_report)
+        weight = model.fc.weight.detach().clone()
+        out = fused(x)[0]
+        model.fc.weight.data.copy_(weight)
+        torch.testing.assert_close(out, model(x)[0], rtol=0, atol=0)
+    finally:
+        _WEIGHTS_TO_HALVE.clear()
+
+
+@pytest.mark.parametrize("name", ["tag", "attr", "root", "_node", "node_count"])
+def test_setting_any_attribute_of_a_traced_tensor_is_refused(name):
+    """A graph cannot record `y.<name> = ...` on a tensor: refused whatever the name, also the
+    names FX's proxies use for themselves."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.fc(x)) + x
+            setattr(y, name, "tagged")
+            return y
+
+    model = Model()
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and f"sets the attribute {name!r}" in str(out.fuse_report)
 
 
 @pytest.mark.parametrize("view", ["T", "mT", "data"])

@@ -13,13 +13,23 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_script_parses(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_ci_runs_the_readme_test_command_with_warnings_as_errors():
+    """CI's script runs `make test` (the README's test command) as a command, after exporting
+    FUSEDSKIP_WERROR=1, so the build it tests is warning-free."""
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert "make test" in (ROOT / "README.md").read_text()
+    assert commands[-1] == "make test"
+    assert commands.index("export FUSEDSKIP_WERROR=1") < len(commands) - 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
