@@ -13,8 +13,9 @@ versions and commit. On a GPU the p20/p50/p80 are of single calls, each waited f
 has the time per call with calls queued back to back, as a training loop issues them, and the
 speedup over eager by that measure (see time_case). Every provider's output (and in
 forward+backward its gradients) is checked against the float64 reference before it is timed; a
-mismatch is recorded and the row is not timed. Results go to benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md,
-speedup.png); Ctrl-C stops the sweep and keeps the rows of the cases it finished.
+mismatch is recorded and the row is not timed. Results go to
+benchmarks/results/<device>-<date>/ (rows.jsonl, rows.csv, table.md, speedup.png); Ctrl-C stops
+the sweep and keeps the rows of the cases it finished.
 """
 
 from __future__ import annotations
