@@ -322,6 +322,24 @@ class _LinearParameters(nn.Module):
                 how = "the fused layer shares the Linear's parameters, so it needs them to be ones"
             raise TypeError(f"{cls.__name__}.from_linear: linear.{name} is a "
                             f"{type(value).__qualname__}, not an nn.Parameter; {how}")
+        # The fused layer computes nn.Linear's maths on the Linear's parameters: whatever else
+        # the Linear's call would run, it would silently leave out.
+        kind = type(linear)
+        if kind.forward is not nn.Linear.forward:
+            raise TypeError(f"{cls.__name__}.from_linear: linear is a "
+                            f"{kind.__module__}.{kind.__qualname__}, whose forward computes "
+                            "more than nn.Linear's (e.g. quantization-aware training's fake "
+                            "quantization or folded BatchNorm), which the fused layer would "
+                            "leave out; convert it to a plain nn.Linear first")
+        if "forward" in vars(linear):
+            raise TypeError(f"{cls.__name__}.from_linear: linear has a forward set on the "
+                            "instance (as adapters do), which the fused layer would leave out; "
+                            "merge it into the weights first")
+        if (linear._forward_pre_hooks or linear._forward_hooks or linear._backward_hooks
+                or linear._backward_pre_hooks):
+            raise TypeError(f"{cls.__name__}.from_linear: linear has hooks, which the fused "
+                            "layer would not run; remove them, or register them on the fused "
+                            "layer instead")
         unknown = sorted(set(kwargs) - set(cls._FROM_LINEAR_OPTIONS))
         if unknown:
             allowed = ", ".join(cls._FROM_LINEAR_OPTIONS)

@@ -221,6 +221,23 @@ def test_a_non_tensor_argument_is_named_under_compile(case):
         fn(*args, **kwargs)
 
 
+class ScaledLinear(nn.Linear):
+    """A Linear subclass computing more than nn.Linear (as QAT's Linear and LinearBn1d do)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def with_instance_forward(linear):
+    linear.forward = lambda x: nn.Linear.forward(linear, x) * 2
+    return linear
+
+
+def with_hook(linear):
+    linear.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    return linear
+
+
 MODULE_CASES = [
     ("concat-count", lambda: fusedskip.ConcatLinear([2, 3], 4)(t(1, 2)), ValueError,
      "expected 2 inputs"),
@@ -266,6 +283,15 @@ MODULE_CASES = [
     ("from-linear-concat-kwargs", lambda: fusedskip.ConcatLinear.from_linear(
         nn.Linear(5, 2), [2, 3], order="relu_add"), TypeError,
      "unexpected keyword argument(s) order;"),
+    ("from-linear-subclass", lambda: fusedskip.LinearReLUResidual.from_linear(ScaledLinear(5, 2)),
+     TypeError, "linear is a test_bad_inputs.ScaledLinear, whose forward computes more than "
+     "nn.Linear's"),
+    ("from-linear-instance-forward", lambda: fusedskip.ConcatLinear.from_linear(
+        with_instance_forward(nn.Linear(5, 2)), [2, 3]), TypeError,
+     "linear has a forward set on the instance"),
+    ("from-linear-hook", lambda: fusedskip.LinearReLUResidual.from_linear(
+        with_hook(nn.Linear(5, 2))), TypeError, "linear has hooks, which the fused layer would "
+     "not run"),
 ]
 
 
