@@ -72,6 +72,6 @@ class ConcatLinear(reference.ConcatLinear):
     __doc__ = reference.ConcatLinear.__doc__
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(inputs)
-        return linear_concat_layer(list(inputs), self.weight, self.bias,
+        reference.check_layer_inputs(inputs, self.in_features, type(self).__name__)
+        return linear_concat_layer(inputs, self.weight, self.bias,
                                    activation=self.activation)

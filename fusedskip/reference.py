@@ -10,6 +10,7 @@ fake kernels: so a bad call fails the same way on every path.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -265,6 +266,44 @@ def linear_concat(inputs, weight, bias=None, *, activation=None):
     return torch.relu(out) if activation == "relu" else out
 
 
+def check_layer_inputs(inputs, in_features, layer):
+    """A ConcatLinear's check of its call: one input per entry of `in_features`, each as wide.
+
+    A function the __torch_function__ protocol sees, so that torch.fx records it as a node, kept
+    by dead-code elimination: a traced graph checks each call it runs, and tracing a bare layer
+    works, whose `*inputs` FX hands over as one value that cannot be counted while tracing. Every
+    call of the layer runs this (the modules' CPU path costs host time per call): messages are
+    built only on failure."""
+    relevant = inputs if isinstance(inputs, tuple) else (inputs,)
+    if has_torch_function(relevant):
+        return handle_torch_function(check_layer_inputs, relevant, inputs, in_features, layer)
+    if len(inputs) != len(in_features):
+        hint = ""
+        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            hint = "; pass the inputs as separate arguments: layer(x1, x2)"
+        raise ValueError(f"{layer}: expected {len(in_features)} inputs (in_features="
+                         f"{in_features}), got {len(inputs)}{hint}")
+    if torch.jit.is_tracing():
+        # torch.jit.trace hands out sizes as tensors, and comparing one warns that the trace may
+        # be wrong. It is not (the check feeds no value into the graph); the trace just does not
+        # repeat the check when it runs, as it repeats no Python.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _check_widths(inputs, in_features, layer)
+    return _check_widths(inputs, in_features, layer)
+
+
+torch.fx.node.has_side_effect(check_layer_inputs)
+
+def _check_widths(inputs, in_features, layer):
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{layer}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.dim() >= 1 and x.shape[-1] != in_features[i]:
+            raise ValueError(f"{layer}: inputs[{i}] has {x.shape[-1]} features (its last dim) but "
+                             f"in_features[{i}] is {in_features[i]}")
+
+
 # -------------------------------------------------------------------------------------------------
 # Modules
 
@@ -434,28 +473,8 @@ class ConcatLinear(_LinearParameters):
                              f"{sum(widths)} but linear has in_features {linear.in_features}")
         return cls._wrap(linear, widths, linear.out_features, **kwargs)
 
-    def _check_inputs(self, inputs):
-        # Every call runs this (the modules' CPU path costs host time per call): messages built
-        # only on failure.
-        widths = self.in_features
-        if len(inputs) != len(widths):
-            hint = ""
-            if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
-                hint = "; pass the inputs as separate arguments: layer(x1, x2)"
-            raise ValueError(f"{type(self).__name__}: expected {len(widths)} inputs (in_features="
-                             f"{widths}), got {len(inputs)}{hint}")
-        for i, x in enumerate(inputs):
-            if isinstance(x, torch.Tensor):
-                if x.dim() >= 1 and x.shape[-1] != widths[i]:
-                    raise ValueError(f"{type(self).__name__}: inputs[{i}] has {x.shape[-1]} "
-                                     f"features (its last dim) but in_features[{i}] is "
-                                     f"{widths[i]}")
-            elif not has_torch_function((x,)):  # a torch.fx Proxy is checked when the graph runs
-                raise TypeError(f"{type(self).__name__}: inputs[{i}] must be a Tensor, got "
-                                f"{type(x).__name__}")
-
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(inputs)
+        check_layer_inputs(inputs, self.in_features, type(self).__name__)
         return linear_concat(inputs, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:

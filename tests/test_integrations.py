@@ -4,6 +4,7 @@ import os
 import queue
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -150,6 +151,53 @@ def test_fsdp2_single_rank_runs():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layer_class", [fusedskip.ConcatLinear,
+                                         fusedskip.reference.ConcatLinear])
+def test_fx_trace_of_concat_layer_checks_widths_when_the_graph_runs(layer_class):
+    """torch.fx traces a bare ConcatLinear (whose *inputs it hands over as one value) and one
+    inside a model that it traces through (FX leaves only torch.nn's modules whole). The graph
+    computes what the layer does and, like the layer, refuses inputs of the wrong widths, also
+    after dead-code elimination."""
+    torch.manual_seed(0)
+    layer = layer_class([3, 5], 4, activation="relu")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merge = layer
+
+        def forward(self, x, y):
+            return self.merge(torch.tanh(x), y)
+
+    model = Model()
+    for module in (layer, model):
+        graph_module = torch.fx.symbolic_trace(module)
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+        x, y = torch.randn(7, 3), torch.randn(7, 5)
+        torch.testing.assert_close(graph_module(x, y), module(x, y), rtol=0, atol=0)
+        # The same total width, split otherwise: F.linear alone would take it.
+        with pytest.raises(ValueError, match=r"inputs\[0\] has 2 features .* is 3"):
+            graph_module(torch.randn(7, 2), torch.randn(7, 6))
+        if module is layer:
+            with pytest.raises(ValueError, match=r"expected 2 inputs .*got 1"):
+                graph_module(torch.randn(7, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]*` is deprecated:FutureWarning")
+def test_jit_trace_of_concat_layer_warns_nothing():
+    """The width check compares sizes, which torch.jit.trace hands out as tensors; it feeds no
+    value into the graph, so tracing it must not warn that the trace may be wrong."""
+    layer = fusedskip.ConcatLinear([3, 5], 4)
+    x, y = torch.randn(2, 3), torch.randn(2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(layer, (x, y))
+    torch.testing.assert_close(traced(x, y), layer(x, y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"inputs\[0\] has 4 features"):
+        layer(torch.randn(2, 4), torch.randn(2, 4))
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
