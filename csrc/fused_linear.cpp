@@ -431,17 +431,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
   TORCH_CHECK_VALUE(grad_output.sizes().equals(g.out_shape), "fusedskip: grad_output must have ",
                     "the output's shape ", at::IntArrayRef(g.out_shape), ", got ",
                     grad_output.sizes());
-  at::Tensor mask;
-  if (relu) {
-    const std::vector<int64_t> mask_shape = {g.rows, mask_bytes_per_row(g.cols)};
-    TORCH_CHECK_VALUE(relu_mask.defined(), "fusedskip: relu_mask is None but relu is True; pass ",
-                      "the mask fused_linear returned with the output");
+  TORCH_CHECK_VALUE(relu_mask.defined() || !relu, "fusedskip: relu_mask is None but relu is ",
+                    "True; pass the mask fused_linear returned with the output");
+  // Checked also where relu is False and the mask goes unread (the forward then returns an empty
+  // one of the same kind): a sparse or quantized tensor sends the call to a key whose kernel is
+  // these checks alone (FUSEDSKIP_REFUSE_LAYOUT below), and one must refuse it.
+  if (relu_mask.defined()) {
     TORCH_CHECK_TYPE(relu_mask.layout() == at::kStrided, "fusedskip: relu_mask must be a dense ",
                      "(strided) tensor, got layout ", layout_name(relu_mask.layout()));
     TORCH_CHECK_TYPE(relu_mask.scalar_type() == at::kByte, "fusedskip: relu_mask must be ",
                      "torch.uint8, got ", dtype_name(relu_mask.scalar_type()));
     TORCH_CHECK(relu_mask.device() == weight.device(), "fusedskip: relu_mask is on device ",
                 relu_mask.device(), " but weight is on ", weight.device());
+  }
+  at::Tensor mask;
+  if (relu) {
+    const std::vector<int64_t> mask_shape = {g.rows, mask_bytes_per_row(g.cols)};
     TORCH_CHECK_VALUE(relu_mask.sizes().equals(mask_shape), "fusedskip: relu_mask must have ",
                       "shape ", at::IntArrayRef(mask_shape), ", got ", relu_mask.sizes());
     mask = relu_mask.contiguous();

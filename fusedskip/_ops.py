@@ -92,10 +92,10 @@ else:
         if list(grad_output.shape) != out_shape:
             raise ValueError(f"fusedskip: grad_output must have the output's shape {out_shape}, "
                              f"got {list(grad_output.shape)}")
-        if relu:
-            if relu_mask is None:
-                raise ValueError("fusedskip: relu_mask is None but relu is True; pass the mask "
-                                 "fused_linear returned with the output")
+        if relu and relu_mask is None:
+            raise ValueError("fusedskip: relu_mask is None but relu is True; pass the mask "
+                             "fused_linear returned with the output")
+        if relu_mask is not None:
             if relu_mask.layout != torch.strided:
                 raise TypeError("fusedskip: relu_mask must be a dense (strided) tensor, got "
                                 f"layout {relu_mask.layout}")
@@ -104,6 +104,7 @@ else:
             if relu_mask.device != weight.device:
                 raise RuntimeError(f"fusedskip: relu_mask is on device {relu_mask.device} but "
                                    f"weight is on {weight.device}")
+        if relu:
             mask_shape = list(_mask_shape(_rows(out_shape), weight.shape[0], relu))
             if list(relu_mask.shape) != mask_shape:
                 raise ValueError(f"fusedskip: relu_mask must have shape {mask_shape}, got "

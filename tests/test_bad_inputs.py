@@ -327,11 +327,24 @@ BACKWARD_CASES = [
      "relu_mask is on device meta but weight is on cpu"),
     ("mask-none", dict(relu_mask=None), ValueError,
      "relu_mask is None but relu is True; pass the mask fused_linear returned with the output"),
+    # Without ReLU the mask goes unread, but a sparse or quantized one sends the call to a kernel
+    # that only checks (csrc/fused_linear.cpp): it must not compute there unguarded.
+    ("unread-mask-sparse", dict(relu=False, relu_mask=MASK.to_sparse()), TypeError,
+     "relu_mask must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    ("unread-mask-quantized", dict(relu=False, relu_mask=quantized(MASK.float(), torch.quint8)),
+     TypeError, "relu_mask must be torch.uint8, got torch.quint8"),
+    ("unread-mask-device", dict(relu=False, relu_mask=MASK.to("meta")), RuntimeError,
+     "relu_mask is on device meta but weight is on cpu"),
 ]
 
 
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
-@pytest.mark.parametrize("kernel", ["op", "fake"])
+# Fake tensors cannot be quantized: that case reaches the op alone.
+BACKWARD_CALLS = [pytest.param(kernel, case, id=f"{kernel}-{case[0]}")
+                  for kernel in ("op", "fake") for case in BACKWARD_CASES
+                  if not (kernel == "fake" and "quantized" in case[0])]
+
+
+@pytest.mark.parametrize("kernel, case", BACKWARD_CALLS)
 def test_backward_op_bad_input(case, kernel):
     """The backward op called directly: its C++ checks and its fake kernel's (which also serves
     any call with a meta tensor in it, and would otherwise return gradients never computed)
@@ -349,6 +362,23 @@ def test_backward_op_bad_input(case, kernel):
         with pytest.raises(error) as info:
             torch.ops.fusedskip.fused_linear_backward(**args)
     assert str(info.value).splitlines()[0] == "fusedskip: " + text
+
+
+@pytest.mark.skipif(not fusedskip._ops.HAS_CUDA_KERNELS, reason="a build without CUDA kernels")
+@pytest.mark.parametrize("op_name", ["fused_linear", "fused_linear_backward"])
+def test_cuda_kernel_checks_before_it_guards_the_weights_device(op_name):
+    """A call with any argument on a GPU lands in the CUDA kernel, whose device guard must not
+    stand before the op's checks: with the weight still on the CPU (a model not moved) they name
+    the arguments; a guard set from it said only "CUDAGuardImpl initialized with non-CUDA
+    DeviceType: cpu". Reached here without a GPU by calling the CUDA kernel directly, with the
+    input on the meta device in the GPU's place."""
+    op = getattr(torch.ops.fusedskip, op_name).default
+    x = t(4, 3).to("meta")
+    args = ([x], W, None, None, True, False) if op_name == "fused_linear" else \
+        (t(4, 5), [x], W, MASK, True, [True] * 4)
+    with pytest.raises(RuntimeError, match="^fusedskip: input is on device meta but weight is on "
+                                           "cpu; all tensors must be on one device"):
+        op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
 
 
 class _TruthTestRaises:

@@ -290,6 +290,15 @@ def test_auto_backend_small_and_large_layers():
 def test_mixed_devices_rejected():
     with pytest.raises(RuntimeError, match="input is on device cpu but weight is on cuda"):
         fusedskip.linear_relu_residual(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))
+    # The other way round (a model not moved to the GPU): the call lands in the CUDA kernel, whose
+    # device guard must not stand before the checks.
+    layer = fusedskip.LinearReLUResidual(3, 3)
+    with pytest.raises(RuntimeError, match="input is on device cuda:0 but weight is on cpu"):
+        layer(torch.randn(2, 3, device="cuda"), torch.randn(2, 3, device="cuda"))
+    with pytest.raises(RuntimeError,
+                       match="inputs\\[1\\] is on device cuda:0 but weight is on cpu"):
+        fusedskip.linear_concat([torch.randn(2, 1), torch.randn(2, 2, device="cuda")],
+                                torch.randn(4, 3))
 
 
 # The `cutlass` backend: the forward's epilogue inside one sm_90a GEMM

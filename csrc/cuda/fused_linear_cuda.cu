@@ -101,20 +101,27 @@ void backward_epilogue_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
 namespace {
 
 // The GEMMs inside run on the device of their operands; the guard makes the element-wise
-// launches (current device, current stream) follow them.
+// launches (current device, current stream) follow them. Only a CUDA weight sets it: a call
+// lands here whenever any argument is on a GPU, and with the weight still on the CPU (a model not
+// moved) the op's checks must say so, not the guard that a CPU device is no CUDA device.
+std::optional<c10::Device> cuda_device_of(const at::Tensor& weight) {
+  if (weight.is_cuda()) return weight.device();
+  return std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(at::TensorList inputs,
                                                      const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& residual,
                                                      bool relu, bool residual_before_relu) {
-  const c10::cuda::CUDAGuard device_guard(weight.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(weight));
   return fused_linear(inputs, weight, bias, residual, relu, residual_before_relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cuda(
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
-  const c10::cuda::CUDAGuard device_guard(weight.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(weight));
   return fused_linear_backward(grad_output, inputs, weight, relu_mask, relu, output_mask);
 }
 
