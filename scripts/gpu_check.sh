@@ -7,9 +7,9 @@
 # little left is not run (the summary says so, as it does of a step the budget stopped; exit
 # status 3 where all else passed).
 #
-# The steps run in order of what most needs a GPU's time: the least run first (the `cutlass`
-# kernels' tests and racecheck, racecheck of the native kernel), what earlier runs covered last
-# (the quick sweep, memcheck). A build that fails or does not load ends the run at once.
+# The steps run in order of what most needs a GPU's time: correctness first (the tests, the
+# `cutlass` kernels' first; racecheck; memcheck), then the timings, what earlier runs covered
+# last (the quick sweep). A build that fails or does not load ends the run at once.
 #
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
@@ -30,8 +30,8 @@ declare -A STATUS
 # time is short and whose change cannot touch them; the summary names them as skipped.
 SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
-STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass racecheck kernel_times bench_large
-       cutlass_configs bench_compile bench memcheck)
+STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass racecheck memcheck kernel_times
+       bench_large cutlass_configs bench_compile bench)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -191,7 +191,21 @@ fi
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY tests/cuda_smoke.py native --small
 
-# 5. Device time per kernel against host time per call: the large relu_add layer on each path;
+# 5. compute-sanitizer memcheck on the smoke workload, before any timing: the native kernel's
+# loads, epilogue and add_relu's one-launch backward were rewritten since memcheck last saw them
+# (2026-11-28), and racecheck sees only shared memory. The cutlass kernels and the native kernel
+# in full, then the cuBLAS path's element-wise passes in the small set (run in full, clean, on
+# 2026-11-27 and 2026-11-28; in full they took 92 of memcheck's 136 s). Caching off: an overrun
+# inside a cached 2 MiB block is invisible to memcheck.
+step memcheck 150 bash -c '
+  sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$0" tests/cuda_smoke.py "$@"; }
+  rc=0
+  sanitize cutlass native || rc=$?
+  sanitize gemm_epilogue --small || rc=$?
+  exit $rc' "$PY"
+
+# 6. Device time per kernel against host time per call: the large relu_add layer on each path;
 # the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
 # the H200 (results/h200-2026-11-26), far above its kernels' work; add_relu's, whose backward
 # on the native kernel is one launch since 2026-11-28 (the residual's gradient stored by the
@@ -229,13 +243,13 @@ step kernel_times 150 bash -c '
   $0 benchmarks/concat_weight_grad.py --out "$1" || rc=1
   exit $rc' "$PY" "$OUT"
 
-# 6. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
+# 7. Large layers, where the epilogue inside the GEMM (the `cutlass` backend, sm_90) is meant to
 # bring the fused op within 10% of the GEMM alone.
 step bench_large 150 $PY -m fusedskip.bench --out "$OUT/large" --dtype bfloat16 \
   --op relu_add,concat2 --mode forward,forward+backward --sizes 4096x1024x1024,8192x4096x4096 \
   --providers fused,fused-cutlass,fused-gemm_epilogue,eager,gemm
 
-# 7. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
+# 8. The cutlass kernel at other tile and cluster shapes, against cuBLAS, where the build has them
 # (FUSEDSKIP_CUTLASS_CONFIGS=1, benchmarks/cutlass_configs.py; 8192x4096x4096, 4096x1024x1024 and
 # the short-K 65536x1024x1024): does any mainloop match cuBLAS's, and what does the fused
 # epilogue add? A configs module that is there but does not load fails.
@@ -247,27 +261,14 @@ else
   STATUS[cutlass_configs]="skipped: not built (FUSEDSKIP_CUTLASS_CONFIGS=1)"
 fi
 
-# 8. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
+# 9. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
 # out, float16: the seed's narrow layer and a large one, forward+backward.
 step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
   --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
   --providers fused,eager,compile
 
-# 9. Quick benchmark: auto, each backend forced, GEMM alone, eager.
+# 10. Quick benchmark: auto, each backend forced, GEMM alone, eager.
 step bench 150 $PY -m fusedskip.bench --quick --out "$OUT" \
   --providers fused,fused-native,fused-gemm_epilogue,eager,gemm
-
-# 10. compute-sanitizer memcheck on the smoke workload, last, with what is left: the cutlass
-# kernels and the native kernel in full, then the cuBLAS path's element-wise passes in the small
-# set (run in full, clean, on 2026-11-27 and 2026-11-28; in full it took 92 of memcheck's 136 s
-# and left the two steps above out of a 450 s run: results/h100-2026-11-28/). Caching off: an
-# overrun inside a cached 2 MiB block is invisible to memcheck.
-step memcheck 150 bash -c '
-  sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 9 "$0" tests/cuda_smoke.py "$@"; }
-  rc=0
-  sanitize cutlass native || rc=$?
-  sanitize gemm_epilogue --small || rc=$?
-  exit $rc' "$PY"
 
 finish
