@@ -43,6 +43,22 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
         "gpu_check: torch sees no GPU here; nothing to check"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
+def test_gpu_session_without_a_gpu_passes_the_check_on_and_profiles_nothing(tmp_path):
+    """scripts/gpu_session.sh: the check's exit status and summary come back in $OUT, and no
+    profile runs where the check built nothing."""
+    out = tmp_path / "few-files"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"),
+                                     PYTHON=sys.executable))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (out / "check-summary.md").read_text().strip() == \
+        "gpu_check: torch sees no GPU here; nothing to check"
+    assert "no profile" in (out / "profile.out").read_text()
+    assert not (out / "profile.tgz").exists()
+
+
 def _stamp(tree):
     result = subprocess.run(["bash", str(tree / "scripts" / "source_stamp.sh")],
                             capture_output=True, text=True, check=True)
