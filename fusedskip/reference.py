@@ -295,6 +295,7 @@ def check_layer_inputs(inputs, in_features, layer):
 
 torch.fx.node.has_side_effect(check_layer_inputs)
 
+
 def _check_widths(inputs, in_features, layer):
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
