@@ -181,6 +181,8 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         call.apply_defaults()
         return [call.arguments[k] for k in _FUNCTIONS_WRITING_ARGUMENTS[target](call.arguments)
                 if isinstance(call.arguments.get(k), torch.fx.Node)]
+    if _updates_statistics_unannounced(target):
+        return _node_args(node)
     if target in _INPLACE_OPERATORS or node.kwargs.get("inplace", False):
         return first
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -225,6 +227,16 @@ _FUNCTIONS_WRITING_ARGUMENTS = {F.batch_norm: _running_statistics,
                                 F.instance_norm: _running_statistics,
                                 F.embedding: _renormalised_weight,
                                 F.embedding_bag: _renormalised_weight}
+
+
+def _updates_statistics_unannounced(target) -> bool:
+    """torch.batch_norm, torch.instance_norm, torch.ops.aten.native_batch_norm, ...: ATen's norms
+    update the running statistics they are given in place, yet their schemas carry no `(a!)` to
+    say so and the torch.* builtins have no signature to bind (F.batch_norm, above, has one)."""
+    name = getattr(target, "__name__", "")
+    return ("batch_norm" in name or "instance_norm" in name) and (
+        isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        or getattr(target, "__module__", None) == "torch")
 
 
 def _state_it_may_write(module: Optional[nn.Module]) -> set:
@@ -603,6 +615,10 @@ def _fuse_concats(gm, modules, report: FuseReport, no_shapes: str):
             report.skip((user.name, "a concatenated width depends on the data"))
             continue
         widths = [int(m.shape[-1]) for m in metas]
+        if sum(widths) != linear.in_features:  # the example does not fit the model
+            report.skip((user.name, f"the concatenated widths {widths} sum to {sum(widths)}, "
+                                    f"not the Linear's in_features {linear.in_features}"))
+            continue
         relu = _only_user(user)
         activation = "relu" if relu is not None and _is_relu(relu, modules) else None
         last = relu if activation else user

@@ -577,11 +577,30 @@ def test_a_forward_reading_the_grad_mode_is_refused():
     assert out is model and "depends on the grad mode" in str(out.fuse_report)
 
 
+# torch's own spellings of the norms that update running statistics in place.
+TORCH_NORMS = {
+    "torch.batch_norm":
+        lambda x, mean, var: torch.batch_norm(x, None, None, mean, var, True, 0.5, 1e-5, False),
+    "torch.instance_norm":
+        lambda x, mean, var: torch.instance_norm(x.t()[None], None, None, mean, var, True, 0.5,
+                                                 1e-5, False),
+    "torch.native_batch_norm":
+        lambda x, mean, var: torch.native_batch_norm(x, None, None, mean, var, True, 0.5, 1e-5)[0],
+    "aten.batch_norm":
+        lambda x, mean, var: torch.ops.aten.batch_norm(x, None, None, mean, var, True, 0.5, 1e-5,
+                                                       False),
+    "aten.native_batch_norm.default":
+        lambda x, mean, var: torch.ops.aten.native_batch_norm.default(x, None, None, mean, var,
+                                                                      True, 0.5, 1e-5)[0],
+}
+
+
 class ReadsStateWrittenLater(nn.Module):
     """Between the Linear and the pattern's end, something writes a tensor the Linear read, in a
     way no in-place op in the graph shows: a BatchNorm updating the running mean the Linear read,
     an Embedding(max_norm) or F.embedding(max_norm=...) renormalising the weight it shares with
-    the Linear, F.batch_norm updating the buffers it is given, a _foreach_ op writing a list
+    the Linear, F.batch_norm (or torch's and ATen's own batch_norm, instance_norm, ...) updating
+    the buffers it is given, a _foreach_ op writing a list
     holding the Linear's input, a LayerNorm's hook writing the input it shares with the Linear."""
 
     def __init__(self, case):
@@ -607,6 +626,9 @@ class ReadsStateWrittenLater(nn.Module):
         elif self.case == "batch_norm":
             h = self.fc(self.mean.expand(3, 4))
             side = F.batch_norm(w, self.mean, self.var, training=True)
+        elif self.case in TORCH_NORMS:  # builtins and aten ops: no signature, no (a!) in schemas
+            h = self.fc(self.mean.expand(3, 4))
+            side = TORCH_NORMS[self.case](w, self.mean, self.var)
         elif self.case == "hook":
             x = x * 1.0
             h, side = self.fc(x), self.norm(x)
@@ -617,7 +639,7 @@ class ReadsStateWrittenLater(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["batchnorm", "embedding", "F.embedding", "batch_norm",
-                                  "foreach", "hook"])
+                                  *TORCH_NORMS, "foreach", "hook"])
 def test_writes_no_in_place_op_shows_stop_fusion(case):
     torch.manual_seed(0)
     model = ReadsStateWrittenLater(case).double()
@@ -983,6 +1005,27 @@ def test_concatenations_fx_cannot_size_are_reported_as_such():
     assert not fused.fuse_report.fused, str(fused.fuse_report)
     assert "one value" in reasons and "leading dims" in reasons, reasons
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_an_example_whose_concatenation_does_not_fit_the_linear_is_reported():
+    """The example's run fails at the Linear (4 + 4 columns into 7): fuse reports the pattern
+    instead of raising, and the model it returns refuses the call as the model does."""
+
+    class Misfit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(7, 6)
+
+        def forward(self, x):
+            return self.lin(torch.cat([x, x], -1))
+
+    model, x = Misfit(), torch.randn(3, 4)
+    fused = fusedskip.fuse(model, example_inputs=(x,))
+    assert not fused.fuse_report.fused, str(fused.fuse_report)
+    assert "sum to 8, not the Linear's in_features 7" in str(fused.fuse_report)
+    for run in (model, fused):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            run(x)
 
 
 def test_a_compiled_model_gets_a_hint():
