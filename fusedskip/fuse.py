@@ -43,7 +43,7 @@ import io
 import itertools
 import operator
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -134,7 +134,14 @@ _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.i
                       operator.irshift, operator.imatmul}
 # Functions whose behaviour is known (fusedskip's own write nothing they are given): anything
 # else (an fx.wrap'd helper) may write anywhere (_may_write_anything).
-_KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fusedskip.")
+_KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fusedskip")
+
+
+def _known(target) -> bool:
+    """Whether `target` comes from one of _KNOWN_MODULES or a module inside one: by whole names,
+    so torchvision, torch_scatter or a user's torch_helpers are not torch."""
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".")[0] in _KNOWN_MODULES
 
 
 def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
@@ -154,6 +161,8 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     first: List[torch.fx.Node] = []  # the written argument: a tensor, or a list of them
     if node.args:
         torch.fx.node.map_arg(node.args[0], first.append)
+    else:  # all by keyword (`relu(input=x)`): whichever of them it is
+        first = _node_args(node)
     if node.op == "call_method":
         name = node.target
         in_place = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" \
@@ -192,7 +201,7 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.startswith("__"):
         return first
-    if not (getattr(target, "__module__", None) or "").startswith(_KNOWN_MODULES):
+    if not _known(target):
         return _node_args(node)
     try:  # inplace=True passed by position (F.relu(x, True))
         bound = inspect.signature(target).bind(*node.args, **node.kwargs)
@@ -301,7 +310,7 @@ def _may_write_anything(node: torch.fx.Node, modules) -> bool:
         return module is not None and (_hooked(module) or not _runs_its_class_forward(module))
     if node.op == "call_function" and not isinstance(
             node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return not (getattr(node.target, "__module__", None) or "").startswith(_KNOWN_MODULES)
+        return not _known(node.target)
     return False
 
 
@@ -748,6 +757,17 @@ class _Tracer(torch.fx.Tracer):
     def proxy(self, node):
         return _StrictProxy(node, self)
 
+    def trace(self, root, concrete_args=None):
+        self.held = {id(m): _held(m) for m in root.modules()}
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if id(m) in self.held and _held(m) != self.held[id(m)]:
+            raise RuntimeError(f"{type(m).__name__} is called with parameters or buffers other "
+                               "than its own (torch.func.functional_call, a swap in forward), "
+                               "which a traced graph's call of the module leaves out")
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m, module_qualified_name):
         # fusedskip's own layers stay whole, as torch.nn's do: in the fused model they are still
         # the modules that run (their hooks too), not containers of a traced-in function's
@@ -761,6 +781,13 @@ class _Tracer(torch.fx.Tracer):
                                "(torch.no_grad(), torch.autocast(...)), which a traced graph "
                                "does not record")
         return super().create_node(*args, **kwargs)
+
+
+def _held(module: nn.Module) -> Dict[str, int]:
+    """Which tensors a module holds as its parameters and buffers, by name (read from its own
+    dicts: while tracing, attribute reads give proxies)."""
+    return {name: id(t) for name, t in itertools.chain(module._parameters.items(),
+                                                       module._buffers.items())}
 
 
 def _code(graph: torch.fx.Graph) -> str:
@@ -807,6 +834,19 @@ class _ModelState:
         # A write through .data keeps the version; an in-place op may keep the values (zeros).
         self.versions = {id(v): v._version for b in self.buffers for v in b.values()
                          if v is not None}
+        # Tensors held as plain attributes (`self.steps = torch.zeros(1)`) or in a public list,
+        # dict or set: FX reads them as constants, so an in-place update in forward runs while
+        # tracing and is left out of the graph.
+        held = {}
+        for module, attributes, contents in zip(self.modules, self.attributes, self.contents):
+            for k, v in itertools.chain(attributes.items(), contents.items()):
+                values = v.values() if isinstance(v, dict) else v if type(v) in (list, set) \
+                    else [v]
+                for t in values:
+                    if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                        held.setdefault(id(t), (f"{type(module).__name__}.{k}", t, t._version,
+                                                t.detach().clone()))
+        self.held_tensors = list(held.values())
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
 
     def changed(self) -> List[str]:
@@ -825,6 +865,7 @@ class _ModelState:
         for module, attributes, contents in zip(self.modules, self.attributes, self.contents):
             found += [f"{type(module).__name__}.{k}" for k, held in contents.items()
                       if not _holds_the_same(attributes[k], held)]
+        found += [name for name, t, version, _ in self.held_tensors if t._version != version]
         found += ["requires_grad" for p, flag in self.requires_grad if p.requires_grad != flag]
         return found
 
@@ -850,6 +891,10 @@ class _ModelState:
                         attributes[k].extend(held)
                     else:
                         attributes[k].update(held)
+        with torch.no_grad():
+            for _, t, _, value in self.held_tensors:
+                if not _same_tensor(t, value):
+                    t.copy_(value)
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
 
@@ -1062,6 +1107,11 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     if hooked:
         raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
                            "run while tracing and be missing from the graph")
+    if not isinstance(model, torch.fx.GraphModule) and (
+            not _runs_its_class_forward(model) or type(model).__call__ is not nn.Module.__call__):
+        raise RuntimeError("a forward set on the model's instance, or a __call__ its class "
+                           "defines, which a trace of the class's forward would leave out: fuse "
+                           "the model it wraps, then wrap the result")
     state = _ModelState(model)
     try:
         with torch.enable_grad():

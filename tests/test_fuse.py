@@ -2,6 +2,8 @@
 skips (with a reason) what it cannot prove equal or cannot trace."""
 
 import copy
+import importlib
+import sys
 
 import pytest
 import torch
@@ -1551,3 +1553,141 @@ def test_a_model_on_the_meta_device_fuses():
     fused = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4, device="meta"),))
     assert [p for _, p, _ in fused.fuse_report.fused] == ["Linear -> ReLU"], \
         str(fused.fuse_report)
+
+
+class Wrapped(nn.Module):
+    """relu(fc(x)) + r, called through a wrapper the class's forward does not show."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, r):
+        return F.relu(self.fc(x)) + r
+
+
+class CallsFlipped(Wrapped):
+    def __call__(self, x, r):
+        return super().__call__(x, r.flip(0))
+
+
+def doubled_on_the_instance():
+    model = Wrapped()
+    inner = model.forward
+    model.forward = lambda x, r: inner(x, r) * 2  # as output-casting wrappers do
+    return model
+
+
+@pytest.mark.parametrize("make", [doubled_on_the_instance, CallsFlipped])
+def test_a_model_whose_call_is_not_its_class_forward_is_left_unchanged(make):
+    torch.manual_seed(0)
+    model, x, r = make(), torch.randn(4, 8), torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert fused is model and "fuse the model it wraps" in str(fused.fuse_report)
+
+
+class WritesByKeyword(nn.Module):
+    """An in-place ReLU given the residual by keyword, after the add read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.ReLU(inplace=True)
+
+    def forward(self, x, r):
+        r = r * 1
+        y = self.fc(x) + r
+        self.act(input=r)
+        return F.relu(y)
+
+
+def test_an_in_place_write_by_keyword_stops_fusion():
+    torch.manual_seed(0)
+    model, x, r = WritesByKeyword(), torch.randn(4, 8), torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert [p for _, p, _ in fused.fuse_report.fused] == [], str(fused.fuse_report)
+    torch.testing.assert_close(fused(x, r), model(x, r), rtol=0, atol=0)
+
+
+HELPERS_NAMED_LIKE_TORCH = """
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def clip_negatives(t):
+    t.clamp_(min=0)
+    return t
+
+
+torch.fx.wrap("clip_negatives")
+
+
+class Clips(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, r):
+        r = r * 1
+        y = self.fc(x) + r
+        clip_negatives(r)
+        return F.relu(y)
+"""
+
+
+def test_a_helper_from_a_module_named_like_torch_is_not_taken_for_torch(tmp_path, monkeypatch):
+    """torch_helpers is not torch: its fx.wrap'd function may write what it is given."""
+    (tmp_path / "torch_helpers.py").write_text(HELPERS_NAMED_LIKE_TORCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch_helpers", raising=False)
+    torch_helpers = importlib.import_module("torch_helpers")
+    torch.manual_seed(0)
+    model, x, r = torch_helpers.Clips(), torch.randn(4, 8), torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert "clip_negatives may write in place" in str(fused.fuse_report)
+    torch.testing.assert_close(fused(x, r), model(x, r), rtol=0, atol=0)
+
+
+class CountsInAPlainTensor(nn.Module):
+    """State in a tensor attribute that is no buffer (or in a list), updated in place."""
+
+    def __init__(self, in_list):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.in_list = in_list
+        self.steps = torch.zeros(1)
+        self.cache = [torch.zeros(1)]
+
+    def forward(self, x, r):
+        steps = self.cache[0] if self.in_list else self.steps
+        steps += 1
+        return F.relu(self.fc(x)) + r * steps
+
+
+@pytest.mark.parametrize("in_list", [False, True])
+def test_an_in_place_update_of_a_plain_tensor_attribute_is_refused(in_list):
+    model, x, r = CountsInAPlainTensor(in_list), torch.randn(4, 8), torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert fused is model, str(fused.fuse_report)
+    assert "in a way a traced graph cannot record" in str(fused.fuse_report)
+    assert model.steps.item() == 0 and model.cache[0].item() == 0  # tracing left no count
+
+
+class CallsWithOtherWeights(nn.Module):
+    """A teacher's (EMA) weight swapped in for one call of the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("ema_weight", torch.randn(8, 8))
+
+    def forward(self, x, r):
+        return F.relu(torch.func.functional_call(self.fc, {"weight": self.ema_weight}, (x,))) + r
+
+
+def test_a_module_called_with_other_tensors_than_its_own_is_not_fused():
+    torch.manual_seed(0)
+    model, x, r = CallsWithOtherWeights(), torch.randn(4, 8), torch.randn(4, 8)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert fused is model, str(fused.fuse_report)
+    assert not fused.fuse_report.fused
