@@ -94,6 +94,7 @@ def poison_allocator():
     then fresh device memory, which memcheck watches instead."""
     if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
         return
+    torch.cuda.empty_cache()  # else an output may land in a stale cached block, never poisoned
     blocks = [torch.full((64 * 1024 * 1024,), 255, dtype=torch.uint8, device="cuda")]
     blocks += [torch.full((size,), 255, dtype=torch.uint8, device="cuda")
                for size in (512, 4096, 65536, 512 * 1024) for _ in range(8)]
@@ -131,6 +132,17 @@ def assert_close_rel(out, ref, dtype, what="", size=None, tol=None):
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     err = rel_err(out, ref, size)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} ({dtype})"
+    # Element by element too: in a norm over N elements one wrong element weighs 1/sqrt(N), so
+    # at half precision's 1e-2 a wrong corner of a large output would pass. Each element within
+    # tol of its own size (its terms' random-sign sum, else the reference's RMS), plus the
+    # dtype's smallest normal for results that underflow to subnormals.
+    out, ref = out.double(), ref.double()
+    scale = ref.abs() + (size.double() if size is not None
+                         else ref.norm() / max(1, ref.numel()) ** 0.5)
+    bad = ((out - ref).abs() > tol * scale + torch.finfo(dtype).smallest_normal) | \
+        (out.isnan() != ref.isnan())
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off by more "
+                           f"than {tol:g} of their size ({dtype})")
 
 
 def strided_like(t: torch.Tensor, how: str) -> torch.Tensor:

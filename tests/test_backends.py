@@ -102,13 +102,18 @@ def test_every_form_every_backend(backend, dtype):
 
 
 def test_cutlass_backend_on_cpu_tensors_is_gemm_epilogue():
-    """`cutlass` is a CUDA kernel: CPU tensors take the library path, every form still right."""
+    """`cutlass` is a CUDA kernel: CPU tensors take the library path (the same bits as
+    `gemm_epilogue`), every form still right."""
     c = fusedskip._ops._C
     counters = (c._fused_gemm_launches, c._concat_gemm_launches, c._grouped_gemm_launches)
     before = [count() for count in counters]
-    with fusedskip.use_backend("cutlass"):
-        for sample in sample_grid(dtype=torch.float32):
+    for sample in sample_grid(dtype=torch.float32):
+        with fusedskip.use_backend("cutlass"):
             check_against_reference(sample, torch.float32)
+            got = sample.call(fusedskip, *sample.tensors())
+        with fusedskip.use_backend("gemm_epilogue"):
+            want = sample.call(fusedskip, *sample.tensors())
+        assert torch.equal(got, want), sample.name
     assert [count() for count in counters] == before
 
 
