@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import CUDA_MARKS, assert_close_rel, unpack_mask
+from conftest import CUDA_MARKS, assert_close_rel, assert_mask_matches_sign, unpack_mask
 
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
@@ -23,7 +23,7 @@ def test_autocast_matches_reference(device, form):
     """Output and every gradient (input, weight, bias, and the residual, already in the autocast
     dtype as an autocast layer's output is) against float64 from the values autocast hands the
     op, the ReLU taken from the op's own mask (in half precision a pre-activation within rounding
-    of zero may take either side)."""
+    of zero may take either side), which must be the float64 sign elsewhere."""
     relu = form != "concat"
     for dtype in autocast_dtypes(device):
         torch.manual_seed(0)
@@ -60,7 +60,10 @@ def test_autocast_matches_reference(device, form):
                 _, mask = torch.ops.fusedskip.fused_linear(
                     [t.to(dtype) for t in inputs], w.to(dtype), b.to(dtype),
                     None if residual is None else r, True, form == "add_relu")
-            grad_pre = grad64 * unpack_mask(mask, out.shape[-1]).reshape(out.shape)
+            active = unpack_mask(mask, out.shape[-1]).reshape(out.shape)
+            assert_mask_matches_sign(active, pre + (r64 if form == "add_relu" else 0), dtype,
+                                     f"{form} {dtype}")
+            grad_pre = grad64 * active
         want = [grad_pre @ w64, grad_pre.T @ x64, grad_pre.sum(0)]
         if residual is not None:
             want.append(grad_pre if form == "add_relu" else grad64)

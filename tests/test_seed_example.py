@@ -46,7 +46,7 @@ class FunctionalAddSkipMLP(AddSkipMLP):
         return self.linear5(torch.relu(self.linear4(h3)))
 
 
-def check(model_cls, ref_cls, dtype):
+def check(model_cls, ref_cls, dtype, exact=False):
     torch.manual_seed(0)
     ref = ref_cls(fusedskip.reference).to(dtype)
     model = model_cls(fusedskip).to(dtype)
@@ -58,6 +58,11 @@ def check(model_cls, ref_cls, dtype):
         loss = nn.functional.mse_loss(m(x), target)
         results.append((loss, torch.autograd.grad(loss, list(m.parameters()))))
     (loss, grads), (ref_loss, ref_grads) = results
+    assert len(grads) == len(ref_grads)
+    if exact:
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(g, rg) for g, rg in zip(grads, ref_grads))
+        return
     assert_close_rel(loss, ref_loss, dtype, "loss")
     for g, rg in zip(grads, ref_grads):
         assert_close_rel(g, rg, dtype, "grad")
@@ -68,14 +73,19 @@ def check(model_cls, ref_cls, dtype):
     (AddSkipMLP, AddSkipMLP), (ConcatSkipMLP, ConcatSkipMLP),
     (FunctionalAddSkipMLP, AddSkipMLP), (FunctionalConcatSkipMLP, ConcatSkipMLP)],
     ids=["add-modules", "concat-modules", "add-functional", "concat-functional"])
-@pytest.mark.parametrize("path", ["reference", "op"])
-def test_seed_mlp_matches_reference(model_cls, ref_cls, dtype, path, monkeypatch):
-    """path "op": the modules' fused branch (CUDA tensors' path) on the op's CPU kernel, which a
-    CPU otherwise never takes for the modules."""
-    if path == "op":
-        from fusedskip import modules
-        monkeypatch.setattr(modules, "_use_fused", lambda tensor: True)
+def test_seed_mlp_matches_reference(model_cls, ref_cls, dtype, monkeypatch):
+    """Through the fused op's CPU kernel: the functional models always; the modules by their
+    fused branch (CUDA tensors' path), which a CPU otherwise never takes."""
+    from fusedskip import modules
+    monkeypatch.setattr(modules, "_use_fused", lambda tensor: True)
     check(model_cls, ref_cls, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model_cls", [AddSkipMLP, ConcatSkipMLP], ids=["add", "concat"])
+def test_seed_mlp_modules_on_a_cpu_are_the_reference(model_cls, dtype):
+    """On a CPU the fused modules take the reference path: the same bits."""
+    check(model_cls, model_cls, dtype, exact=True)
 
 
 def test_seed_mlp_trains():
