@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (MASKED_GRADIENT_CASES, SEED, assert_close_rel, check_against_reference,
-                      check_native_backward_stores_masked_gradient, ids, make_sample,
-                      new_memory_is_nan, sample_grid, strided_like, unpack_mask)
+from conftest import (CPU_BACKENDS, MASKED_GRADIENT_CASES, SEED, assert_close_rel,
+                      check_against_reference, check_native_backward_stores_masked_gradient, ids,
+                      make_sample, new_memory_is_nan, sample_grid, strided_like, unpack_mask)
 
 pytestmark = pytest.mark.skipif(not fusedskip.extension_loaded(), reason="needs the extension")
 
-CPU_BACKENDS = ("native", "gemm_epilogue", "cuda_emulation")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from conftest import REL_TOL
 from fusedskip import bench
 
 
@@ -68,7 +69,7 @@ def test_quick_run_on_cpu(tmp_path):
     assert {r["op"] for r in rows} == {"relu_add", "concat2"}
     for row in rows:
         assert row["status"] == "ok", row
-        assert row["rel_err"] <= bench.TOLERANCE[torch.float32]
+        assert row["rel_err"] <= REL_TOL[torch.float32]  # the tests' bound; bench's is wider
         assert 0 < row["p20_us"] <= row["p50_us"] <= row["p80_us"]
         assert row["tflops"] > 0 and row["gbps"] > 0 and row["roofline_fraction"] > 0
         assert row["speedup_vs_eager"] > 0

@@ -11,7 +11,7 @@ import torch
 import fusedskip
 from conftest import (CUDA, CUDA_MARKS, MASKED_GRADIENT_CASES, Sample, assert_close_rel,
                       check_against_reference, check_native_backward_stores_masked_gradient, ids,
-                      make_sample, poison_allocator, sample_grid, unpack_mask)
+                      make_sample, poison_allocator, rel_err, sample_grid, unpack_mask)
 
 pytestmark = CUDA_MARKS
 
@@ -266,7 +266,7 @@ def test_split_k_weight_gradient_is_deterministic(backend):
 
 def test_tf32_when_allowed(backend):
     """float32 with TF32 allowed: tensor cores (native) / cuBLAS TF32, output and gradients within
-    TF32's bound."""
+    TF32's bound, and the output off by more than full float32's (else TF32 was never used)."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -274,6 +274,11 @@ def test_tf32_when_allowed(backend):
             sample = make_sample(widths, 129, (rows,), relu=True, dtype=torch.float32,
                                  device="cuda")
             check_against_reference(sample, torch.float32, tol=1e-3)
+        x = torch.randn(1000, 300, device="cuda")
+        w = torch.randn(129, 300, device="cuda")
+        exact = x.double() @ w.double().T
+        err = rel_err(fusedskip.linear_concat([x], w), exact)
+        assert 1e-5 < err <= 1e-3, err  # operands rounded to TF32's 10-bit mantissa
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fusedskip
-from conftest import (assert_close_rel, check_against_reference, make_sample, sample_grid,
-                      unpack_mask)
+from conftest import (DEVICE_BACKENDS, assert_close_rel, check_against_reference, make_sample,
+                      sample_grid, unpack_mask)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -25,12 +25,14 @@ def test_forward_and_grads_match_reference(dtype):
 @pytest.mark.parametrize("rows, depth", [(5, 4), (300, 128)])
 @pytest.mark.parametrize("cols", [1, 7, 8, 9, 15, 16, 17, 24, 32, 33, 130])
 @pytest.mark.parametrize("order", ["relu_add", "add_relu"])
-def test_mask_packs_preactivation_sign(rows, depth, cols, order):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_mask_packs_preactivation_sign(rows, depth, cols, order, device, backend):
     def ints(*shape):
-        return torch.randint(-3, 4, shape).float()
+        return torch.randint(-3, 4, shape).float().to(device)
 
     x, w, b, r = ints(rows, depth), ints(cols, depth), ints(cols), ints(rows, cols)
-    out, mask = torch.ops.fusedskip.fused_linear([x], w, b, r, True, order == "add_relu")
+    with fusedskip.use_backend(backend):
+        out, mask = torch.ops.fusedskip.fused_linear([x], w, b, r, True, order == "add_relu")
     assert mask.dtype == torch.uint8 and mask.shape == (rows, (cols + 7) // 8)
     preact = x.double() @ w.double().T + b.double() + (r.double() if order == "add_relu" else 0)
     assert torch.equal(unpack_mask(mask, cols), ~(preact <= 0))
