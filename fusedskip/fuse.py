@@ -737,6 +737,20 @@ class _StrictAttribute(_RecordsWrites, torch.fx.proxy.Attribute):
     _OWN_ATTRIBUTES = ("tracer", "root", "attr", "_node")  # FX's Attribute's own
 
 
+@contextlib.contextmanager
+def _autocast_flipped():
+    """Autocast switched the other way on the CPU and CUDA, by its flags alone (a trace casts
+    nothing; and torch.autocast("cuda") would refuse to switch on without a GPU)."""
+    before = {device: torch.is_autocast_enabled(device) for device in ("cpu", "cuda")}
+    try:
+        for device, enabled in before.items():
+            torch.set_autocast_enabled(device, not enabled)
+        yield
+    finally:
+        for device, enabled in before.items():
+            torch.set_autocast_enabled(device, enabled)
+
+
 def _modes() -> Tuple:
     """The grad and autocast state, which a graph does not record."""
     return (torch.is_grad_enabled(),) + tuple(
@@ -1090,7 +1104,7 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
     and the two must agree; so must a trace under no_grad (`torch.is_grad_enabled()` read in
-    Python). Like every FX trace, it patches torch.nn.Module calls for the whole process while
+    Python) and one with autocast switched (`torch.is_autocast_enabled()`). Like every FX trace, it patches torch.nn.Module calls for the whole process while
     it runs: run no other model in another thread meanwhile. `example`: the example inputs, if
     any (_optional_parameters)."""
     concrete, given = _optional_parameters(model, example)
@@ -1142,6 +1156,8 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                 module.training = attributes["training"]
             with torch.no_grad():  # for a forward that reads the grad mode in Python
                 without_grad = again()
+            with _autocast_flipped():  # and one that reads the autocast state
+                other_autocast = again()
         changed = state.changed()
         if changed and proxied_error is not None:
             raise proxied_error  # why the graph could not hold what forward changes
@@ -1159,6 +1175,10 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
             raise RuntimeError("forward depends on the grad mode in Python (e.g. "
                                "`if torch.is_grad_enabled():`), which a traced graph fixes at "
                                "one mode")
+        if other_autocast is None or _code(other_autocast) != _code(graph):
+            raise RuntimeError("forward depends on the autocast state in Python (e.g. "
+                               "`if torch.is_autocast_enabled():`), which a traced graph fixes "
+                               "at one state")
         state.restore(keep_constants=True)
         placeholders = list(graph.find_nodes(op="placeholder"))
         for node in placeholders:

@@ -579,6 +579,31 @@ def test_a_forward_reading_the_grad_mode_is_refused():
     assert out is model and "depends on the grad mode" in str(out.fuse_report)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("autocast_on", [False, True])
+def test_a_forward_reading_the_autocast_state_is_refused(device, autocast_on):
+    """Read on either device, whether or not autocast is on where fuse is called (on the CUDA by
+    its flag alone: no GPU needed); the caller's autocast state is left as it was."""
+    class AutocastBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.linear(x)) + x
+            return h.float() * 2 if torch.is_autocast_enabled(device) else h
+
+    model = AutocastBranch()
+    torch.set_autocast_enabled(device, autocast_on)
+    try:
+        out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+        assert torch.is_autocast_enabled(device) == autocast_on
+    finally:
+        torch.set_autocast_enabled(device, False)
+    assert out is model and "depends on the autocast state" in str(out.fuse_report)
+    assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+
+
 # torch's own spellings of the norms that update running statistics in place.
 TORCH_NORMS = {
     "torch.batch_norm":
