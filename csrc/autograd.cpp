@@ -2,13 +2,14 @@
 // call. (Autograd registered from Python would cost more host time per call than the eager ops
 // the fused op replaces, which decides the speed-up at small sizes.)
 //
-// Saved for backward: the weight, the packed 1-bit ReLU mask and, as eager's linear saves them,
-// the inputs only where the weight's gradient is wanted (it is their product with the output
-// gradient). Never the pre-activation, never the concatenation.
+// Saved for backward: the packed 1-bit ReLU mask and, as eager's linear saves them, the inputs
+// only where the weight's gradient is wanted (it is their product with the output gradient) and
+// the weight only where an input's is. Never the pre-activation, never the concatenation.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -59,20 +60,29 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
           fused_linear_op().call(inputs, weight, bias, residual, relu, residual_before_relu);
     }
     const bool has_residual = residual.has_value() && residual->defined();
-    // The inputs only where the weight's gradient is wanted, decided by requires_grad as eager
-    // decides (not by what the running backward asks for: a forward that checkpointing recomputes
-    // inside a backward must save what the first one did). Not saved, they can be freed and
-    // written in place before backward, as with eager. The weight always: it is usually a
-    // parameter, alive anyway, and standing in for it would cost the backward of every first
-    // layer (inputs wanting no gradient) an allocation, host time the launch-bound layers
-    // cannot spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/).
+    // The inputs only where the weight's gradient is wanted, and the weight only where an
+    // input's is, decided by requires_grad as eager decides (not by what the running backward
+    // asks for: a forward that checkpointing recomputes inside a backward must save what the
+    // first one did). Not saved, they can be freed and written in place before backward, as
+    // with eager (a first layer's weight clipped or averaged in place between forward and
+    // backward: its gradient does not read the weight).
     const bool save_inputs = weight.requires_grad();
+    bool save_weight = false;
+    for (const at::Tensor& x : inputs) save_weight |= x.requires_grad();
     std::vector<at::Tensor> saved;
     saved.reserve(inputs.size() + 2);
     for (const at::Tensor& x : inputs) saved.push_back(save_inputs ? x : at::Tensor());
-    saved.push_back(weight);
+    saved.push_back(save_weight ? weight : at::Tensor());
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
+    if (!save_weight) {
+      // Read for its shape and layout only (the weight's and bias's gradients do not read its
+      // values), so kept outside the version check: the weight itself, not a stand-in, whose
+      // allocation would cost a first layer's backward host time the launch-bound layers cannot
+      // spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/), and the same backward
+      // path as when it is saved.
+      ctx->saved_data["weight"] = weight.detach();
+    }
     ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());
     if (!save_inputs) {
       // Their shapes for backward's stand-ins; symbolic under torch.compile / export, where an
@@ -116,6 +126,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
         saved[i] = row.narrow_symint(0, 0, widths[i]).expand_symint(shape);
       }
     }
+    if (!saved[count].defined()) saved[count] = ctx->saved_data["weight"].toTensor();
     const at::TensorList inputs(saved.data(), count);
     const at::Tensor& weight = saved[count];
     const at::Tensor& mask = saved[count + 1];
@@ -277,7 +288,13 @@ at::Tensor pack_relu_mask(const at::Tensor& preact) {
   return padded.view_symint({rows, bytes, kMaskBitsPerByte}).mul(bit_values).sum(-1, false, at::kByte);
 }
 
-TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) { m.impl("fused_linear", &fused_linear_autograd); }
+TORCH_LIBRARY_IMPL(fusedskip, Autograd, m) {
+  m.impl("fused_linear", &fused_linear_autograd);
+  // The backward op has no derivative of its own (a double backward differentiates the ATen
+  // ops FusedLinearFunction::backward runs under create_graph instead): a backward through a
+  // direct call raises, where without this the gradient would go missing with a warning.
+  m.impl("fused_linear_backward", torch::autograd::autogradNotImplementedFallback());
+}
 
 namespace {
 

@@ -111,10 +111,11 @@ def _grads(sample, api, write):
                          [pytest.param("cuda", b, marks=CUDA_MARKS)
                           for b in ("native", "gemm_epilogue")])
 @pytest.mark.parametrize("form", FORMS)
-def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device, backend):
+def test_saves_inputs_and_weight_only_where_the_other_wants_a_gradient(form, device, backend):
     """As eager's linear: with the weight frozen, the inputs are not saved, so writing into them
     in place between forward and backward is no error, and the gradients are the reference's
-    (the backward reads stand-ins of their shapes)."""
+    (the backward reads stand-ins of their shapes); likewise the weight with the inputs
+    frozen."""
     sample = _frozen_sample(form, "weight", device)
     n = len(sample.inputs)
 
@@ -134,9 +135,9 @@ def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device
         torch.testing.assert_close(g, w)
         torch.testing.assert_close(g_nan, w)
 
-    # What is saved guards itself: where the weight wants a gradient, the inputs (eager's concat
-    # keeps its cat instead); and the weight, always, even where no input wants a gradient and
-    # eager's linear does not keep it (the documented difference).
+    # As eager's linear again: with the inputs frozen the weight is not guarded (a first layer's
+    # weight clipped or averaged in place before backward: its gradient does not read it), and
+    # the gradients are the reference's.
     def write_input(used):
         used[0].mul_(3)
 
@@ -144,10 +145,34 @@ def test_saves_the_inputs_only_where_the_weights_gradient_is_wanted(form, device
         used[n].mul_(3)
 
     sample = _frozen_sample(form, "inputs", device)
-    for write in (write_input, write_weight):
+    with fusedskip.use_backend(backend):
+        got = _grads(sample, fusedskip, write_weight)
+    want = _grads(sample, fusedskip.reference, write_weight)
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # What is saved guards itself: where the weight wants a gradient, the inputs (eager's concat
+    # keeps its cat instead); where an input wants one, the weight.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _grads(sample, fusedskip, write_input)
+    sample = _frozen_sample(form, "weight", device)
+    for api in (fusedskip, fusedskip.reference):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            _grads(sample, fusedskip, write)
-    _grads(sample, fusedskip.reference, write_weight)  # eager: no error
+            _grads(sample, api, write_weight)
+
+
+def test_the_backward_op_is_not_differentiable():
+    """A backward through a direct call of the backward op raises, where the gradient would go
+    missing (a double backward through the functional API differentiates ATen ops instead)."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    _, mask = torch.ops.fusedskip.fused_linear([x], w.detach(), None, None, True, False)
+    g = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    grad_input = torch.ops.fusedskip.fused_linear_backward(g, [x], w, mask, True,
+                                                           [True, True, False, False])[0]
+    with pytest.raises(RuntimeError, match="fusedskip::fused_linear_backward.*not implemented"):
+        grad_input.sum().backward()
+    assert g.grad is None and w.grad is None
 
 
 def test_inputs_of_a_frozen_layer_are_not_kept_alive():
