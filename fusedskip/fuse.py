@@ -1071,9 +1071,9 @@ def _assert_given(value, name: str) -> None:
         value.tracer.create_proxy("call_function", _assert_given, (value, name), {})
         return
     if value is None:
-        raise AssertionError(f"fusedskip.fuse: this model was fused for calls with `{name}` "
-                             "(example_inputs gave it); fuse it with example_inputs that leave it "
-                             "out for calls without it")
+        raise ValueError(f"fusedskip.fuse: this model was fused for calls with `{name}` "
+                         "(example_inputs gave it); fuse it with example_inputs that leave it "
+                         "out for calls without it")
 
 
 def _assert_left_out(value, name: str, keyword_only: bool) -> None:
@@ -1089,8 +1089,8 @@ def _assert_left_out(value, name: str, keyword_only: bool) -> None:
                "positional" if keyword_only else
                "example_inputs left it out; pass example_inputs that include it to fuse the "
                "model for calls with it")
-        raise AssertionError(f"fusedskip.fuse: this model was fused for calls without `{name}` "
-                             f"({how})")
+        raise ValueError(f"fusedskip.fuse: this model was fused for calls without `{name}` "
+                         f"({how})")
 
 
 def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphModule:
@@ -1104,8 +1104,9 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     FX's default is taken, but only if tracing changed nothing in the model. A forward that
     reads self.training in Python gets a graph fixed at one mode: the other mode is traced too,
     and the two must agree; so must a trace under no_grad (`torch.is_grad_enabled()` read in
-    Python) and one with autocast switched (`torch.is_autocast_enabled()`). Like every FX trace, it patches torch.nn.Module calls for the whole process while
-    it runs: run no other model in another thread meanwhile. `example`: the example inputs, if
+    Python) and one with autocast switched (`torch.is_autocast_enabled()`). Like every FX
+    trace, it patches torch.nn.Module calls for the whole process while it runs: run no other
+    model in another thread meanwhile. `example`: the example inputs, if
     any (_optional_parameters)."""
     concrete, given = _optional_parameters(model, example)
     concrete = concrete or None

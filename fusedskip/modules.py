@@ -67,6 +67,8 @@ class LinearReLUResidual(reference.LinearReLUResidual):
         return linear_relu_residual_layer(input, self.weight, self.bias, residual,
                                           order=self.order)
 
+    forward.__doc__ = reference.LinearReLUResidual.forward.__doc__
+
 
 class ConcatLinear(reference.ConcatLinear):
     __doc__ = reference.ConcatLinear.__doc__
@@ -75,3 +77,5 @@ class ConcatLinear(reference.ConcatLinear):
         reference.check_layer_inputs(inputs, self.in_features, type(self).__name__)
         return linear_concat_layer(inputs, self.weight, self.bias,
                                    activation=self.activation)
+
+    forward.__doc__ = reference.ConcatLinear.forward.__doc__

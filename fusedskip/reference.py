@@ -400,12 +400,21 @@ class _LinearParameters(nn.Module):
 
 class LinearReLUResidual(_LinearParameters):
     """y = relu(x W^T + b) + residual (order="relu_add", ResNet-style) or
-    y = relu(x W^T + b + residual) (order="add_relu"); residual is optional."""
+    y = relu(x W^T + b + residual) (order="add_relu"); residual is optional.
+
+    Args: in_features, out_features, bias, device, dtype as nn.Linear's (the same parameters,
+    names and initialisation); order: "relu_add" or "add_relu".
+
+    Shapes: input (..., in_features), residual None or the output's shape (..., out_features),
+    not broadcast. float16, bfloat16, float32 or float64. fusedskip.LinearReLUResidual runs the
+    fused op on CUDA tensors and fusedskip.reference.LinearReLUResidual's PyTorch ops
+    elsewhere. Bad arguments raise TypeError / ValueError naming them."""
 
     _FROM_LINEAR_OPTIONS = ("order",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  order: str = "relu_add", device=None, dtype=None) -> None:
+        """The arguments are the class docstring's."""
         super().__init__()
         check_order(order, type(self).__name__)
         self.in_features = in_features
@@ -419,6 +428,8 @@ class LinearReLUResidual(_LinearParameters):
         return cls._wrap(linear, linear.in_features, linear.out_features, **kwargs)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input (..., in_features); residual, if given, the output's shape (..., out_features),
+        added after the ReLU (order="relu_add") or before it (order="add_relu")."""
         return linear_relu_residual(input, self.weight, self.bias, residual, order=self.order)
 
     def extra_repr(self) -> str:
@@ -451,12 +462,22 @@ class ConcatLinear(_LinearParameters):
     """y = cat(inputs, -1) W^T + b, then ReLU if activation == "relu" (UNet/DenseNet-style skip).
 
     `in_features` lists the width of each input; the weight is (out_features, sum(in_features)),
-    so a state_dict moves to and from an nn.Linear(sum(in_features), out_features)."""
+    so a state_dict moves to and from an nn.Linear(sum(in_features), out_features).
+
+    Args: in_features, a sequence of 1 to 8 widths; out_features, bias, device, dtype as
+    nn.Linear's; activation: None or "relu".
+
+    Shapes: one input per width, (..., in_features[i]), the same leading dims. float16,
+    bfloat16, float32 or float64. fusedskip.ConcatLinear runs the fused op on CUDA tensors
+    (never saving the concatenation) and fusedskip.reference.ConcatLinear's PyTorch ops
+    elsewhere. Bad arguments
+    raise TypeError / ValueError naming them."""
 
     _FROM_LINEAR_OPTIONS = ("activation",)
 
     def __init__(self, in_features: Sequence[int], out_features: int, bias: bool = True, *,
                  activation: Optional[str] = None, device=None, dtype=None) -> None:
+        """The arguments are the class docstring's."""
         super().__init__()
         self.in_features = _check_in_features(in_features, type(self).__name__)
         check_activation(activation, type(self).__name__)
@@ -475,6 +496,8 @@ class ConcatLinear(_LinearParameters):
         return cls._wrap(linear, widths, linear.out_features, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The inputs in the order of in_features, each (..., in_features[i]), passed
+        separately: layer(h2, h3) for cat([h2, h3], -1)."""
         check_layer_inputs(inputs, self.in_features, type(self).__name__)
         return linear_concat(inputs, self.weight, self.bias, activation=self.activation)
 

@@ -390,7 +390,7 @@ def test_a_parameter_the_example_leaves_out_keeps_its_default():
                   fusedskip.fuse(model, example_inputs=(x, None))):
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
         torch.testing.assert_close(fused(x, mask=None), model(x), rtol=0, atol=0)
-        with pytest.raises(AssertionError, match="fused for calls without `mask`.*example_inputs"):
+        with pytest.raises(ValueError, match="fused for calls without `mask`.*example_inputs"):
             fused(x, mask)
     assert fusedskip.fuse(model, example_inputs=(x,)).fuse_report.fused
     assert fusedskip.fuse(model, example_inputs=(x, None)).fuse_report.fused
@@ -432,13 +432,13 @@ def test_a_parameter_the_example_gives_is_asserted_given_and_kwargs_are_refused(
     fused = fusedskip.fuse(model, example_inputs=(x, mask))
     for copied in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
         torch.testing.assert_close(copied(x, mask), model(x, mask), rtol=0, atol=0)
-        with pytest.raises(AssertionError, match="fused for calls with `mask`"):
+        with pytest.raises(ValueError, match="fused for calls with `mask`"):
             copied(x)
     model = PositionalOnly()
     fused = fusedskip.fuse(model, example_inputs=(x,))
     assert fused.fuse_report.fused
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
-    with pytest.raises(AssertionError, match="fused for calls without `bias`"):
+    with pytest.raises(ValueError, match="fused for calls without `bias`"):
         fused(x, torch.randn(8))
     model = Kwargs()
     out = fusedskip.fuse(model, example_inputs=(x,))
@@ -1532,7 +1532,7 @@ def test_a_fused_model_unpickles_again_and_fx_still_traces_after():
     for _ in range(2):
         copied = pickle.loads(blob)
         torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
-        with pytest.raises(AssertionError, match="fused for calls without `mask`"):
+        with pytest.raises(ValueError, match="fused for calls without `mask`"):
             copied(x, x)
     assert fusedskip.fuse(OptionalMask(), example_inputs=(x,)).fuse_report.fused
     torch.fx.symbolic_trace(nn.Linear(2, 2))
@@ -1554,7 +1554,7 @@ def test_a_keyword_only_parameter_left_at_none_says_how_to_fuse_for_it():
     x = torch.randn(4, 8)
     fused = fusedskip.fuse(model, example_inputs=(x,))
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
-    with pytest.raises(AssertionError, match="`r` .*keyword-only.*make it positional"):
+    with pytest.raises(ValueError, match="`r` .*keyword-only.*make it positional"):
         fused(x, r=x)
 
 
