@@ -24,6 +24,11 @@ AVAILABLE = LOAD_ERROR is None
 HAS_CUDA_KERNELS = False
 
 if not AVAILABLE:
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        # Python's message would be of a circular import: there is simply no library.
+        LOAD_ERROR = ImportError("it was not built: there is no fusedskip/_C*.so")
     warnings.warn(
         f"fusedskip: the compiled extension could not be loaded ({LOAD_ERROR}); the functional "
         "API and the modules compute through the reference PyTorch path. Build it with "

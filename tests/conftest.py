@@ -111,6 +111,11 @@ def poison_allocator():
     del blocks
 
 
+def pytest_terminal_summary(terminalreporter):
+    # Last too, since -q (make test) drops the header: a failed run can always be replayed.
+    terminalreporter.write_line(f"FUSEDSKIP_TEST_SEED={SEED} (set it to draw the same inputs)")
+
+
 def pytest_report_header(config):
     return [f"fusedskip: extension loaded={fusedskip.extension_loaded()}, "
             f"CUDA kernels={fusedskip._ops.HAS_CUDA_KERNELS}, GPU={torch.cuda.is_available()}, "
