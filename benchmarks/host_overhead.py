@@ -146,7 +146,8 @@ def measure(fn, mode, min_run_time):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=64)

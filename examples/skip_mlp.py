@@ -90,6 +90,10 @@ def main():
     parser.add_argument("--device", default="cuda" if fusedskip.cuda_available() else "cpu")
     parser.add_argument("--out", default="skip_mlp.png")
     args = parser.parse_args()
+    import matplotlib  # before training: a missing matplotlib fails now, not at the end
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     x, y = synthetic_task(8192, torch.Generator().manual_seed(0), args.device)
     curves = {}
@@ -105,11 +109,6 @@ def main():
                   f"{seconds * 1e3:.2f} ms/step on {args.device}")
             for step in range(0, args.steps, 50):
                 print(f"    step {step:4d}  loss {losses[step]:.4f}")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, losses in curves.items():
