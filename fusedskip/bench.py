@@ -86,8 +86,8 @@ def split_widths(k: int, parts: int) -> Tuple[int, ...]:
     """Unequal widths summing to k (4 parts of 1024 -> 96, 200, 304, 424; 2 of 30 -> 10, 20).
 
     Where every part can be 64 or more, each is a multiple of 8, as the layers of real models
-    are (the GEMM libraries' fast kernels need 16-byte aligned blocks); the seed's tiny widths
-    stay odd."""
+    are (the GEMM libraries' fast kernels need 16-byte aligned blocks); the example MLP's tiny
+    widths stay odd."""
     if parts == 1:
         return (k,)
     weights = [1 + i for i in range(parts)] if parts > 2 else [1, 2]
@@ -100,7 +100,7 @@ def split_widths(k: int, parts: int) -> Tuple[int, ...]:
 
 
 def standard_sizes(device: str, quick: bool) -> List[Tuple[int, int, int]]:
-    """(M, K, N): the seed MLP's widths at small to large batches, mid-size layers, one large."""
+    """(M, K, N): the example MLP's widths at small to large batches, mid-size layers, one large."""
     if quick:
         return [(64, 10, 10), (1024, 30, 30)]
     if device == "cuda":

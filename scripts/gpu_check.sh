@@ -206,8 +206,8 @@ step memcheck 150 bash -c '
   exit $rc' "$PY"
 
 # 6. Device time per kernel against host time per call: the large relu_add layer on each path;
-# the seed's narrow layer at many rows, whose forward+backward took ~0.5 ms for every provider on
-# the H200 (results/h200-2026-11-26), far above its kernels' work; add_relu's, whose backward
+# the example MLP's narrow layer at many rows, whose forward+backward took ~0.5 ms for every
+# provider on the H200 (results/h200-2026-11-26), far above its kernels' work; add_relu's, whose backward
 # on the native kernel is one launch since 2026-11-28 (the residual's gradient stored by the
 # kernel's loads; 1.39x eager at 64x10 in the 2026-11-28 sweep, against relu_add's 2.11x),
 # narrow and at many rows; and the large concat layer:
@@ -262,7 +262,7 @@ else
 fi
 
 # 9. The peer the sweep leaves out for its compile time, torch.compile, in the dtype it leaves
-# out, float16: the seed's narrow layer and a large one, forward+backward.
+# out, float16: the example MLP's narrow layer and a large one, forward+backward.
 step bench_compile 120 $PY -m fusedskip.bench --out "$OUT/compile" --dtype float16 \
   --op relu_add,concat2 --mode forward+backward --sizes 64x30x30,8192x1024x1024 \
   --providers fused,eager,compile

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Nsight Compute on the native kernel where it runs far from its floor: the seed's narrow layer
-# at 65536 rows (forward 32 us and backward 98 us of device time on an H100, 2026-11-28, for a
+# Nsight Compute on the native kernel where it runs far from its floor: the example MLP's narrow
+# layer at 65536 rows (forward 32 us and backward 98 us of device time on an H100, 2026-11-28, for a
 # few MiB of traffic; eager's GEMMs there take 7-8 us each), the concat form of that width, and a
 # 256-wide layer whose K loop takes 8 steps; eager's kernels at the narrow size beside them.
 # Per run: the report ($OUT/ncu-NAME.ncu-rep, -lineinfo builds open at source lines), its raw

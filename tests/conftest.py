@@ -19,7 +19,7 @@ import fusedskip
 # is rare", and issue #3).
 REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
-# Random inputs are redrawn every run; the seed is printed in the header to replay a failure.
+# Random inputs are redrawn every run; the seed is printed first and last to replay a failure.
 SEED = int(os.environ.get("FUSEDSKIP_TEST_SEED", random.randrange(2**31)))
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
