@@ -749,6 +749,10 @@ def _autocast_flipped():
     finally:
         for device, enabled in before.items():
             torch.set_autocast_enabled(device, enabled)
+        # A real op on a parameter meanwhile left its cast copy in autocast's cache, which no
+        # exit of an autocast region would clear: a later region would use it after the
+        # parameter changed.
+        torch.clear_autocast_cache()
 
 
 def _modes() -> Tuple:
@@ -773,7 +777,9 @@ class _Tracer(torch.fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self.held = {id(m): _held(m) for m in root.modules()}
-        return super().trace(root, concrete_args)
+        with _ComputesOnState({id(t) for t in itertools.chain(root.parameters(),
+                                                             root.buffers())}):
+            return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
         if id(m) in self.held and _held(m) != self.held[id(m)]:
@@ -795,6 +801,32 @@ class _Tracer(torch.fx.Tracer):
                                "(torch.no_grad(), torch.autocast(...)), which a traced graph "
                                "does not record")
         return super().create_node(*args, **kwargs)
+
+
+class _ComputesOnState(torch.overrides.TorchFunctionMode):
+    """Refuses an op that runs, while tracing, on the model's real parameters or buffers and
+    gives a tensor: one reached other than as an attribute (a loop over self.parameters()),
+    which FX does not trace, so the result would be frozen into the graph as a constant of
+    today's values. (Attribute reads give traced values; in-place writes are _ModelState's.)"""
+
+    def __init__(self, watched):
+        super().__init__()
+        self.watched = watched
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if isinstance(result, torch.Tensor) and not isinstance(result, torch.fx.Proxy) and \
+                not name.endswith("_") and any(
+                    isinstance(t, torch.Tensor) and id(t) in self.watched
+                    for t in pytree.tree_leaves((args, kwargs))):
+            raise RuntimeError(
+                f"forward computes `{name or func}` on the model's parameters or buffers other "
+                "than through their attributes (e.g. a loop over self.parameters()), which a "
+                "trace would freeze at their values of now; read them as attributes "
+                "(self.linear.weight)")
+        return result
 
 
 def _held(module: nn.Module) -> Dict[str, int]:

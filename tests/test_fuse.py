@@ -604,6 +604,42 @@ def test_a_forward_reading_the_autocast_state_is_refused(device, autocast_on):
     assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
 
 
+@pytest.mark.parametrize("reads", ["parameters", "buffers"])
+def test_a_forward_computing_on_state_it_does_not_trace_is_refused(reads):
+    """A loop over self.parameters() (or buffers()) hands forward the real tensors, which FX does
+    not trace: what forward computes from them would be frozen into the graph (a regularisation
+    term that then ignores every later optimiser step)."""
+    class Regularised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.ones(4, 4))
+
+        def forward(self, x):
+            tensors = self.parameters() if reads == "parameters" else self.buffers()
+            penalty = sum(torch.mm(t, t.T).sum() for t in tensors if t.dim() == 2)
+            return torch.relu(self.linear(x)) + x, penalty
+
+    model = Regularised()
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and "freeze" in str(out.fuse_report), out.fuse_report
+
+
+def test_the_autocast_trace_leaves_no_cast_copies_behind():
+    """A cast made while autocast's flags are flipped for a trace is not left in its cache,
+    where a later autocast region would use it after the tensor changed."""
+    from fusedskip.fuse import _autocast_flipped
+    w = torch.randn(4, 4, requires_grad=True)  # a leaf: autocast caches its casts
+    x = torch.randn(3, 4)
+    with _autocast_flipped():
+        torch.mm(x, w)
+    with torch.no_grad():
+        w.mul_(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.mm(x, w)
+    assert torch.equal(got, torch.mm(x.bfloat16(), w.detach().bfloat16()))
+
+
 # torch's own spellings of the norms that update running statistics in place.
 TORCH_NORMS = {
     "torch.batch_norm":
