@@ -72,17 +72,16 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     std::vector<at::Tensor> saved;
     saved.reserve(inputs.size() + 2);
     for (const at::Tensor& x : inputs) saved.push_back(save_inputs ? x : at::Tensor());
-    saved.push_back(save_weight ? weight : at::Tensor());
+    // Where no input wants a gradient the weight is read for its shape and layout only (the
+    // weight's and bias's gradients do not read its values): saved as its data with a version
+    // counter of its own, outside the in-place check. The weight's storage, not a stand-in,
+    // whose allocation would cost a first layer's backward host time the launch-bound layers
+    // cannot spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/), and the same
+    // backward path as when it is saved; still a saved tensor, so released after backward and
+    // seen by saved-tensor hooks.
+    saved.push_back(save_weight ? weight : weight.variable_data());
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
-    if (!save_weight) {
-      // Read for its shape and layout only (the weight's and bias's gradients do not read its
-      // values), so kept outside the version check: the weight itself, not a stand-in, whose
-      // allocation would cost a first layer's backward host time the launch-bound layers cannot
-      // spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/), and the same backward
-      // path as when it is saved.
-      ctx->saved_data["weight"] = weight.detach();
-    }
     ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());
     if (!save_inputs) {
       // Their shapes for backward's stand-ins; symbolic under torch.compile / export, where an
@@ -126,7 +125,6 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
         saved[i] = row.narrow_symint(0, 0, widths[i]).expand_symint(shape);
       }
     }
-    if (!saved[count].defined()) saved[count] = ctx->saved_data["weight"].toTensor();
     const at::TensorList inputs(saved.data(), count);
     const at::Tensor& weight = saved[count];
     const at::Tensor& mask = saved[count + 1];

@@ -17,10 +17,12 @@ def test_extension_loaded():
 
 
 # Expected where CI says so, and wherever a GPU is: there a build without them would skip every
-# CUDA test, and `pytest -m cuda` would pass having run none. FUSEDSKIP_EXPECT_CUDA_BUILD=0 for a
-# CPU-only build on purpose.
-CUDA_BUILD_EXPECTED = os.environ.get("FUSEDSKIP_EXPECT_CUDA_BUILD",
-                                     "1" if torch.cuda.is_available() else "0") == "1"
+# CUDA test, and `pytest -m cuda` would pass having run none. Not where FUSEDSKIP_FORCE_CPU=1
+# (a CPU-only build on purpose), or FUSEDSKIP_EXPECT_CUDA_BUILD=0.
+CUDA_BUILD_EXPECTED = os.environ.get(
+    "FUSEDSKIP_EXPECT_CUDA_BUILD",
+    "1" if torch.cuda.is_available() and os.environ.get("FUSEDSKIP_FORCE_CPU") != "1" else "0",
+) == "1"
 
 
 @pytest.mark.cuda  # `pytest -m cuda` runs it too

@@ -266,7 +266,8 @@ def test_split_k_weight_gradient_is_deterministic(backend):
 
 def test_tf32_when_allowed(backend):
     """float32 with TF32 allowed: tensor cores (native) / cuBLAS TF32, output and gradients within
-    TF32's bound, and the output off by more than full float32's (else TF32 was never used)."""
+    TF32's bound. The native kernel's output must be off by more than full float32's (else it
+    never used TF32); cuBLAS may choose a full float32 kernel, its own business."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -278,7 +279,9 @@ def test_tf32_when_allowed(backend):
         w = torch.randn(129, 300, device="cuda")
         exact = x.double() @ w.double().T
         err = rel_err(fusedskip.linear_concat([x], w), exact)
-        assert 1e-5 < err <= 1e-3, err  # operands rounded to TF32's 10-bit mantissa
+        assert err <= 1e-3, err
+        if backend == "native":
+            assert err > 1e-5, err  # operands rounded to TF32's 10-bit mantissa
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 

@@ -161,6 +161,21 @@ def test_saves_inputs_and_weight_only_where_the_other_wants_a_gradient(form, dev
             _grads(sample, api, write_weight)
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_a_computed_weight_is_freed_after_backward(input_grad):
+    """A weight computed in forward (a parametrized one) is released with the rest of what
+    backward used, whether saved for the input's gradient or only for its shape."""
+    p = torch.randn(16, 16, dtype=torch.float64, requires_grad=True)
+    weight = p * 2
+    storage = weight.untyped_storage()._weak_ref()
+    y = fusedskip.linear_relu_residual(
+        torch.randn(4, 16, dtype=torch.float64, requires_grad=input_grad), weight)
+    del weight
+    y.sum().backward()
+    assert torch.UntypedStorage._expired(storage)
+    assert p.grad is not None
+
+
 def test_the_backward_op_is_not_differentiable():
     """A backward through a direct call of the backward op raises, where the gradient would go
     missing (a double backward through the functional API differentiates ATen ops instead)."""

@@ -136,8 +136,9 @@ def test_cuda_memory_flat_and_oom_recovers():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 def test_large_k_accumulates_in_float32(dtype, device, backend):
-    """K = 65536: summed in float16 itself this would overflow (values ~ 65536 * 1) or lose all
-    precision; accumulated in float32 it matches float64 to the dtype's rounding."""
+    """K = 65536 terms of ~0.01 summing to ~650: summed in the half type itself, each term would
+    fall below the running sum's rounding (0.5 in float16, 4 in bfloat16 there) and be lost;
+    accumulated in float32 it matches float64 to the dtype's rounding."""
     torch.manual_seed(0)
     k = 65536
     x = (torch.rand(4, k) + 0.5).to(dtype).to(device)
