@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import fusedskip
-from conftest import CUDA, CUDA_MARKS, ids, make_sample, new_memory_is_nan, sample_grid
+from conftest import (CPU_BACKENDS, CUDA, CUDA_MARKS, ids, make_sample, new_memory_is_nan,
+                      sample_grid)
 
 SAMPLES = sample_grid()
 
@@ -80,7 +81,6 @@ FORMS = {
     "concat": dict(widths=[3, 5], residual=None),
     "add_relu": dict(widths=[7], residual="add_relu"),
 }
-CPU_BACKENDS = ("native", "gemm_epilogue", "cuda_emulation")
 
 
 def _frozen_sample(form, frozen, device="cpu"):
