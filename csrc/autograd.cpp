@@ -49,6 +49,10 @@ bool transform_active() {
 
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
+  // Compiled autograd may trace backward into its graph: backward reads only what it is handed
+  // (saved tensors, saved_data, needs_input_grad) and calls dispatcher ops with fake kernels.
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& residual, bool relu,
@@ -94,7 +98,9 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["residual"] =
         static_cast<int64_t>(residual_kind(has_residual, relu, residual_before_relu));
-    ctx->mark_non_differentiable({mask});
+    // The mask is uint8, so autograd already leaves it without a gradient. Not also marked
+    // non-differentiable: compiled autograd refuses a C++ function that marks any output
+    // (an internal assert in CppNode::compiled_args).
     ctx->set_materialize_grads(false);  // the mask never gets a gradient: don't allocate zeros
     return {output, mask};
   }

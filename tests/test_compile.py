@@ -73,6 +73,37 @@ def test_dynamic_shapes(frozen):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("frozen", [None, "weights", "input"])
+def test_compiled_autograd_matches_eager(frozen, create_graph):
+    """Compiled autograd traces the backward of an eager forward through the op's C++ autograd
+    node into its graph (fullgraph: not run apart in eager), and the gradients are eager
+    autograd's, first and (create_graph) second order."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SkipBlock().double()
+    model.requires_grad_(frozen != "weights")
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=frozen != "input")
+    wanted = [t for t in (x, *model.parameters()) if t.requires_grad]
+    want = torch.autograd.grad(model(x).square().sum(), wanted, create_graph=create_graph)
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = model(x).square().sum()
+    with compiled_autograd._enable(torch.compile(backend=counter, fullgraph=True)):
+        got = torch.autograd.grad(loss, wanted, create_graph=create_graph)
+    code = "".join(graph.code for graph in counter.graphs)
+    assert "FusedLinearFunction" in code and "run_non_traceable" not in code
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    if create_graph:
+        second = [torch.autograd.grad(sum(g.square().sum() for g in grads), wanted[-1])[0]
+                  for grads in (got, want)]
+        assert second[0].abs().sum() > 0
+        torch.testing.assert_close(*second)
+
+
 def test_vmap_compiles_with_dynamic_shapes():
     """vmap inside torch.compile(dynamic=True): the batched op (its ATen composite) checks its
     arguments and packs the mask on symbolic sizes (on plain ones it raised, and without
