@@ -13,7 +13,8 @@ LinearReLUResidual or ConcatLinear that holds the Linear's own weight and bias (
 
 A pattern is fused only where that is provably the same computation: the intermediate results
 have no other users; the residual has exactly the linear's output shape and dtype (no
-broadcasting, no type promotion) and is not itself part of the chain; the concatenation runs
+broadcasting, no type promotion) and is not itself part of the chain; the example's operands are
+dense (strided) tensors; the concatenation runs
 along the last dim; nothing between the pattern's first node and its last may write into a tensor
 the pattern reads (the fused layer runs where the last one was); and the Linear and ReLU modules
 run no hooks (a fused layer would not run them). Shapes come from ``example_inputs``, run on fake
@@ -473,6 +474,17 @@ def _residual_of(add: torch.fx.Node, previous: torch.fx.Node):
     return other if isinstance(other, torch.fx.Node) and other is not previous else None
 
 
+def _not_dense(nodes) -> Optional[str]:
+    """Why the fused op would refuse one of `nodes` as an operand, if it would: it takes dense
+    (strided) tensors, where eager's add and linear also take sparse ones."""
+    for node in nodes:
+        layout = node.meta.get("layout") if isinstance(node, torch.fx.Node) else None
+        if layout is not None and layout != torch.strided:
+            return (f"{node.name} is a {layout} tensor in the example (the fused layers take "
+                    "dense, strided tensors)")
+    return None
+
+
 def _same_size(a, b) -> bool:
     """Sizes that are equal for every input: equal ints, or the same expression in the symbols
     that stand for sizes the data decides (two different ones may differ)."""
@@ -501,7 +513,7 @@ def _residual_problem(output, residual, linear_input, no_shapes: str) -> Optiona
                 "whose batch dims are larger than 1")
     if meta_a.dtype != meta_b.dtype:
         return f"residual dtype {meta_b.dtype} differs from the output's {meta_a.dtype}"
-    return None
+    return _not_dense([residual])
 
 
 def _fuse_linear_chains(gm, modules, report: FuseReport, no_shapes: str):
@@ -549,7 +561,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport, no_shapes: str):
                 if order == "add_relu":
                     continue
                 last, residual = relu, None  # still fuse Linear -> ReLU
-        problem = _linear_problem(linear)
+        problem = _linear_problem(linear) or _not_dense([x])
         if problem:
             report.skip((node.name, problem))
             continue
@@ -620,6 +632,10 @@ def _fuse_concats(gm, modules, report: FuseReport, no_shapes: str):
         if len({m.dtype for m in metas}) != 1:
             report.skip((user.name, "concatenated inputs of different dtypes"))
             continue
+        problem = _not_dense(parts)
+        if problem:
+            report.skip((user.name, problem))
+            continue
         if not all(isinstance(m.shape[-1], int) for m in metas):
             report.skip((user.name, "a concatenated width depends on the data"))
             continue
@@ -656,7 +672,10 @@ class _ShapeProp(ShapeProp):
         if n.op == "call_module" and not _runs_its_class_forward(self.fetch_attr(n.target)):
             raise RuntimeError(f"{n.target}'s forward is set on the instance, which the fake run "
                                "does not enter (it may reach the model's real tensors)")
-        return super().run_node(n)
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["layout"] = result.layout  # tensor_meta has no layout
+        return result
 
 
 def _propagate_shapes(gm: torch.fx.GraphModule, args) -> Optional[str]:

@@ -760,9 +760,9 @@ def test_a_chain_added_to_itself_is_not_taken_for_a_residual():
 
 
 @pytest.mark.parametrize("order", ["relu_add", "add_relu"])
-def test_residuals_that_broadcast_or_promote_are_not_fused(order):
+def test_residuals_that_broadcast_promote_or_are_sparse_are_not_fused(order):
     """The residual is checked against the linear's output, not the add's (which broadcasting or
-    type promotion would make match)."""
+    type promotion would make match), and for a dense layout (eager adds a sparse one)."""
 
     class Skip(nn.Module):
         def __init__(self):
@@ -776,12 +776,36 @@ def test_residuals_that_broadcast_or_promote_are_not_fused(order):
     model = Skip()
     x = torch.randn(3, 4)
     for r, why in ((torch.randn(2, 3, 5), "broadcasting is not fused"),
-                   (torch.randn(3, 5, dtype=torch.float64), "dtype")):
+                   (torch.randn(3, 5, dtype=torch.float64), "dtype"),
+                   (torch.randn(3, 5).to_sparse(), "sparse_coo tensor in the example")):
         fused = fusedskip.fuse(model, example_inputs=(x, r))
         report = fused.fuse_report
         assert why in " ".join(reason for _, reason in report.skipped), str(report)
         assert all(p == "Linear -> ReLU" for _, p, _ in report.fused), str(report)
         torch.testing.assert_close(fused(x, r), model(x, r))
+
+
+def test_sparse_inputs_are_not_fused():
+    """nn.Linear takes a sparse input, the fused layers do not: with an example that shows one,
+    its pattern is left to eager."""
+
+    class CatHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            return self.head(torch.cat([torch.relu(self.first(x)), y], -1))
+
+    model = CatHead()
+    args = (torch.randn(3, 4).to_sparse(), torch.randn(3, 4))
+    fused = fusedskip.fuse(model, example_inputs=args)
+    report = fused.fuse_report
+    assert [name for name, _ in report.skipped] == ["first"], str(report)
+    assert "sparse_coo tensor in the example" in report.skipped[0][1]
+    assert [name for name, _, _ in report.fused] == ["head"], str(report)
+    torch.testing.assert_close(fused(*args), model(*args))
 
 
 def test_example_inputs_leave_the_model_state_alone():
