@@ -14,14 +14,14 @@ LinearReLUResidual or ConcatLinear that holds the Linear's own weight and bias (
 A pattern is fused only where that is provably the same computation: the intermediate results
 have no other users; the residual has exactly the linear's output shape and dtype (no
 broadcasting, no type promotion) and is not itself part of the chain; the example's operands are
-dense (strided) tensors; the concatenation runs
-along the last dim; nothing between the pattern's first node and its last may write into a tensor
-the pattern reads (the fused layer runs where the last one was); and the Linear and ReLU modules
-run no hooks (a fused layer would not run them). Shapes come from ``example_inputs``, run on fake
-tensors (no arithmetic, so the model's buffers, e.g. BatchNorm's running statistics, are left as
-they were); without them, the patterns that need a shape (residuals, concatenations) are
-reported as skipped. Buffers are traced as values of the graph, so updates a forward makes to
-them in place stay in the fused model.
+dense (strided) tensors; the concatenation runs along the last dim; nothing between the
+pattern's first node and its last may write into a tensor the pattern reads (the fused layer
+runs where the last one was); and the Linear and ReLU modules run no hooks (a fused layer would
+not run them). Shapes come from ``example_inputs``, run on fake tensors (no arithmetic, so the
+model's buffers, e.g. BatchNorm's running statistics, are left as they were); without them, the
+patterns that need a shape (residuals, concatenations) are reported as skipped. Buffers are
+traced as values of the graph, so updates a forward makes to them in place stay in the fused
+model.
 
 A fused layer takes the place of its Linear under the Linear's own name, so the state_dict keys stay
 those of the model (``blocks.0.weight``) and state_dicts load across the two. A Linear called from
@@ -478,7 +478,7 @@ def _not_dense(nodes) -> Optional[str]:
     """Why the fused op would refuse one of `nodes` as an operand, if it would: it takes dense
     (strided) tensors, where eager's add and linear also take sparse ones."""
     for node in nodes:
-        layout = node.meta.get("layout") if isinstance(node, torch.fx.Node) else None
+        layout = node.meta.get("fusedskip_layout") if isinstance(node, torch.fx.Node) else None
         if layout is not None and layout != torch.strided:
             return (f"{node.name} is a {layout} tensor in the example (the fused layers take "
                     "dense, strided tensors)")
@@ -674,7 +674,7 @@ class _ShapeProp(ShapeProp):
                                "does not enter (it may reach the model's real tensors)")
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
-            n.meta["layout"] = result.layout  # tensor_meta has no layout
+            n.meta["fusedskip_layout"] = result.layout  # tensor_meta has no layout
         return result
 
 
