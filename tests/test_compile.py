@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedskip
+from conftest import CUDA_MARKS
 
 
 class SkipBlock(nn.Module):
@@ -73,9 +74,10 @@ def test_dynamic_shapes(frozen):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("create_graph", [False, True])
 @pytest.mark.parametrize("frozen", [None, "weights", "input"])
-def test_compiled_autograd_matches_eager(frozen, create_graph):
+def test_compiled_autograd_matches_eager(frozen, create_graph, device):
     """Compiled autograd traces the backward of an eager forward through the op's C++ autograd
     node into its graph (fullgraph: not run apart in eager), and the gradients are eager
     autograd's, first and (create_graph) second order."""
@@ -84,9 +86,9 @@ def test_compiled_autograd_matches_eager(frozen, create_graph):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = SkipBlock().double()
+    model = SkipBlock().double().to(device)
     model.requires_grad_(frozen != "weights")
-    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=frozen != "input")
+    x = torch.randn(7, 12, dtype=torch.float64, device=device, requires_grad=frozen != "input")
     wanted = [t for t in (x, *model.parameters()) if t.requires_grad]
     want = torch.autograd.grad(model(x).square().sum(), wanted, create_graph=create_graph)
     counter = CompileCounterWithBackend("aot_eager")
