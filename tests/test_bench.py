@@ -449,3 +449,80 @@ def test_a_provider_named_twice_gets_two_rows_of_its_own(tmp_path, monkeypatch):
                       "relu_add", "--mode", "forward", "--sizes", "16x8x8")
     fused = [r["p50_us"] for r in rows if r["provider"] == "fused"]
     assert len(fused) == 2 and fused[0] != fused[1]
+
+
+def test_the_gemm_alone_times_no_cat():
+    """The GEMM alone's timed calls get a concat op's inputs concatenated beforehand: its floor
+    is the matmul, not a copy of the input as well."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountCats(TorchFunctionMode):
+        cats = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            CountCats.cats += func in (torch.cat, torch.concat, torch.concatenate)
+            return func(*args, **(kwargs or {}))
+
+    case = bench.Case("concat4", 16, 40, 8, torch.float32, "cpu")
+    arg_sets = [case.make_inputs(requires_grad=True, seed=0)]
+    row = {}
+    steps = bench.prepare(case, "gemm", bench.gemm_fn("concat4"), "forward", arg_sets, None, row)
+    assert row["rel_err"] <= bench.TOLERANCE[torch.float32]
+    with CountCats():
+        steps[0]()
+    assert CountCats.cats == 0
+
+
+def test_forward_mode_checks_the_recording_path(tmp_path, monkeypatch):
+    """In forward mode the check runs what is timed: autograd recording, on inputs that want
+    gradients. A provider wrong only there is a mismatch."""
+    real = bench.fused_fn
+
+    def wrong_when_recording(op):
+        fn = real(op)
+        return lambda *args: fn(*args) * (1.5 if torch.is_grad_enabled() else 1.0)
+
+    monkeypatch.setattr(bench, "fused_fn", wrong_when_recording)
+    for mode, status in (("forward", "mismatch"), ("no_grad", "ok")):
+        rows = quick_rows(tmp_path / mode, "--providers", "fused,eager", "--op", "relu_add",
+                          "--mode", mode, "--sizes", "64x10x10", code=1 if mode == "forward" else 0)
+        fused = [r for r in rows if r["provider"] == "fused"]
+        assert fused and fused[0]["status"].startswith(status), (mode, fused)
+
+
+def test_cpu_timing_uses_every_thread():
+    """torch.utils.benchmark's Timer runs on one thread unless told: the sweep times on the
+    threads torch has, and the rows say how many."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        bench.time_cpu([lambda: seen.append(torch.get_num_threads())], 0.01)
+        assert seen and set(seen) == {2}
+        assert bench.environment("cpu")["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_providers_get_one_static_graph_per_shape(monkeypatch):
+    """Under automatic dynamic shapes every size after an op's first would be timed on a
+    symbolic graph, so a row would depend on the sizes run before it."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(bench, "_compiled", {})
+    bench.provider_fn("compile", "relu_add")
+    bench.provider_fn("compile-max-autotune", "concat2")
+    assert [kw.get("dynamic") for kw in calls] == [False, False]
+
+
+def test_a_wrong_column_of_a_large_output_is_an_error():
+    """One norm over a large output would let a wrong column or tile pass (here its share of
+    the norm is under 1e-2); each element is held to its own size too. A correct bfloat16
+    result passes."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1024, 512).bfloat16(), (torch.randn(512, 512) / 23).bfloat16()
+    want = x.double() @ w.double().t()
+    got = x @ w.t()
+    assert bench.relative_error(got, want) <= bench.TOLERANCE[torch.bfloat16] / 2
+    got[:, 5] *= 0.8
+    assert bench.relative_error(got, want) > bench.TOLERANCE[torch.bfloat16]
