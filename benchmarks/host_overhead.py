@@ -141,7 +141,9 @@ def measure(fn, mode, min_run_time):
         def stmt():
             with torch.no_grad():
                 fn()
-    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
+    # Timer runs on one thread unless told: on the --threads that main set.
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt},
+                            num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
