@@ -303,6 +303,42 @@ def test_module_bad_input(case):
     assert text in str(info.value)
 
 
+# ConcatLinear's width check: the C fast path (fusedskip._C.widths_match) may only vouch for
+# calls the Python check passes, and must vouch for the plain ones, or it saves nothing.
+# (id, inputs, in_features, whether the Python check passes, whether the C check vouches)
+WIDTH_CASES = [
+    ("match", (t(4, 2), t(4, 3)), (2, 3), True, True),
+    ("match-list", [t(4, 2), t(4, 3)], [2, 3], True, True),
+    ("match-batched", (t(2, 4, 2), t(2, 4, 3)), (2, 3), True, True),
+    ("match-parameter", (nn.Parameter(t(4, 2)), t(4, 3)), (2, 3), True, True),
+    ("zero-dim", (torch.tensor(1.0), t(4, 3)), (2, 3), True, True),  # the op's checks name it
+    ("first-wide", (t(4, 3), t(4, 3)), (2, 3), False, False),
+    ("last-narrow", (t(4, 2), t(4, 1, 2)), (2, 3), False, False),
+    ("not-a-tensor", (t(4, 2), [[1.0, 2.0, 3.0]]), (2, 3), False, False),
+    ("huge-width", (t(4, 2), t(4, 3)), (2, 2 ** 70), False, False),
+    ("count", (t(4, 2),), (2, 3), None, False),  # check_layer_inputs counts before either
+]
+
+
+@pytest.mark.parametrize("case", WIDTH_CASES, ids=[c[0] for c in WIDTH_CASES])
+def test_concat_width_check_fast_path_vouches_only_for_what_python_passes(case):
+    from fusedskip._C import widths_match
+    _, inputs, in_features, python_passes, c_vouches = case
+    assert widths_match(inputs, in_features) is c_vouches
+    if python_passes is not None:
+        try:
+            fusedskip.reference._check_widths(inputs, in_features, "ConcatLinear")
+            passed = True
+        except (TypeError, ValueError):
+            passed = False
+        assert passed is python_passes
+    if not c_vouches:  # the layer's own check still refuses, naming the input
+        with pytest.raises((TypeError, ValueError), match=r"inputs(\[\d\])?"):
+            fusedskip.reference.check_layer_inputs(inputs, in_features, "ConcatLinear")
+    else:
+        fusedskip.reference.check_layer_inputs(inputs, in_features, "ConcatLinear")
+
+
 MASK = torch.zeros(4, 1, dtype=torch.uint8)  # (rows, ceil(out_features / 8)) of a 4x3 -> 5 layer
 # (id, arguments of the backward op changed from a valid call's, exception type, message)
 BACKWARD_CASES = [
