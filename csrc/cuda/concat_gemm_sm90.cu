@@ -319,6 +319,8 @@ bool concat_gemm_forward_cuda(const std::vector<at::Tensor>& inputs, const at::T
   int64_t padded_depth = 0;
   for (const at::Tensor& x : inputs) {
     const int64_t width = x.size(1);
+    // A zero width: no K tile of its own; with all zero, none at all, which also leaves the
+    // consumer warps' stores unordered after the kernel before (fused_gemm_sm90.cuh, on the wait).
     if (width == 0 || width % 8 != 0 || !tma_operand(x)) return false;
     padded_depth += (width + sm90::kTileK - 1) / sm90::kTileK * sm90::kTileK;
   }

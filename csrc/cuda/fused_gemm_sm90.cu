@@ -66,7 +66,8 @@ bool fused_gemm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   const int64_t rows = x.size(0), cols = weight.size(0), depth = x.size(1);
   const int64_t int_max = std::numeric_limits<int>::max();
   // CUTLASS's tile coordinates are ints: keep the last tile's rows from wrapping (256: the
-  // library's 128-row tiles in clusters of 2 along M).
+  // library's 128-row tiles in clusters of 2 along M). depth == 0 would also leave the consumer
+  // warps' stores unordered after the kernel before (fused_gemm_sm90.cuh, on the wait).
   if (rows == 0 || rows > int_max - 256 || cols % 128 != 0 || cols > int_max - 256 ||
       depth == 0 || depth % 8 != 0 || depth > int_max) {
     return false;

@@ -18,8 +18,10 @@
 // (csrc/cuda/launch.cuh). The consumer warps do not wait themselves: their first global memory
 // access (the bias, the outputs, ReluMaskStore's mask) comes after the first mainloop stage the
 // producer loaded after its wait. So a visitor node here must touch global memory only in its
-// visits and after. The grouped GEMMs' schedule (pointer array) has no such wait:
-// grouped_gemm_sm90.cu launches them the plain way.
+// visits and after, and a kernel needs at least one K tile: the launchers refuse K == 0 (which
+// has nothing to multiply anyway), and that refusal is also what keeps this ordering. The
+// grouped GEMMs' schedule (pointer array) has no such wait: grouped_gemm_sm90.cu launches them
+// the plain way.
 #ifndef CUTLASS_ENABLE_GDC_FOR_SM90
 #define CUTLASS_ENABLE_GDC_FOR_SM90 1
 #endif
@@ -376,9 +378,14 @@ bool launch_gemm(const typename Gemm::Arguments& args, const at::Tensor& on, con
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
               "fusedskip: the CUTLASS ", what, " could not be set up");
-  TORCH_CHECK(gemm.run(stream, /*cuda_adapter=*/nullptr, programmatic_launch_now()) ==
-                  cutlass::Status::kSuccess,
-              "fusedskip: the CUTLASS ", what, " failed to launch");
+  // CUTLASS reads and clears the CUDA error of a failed launch itself, so the message cannot give
+  // it; it says how the kernel was launched, and how to launch it the other way.
+  const bool pdl = programmatic_launch_now();
+  TORCH_CHECK(gemm.run(stream, /*cuda_adapter=*/nullptr, pdl) == cutlass::Status::kSuccess,
+              "fusedskip: the CUTLASS ", what, " failed to launch",
+              pdl ? " with programmatic dependent launch (FUSEDSKIP_PDL=0 launches it the plain "
+                    "way)"
+                  : "");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
