@@ -283,8 +283,9 @@ def check_layer_inputs(inputs, in_features, layer):
             hint = "; pass the inputs as separate arguments: layer(x1, x2)"
         raise ValueError(f"{layer}: expected {len(in_features)} inputs (in_features="
                          f"{in_features}), got {len(inputs)}{hint}")
-    # The common case in one C call (a shape read per tensor from Python cost ~2.5 µs of a 64x10
-    # layer's ~20); anything it does not vouch for goes through the Python check, which names it.
+    # The common case in one C call (a shape read per tensor from Python cost ~2.5 µs a call of a
+    # two-input 64x10 layer); anything it does not vouch for goes through the Python check, which
+    # names it.
     # Not under torch.compile, which would break the graph at a C function it cannot trace.
     if _op_widths_match is not None and not is_compiling() and \
             _op_widths_match(inputs, in_features):
