@@ -133,6 +133,12 @@ _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.i
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.imatmul}
+# Functions named in place (a trailing `_`) known to write their first argument and nothing else;
+# any other is taken to write all of them.
+_WRITING_FIRST_ONLY = {torch.relu_, F.relu_}
+# What makes a tensor use other memory (`Tensor.set_` and the like, by method, function or
+# ATen op name).
+_REBINDING = {"set_", "resize_", "resize_as_", "as_strided_", "swap_"}
 # Functions whose behaviour is known (fusedskip's own write nothing they are given): anything
 # else (an fx.wrap'd helper) may write anywhere (_may_write_anything).
 _KNOWN_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fusedskip")
@@ -201,7 +207,9 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         return _node_args(node) if any(op._schema.is_mutable for op in overloads) else []
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.startswith("__"):
-        return first
+        # torch.relu_(x) writes x; others write more than their first argument
+        # (torch._amp_foreach_non_finite_check_and_unscale_ writes its found_inf too).
+        return first if target in _WRITING_FIRST_ONLY else _node_args(node)
     if not _known(target):
         return _node_args(node)
     try:  # inplace=True passed by position (F.relu(x, True))
@@ -286,6 +294,8 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None and not _runs_its_class_forward(module):
             return None  # a forward of its own may return anything, its argument included
+        if _rebinds(node):
+            return None  # its result uses the memory of another tensor
         written = _written(node, modules)
         if written:  # in place: the result is the tensor written, if that is the first argument
             if len(written) != 1 or not node.args or written[0] is not node.args[0]:
@@ -302,10 +312,21 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
     return None
 
 
+def _rebinds(node: torch.fx.Node) -> bool:
+    """Whether `node` may make a tensor use other memory (`y.set_(r)`, `resize_`): from there on,
+    a write into `y` writes `r`, which no argument of the write names."""
+    name = node.target if node.op == "call_method" else \
+        getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return isinstance(name, str) and name.split(".")[0] in _REBINDING
+
+
 def _may_write_anything(node: torch.fx.Node, modules) -> bool:
     """Code the graph does not show, which may write any tensor it can reach (through a
     closure, a module attribute): a leaf module's hooks or a forward set on the instance, a
-    function this pass does not know (an fx.wrap'd helper)."""
+    function this pass does not know (an fx.wrap'd helper); and an op that makes a tensor use
+    other memory, after which a write into one tensor may land in another."""
+    if _rebinds(node):
+        return True
     if node.op == "call_module":
         module = modules.get(node.target)
         return module is not None and (_hooked(module) or not _runs_its_class_forward(module))

@@ -1225,6 +1225,75 @@ def test_every_spelling_of_a_write_keeps_the_residual_out(write):
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
+class WriteWhatAPatternReads(nn.Module):
+    """In-place writes, between a pattern's first node and its last, that reach what the pattern
+    reads: into the Linear's input, into the tensor its input is a view of, into the residual
+    after the add read it, into what a hooked module returned (a hook may return any tensor),
+    through a tensor made to use the residual's memory (`set_`), and into an argument other than
+    the first (found_inf, which the AMP unscale call also writes). None may be fused."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.linear, self.narrow = nn.Linear(6, 6), nn.Linear(1, 6)
+        self.register_buffer("memory", torch.randn(5, 6))
+        self.hooked = nn.Identity()
+        self.hooked.register_forward_hook(lambda module, args, out: self.memory)
+
+    def forward(self, x):
+        other = x * 0.5
+        if self.case == "the input":
+            h = self.linear(other)
+            other.relu_()
+            return torch.relu(h), other
+        if self.case == "a view's base":
+            h = self.linear(other[:, :6])
+            other.relu_()
+            return torch.relu(h), other
+        if self.case == "add_relu residual":
+            s = self.linear(x) + other
+            other.relu_()
+            return torch.relu(s)
+        if self.case == "rebound to the residual":
+            s = self.linear(x) + other
+            y = x * 3.0  # made after the Linear
+            y.set_(other)
+            y.zero_()
+            return torch.relu(s)
+        if self.case == "a second argument":
+            found_inf = x[:1, :1] * 0.0
+            h = self.narrow(found_inf)
+            t = x * float("inf")  # made after the Linear
+            torch._amp_foreach_non_finite_check_and_unscale_([t], found_inf,
+                                                            torch.ones_like(found_inf))
+            return torch.relu(h)
+        memory = self.memory  # "hooked"
+        other = self.hooked(x * 1.0)
+        h = self.linear(memory)
+        other.mul_(2)  # exact, and undone below: every call sees the same memory
+        y = torch.relu(h)
+        other.div_(2)
+        return y
+
+
+@pytest.mark.parametrize("case", ["the input", "a view's base", "add_relu residual",
+                                  "rebound to the residual", "a second argument", "hooked"])
+def test_writes_that_reach_what_a_pattern_reads(case):
+    if case == "a second argument":  # the AMP call takes float32 alone
+        torch.manual_seed(0)
+        model, x = WriteWhatAPatternReads(case), torch.randn(5, 6)
+        fused = fusedskip.fuse(model, example_inputs=(x,))
+    else:
+        model, x, fused = fuse_in_float64(lambda: WriteWhatAPatternReads(case), 5, 6)
+    report = str(fused.fuse_report)
+    assert not fused.fuse_report.fused, report
+    assert "may write in place" in report, report
+    out, ref = fused(x.clone()), model(x.clone())
+    for o, r in zip(out if isinstance(out, tuple) else (out,),
+                    ref if isinstance(ref, tuple) else (ref,)):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
 def test_writes_into_new_tensors_do_not_stop_fusion():
     """An in-place ReLU on another branch's fresh Linear output, and a subscript assignment into
     a new tensor, cannot reach what the patterns read: everything still fuses."""
