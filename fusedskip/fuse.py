@@ -39,11 +39,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import io
 import itertools
 import operator
 import re
+import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -157,6 +159,35 @@ def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
     return found
 
 
+def _opaque_method(node: torch.fx.Node) -> bool:
+    """Whether a call_method node may run code the graph does not show: a method torch.Tensor
+    does not have (an object's passed to forward, a tensor subclass's own), or any method of a
+    forward argument not known to be a tensor (no example, or not a tensor in it: an object
+    whose `double` is its own)."""
+    target = node.args[0] if node.args else None
+    return not (isinstance(node.target, str) and node.target in _TENSOR_ATTRIBUTES) or (
+        isinstance(target, torch.fx.Node) and target.op == "placeholder" and _meta(target) is None)
+
+
+_TENSOR_ATTRIBUTES = frozenset(dir(torch.Tensor))  # not hasattr: a class has its type's __call__
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_writes(target) -> bool:
+    """Whether a torch built-in (it has no signature to read) is an ATen op whose schema writes
+    one of its arguments (`Tensor(a!)`); the `out=` overloads left out, as an `out=` call is
+    recognised by its keyword."""
+    if not isinstance(target, types.BuiltinFunctionType) or \
+            not (getattr(target, "__module__", None) or "").startswith("torch"):
+        return False
+    try:
+        packet = getattr(torch.ops.aten, target.__name__)
+        return any(getattr(packet, name)._schema.is_mutable for name in packet.overloads()
+                   if not name.endswith("out"))
+    except (AttributeError, RuntimeError):  # no ATen op of that name
+        return False
+
+
 def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
     """The nodes whose tensors `node` may write into: its first argument for an in-place method,
     function or module (`mul_`, `torch.relu_`, `x += y`, `x[i] = y`, `inplace=True` by keyword or
@@ -172,6 +203,8 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         first = _node_args(node)
     if node.op == "call_method":
         name = node.target
+        if _opaque_method(node):  # it may write what it is given
+            return _node_args(node)
         in_place = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" \
             or (name.startswith("__i") and name.endswith("__"))
         return first if in_place else []
@@ -205,6 +238,8 @@ def _written(node: torch.fx.Node, modules) -> List[torch.fx.Node]:
         overloads = ([target] if isinstance(target, torch._ops.OpOverload) else
                      [getattr(target, name) for name in target.overloads()])
         return _node_args(node) if any(op._schema.is_mutable for op in overloads) else []
+    if _schema_writes(target):  # torch.fused_moving_avg_obs_fake_quant(...) updates its min/max
+        return _node_args(node)
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.startswith("__"):
         # torch.relu_(x) writes x; others write more than their first argument
@@ -330,6 +365,8 @@ def _may_write_anything(node: torch.fx.Node, modules) -> bool:
     if node.op == "call_module":
         module = modules.get(node.target)
         return module is not None and (_hooked(module) or not _runs_its_class_forward(module))
+    if node.op == "call_method":
+        return _opaque_method(node)
     if node.op == "call_function" and not isinstance(
             node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return not _known(node.target)

@@ -1294,6 +1294,52 @@ def test_writes_that_reach_what_a_pattern_reads(case):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
 
 
+
+class _Doubler:
+    """An object passed to forward whose code writes what it is given: FX records a call of its
+    method (named as a tensor's), or of the object, without seeing inside."""
+
+    def double(self, t):
+        t.mul_(2)
+
+    def __call__(self, t):
+        t.mul_(2)
+
+
+class WriteThroughCallsTheGraphDoesNotShow(nn.Module):
+    """Writes into the Linear's input by code the graph records only as a call: a method of an
+    argument, the argument called, and a torch built-in that is no in-place spelling but whose
+    ATen schema writes an argument (`_cummax_helper` writes its values and indices)."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x, helper):
+        x = x * 1.0
+        h = self.linear(x)
+        if self.case == "a method of an argument":
+            helper.double(x)
+        elif self.case == "an argument called":
+            helper(x)
+        else:
+            torch._cummax_helper(x * 1.0, x, torch.zeros_like(x, dtype=torch.long), 0)
+        return torch.relu(h)
+
+
+@pytest.mark.parametrize("case", ["a method of an argument", "an argument called",
+                                  "a built-in whose schema writes"])
+def test_writes_by_calls_the_graph_does_not_show(case):
+    torch.manual_seed(0)
+    model = WriteThroughCallsTheGraphDoesNotShow(case).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x, _Doubler()))
+    report = str(fused.fuse_report)
+    assert not fused.fuse_report.fused, report
+    assert "may write in place" in report, report
+    torch.testing.assert_close(fused(x, _Doubler()), model(x, _Doubler()), rtol=0, atol=0)
+
 def test_writes_into_new_tensors_do_not_stop_fusion():
     """An in-place ReLU on another branch's fresh Linear output, and a subscript assignment into
     a new tensor, cannot reach what the patterns read: everything still fuses."""
