@@ -53,7 +53,7 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .modules import (ConcatLinear, LinearReLUResidual, linear_concat_layer,
                       linear_relu_residual_layer)
@@ -340,7 +340,11 @@ def _fresh_base(node, modules) -> Optional[torch.fx.Node]:
         if node.op == "call_module":
             fresh = isinstance(modules.get(node.target), _FRESH_MODULES)
         elif node.op == "call_function":
-            fresh = node.target in _FRESH_FUNCTIONS
+            # Python's operators also join lists and tuples (`rs + []` holds rs's tensors): a
+            # new tensor only where the run of example_inputs saw one.
+            fresh = node.target in _FRESH_FUNCTIONS and (
+                getattr(node.target, "__module__", None) != "_operator"
+                or isinstance(_meta(node), TensorMetadata))
         else:
             fresh = node.op == "call_method" and node.target in _FRESH_METHODS
         return node if fresh else None

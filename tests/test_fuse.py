@@ -1340,6 +1340,27 @@ def test_writes_by_calls_the_graph_does_not_show(case):
     assert "may write in place" in report, report
     torch.testing.assert_close(fused(x, _Doubler()), model(x, _Doubler()), rtol=0, atol=0)
 
+
+def test_a_write_into_a_joined_list_of_tensors():
+    """`rs + []` is a new list holding rs's tensors, not a new tensor: a foreach write into it,
+    after an add_relu add, reaches the residual the add read."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x, rs):
+            s = self.linear(x) + rs[0]
+            torch._foreach_mul_(rs + [], 2.0)
+            return torch.relu(s)
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x, r = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    fused = fusedskip.fuse(model, example_inputs=(x, [r.clone()]))
+    assert not fused.fuse_report.fused, str(fused.fuse_report)
+    torch.testing.assert_close(fused(x, [r.clone()]), model(x, [r.clone()]), rtol=0, atol=0)
+
 def test_writes_into_new_tensors_do_not_stop_fusion():
     """An in-place ReLU on another branch's fresh Linear output, and a subscript assignment into
     a new tensor, cannot reach what the patterns read: everything still fuses."""
