@@ -159,6 +159,9 @@ def _node_args(node: torch.fx.Node) -> List[torch.fx.Node]:
     return found
 
 
+_TENSOR_ATTRIBUTES = frozenset(dir(torch.Tensor))  # not hasattr: a class has its type's __call__
+
+
 def _opaque_method(node: torch.fx.Node) -> bool:
     """Whether a call_method node may run code the graph does not show: a method torch.Tensor
     does not have (an object's passed to forward, a tensor subclass's own), or any method of a
@@ -167,9 +170,6 @@ def _opaque_method(node: torch.fx.Node) -> bool:
     target = node.args[0] if node.args else None
     return not (isinstance(node.target, str) and node.target in _TENSOR_ATTRIBUTES) or (
         isinstance(target, torch.fx.Node) and target.op == "placeholder" and _meta(target) is None)
-
-
-_TENSOR_ATTRIBUTES = frozenset(dir(torch.Tensor))  # not hasattr: a class has its type's __call__
 
 
 @functools.lru_cache(maxsize=None)
