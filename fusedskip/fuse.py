@@ -942,7 +942,8 @@ def _holds_the_same(container, held) -> bool:
 
 class _ModelState:
     """What tracing may change in a model and a graph does not record: each module's plain
-    attributes (and what its public lists, dicts and sets hold: `self.log.append(h)`), its
+    attributes (and what its public lists, dicts and sets hold: `self.log.append(h)`), which
+    submodules and parameters it holds (`self.fc = self.fc2`, `self.fc.bias = None`), its
     buffers (which tensor, and its values) and training flag, and each parameter's
     requires_grad. `changed()` names what differs; `restore()` puts it back."""
 
@@ -956,6 +957,7 @@ class _ModelState:
                           if not k.startswith("_") and type(v) in (list, dict, set)}
                          for attributes in self.attributes]
         self.buffers = [dict(m._buffers) for m in self.modules]
+        self.held = [(dict(m._modules), dict(m._parameters)) for m in self.modules]
         self.values = [{k: v.detach().clone() for k, v in b.items() if v is not None}
                        for b in self.buffers]
         # A write through .data keeps the version; an in-place op may keep the values (zeros).
@@ -992,6 +994,10 @@ class _ModelState:
         for module, attributes, contents in zip(self.modules, self.attributes, self.contents):
             found += [f"{type(module).__name__}.{k}" for k, held in contents.items()
                       if not _holds_the_same(attributes[k], held)]
+        for module, (children, parameters) in zip(self.modules, self.held):
+            for now, before in ((module._modules, children), (module._parameters, parameters)):
+                found += [f"{type(module).__name__}.{k}" for k in set(now) | set(before)
+                          if k not in now or k not in before or now[k] is not before[k]]
         found += [name for name, t, version, _ in self.held_tensors if t._version != version]
         found += ["requires_grad" for p, flag in self.requires_grad if p.requires_grad != flag]
         return found
@@ -1010,6 +1016,10 @@ class _ModelState:
                 for k, v in values.items():
                     if not _same_tensor(buffers[k], v):
                         buffers[k].copy_(v)
+        for module, held in zip(self.modules, self.held):
+            for now, before in zip((module._modules, module._parameters), held):
+                now.clear()
+                now.update(before)
         for attributes, contents in zip(self.attributes, self.contents):
             for k, held in contents.items():
                 if not _holds_the_same(attributes[k], held):

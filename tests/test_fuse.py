@@ -1599,6 +1599,42 @@ def test_python_side_effects_are_refused_and_undone(make, why):
     assert after.keys() - before.keys() == {"fuse_report"}  # the one thing it sets, documented
 
 
+class _SwapsLayers(_Base):
+    def __init__(self):
+        super().__init__()
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        self.linear = self.other  # the traced call used the first Linear
+        return torch.relu(y)
+
+
+class _DropsItsBias(_Base):
+    def forward(self, x):
+        y = self.linear(x)
+        self.linear.bias = None
+        return torch.relu(y)
+
+
+@pytest.mark.parametrize("make,why", [
+    (_SwapsLayers, "forward changes _SwapsLayers.linear"),
+    (_DropsItsBias, "forward changes Linear.bias"),
+])
+def test_a_forward_that_reassigns_layers_or_parameters_is_refused_and_undone(make, why):
+    """A forward that puts another module or parameter in place of one: the graph records the
+    calls, not the assignment, and a fused layer would take the parameters found there after
+    tracing. Refused, with the model's modules and parameters as they were."""
+    torch.manual_seed(0)
+    model = make()
+    def held():  # which objects, by name
+        return {k: id(v) for k, v in [*model.named_modules(), *model.named_parameters()]}
+
+    before = held()
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(3, 4),))
+    assert out is model and why in str(out.fuse_report), str(out.fuse_report)
+    assert held() == before
+
 def test_an_augmented_assignment_is_the_in_place_write_it_is():
     """`v += 1` on a view of the input writes the input (the caller's tensor too); FX's Proxy
     recorded an out-of-place add, and the write vanished."""
