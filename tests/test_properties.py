@@ -275,8 +275,8 @@ def test_fuse_keeps_what_random_models_compute(case):
     fused = fusedskip.fuse(model, example_inputs=(x.clone(),))
     report = fused.fuse_report
     event(f"fused {len(report.fused)} patterns")
-    assert [p is q for p, q in zip(fused.parameters(), model.parameters())] == \
-        [True] * len(list(model.parameters())), str(report)
+    # The model's own parameters, in its order.
+    assert list(map(id, fused.parameters())) == list(map(id, model.parameters())), str(report)
     for inputs in (x, x2):
         want = _run(model, inputs)
         got = _run(fused, inputs)
