@@ -278,11 +278,8 @@ def check_layer_inputs(inputs, in_features, layer):
     if has_torch_function(relevant):
         return handle_torch_function(check_layer_inputs, relevant, inputs, in_features, layer)
     if len(inputs) != len(in_features):
-        hint = ""
-        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
-            hint = "; pass the inputs as separate arguments: layer(x1, x2)"
         raise ValueError(f"{layer}: expected {len(in_features)} inputs (in_features="
-                         f"{in_features}), got {len(inputs)}{hint}")
+                         f"{in_features}), got {len(inputs)}{_one_iterable_hint(inputs)}")
     # The common case in one C call (a shape read per tensor from Python cost ~2.5 µs a call of a
     # two-input 64x10 layer); anything it does not vouch for goes through the Python check, which
     # names it.
@@ -303,10 +300,20 @@ def check_layer_inputs(inputs, in_features, layer):
 torch.fx.node.has_side_effect(check_layer_inputs)
 
 
+def _one_iterable_hint(inputs):
+    """What to do where the inputs came as one list, tuple or generator (the functional API's
+    form) instead of one argument each."""
+    if len(inputs) == 1 and not isinstance(inputs[0], torch.Tensor) and \
+            hasattr(inputs[0], "__iter__"):
+        return "; pass the inputs as separate arguments: layer(x1, x2), or layer(*inputs)"
+    return ""
+
+
 def _check_widths(inputs, in_features, layer):
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{layer}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
+            raise TypeError(f"{layer}: inputs[{i}] must be a Tensor, got {type(x).__name__}"
+                            f"{_one_iterable_hint(inputs)}")
         if x.dim() >= 1 and x.shape[-1] != in_features[i]:
             raise ValueError(f"{layer}: inputs[{i}] has {x.shape[-1]} features (its last dim) but "
                              f"in_features[{i}] is {in_features[i]}")
