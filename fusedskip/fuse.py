@@ -62,6 +62,23 @@ from .reference import MAX_INPUTS
 __all__ = ["fuse", "FuseReport"]
 
 
+class _Refusal(RuntimeError):
+    """fuse()'s own reason for leaving a model unchanged, which says what to do: reported whole
+    (another error's first line is cut to 200 characters)."""
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, _Refusal):
+        return f"RuntimeError: {error}"
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
+def _names(names: Sequence[str], shown: int = 4) -> str:
+    """The first few names, and how many more: a long list would bury what to do."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 @dataclasses.dataclass
 class FuseReport:
     """What fuse() did: `fused` holds (where, pattern, replacement), `skipped` (where, why);
@@ -732,8 +749,8 @@ class _ShapeProp(ShapeProp):
     def run_node(self, n):
         self.node = n
         if n.op == "call_module" and not _runs_its_class_forward(self.fetch_attr(n.target)):
-            raise RuntimeError(f"{n.target}'s forward is set on the instance, which the fake run "
-                               "does not enter (it may reach the model's real tensors)")
+            raise _Refusal(f"{n.target}'s forward is set on the instance, which the fake run "
+                           "does not enter (it may reach the model's real tensors)")
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["fusedskip_layout"] = result.layout  # tensor_meta has no layout
@@ -762,7 +779,7 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args) -> Optional[str]:
             prop.propagate(*fake_args)
     except Exception as error:
         cause = error.__cause__ or error  # ShapeProp wraps the error with the failing node
-        what = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+        what = _reason(cause)
         if prop is None or prop.node is None:
             for node in gm.graph.nodes:
                 node.meta.pop("tensor_meta", None)
@@ -793,8 +810,8 @@ class _RecordsWrites:
 
     def __setattr__(self, name, value):
         if name not in self._OWN_ATTRIBUTES:
-            raise RuntimeError(f"forward sets the attribute {name!r} of a traced tensor (e.g. "
-                               "`buffer.data = ...`), which a traced graph cannot do")
+            raise _Refusal(f"forward sets the attribute {name!r} of a traced tensor (e.g. "
+                           "`buffer.data = ...`), which a traced graph cannot do")
         object.__setattr__(self, name, value)
 
     def __getattr__(self, name):
@@ -864,9 +881,9 @@ class _Tracer(torch.fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         if id(m) in self.held and _held(m) != self.held[id(m)]:
-            raise RuntimeError(f"{type(m).__name__} is called with parameters or buffers other "
-                               "than its own (torch.func.functional_call, a swap in forward), "
-                               "which a traced graph's call of the module leaves out")
+            raise _Refusal(f"{type(m).__name__} is called with parameters or buffers other "
+                           "than its own (torch.func.functional_call, a swap in forward), "
+                           "which a traced graph's call of the module leaves out")
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m, module_qualified_name):
@@ -878,9 +895,9 @@ class _Tracer(torch.fx.Tracer):
 
     def create_node(self, *args, **kwargs):
         if _modes() != self.modes:
-            raise RuntimeError("forward runs part of itself under another grad or autocast mode "
-                               "(torch.no_grad(), torch.autocast(...)), which a traced graph "
-                               "does not record")
+            raise _Refusal("forward runs part of itself under another grad or autocast mode "
+                           "(torch.no_grad(), torch.autocast(...)), which a traced graph "
+                           "does not record")
         return super().create_node(*args, **kwargs)
 
 
@@ -902,7 +919,7 @@ class _ComputesOnState(torch.overrides.TorchFunctionMode):
                 not name.endswith("_") and any(
                     isinstance(t, torch.Tensor) and id(t) in self.watched
                     for t in pytree.tree_leaves((args, kwargs))):
-            raise RuntimeError(
+            raise _Refusal(
                 f"forward computes `{name or func}` on the model's parameters or buffers other "
                 "than through their attributes (e.g. a loop over self.parameters()), which a "
                 "trace would freeze at their values of now; read them as attributes "
@@ -1175,8 +1192,8 @@ def _optional_parameters(model: nn.Module, example: Optional[tuple]) -> Tuple[di
     except (TypeError, ValueError):
         return {}, []
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
-        raise RuntimeError("forward takes **kwargs, which a trace fixes at what it is given "
-                           "(a `kwargs.get(name)` is never None in it)")
+        raise _Refusal("forward takes **kwargs, which a trace fixes at what it is given "
+                       "(a `kwargs.get(name)` is never None in it)")
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     specialised, given = {}, []
     for i, p in enumerate(parameters):
@@ -1238,18 +1255,20 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
     scripted = [name or type(model).__name__ for name, m in model.named_modules()
                 if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
-        raise RuntimeError(f"TorchScript modules ({', '.join(scripted)}: torch.jit.script or "
-                           "trace), which FX cannot trace: fuse the eager model, then script "
-                           "the result")
+        raise _Refusal(f"TorchScript modules ({_names(scripted)}: torch.jit.script or "
+                       "trace), which FX cannot trace: fuse the eager model; the fused layers "
+                       "do not support torch.jit.script, but torch.jit.trace, torch.compile "
+                       "and torch.export take the result")
     hooked = _hooks_traced_through(model)
     if hooked:
-        raise RuntimeError(f"hooks on {', '.join(hooked)}, which FX traces through: they would "
-                           "run while tracing and be missing from the graph")
+        raise _Refusal(f"hooks on {_names(hooked)}, which FX traces through: they would "
+                       "run while tracing and be missing from the graph; fuse the model "
+                       "without them (a leaf module's, such as an nn.Linear's, are kept)")
     if not isinstance(model, torch.fx.GraphModule) and (
             not _runs_its_class_forward(model) or type(model).__call__ is not nn.Module.__call__):
-        raise RuntimeError("a forward set on the model's instance, or a __call__ its class "
-                           "defines, which a trace of the class's forward would leave out: fuse "
-                           "the model it wraps, then wrap the result")
+        raise _Refusal("a forward set on the model's instance, or a __call__ its class "
+                       "defines, which a trace of the class's forward would leave out: fuse "
+                       "the model it wraps, then wrap the result")
     state = _ModelState(model)
     try:
         with torch.enable_grad():
@@ -1286,23 +1305,23 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
         if changed and proxied_error is not None:
             raise proxied_error  # why the graph could not hold what forward changes
         if changed:
-            raise RuntimeError(f"forward changes {', '.join(sorted(set(changed)))} in a way a "
-                               "traced graph cannot record (e.g. `self.count += 1` on a plain "
-                               "attribute or a buffer; update buffers in place: "
-                               "`self.count.add_(1)`)")
+            raise _Refusal(f"forward changes {', '.join(sorted(set(changed)))} in a way a "
+                           "traced graph cannot record (e.g. `self.count += 1` on a plain "
+                           "attribute or a buffer; update buffers in place: "
+                           "`self.count.add_(1)`)")
         if other is None or _code(other) != _code(graph):
-            raise RuntimeError("forward depends on self.training in Python (e.g. "
-                               "F.dropout(x, p, self.training), `if self.training:`), which a "
-                               "traced graph fixes at one mode; nn.Dropout and the like follow "
-                               "the mode")
+            raise _Refusal("forward depends on self.training in Python (e.g. "
+                           "F.dropout(x, p, self.training), `if self.training:`), which a "
+                           "traced graph fixes at one mode; nn.Dropout and the like follow "
+                           "the mode")
         if without_grad is None or _code(without_grad) != _code(graph):
-            raise RuntimeError("forward depends on the grad mode in Python (e.g. "
-                               "`if torch.is_grad_enabled():`), which a traced graph fixes at "
-                               "one mode")
+            raise _Refusal("forward depends on the grad mode in Python (e.g. "
+                           "`if torch.is_grad_enabled():`), which a traced graph fixes at "
+                           "one mode")
         if other_autocast is None or _code(other_autocast) != _code(graph):
-            raise RuntimeError("forward depends on the autocast state in Python (e.g. "
-                               "`if torch.is_autocast_enabled():`), which a traced graph fixes "
-                               "at one state")
+            raise _Refusal("forward depends on the autocast state in Python (e.g. "
+                           "`if torch.is_autocast_enabled():`), which a traced graph fixes "
+                           "at one state")
         state.restore(keep_constants=True)
         placeholders = list(graph.find_nodes(op="placeholder"))
         for node in placeholders:
@@ -1357,8 +1376,7 @@ def fuse(model: nn.Module, *, example_inputs: Optional[Sequence[Any]] = None) ->
                 "result (or pass its .module)"
                 if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
                 else "")
-        return _unchanged(model, f"not traceable by torch.fx ({type(error).__name__}: "
-                                 f"{(str(error).splitlines() or [''])[0][:200]}); model left "
+        return _unchanged(model, f"not traceable by torch.fx ({_reason(error)}); model left "
                                  f"unchanged{hint}")
     # Why a node has no shape, for the patterns that need one.
     no_shapes = "pass example_inputs"

@@ -1790,6 +1790,17 @@ def test_a_keyword_only_parameter_left_at_none_says_how_to_fuse_for_it():
         fused(x, r=x)
 
 
+def test_hooks_on_many_traced_through_modules_still_say_what_to_do():
+    """The report names the first few hooked modules, and keeps its advice whole."""
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(12)])
+    for block in model:
+        block.register_forward_hook(lambda module, args, out: None)
+    out = fusedskip.fuse(model, example_inputs=(torch.randn(2, 4),))
+    report = str(out.fuse_report)
+    assert out is model and "hooks on 0, 1, 2, 3 and 8 more, which FX traces through" in report
+    assert "fuse the model without them" in report, report
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_a_torchscript_module_is_refused_saying_why():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
@@ -1800,6 +1811,16 @@ def test_a_torchscript_module_is_refused_saying_why():
     holder = nn.Sequential(torch.jit.script(nn.Linear(4, 4)), nn.ReLU())
     out = fusedskip.fuse(holder, example_inputs=(torch.randn(2, 4),))
     assert out is holder and "TorchScript modules (0:" in str(out.fuse_report)
+    # Many of them: the names are cut short, what to do is not (the report cut a foreign
+    # error's first line to 200 characters, and this message with it).
+    many = nn.Sequential(*[torch.jit.script(nn.Linear(4, 4)) for _ in range(12)])
+    report = str(fusedskip.fuse(many, example_inputs=(torch.randn(2, 4),)).fuse_report)
+    assert "TorchScript modules (0, 1, 2, 3 and 8 more:" in report, report
+    assert "torch.jit.trace, torch.compile and torch.export take the result" in report, report
+    # ... as they do: the eager model, fused, then traced.
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(torch.jit.trace(fused, (x,))(x), model(x))
 
 
 def test_a_model_on_the_meta_device_fuses():
