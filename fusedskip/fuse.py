@@ -1179,6 +1179,13 @@ def _hooks_traced_through(model: nn.Module) -> List[str]:
     return found + ["every module (global module hooks)"] if _global_module_hooks() else found
 
 
+@functools.lru_cache(maxsize=None)
+def _graph_module_attributes() -> frozenset:
+    """The names a GraphModule uses itself: its class's and those its __init__ sets."""
+    instance = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    return frozenset(dir(torch.fx.GraphModule)) | (set(vars(instance)) - set(vars(nn.Module())))
+
+
 def _optional_parameters(model: nn.Module, example: Optional[tuple]) -> Tuple[dict, List[str]]:
     """forward's parameters whose default is None: those the example inputs (positional; None:
     no example) leave out or give as None, each mapped to None, and those they give. A traced
@@ -1259,6 +1266,13 @@ def _trace(model: nn.Module, example: Optional[tuple] = None) -> torch.fx.GraphM
                        "trace), which FX cannot trace: fuse the eager model; the fused layers "
                        "do not support torch.jit.script, but torch.jit.trace, torch.compile "
                        "and torch.export take the result")
+    # Checked here too, not only where _carry_state meets them: a Linear named `code` that a
+    # pattern reads broke the fusion's own graph edit first (an AttributeError out of fuse()).
+    taken = [name for name in itertools.chain(model._modules, model._parameters, model._buffers)
+             if name in _graph_module_attributes()]
+    if taken:
+        raise _Refusal(f"the model's {_names(taken)} has the name of an attribute of torch.fx's "
+                       "GraphModule, which the fused model is: rename it to fuse this model")
     hooked = _hooks_traced_through(model)
     if hooked:
         raise _Refusal(f"hooks on {_names(hooked)}, which FX traces through: they would "

@@ -304,18 +304,27 @@ def test_a_shallow_copy_and_a_module_under_two_names_keep_the_state():
 
 
 class Holding(nn.Module):
-    """A fusable model holding `name`, unused by forward, as a module or a parameter."""
+    """A fusable model holding `name` as a module, a parameter or a buffer, which forward uses
+    (the module as the pattern's Linear) or not."""
 
-    def __init__(self, name, kind):
+    def __init__(self, name, kind, used=False):
         super().__init__()
+        self.name, self.used = name, used
         self.body = nn.Linear(8, 8)
         if kind == "module":
             self.add_module(name, nn.Linear(8, 8))
+        elif kind == "buffer":
+            self.register_buffer(name, torch.ones(1))
         else:
             self.register_parameter(name, nn.Parameter(torch.ones(1)))
 
     def forward(self, x):
-        return torch.relu(self.body(x)) + x
+        if not self.used:
+            return torch.relu(self.body(x)) + x
+        held = getattr(self, self.name)
+        if isinstance(held, nn.Module):
+            return torch.relu(held(x)) + x
+        return torch.relu(self.body(x)) + x * held
 
 
 class CustomState(nn.Module):
@@ -336,7 +345,8 @@ class CustomState(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["meta-module", "graph-parameter", "code-module",
-                                  "extra-state", "state-dict-hook"])
+                                  "code-module-used", "code-parameter-used", "graph-buffer-used",
+                                  "meta-buffer-used", "extra-state", "state-dict-hook"])
 def test_state_the_fused_model_could_not_hold_leaves_the_model_unchanged(case):
     """Rather than a fused model whose state_dict is not the model's: the model itself, with
     the reason."""
@@ -346,8 +356,9 @@ def test_state_the_fused_model_could_not_hold_leaves_the_model_unchanged(case):
         model, why = Holding("head", "module"), "_load_state_dict_pre_hooks"
         model.register_load_state_dict_pre_hook(lambda *args: None)
     else:
-        name, kind = case.split("-")
-        model, why = Holding(name, kind), f"the model's {name} has the name of an attribute"
+        name, kind, *used = case.split("-")
+        model = Holding(name, kind, used=bool(used))
+        why = f"the model's {name} has the name of an attribute"
     before = list(model.state_dict())
     out = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
     assert out is model and not out.fuse_report.traced and not out.fuse_report.fused
