@@ -82,8 +82,17 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     // whose allocation would cost a first layer's backward host time the launch-bound layers
     // cannot spare (benchmarks/results/x86-64-2026-11-27/autograd-saves-ab/), and the same
     // backward path as when it is saved; still a saved tensor, so released after backward and
-    // seen by saved-tensor hooks.
-    saved.push_back(save_weight ? weight : weight.variable_data());
+    // seen by saved-tensor hooks. An inference tensor (a layer made under
+    // torch.inference_mode, then frozen) cannot be saved, its data neither: one element of its
+    // dtype, expanded to its shape, stands in (eager's linear saves nothing of it there). So
+    // also under torch.compile and export, whose fake and functional tensors may stand for one.
+    const bool traced = weight.key_set().has_any(
+        c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+    const at::Tensor weight_for_shape =
+        weight.is_inference() || traced
+            ? at::empty({}, weight.options()).expand_symint(weight.sym_sizes())
+            : weight.variable_data();
+    saved.push_back(save_weight ? weight : weight_for_shape);
     saved.push_back(mask);
     ctx->save_for_backward(std::move(saved));
     ctx->saved_data["count"] = static_cast<int64_t>(inputs.size());

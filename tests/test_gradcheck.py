@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import fusedskip
-from conftest import (CPU_BACKENDS, CUDA, CUDA_MARKS, ids, make_sample, new_memory_is_nan,
-                      sample_grid)
+from conftest import (CPU_BACKENDS, CUDA, CUDA_MARKS, DEVICE_BACKENDS, ids, make_sample,
+                      new_memory_is_nan, sample_grid)
 
 SAMPLES = sample_grid()
 
@@ -202,6 +202,44 @@ def test_inputs_of_a_frozen_layer_are_not_kept_alive():
     assert x_alive() is None
     (g,) = torch.autograd.grad(y.sum(), r)
     torch.testing.assert_close(g, torch.ones_like(r))
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_a_weight_made_under_inference_mode(form, device, backend):
+    """A layer made under torch.inference_mode, then used frozen with only its bias (and the
+    residual stream) wanting gradients. An inference tensor cannot be saved for backward; eager's
+    linear saves nothing of the weight there, and the op must not either (it raised "Inference
+    tensors cannot be saved for backward"), compiled too."""
+    sample = _frozen_sample(form, "weight", device)
+    for t in sample.inputs:
+        t.requires_grad_(False)
+    with torch.inference_mode():
+        sample.weight = sample.weight.clone()
+    assert sample.weight.is_inference()
+
+    def grads(call):
+        out = call(*sample.tensors())
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
+        wanted = [t for t in (sample.bias, sample.residual) if t is not None]
+        return torch.autograd.grad((out * weights).sum(), wanted)
+
+    def fused(*tensors):
+        return sample.call(fusedskip, *tensors)
+
+    want = grads(lambda *tensors: sample.call(fusedskip.reference, *tensors))
+    with fusedskip.use_backend(backend):
+        got = [grads(fused)]
+        # The weight's stand-in is left unfilled: NaN there would reach a gradient that read it.
+        with new_memory_is_nan():
+            got.append(grads(fused))
+        torch._dynamo.reset()
+        got.append(grads(torch.compile(fused, fullgraph=True, backend="aot_eager")))
+    assert len(want) == (2 if form == "add_relu" else 1)
+    for run in got:
+        assert len(run) == len(want)
+        for g, w in zip(run, want):
+            torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize("form", FORMS)
