@@ -179,12 +179,23 @@ def extensions():
 
 def main():
     ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
+    import torch
     from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # pip's editable build hands build_ext a new temporary folder each run, where ninja
+            # finds no objects to reuse: a one-line change recompiled every kernel (~10 minutes
+            # on two cores). Objects stay in build/ instead (`make clean` removes it), one folder
+            # per Python and torch, whose headers the dependency files may not track.
+            tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
 
     setup(
         packages=find_packages(include=["fusedskip", "fusedskip.*"]),
         ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     )
 
 
