@@ -53,8 +53,11 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.compiler import is_compiling
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
+from . import reference
 from .modules import (ConcatLinear, LinearReLUResidual, linear_concat_layer,
                       linear_relu_residual_layer)
 from .reference import MAX_INPUTS
@@ -491,8 +494,106 @@ def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def _meta(node) -> Optional[Any]:
-    return node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+def _meta(node) -> Optional[TensorMetadata]:
+    """The tensor the run of example_inputs saw at `node`; None where it saw none (ShapeProp
+    also records tuples and lists of them, an object with a tensor's methods)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return meta if isinstance(meta, TensorMetadata) else None
+
+
+# The fused model's layers. fuse() proves a pattern's operands fit the fused op on the example
+# only: a later call may bring a residual the model's add broadcasts (a batch added to an
+# unbatched example) or operands its add or cat promotes (a model converted to another dtype
+# whose forward fixes a residual's). Where a call's operands are not what the fused op takes,
+# the layers compute what the model's own ops compute, instead of refusing what the model ran
+# (a sparse residual too, which eager's add takes).
+
+
+def _takes(tensor: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused op takes `tensor` as an operand beside `weight`: a dense one, and
+    outside autocast of the weight's dtype only (under it, it casts as eager does:
+    csrc/autocast.cpp)."""
+    return tensor.layout == torch.strided and (
+        tensor.dtype == weight.dtype or torch.is_autocast_enabled(weight.device.type))
+
+
+def _residual_fits(input, weight, residual) -> bool:
+    return (residual.dim() == input.dim() and residual.shape[:-1] == input.shape[:-1]
+            and residual.shape[-1] == weight.shape[0] and _takes(residual, weight))
+
+
+def _model_relu_residual(input, weight, bias, residual, order):
+    """The model's own ops for the pattern: eager's broadcasting and type promotion."""
+    out = F.linear(input, weight, bias)
+    return torch.relu(out) + residual if order == "relu_add" else torch.relu(out + residual)
+
+
+def _model_concat(inputs, weight, bias, activation):
+    out = F.linear(torch.cat(list(inputs), -1), weight, bias)
+    return torch.relu(out) if activation == "relu" else out
+
+
+def _relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
+    """linear_relu_residual_layer, or the model's ops where the call's residual does not fit."""
+    if has_torch_function_variadic(input, weight, bias, residual):
+        args = (input, weight, bias, residual)
+        return handle_torch_function(_relu_residual, args, *args, order=order)
+    if residual is not None and not _residual_fits(input, weight, residual):
+        return _model_relu_residual(input, weight, bias, residual, order)
+    return linear_relu_residual_layer(input, weight, bias, residual, order=order)
+
+
+def _concat(inputs, weight, bias=None, *, activation=None):
+    """linear_concat_layer, or the model's ops where an input does not fit (_takes)."""
+    relevant = reference.concat_dispatch_args(inputs, weight, bias)
+    if has_torch_function(relevant):
+        return handle_torch_function(_concat, relevant, inputs, weight, bias,
+                                     activation=activation)
+    if not all(_takes(x, weight) for x in inputs):
+        return _model_concat(inputs, weight, bias, activation)
+    return linear_concat_layer(inputs, weight, bias, activation=activation)
+
+
+class _FusedLinearReLUResidual(LinearReLUResidual):
+    """The LinearReLUResidual fuse() puts in a Linear's place: the model's ops where a call's
+    residual does not fit (above). Named as the layer it is."""
+
+    def forward(self, input, residual=None):
+        if residual is not None and not _residual_fits(input, self.weight, residual):
+            return _model_relu_residual(input, self.weight, self.bias, residual, self.order)
+        return super().forward(input, residual)
+
+    def _get_name(self):
+        return "LinearReLUResidual"
+
+
+class _FusedConcatLinear(ConcatLinear):
+    """The ConcatLinear fuse() puts in a Linear's place: the model's ops where an input, or how
+    the inputs split in_features, does not fit (the cat and the Linear took any split)."""
+
+    def forward(self, *inputs):
+        if not (all(_takes(x, self.weight) for x in inputs)
+                and _widths_are(inputs, self.in_features)):
+            return _model_concat(inputs, self.weight, self.bias, self.activation)
+        return super().forward(*inputs)
+
+    def _get_name(self):
+        return "ConcatLinear"
+
+
+# The layers FX keeps whole, as torch.nn's: in a fused model they still run, hooks and all.
+_OWN_LAYERS = (LinearReLUResidual, ConcatLinear, _FusedLinearReLUResidual, _FusedConcatLinear)
+
+
+def _widths_are(inputs, in_features) -> bool:
+    """Whether each input is as wide as its block; False where that is not known for sure (the
+    model's ops then run, which is never wrong). The C check where it can, as the layer does."""
+    if len(inputs) != len(in_features):
+        return False
+    if reference._op_widths_match is not None and not is_compiling():
+        return reference._op_widths_match(inputs, in_features)
+    return all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == width
+               for x, width in zip(inputs, in_features))
 
 
 def _takes_the_linears_place(gm: torch.fx.GraphModule, base: str) -> bool:
@@ -530,10 +631,10 @@ def _replace(gm, first: torch.fx.Node, last: torch.fx.Node, module: nn.Module, a
             weight = gm.graph.get_attr(f"{base}.weight")
             bias = gm.graph.get_attr(f"{base}.bias") if module.bias is not None else None
             if isinstance(module, ConcatLinear):
-                function, kwargs = linear_concat_layer, {"activation": module.activation}
+                function, kwargs = _concat, {"activation": module.activation}
                 new = gm.graph.call_function(function, (list(args), weight, bias), kwargs)
             else:
-                function, kwargs = linear_relu_residual_layer, {"order": module.order}
+                function, kwargs = _relu_residual, {"order": module.order}
                 residual = args[1] if len(args) > 1 else None
                 new = gm.graph.call_function(function, (args[0], weight, bias, residual), kwargs)
             parameters = f"{base}.weight" + (f", {base}.bias" if bias is not None else "")
@@ -657,7 +758,7 @@ def _fuse_linear_chains(gm, modules, report: FuseReport, no_shapes: str):
                                     f"Linear and {last.name}, whose values the fused "
                                     "layer would read after it"))
             continue
-        fused = LinearReLUResidual.from_linear(linear, order=order)
+        fused = _FusedLinearReLUResidual.from_linear(linear, order=order)
         pattern = ("Linear -> ReLU" if residual is None else
                    "Linear -> ReLU -> add" if order == "relu_add" else "Linear -> add -> ReLU")
         args = (x,) if residual is None else (x, residual)
@@ -732,7 +833,7 @@ def _fuse_concats(gm, modules, report: FuseReport, no_shapes: str):
                                     f"concatenation and {last.name}, whose values the "
                                     "fused layer would read after it"))
             continue
-        fused = ConcatLinear.from_linear(linear, widths, activation=activation)
+        fused = _FusedConcatLinear.from_linear(linear, widths, activation=activation)
         pattern = "cat -> Linear" + (" -> ReLU" if activation else "")
         report.fused.append((user.name, pattern, _replace(gm, node, last, fused, tuple(parts),
                                                           user.target)))
@@ -890,7 +991,7 @@ class _Tracer(torch.fx.Tracer):
         # fusedskip's own layers stay whole, as torch.nn's do: in the fused model they are still
         # the modules that run (their hooks too), not containers of a traced-in function's
         # parameters.
-        return type(m) in (LinearReLUResidual, ConcatLinear) or \
+        return type(m) in _OWN_LAYERS or \
             super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, *args, **kwargs):

@@ -226,7 +226,7 @@ def test_a_linear_called_twice_keeps_its_name_for_the_unfused_call():
     assert isinstance(fused.linear, nn.Linear) and fused.linear.weight is model.linear.weight
     assert list(fused.state_dict()) == list(model.state_dict())
     called = [n.target for n in fused.graph.nodes if n.op == "call_function"]
-    assert fusedskip.modules.linear_relu_residual_layer in called
+    assert sys.modules["fusedskip.fuse"]._relu_residual in called
     check_equal(model, x, fused)
 
 
@@ -1980,3 +1980,179 @@ def test_a_module_called_with_other_tensors_than_its_own_is_not_fused():
     fused = fusedskip.fuse(model, example_inputs=(x, r))
     assert fused is model, str(fused.fuse_report)
     assert not fused.fuse_report.fused
+
+
+class _SkipParameter(nn.Module):
+    """relu(fc(x)) + skip (or relu(fc(x) + skip)), skip a parameter: it has the output's shape
+    for an unbatched x only, and broadcasts against a batch."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.fc = nn.Linear(4, 4)
+        self.skip = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        if self.order == "relu_add":
+            return torch.relu(self.fc(x)) + self.skip
+        return torch.relu(self.fc(x) + self.skip)
+
+
+class _ResidualAndConcat(nn.Module):
+    """A residual add, then a cat of its result with the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x, r):
+        h = torch.relu(self.fc(x)) + r
+        return torch.relu(self.fc2(torch.cat([h, r], -1)))
+
+
+class _FixedDtypes(_ResidualAndConcat):
+    """Forward fixes the residual's dtype (`.float()`): after model.double() the add and the cat
+    promote it."""
+
+    def forward(self, x, r):
+        return super().forward(x, r.float())
+
+
+class _TwoInputs(nn.Module):
+    """A cat of two inputs, whose split of fc2's 8 in_features the call decides; then a residual
+    add through fc, which is called again after it, so its fused call is the layer's function
+    on fc's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, a, b, r):
+        y = torch.relu(self.fc2(torch.cat([a, b], -1)))
+        h = torch.relu(self.fc(y)) + r
+        return h, self.fc(h)
+
+
+@pytest.fixture
+def model_ops_calls(monkeypatch):
+    """How many calls of the fused model's layers ran the model's own ops instead."""
+    module = sys.modules["fusedskip.fuse"]
+    calls = []
+    for name in ("_model_relu_residual", "_model_concat"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *args, _original=original: calls.append(1) or _original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("order", ["relu_add", "add_relu"])
+def test_a_call_the_example_did_not_show_runs_the_models_ops(order, model_ops_calls):
+    """fuse() proves a residual fits the fused op on the example only. An unbatched example
+    made skip the output's shape; batched, the model's add broadcasts it, and the fused layer
+    (which does not broadcast) raised. Such a call now runs the model's own ops."""
+    torch.manual_seed(0)
+    model = _SkipParameter(order).double()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, dtype=torch.float64),))
+    assert len(fused.fuse_report.fused) == 1, str(fused.fuse_report)
+    check_equal(model, torch.randn(4, dtype=torch.float64), fused)
+    assert not model_ops_calls  # the example's shapes: the fused layer
+    for shape in ((3, 4), (2, 5, 4)):
+        check_equal(model, torch.randn(*shape, dtype=torch.float64), fused)
+    assert len(model_ops_calls) == 2
+
+
+def test_a_sparse_residual_the_example_did_not_show(model_ops_calls):
+    """Eager's add takes a sparse residual; the fused op takes dense ones only."""
+    torch.manual_seed(0)
+    model = Wrapped().double()  # relu(fc(x)) + r
+    x, r = (torch.randn(5, 8, dtype=torch.float64) for _ in range(2))
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert len(fused.fuse_report.fused) == 1, str(fused.fuse_report)
+    sparse = r.relu().to_sparse()
+    torch.testing.assert_close(fused(x, sparse), model(x, sparse), rtol=0, atol=0)
+    assert len(model_ops_calls) == 1
+
+
+def test_a_model_converted_after_fuse_whose_forward_fixes_a_dtype(model_ops_calls):
+    """`r.float()` in forward: after .double() the model's add and cat promote to float64, where
+    the fused layers raised on the dtype mismatch. They now run the model's ops there."""
+    torch.manual_seed(0)
+    model = _FixedDtypes()
+    x, r = torch.randn(6, 4), torch.randn(6, 4)
+    fused = fusedskip.fuse(model, example_inputs=(x, r))
+    assert sorted(p for _, p, _ in fused.fuse_report.fused) == ["Linear -> ReLU -> add",
+                                                                "cat -> Linear -> ReLU"]
+    torch.testing.assert_close(fused(x, r), model(x, r), rtol=0, atol=0)
+    assert not model_ops_calls
+    model.double()  # the fused model shares the parameters: converted with them
+    x, r = x.double(), r.double()
+    out, want = fused(x, r), model(x, r)
+    assert out.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert len(model_ops_calls) == 2
+
+
+def test_fused_under_autocast_and_run_outside_it(model_ops_calls):
+    """Fused under autocast, a bfloat16 residual matched the linear's autocast output; outside
+    autocast the model promotes it to float32, and the fused layer raised."""
+    torch.manual_seed(0)
+    model = _ResidualAndConcat()
+    x, r = torch.randn(6, 4), torch.randn(6, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fusedskip.fuse(model, example_inputs=(x, r))
+        assert len(fused.fuse_report.fused) == 2, str(fused.fuse_report)
+        torch.testing.assert_close(fused(x, r), model(x, r), rtol=0, atol=0)
+    assert not model_ops_calls
+    out, want = fused(x, r), model(x, r)
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert len(model_ops_calls) == 2
+
+
+def test_a_call_whose_inputs_split_in_features_otherwise(model_ops_calls):
+    """The model's cat and Linear take any split of in_features: a ConcatLinear fused on the
+    example's (3 + 5) runs the model's ops for another (4 + 4); the layer's function, where
+    the Linear is called elsewhere too, splits the weight by the call's widths itself. The
+    function form's residual that broadcasts runs the model's ops too."""
+    torch.manual_seed(0)
+    model = _TwoInputs().double()
+    a, b, r = (torch.randn(6, n, dtype=torch.float64) for n in (3, 5, 4))
+    fused = fusedskip.fuse(model, example_inputs=(a, b, r))
+    report = str(fused.fuse_report)
+    assert sorted(p for _, p, _ in fused.fuse_report.fused) == [
+        "Linear -> ReLU -> add", "cat -> Linear -> ReLU"], report
+    assert "_relu_residual(..., fc.weight, fc.bias" in report
+    for got, want in zip(fused(a, b, r), model(a, b, r)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not model_ops_calls
+    a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    for got, want in zip(fused(a, b, r), model(a, b, r)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(model_ops_calls) == 1  # the split
+    for got, want in zip(fused(a, b, r[:1]), model(a, b, r[:1])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(model_ops_calls) == 3  # the split, and the residual that broadcasts
+
+
+def test_a_residual_the_example_saw_as_a_tuple_does_not_make_fuse_raise():
+    """ShapeProp records a tuple's tensors as a tuple of metadata, where the residual check
+    read a shape (an AttributeError out of fuse())."""
+    class Skip(tuple):
+        def __radd__(self, other):
+            return other + self[0]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, skip):
+            return torch.relu(self.fc(x)) + skip
+
+    model = Model()
+    x, skip = torch.randn(3, 4), Skip((torch.randn(3, 4),))
+    fused = fusedskip.fuse(model, example_inputs=(x, skip))
+    assert fused.fuse_report.traced
+    torch.testing.assert_close(fused(x, skip), model(x, skip), rtol=0, atol=0)
