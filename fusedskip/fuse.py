@@ -53,7 +53,6 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.compiler import is_compiling
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
@@ -503,27 +502,16 @@ def _meta(node) -> Optional[TensorMetadata]:
 
 # The fused model's layers. fuse() proves a pattern's operands fit the fused op on the example
 # only: a later call may bring a residual the model's add broadcasts (a batch added to an
-# unbatched example) or operands its add or cat promotes (a model converted to another dtype
-# whose forward fixes a residual's). Where a call's operands are not what the fused op takes,
-# the layers compute what the model's own ops compute, instead of refusing what the model ran
-# (a sparse residual too, which eager's add takes).
-
-
-def _takes(tensor: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the fused op takes `tensor` as an operand beside `weight`: a dense one, and
-    outside autocast of the weight's dtype only (under it, it casts as eager does:
-    csrc/autocast.cpp)."""
-    return tensor.layout == torch.strided and (
-        tensor.dtype == weight.dtype or torch.is_autocast_enabled(weight.device.type))
-
-
-def _residual_fits(input, weight, residual) -> bool:
-    return (residual.dim() == input.dim() and residual.shape[:-1] == input.shape[:-1]
-            and residual.shape[-1] == weight.shape[0] and _takes(residual, weight))
+# unbatched example), operands its add or cat promotes (a model converted to another dtype whose
+# forward fixes a residual's), a sparse residual its add takes, or a concat whose inputs split
+# in_features otherwise. Where the fused layer refuses a call's operands (its checks raise
+# ValueError or TypeError before computing anything), the model's own ops compute that call: the
+# model's result, or the model's error. Checking the operands first instead cost ~1.5 us a call
+# (benchmarks/results/x86-64-2026-11-29/fuse-guard/); a try costs nothing until it catches.
+_REFUSALS = (ValueError, TypeError)
 
 
 def _model_relu_residual(input, weight, bias, residual, order):
-    """The model's own ops for the pattern: eager's broadcasting and type promotion."""
     out = F.linear(input, weight, bias)
     return torch.relu(out) + residual if order == "relu_add" else torch.relu(out + residual)
 
@@ -534,48 +522,55 @@ def _model_concat(inputs, weight, bias, activation):
 
 
 def _relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
-    """linear_relu_residual_layer, or the model's ops where the call's residual does not fit."""
+    """linear_relu_residual_layer, or the model's ops for a call it refuses."""
     if has_torch_function_variadic(input, weight, bias, residual):
         args = (input, weight, bias, residual)
         return handle_torch_function(_relu_residual, args, *args, order=order)
-    if residual is not None and not _residual_fits(input, weight, residual):
+    try:
+        return linear_relu_residual_layer(input, weight, bias, residual, order=order)
+    except _REFUSALS:
+        if residual is None:
+            raise
         return _model_relu_residual(input, weight, bias, residual, order)
-    return linear_relu_residual_layer(input, weight, bias, residual, order=order)
 
 
 def _concat(inputs, weight, bias=None, *, activation=None):
-    """linear_concat_layer, or the model's ops where an input does not fit (_takes)."""
+    """linear_concat_layer, or the model's ops for a call it refuses."""
     relevant = reference.concat_dispatch_args(inputs, weight, bias)
     if has_torch_function(relevant):
         return handle_torch_function(_concat, relevant, inputs, weight, bias,
                                      activation=activation)
-    if not all(_takes(x, weight) for x in inputs):
+    try:
+        return linear_concat_layer(inputs, weight, bias, activation=activation)
+    except _REFUSALS:
         return _model_concat(inputs, weight, bias, activation)
-    return linear_concat_layer(inputs, weight, bias, activation=activation)
 
 
 class _FusedLinearReLUResidual(LinearReLUResidual):
-    """The LinearReLUResidual fuse() puts in a Linear's place: the model's ops where a call's
-    residual does not fit (above). Named as the layer it is."""
+    """The LinearReLUResidual fuse() puts in a Linear's place: the model's ops for a call the
+    layer refuses (above). Named as the layer it is."""
 
     def forward(self, input, residual=None):
-        if residual is not None and not _residual_fits(input, self.weight, residual):
+        try:
+            return super().forward(input, residual)
+        except _REFUSALS:
+            if residual is None:
+                raise
             return _model_relu_residual(input, self.weight, self.bias, residual, self.order)
-        return super().forward(input, residual)
 
     def _get_name(self):
         return "LinearReLUResidual"
 
 
 class _FusedConcatLinear(ConcatLinear):
-    """The ConcatLinear fuse() puts in a Linear's place: the model's ops where an input, or how
-    the inputs split in_features, does not fit (the cat and the Linear took any split)."""
+    """The ConcatLinear fuse() puts in a Linear's place: the model's ops for a call the layer
+    refuses (above). Named as the layer it is."""
 
     def forward(self, *inputs):
-        if not (all(_takes(x, self.weight) for x in inputs)
-                and _widths_are(inputs, self.in_features)):
+        try:
+            return super().forward(*inputs)
+        except _REFUSALS:
             return _model_concat(inputs, self.weight, self.bias, self.activation)
-        return super().forward(*inputs)
 
     def _get_name(self):
         return "ConcatLinear"
@@ -583,17 +578,6 @@ class _FusedConcatLinear(ConcatLinear):
 
 # The layers FX keeps whole, as torch.nn's: in a fused model they still run, hooks and all.
 _OWN_LAYERS = (LinearReLUResidual, ConcatLinear, _FusedLinearReLUResidual, _FusedConcatLinear)
-
-
-def _widths_are(inputs, in_features) -> bool:
-    """Whether each input is as wide as its block; False where that is not known for sure (the
-    model's ops then run, which is never wrong). The C check where it can, as the layer does."""
-    if len(inputs) != len(in_features):
-        return False
-    if reference._op_widths_match is not None and not is_compiling():
-        return reference._op_widths_match(inputs, in_features)
-    return all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == width
-               for x, width in zip(inputs, in_features))
 
 
 def _takes_the_linears_place(gm: torch.fx.GraphModule, base: str) -> bool:
