@@ -53,6 +53,7 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.compiler import is_compiling
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_variadic
 
@@ -503,16 +504,35 @@ def _meta(node) -> Optional[TensorMetadata]:
 # The fused model's layers. fuse() proves a pattern's operands fit the fused op on the example
 # only: a later call may bring a residual the model's add broadcasts (a batch added to an
 # unbatched example), operands its add or cat promotes (a model converted to another dtype whose
-# forward fixes a residual's), a sparse residual its add takes, or a concat whose inputs split
-# in_features otherwise. Where the fused layer refuses a call's operands (its checks raise
-# ValueError or TypeError before computing anything), the model's own ops compute that call: the
-# model's result, or the model's error. Checking the operands first instead cost ~1.5 us a call
-# (benchmarks/results/x86-64-2026-11-29/fuse-guard/); a try costs nothing until it catches.
-_REFUSALS = (ValueError, TypeError)
+# forward fixes a residual's), a sparse input its linear takes, or a concat whose inputs split
+# in_features otherwise. Such a call runs the model's own ops, checked for before the call: a
+# refusal caught from the op instead costs nothing until it happens, but torch.jit.trace
+# crashes on an error caught inside a trace, and export and compile trace the op's fake kernel,
+# which raises. The check costs ~1.5 us a call (benchmarks/results/x86-64-2026-11-29/fuse-guard/).
+# A sparse residual still reaches the fused layer, which refuses it: eager's add takes one in one
+# order of operands only, which fuse() does not keep.
+
+
+def _takes(tensor, weight) -> bool:
+    """Whether the fused op takes `tensor` beside `weight`: dense, and outside autocast of the
+    weight's dtype (under it the op casts as eager does: csrc/autocast.cpp)."""
+    return isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and (
+        tensor.dtype == weight.dtype or torch.is_autocast_enabled(weight.device.type))
+
+
+def _relu_residual_fits(input, weight, residual) -> bool:
+    if not _takes(input, weight):
+        return False
+    return residual is None or not isinstance(residual, torch.Tensor) or \
+        residual.layout != torch.strided or (  # the layer's own refusal, see above
+            residual.dim() == input.dim() and residual.shape[:-1] == input.shape[:-1]
+            and residual.shape[-1] == weight.shape[0] and _takes(residual, weight))
 
 
 def _model_relu_residual(input, weight, bias, residual, order):
     out = F.linear(input, weight, bias)
+    if residual is None:
+        return torch.relu(out)
     return torch.relu(out) + residual if order == "relu_add" else torch.relu(out + residual)
 
 
@@ -522,41 +542,34 @@ def _model_concat(inputs, weight, bias, activation):
 
 
 def _relu_residual(input, weight, bias=None, residual=None, *, order="relu_add"):
-    """linear_relu_residual_layer, or the model's ops for a call it refuses."""
+    """linear_relu_residual_layer, or the model's ops for a call it would refuse (above)."""
     if has_torch_function_variadic(input, weight, bias, residual):
         args = (input, weight, bias, residual)
         return handle_torch_function(_relu_residual, args, *args, order=order)
-    try:
-        return linear_relu_residual_layer(input, weight, bias, residual, order=order)
-    except _REFUSALS:
-        if residual is None:
-            raise
+    if not _relu_residual_fits(input, weight, residual):
         return _model_relu_residual(input, weight, bias, residual, order)
+    return linear_relu_residual_layer(input, weight, bias, residual, order=order)
 
 
 def _concat(inputs, weight, bias=None, *, activation=None):
-    """linear_concat_layer, or the model's ops for a call it refuses."""
+    """linear_concat_layer, or the model's ops for a call it would refuse (above)."""
     relevant = reference.concat_dispatch_args(inputs, weight, bias)
     if has_torch_function(relevant):
         return handle_torch_function(_concat, relevant, inputs, weight, bias,
                                      activation=activation)
-    try:
-        return linear_concat_layer(inputs, weight, bias, activation=activation)
-    except _REFUSALS:
+    if not all(_takes(x, weight) for x in inputs):
         return _model_concat(inputs, weight, bias, activation)
+    return linear_concat_layer(inputs, weight, bias, activation=activation)
 
 
 class _FusedLinearReLUResidual(LinearReLUResidual):
     """The LinearReLUResidual fuse() puts in a Linear's place: the model's ops for a call the
-    layer refuses (above). Named as the layer it is."""
+    layer would refuse (above). Named as the layer it is."""
 
     def forward(self, input, residual=None):
-        try:
-            return super().forward(input, residual)
-        except _REFUSALS:
-            if residual is None:
-                raise
+        if not _relu_residual_fits(input, self.weight, residual):
             return _model_relu_residual(input, self.weight, self.bias, residual, self.order)
+        return super().forward(input, residual)
 
     def _get_name(self):
         return "LinearReLUResidual"
@@ -564,16 +577,28 @@ class _FusedLinearReLUResidual(LinearReLUResidual):
 
 class _FusedConcatLinear(ConcatLinear):
     """The ConcatLinear fuse() puts in a Linear's place: the model's ops for a call the layer
-    refuses (above). Named as the layer it is."""
+    would refuse (above), also one whose inputs split in_features otherwise (the model's cat and
+    Linear take any split). Named as the layer it is."""
 
     def forward(self, *inputs):
-        try:
-            return super().forward(*inputs)
-        except _REFUSALS:
+        if not (all(_takes(x, self.weight) for x in inputs)
+                and _widths_are(inputs, self.in_features)):
             return _model_concat(inputs, self.weight, self.bias, self.activation)
+        return super().forward(*inputs)
 
     def _get_name(self):
         return "ConcatLinear"
+
+
+def _widths_are(inputs, in_features) -> bool:
+    """Whether each input is as wide as its block (the C check where it can, as the layer's);
+    False where that is not known for sure, which sends the call to the model's ops: never
+    wrong."""
+    if len(inputs) != len(in_features):
+        return False
+    if reference._op_widths_match is not None and not is_compiling():
+        return reference._op_widths_match(inputs, in_features)
+    return all(x.dim() >= 1 and x.shape[-1] == width for x, width in zip(inputs, in_features))
 
 
 # The layers FX keeps whole, as torch.nn's: in a fused model they still run, hooks and all.
