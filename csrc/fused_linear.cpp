@@ -305,9 +305,16 @@ void library_backward_gemms(const at::Tensor& grad_preact, const std::vector<at:
     return;
   }
 #endif
-  bool want_every_input = true;
-  for (const at::Tensor& grad : grad_inputs_2d) want_every_input &= grad.defined();
-  const bool per_block = count > 1 && library_gemm_per_block(inputs_2d, weight);
+  bool want_every_input = true, want_any_input = false;
+  for (const at::Tensor& grad : grad_inputs_2d) {
+    want_every_input &= grad.defined();
+    want_any_input |= grad.defined();
+  }
+  // The weight's own layout matters only where an input's gradient reads it; elsewhere it may be
+  // a stand-in of its shape (csrc/autograd.cpp: zero strides, on no 16-byte word), and the
+  // weight-gradient blocks the GEMMs write are grad_weight's, new and contiguous.
+  const at::Tensor& weight_layout = want_any_input || !grad_weight.defined() ? weight : grad_weight;
+  const bool per_block = count > 1 && library_gemm_per_block(inputs_2d, weight_layout);
   if (per_block && !want_every_input) {
     // Aligned blocks, some not wanted: the wanted ones, one GEMM each.
     int64_t offset = 0;

@@ -232,3 +232,32 @@ def test_fake_kernels_give_the_real_shapes_at_every_width(relu):
                     torch.ops.fusedskip.fused_linear_backward(fg, fxs, fw, fmask, relu, wanted)]
         for r, f in zip(real, fake):
             assert outputs(r) == outputs(f), (cols, outputs(r), outputs(f))
+
+
+def test_a_compiled_backward_with_the_weights_stand_in_takes_eagers_gemms():
+    """No input wants a gradient, so the weight is saved for its shape only, and under compile
+    as a stand-in of one element (csrc/autograd.cpp), whose zero strides sat on no 16-byte word:
+    the weight gradient went over a transient cat instead of one GEMM per aligned block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    a, b = torch.randn(256, 64), torch.randn(256, 64)
+    w = torch.randn(32, 128, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+
+    def layer(a, b, w, bias):
+        return fusedskip.linear_concat([a, b], w, bias, activation="relu")
+
+    ops, grads = {}, {}
+    with fusedskip.use_backend("gemm_epilogue"):
+        torch._dynamo.reset()
+        for name, fn in (("eager", layer),
+                         ("compiled", torch.compile(layer, backend="aot_eager", fullgraph=True))):
+            out = fn(a, b, w, bias)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                grads[name] = torch.autograd.grad(out.sum(), [w, bias])
+            names = [e.name for e in prof.events()]
+            ops[name] = (names.count("aten::cat"), names.count("aten::mm"))
+    assert ops["eager"] == ops["compiled"] == (0, 2), ops
+    for got, want in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
