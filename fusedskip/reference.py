@@ -9,6 +9,7 @@ fake kernels: so a bad call fails the same way on every path.
 
 from __future__ import annotations
 
+import collections.abc
 import operator
 import warnings
 from typing import Optional, Sequence
@@ -303,8 +304,7 @@ torch.fx.node.has_side_effect(check_layer_inputs)
 def _one_iterable_hint(inputs):
     """What to do where the inputs came as one list, tuple or generator (the functional API's
     form) instead of one argument each."""
-    if len(inputs) == 1 and not isinstance(inputs[0], torch.Tensor) and \
-            hasattr(inputs[0], "__iter__"):
+    if len(inputs) == 1 and isinstance(inputs[0], (list, tuple, collections.abc.Iterator)):
         return "; pass the inputs as separate arguments: layer(x1, x2), or layer(*inputs)"
     return ""
 
