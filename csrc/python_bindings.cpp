@@ -165,6 +165,61 @@ PyObject* widths_match_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   END_HANDLE_TH_ERRORS
 }
 
+// operands_fit(inputs: list | tuple, weight, residual, widths: list | tuple of int | None) ->
+// bool: whether a layer's call is one the fused op takes as the plain ops would compute it:
+// dense tensors of the weight's dtype, each input as wide as its entry of widths (where given),
+// and a residual (or None) of the output's shape, not one to broadcast. fuse()'s layers ask it
+// on every call (fusedskip/fuse.py); in Python the same reads cost ~3 us a call of a 64x10 layer
+// on a CPU. False for anything else (autocast's casts, a symbolic size, a non-tensor): the
+// caller then decides in Python.
+PyObject* operands_fit_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4, "fusedskip._C.operands_fit takes 4 arguments, got ", nargs);
+  PyObject* inputs = args[0];
+  PyObject* widths = args[3];
+  const bool no_residual = args[2] == Py_None, no_widths = widths == Py_None;
+  if (!(PyList_Check(inputs) || PyTuple_Check(inputs)) || !THPVariable_Check(args[1]) ||
+      !(no_residual || THPVariable_Check(args[2])) ||
+      !(no_widths || PyList_Check(widths) || PyTuple_Check(widths))) {
+    Py_RETURN_FALSE;
+  }
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+  if (count < 1 || (!no_widths && count != PySequence_Fast_GET_SIZE(widths)) ||
+      (!no_residual && count != 1)) {
+    Py_RETURN_FALSE;
+  }
+  const at::Tensor& weight = THPVariable_Unpack(args[1]);
+  const auto plain = [&](const at::Tensor& t) {
+    return t.layout() == at::kStrided && !t.is_nested() && !has_symbolic_shape(t) &&
+           t.scalar_type() == weight.scalar_type();
+  };
+  if (!plain(weight) || weight.dim() != 2) Py_RETURN_FALSE;
+  PyObject** items = PySequence_Fast_ITEMS(inputs);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!THPVariable_Check(items[i])) Py_RETURN_FALSE;
+    const at::Tensor& x = THPVariable_Unpack(items[i]);
+    if (!plain(x) || x.dim() < 1) Py_RETURN_FALSE;
+    if (!no_widths) {
+      PyObject* width = PySequence_Fast_ITEMS(widths)[i];
+      if (!PyLong_CheckExact(width)) Py_RETURN_FALSE;
+      int overflow = 0;
+      const long long value = PyLong_AsLongLongAndOverflow(width, &overflow);
+      if (overflow != 0 || x.size(-1) != value) Py_RETURN_FALSE;
+    }
+  }
+  if (no_residual) Py_RETURN_TRUE;
+  const at::Tensor& input = THPVariable_Unpack(items[0]);
+  const at::Tensor& residual = THPVariable_Unpack(args[2]);
+  const int64_t leading = input.dim() - 1;
+  if (!plain(residual) || residual.dim() != input.dim() ||
+      residual.sizes().slice(0, leading) != input.sizes().slice(0, leading) ||
+      residual.size(-1) != weight.size(0)) {
+    Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _set_backend(name: str) / _get_backend() -> str: see csrc/backend.h.
 PyObject* set_backend_py(PyObject* /*module*/, PyObject* name) {
   HANDLE_TH_ERRORS
@@ -379,6 +434,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "The argument checks of fusedskip::fused_linear; False: not checked here."},
     {"widths_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(widths_match_py)),
      METH_FASTCALL, "Whether each input is a tensor as wide as its entry of in_features."},
+    {"operands_fit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(operands_fit_py)),
+     METH_FASTCALL, "Whether the fused op takes a layer's call as the plain ops compute it."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -520,13 +520,31 @@ def _takes(tensor, weight) -> bool:
         tensor.dtype == weight.dtype or torch.is_autocast_enabled(weight.device.type))
 
 
+try:  # the common case in one C call (csrc/python_bindings.cpp)
+    from ._C import operands_fit as _operands_fit
+except ImportError:  # the extension is not built, or cannot be loaded here
+    _operands_fit = None
+
+
+def _fit_here(inputs, weight, residual=None, widths=None) -> bool:
+    """The C check: True only where the Python one would pass. Not under torch.compile, which
+    would break the graph at a C function it cannot trace."""
+    return _operands_fit is not None and not is_compiling() and \
+        _operands_fit(inputs, weight, residual, widths)
+
+
 def _relu_residual_fits(input, weight, residual) -> bool:
+    if _fit_here((input,), weight, residual):
+        return True
     if not _takes(input, weight):
         return False
-    return residual is None or not isinstance(residual, torch.Tensor) or \
-        residual.layout != torch.strided or (  # the layer's own refusal, see above
-            residual.dim() == input.dim() and residual.shape[:-1] == input.shape[:-1]
-            and residual.shape[-1] == weight.shape[0] and _takes(residual, weight))
+    if residual is None:
+        return True
+    if not isinstance(residual, torch.Tensor):  # a number, which the model's add takes
+        return False
+    return residual.layout != torch.strided or (  # the layer's own refusal, see above
+        residual.dim() == input.dim() and residual.shape[:-1] == input.shape[:-1]
+        and residual.shape[-1] == weight.shape[0] and _takes(residual, weight))
 
 
 def _model_relu_residual(input, weight, bias, residual, order):
@@ -557,7 +575,7 @@ def _concat(inputs, weight, bias=None, *, activation=None):
     if has_torch_function(relevant):
         return handle_torch_function(_concat, relevant, inputs, weight, bias,
                                      activation=activation)
-    if not all(_takes(x, weight) for x in inputs):
+    if not (_fit_here(inputs, weight) or all(_takes(x, weight) for x in inputs)):
         return _model_concat(inputs, weight, bias, activation)
     return linear_concat_layer(inputs, weight, bias, activation=activation)
 
@@ -567,9 +585,10 @@ class _FusedLinearReLUResidual(LinearReLUResidual):
     layer would refuse (above). Named as the layer it is."""
 
     def forward(self, input, residual=None):
-        if not _relu_residual_fits(input, self.weight, residual):
-            return _model_relu_residual(input, self.weight, self.bias, residual, self.order)
-        return super().forward(input, residual)
+        weight, bias = self.weight, self.bias
+        if not _relu_residual_fits(input, weight, residual):
+            return _model_relu_residual(input, weight, bias, residual, self.order)
+        return linear_relu_residual_layer(input, weight, bias, residual, order=self.order)
 
     def _get_name(self):
         return "LinearReLUResidual"
@@ -581,9 +600,11 @@ class _FusedConcatLinear(ConcatLinear):
     Linear take any split). Named as the layer it is."""
 
     def forward(self, *inputs):
-        if not (all(_takes(x, self.weight) for x in inputs)
-                and _widths_are(inputs, self.in_features)):
-            return _model_concat(inputs, self.weight, self.bias, self.activation)
+        weight, bias = self.weight, self.bias
+        if _fit_here(inputs, weight, None, self.in_features):  # the layer's checks too
+            return linear_concat_layer(inputs, weight, bias, activation=self.activation)
+        if not (all(_takes(x, weight) for x in inputs) and _widths_are(inputs, self.in_features)):
+            return _model_concat(inputs, weight, bias, self.activation)
         return super().forward(*inputs)
 
     def _get_name(self):
@@ -598,7 +619,8 @@ def _widths_are(inputs, in_features) -> bool:
         return False
     if reference._op_widths_match is not None and not is_compiling():
         return reference._op_widths_match(inputs, in_features)
-    return all(x.dim() >= 1 and x.shape[-1] == width for x, width in zip(inputs, in_features))
+    return all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == width
+               for x, width in zip(inputs, in_features))
 
 
 # The layers FX keeps whole, as torch.nn's: in a fused model they still run, hooks and all.

@@ -2160,3 +2160,70 @@ def test_a_residual_the_example_saw_as_a_tuple_does_not_make_fuse_raise():
     fused = fusedskip.fuse(model, example_inputs=(x, skip))
     assert fused.fuse_report.traced
     torch.testing.assert_close(fused(x, skip), model(x, skip), rtol=0, atol=0)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# fuse()'s layers ask fusedskip._C.operands_fit first, which may vouch only for calls the
+# Python check passes, and must vouch for the plain ones, or it saves nothing.
+# (id, input, weight, residual, whether the Python check passes, whether the C check vouches)
+RESIDUAL_FIT_CASES = [
+    ("plain", _t(4, 3), _t(5, 3), _t(4, 5), True, True),
+    ("no-residual", _t(4, 3), _t(5, 3), None, True, True),
+    ("batched", _t(2, 4, 3), _t(5, 3), _t(2, 4, 5), True, True),
+    ("transposed", _t(3, 4).t(), _t(5, 3), _t(5, 4).t(), True, True),
+    ("unbatched", _t(3), _t(5, 3), _t(5), True, True),
+    ("broadcast-row", _t(4, 3), _t(5, 3), _t(1, 5), False, False),
+    ("broadcast-vector", _t(4, 3), _t(5, 3), _t(5), False, False),
+    ("broadcast-batch", _t(2, 4, 3), _t(5, 3), _t(4, 5), False, False),
+    ("scalar", _t(4, 3), _t(5, 3), torch.tensor(1.0), False, False),
+    ("number", _t(4, 3), _t(5, 3), 1.0, False, False),  # the model's add takes it
+    ("wide-residual", _t(4, 3), _t(5, 3), _t(4, 6), False, False),
+    ("residual-dtype", _t(4, 3), _t(5, 3), _t(4, 5, dtype=torch.float64), False, False),
+    ("input-dtype", _t(4, 3, dtype=torch.float64), _t(5, 3), _t(4, 5), False, False),
+    ("sparse-input", _t(4, 3).to_sparse(), _t(5, 3), _t(4, 5), False, False),
+    ("sparse-residual", _t(4, 3), _t(5, 3), _t(4, 5).to_sparse(), True, False),  # refused
+]
+
+
+@pytest.mark.parametrize("case", RESIDUAL_FIT_CASES, ids=[c[0] for c in RESIDUAL_FIT_CASES])
+def test_the_residual_check_fast_path_vouches_only_for_what_python_passes(case, monkeypatch):
+    from fusedskip._C import operands_fit
+    module = sys.modules["fusedskip.fuse"]
+    _, input, weight, residual, python_passes, c_vouches = case
+    assert operands_fit((input,), weight, residual, None) is c_vouches
+    assert module._relu_residual_fits(input, weight, residual) is python_passes
+    monkeypatch.setattr(module, "_operands_fit", None)
+    assert module._relu_residual_fits(input, weight, residual) is python_passes
+
+
+# The same for a concat's inputs, against its widths: (id, inputs, widths or None, whether the
+# Python checks pass, whether the C check vouches).
+CONCAT_FIT_CASES = [
+    ("plain", (_t(4, 2), _t(4, 3)), (2, 3), True, True),
+    ("list", [_t(4, 2), _t(4, 3)], [2, 3], True, True),
+    ("no-widths", (_t(4, 2), _t(4, 3)), None, True, True),
+    ("other-split", (_t(4, 3), _t(4, 2)), (2, 3), False, False),
+    ("dtype", (_t(4, 2), _t(4, 3, dtype=torch.float64)), (2, 3), False, False),
+    ("sparse", (_t(4, 2).to_sparse(), _t(4, 3)), (2, 3), False, False),
+    ("count", (_t(4, 5),), (2, 3), False, False),
+    ("not-a-tensor", (_t(4, 2), [[1.0] * 3] * 4), (2, 3), False, False),
+]
+
+
+@pytest.mark.parametrize("case", CONCAT_FIT_CASES, ids=[c[0] for c in CONCAT_FIT_CASES])
+def test_the_concat_check_fast_path_vouches_only_for_what_python_passes(case, monkeypatch):
+    from fusedskip._C import operands_fit
+    module = sys.modules["fusedskip.fuse"]
+    _, inputs, widths, python_passes, c_vouches = case
+    weight = _t(4, 5)
+    assert operands_fit(inputs, weight, None, widths) is c_vouches
+
+    def python_check():
+        return all(module._takes(x, weight) for x in inputs) and (
+            widths is None or module._widths_are(inputs, widths))
+    monkeypatch.setattr(module, "_operands_fit", None)
+    monkeypatch.setattr(module.reference, "_op_widths_match", None)
+    assert python_check() is python_passes
