@@ -518,7 +518,7 @@ def _takes(tensor, weight) -> bool:
     """Whether the fused op takes `tensor` beside `weight`: dense, and outside autocast of the
     weight's dtype (under it the op casts as eager does: csrc/autocast.cpp)."""
     return isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and (
-        tensor.dtype == weight.dtype or torch.is_autocast_enabled(weight.device.type))
+        tensor.dtype == weight.dtype or reference._autocast_on(weight))
 
 
 try:  # the common case in one C call (csrc/python_bindings.cpp)
@@ -613,15 +613,12 @@ class _FusedConcatLinear(ConcatLinear):
 
 
 def _widths_are(inputs, in_features) -> bool:
-    """Whether each input is as wide as its block (the C check where it can, as the layer's);
+    """Whether each input is as wide as its block, where the C check (_fit_here) did not vouch;
     False where that is not known for sure, which sends the call to the model's ops: never
     wrong."""
-    if len(inputs) != len(in_features):
-        return False
-    if reference._op_widths_match is not None and not is_compiling():
-        return reference._op_widths_match(inputs, in_features)
-    return all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == width
-               for x, width in zip(inputs, in_features))
+    return len(inputs) == len(in_features) and all(
+        isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == width
+        for x, width in zip(inputs, in_features))
 
 
 # The layers FX keeps whole, as torch.nn's: in a fused model they still run, hooks and all.
