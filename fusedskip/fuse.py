@@ -1191,8 +1191,9 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
     and tensors are `take(...)` of source's (the same ones by default); a module source holds
     under two names is one module in target too; plain attributes come along where target has
     none of that name, buffers keep their persistence, and a buffer only target has (a constant
-    FX made of a tensor in forward) stays out of the state_dict. Raises where a name is taken by
-    the GraphModule's own attributes (graph, code, meta)."""
+    FX made of a tensor in forward) stays out of the state_dict; every module has source's
+    training flag. Raises where a name is taken by the GraphModule's own attributes (graph,
+    code, meta)."""
 
     def taken(where: nn.Module, path: str, key: str) -> RuntimeError:
         kind = type(getattr(where, key)).__name__
@@ -1215,6 +1216,7 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
         placed.setdefault(id(module), held)
         if path and held is take(module):  # the module itself (the root: the copy being made)
             continue
+        held.training = module.training  # FX makes the containers it traced through in train mode
         for key, param in module._parameters.items():
             if key not in held._parameters:
                 if hasattr(held, key):

@@ -343,7 +343,7 @@ class _LinearParameters(nn.Module):
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module before compiling it; without it, the user
         # would get TorchScript's complaint about a keyword-only argument deep inside the layer.
-        raise RuntimeError(f"fusedskip: {type(self).__name__} does not support TorchScript "
+        raise RuntimeError(f"fusedskip: {self._get_name()} does not support TorchScript "
                            "(torch.jit.script); use torch.compile, torch.export or "
                            "torch.jit.trace instead")
 

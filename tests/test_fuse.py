@@ -303,6 +303,40 @@ def test_a_shallow_copy_and_a_module_under_two_names_keep_the_state():
     torch.testing.assert_close(copy.copy(fused)(x), model(x))
 
 
+def test_every_module_keeps_the_models_mode_through_fuse_copies_and_pickle():
+    """FX makes the containers it traces through anew, in train mode: an eval model's fused
+    model, and copies of a fused model put in eval mode, must have no module in train mode."""
+    import io
+    import pickle
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) + x
+
+    model = nn.Sequential(nn.Sequential(Block(), Block()), nn.Linear(8, 2)).eval()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert fused.fuse_report.fused
+
+    def saved_and_loaded(m):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    for mode in (None, True, False):  # as fuse() made it from the eval model, then set
+        if mode is not None:
+            fused.train(mode)
+        mode = bool(mode)
+        for made in (fused, copy.copy(fused), copy.deepcopy(fused),
+                     pickle.loads(pickle.dumps(fused)), saved_and_loaded(fused)):
+            assert {n: m.training for n, m in made.named_modules()} == \
+                {n: mode for n, _ in model.named_modules()}
+
+
 class Holding(nn.Module):
     """A fusable model holding `name` as a module, a parameter or a buffer, which forward uses
     (the module as the pattern's Linear) or not."""

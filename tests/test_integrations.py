@@ -200,6 +200,15 @@ def test_jit_trace_of_concat_layer_warns_nothing():
         layer(torch.randn(2, 4), torch.randn(2, 4))
 
 
+class _AddSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]*` is deprecated:FutureWarning")
 def test_jit_trace_works_and_jit_script_refuses():
@@ -216,3 +225,7 @@ def test_jit_trace_works_and_jit_script_refuses():
                    fusedskip.reference.LinearReLUResidual(6, 6)):
         with pytest.raises(RuntimeError, match=r"does not support TorchScript .*torch\.compile"):
             torch.jit.script(module)
+    # fuse()'s layers go by the public name, as in their repr.
+    fused = fusedskip.fuse(_AddSkip(), example_inputs=(torch.randn(4, 6),))
+    with pytest.raises(RuntimeError, match=r"fusedskip: LinearReLUResidual does not support"):
+        torch.jit.script(fused)
