@@ -47,6 +47,12 @@ bool transform_active() {
          tls_is_dispatch_key_included(c10::DispatchKey::VmapMode);
 }
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) keeps tangents at level 0, the only
+// level it has (functorch nests its transforms above it), as ATen's own kernels assume.
+constexpr uint64_t kForwardLevel = 0;
+
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(kForwardLevel).defined(); }
+
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   // Compiled autograd may trace backward into its graph: backward reads only what it is handed
@@ -155,9 +161,11 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     const bool residual_takes_preact = residual == Residual::kBeforeRelu;
 
     at::Tensor grad_preact;
-    if (at::GradMode::is_enabled() || transform_active()) {
-      // create_graph=True (double backward), or under a transform (vmap of this backward, for
-      // which the backward op has no batching rule): the same maths in differentiable ATen ops.
+    if (at::GradMode::is_enabled() || transform_active() || has_tangent(grad_output)) {
+      // create_graph=True (double backward), under a transform (vmap of this backward, for
+      // which the backward op has no batching rule), or with a forward-mode tangent on the
+      // gradient (a hypergradient: forward AD runs whatever grad mode is, and the backward op
+      // has no forward formula): the same maths in differentiable ATen ops.
       // The mask is a constant here: ReLU's second derivative is zero.
       grad_preact = grad_output;
       if (relu) {
@@ -222,12 +230,6 @@ bool any_requires_grad(at::TensorList inputs, const at::Tensor& weight,
   return weight.requires_grad() || (bias.has_value() && bias->requires_grad()) ||
          (residual.has_value() && residual->requires_grad());
 }
-
-// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) keeps tangents at level 0, the only
-// level it has (functorch nests its transforms above it), as ATen's own kernels assume.
-constexpr uint64_t kForwardLevel = 0;
-
-bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(kForwardLevel).defined(); }
 
 bool any_tangent(at::TensorList inputs, const at::Tensor& weight,
                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {

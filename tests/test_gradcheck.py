@@ -294,6 +294,33 @@ def test_forward_mode_gives_the_ops_outputs(sample):
     torch.testing.assert_close(tangent, expected)
 
 
+@pytest.mark.parametrize("sample", _some(SAMPLES) +
+                         _some(sample_grid(device="cuda") if CUDA else [], "cuda-", CUDA_MARKS))
+def test_a_tangent_on_the_output_gradient_reaches_every_gradient(sample):
+    """Forward over reverse without create_graph (a hypergradient: d/d(lam) of the gradient of
+    lam * loss): forward AD runs whatever the grad mode, so backward must carry the tangent of
+    the gradient it is handed into the gradients it returns, as eager's does, not drop it."""
+    import torch.autograd.forward_ad as fwAD
+
+    primals = [t.detach() for t in sample.tensors()]
+    shape = sample.call(fusedskip.reference, *primals).shape
+    grad, grad_tangent = torch.randn(shape, dtype=primals[0].dtype, device=primals[0].device), \
+        torch.randn(shape, dtype=primals[0].dtype, device=primals[0].device)
+
+    def gradients_and_tangents(api):
+        leaves = [p.clone().requires_grad_() for p in primals]
+        out = sample.call(api, *leaves)
+        with fwAD.dual_level():
+            found = torch.autograd.grad(out, leaves, fwAD.make_dual(grad, grad_tangent))
+            return [fwAD.unpack_dual(g) for g in found]
+
+    for got, expected in zip(gradients_and_tangents(fusedskip),
+                             gradients_and_tangents(fusedskip.reference)):
+        torch.testing.assert_close(got.primal, expected.primal)
+        assert got.tangent is not None
+        torch.testing.assert_close(got.tangent, expected.tangent)
+
+
 def _op_args(sample, tensors):
     n = len(sample.inputs)
     rest = list(tensors[n + 1:])
