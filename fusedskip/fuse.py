@@ -1190,8 +1190,8 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
     would be missing from parameters() (so from an optimizer) and from state_dict(). The modules
     and tensors are `take(...)` of source's (the same ones by default); a module source holds
     under two names is one module in target too; plain attributes come along where target has
-    none of that name, buffers keep their persistence, and a buffer only target has (a constant
-    FX made of a tensor in forward) stays out of the state_dict; every module has source's
+    none of that name, buffers keep their persistence, a buffer only target has (one FX made of
+    a plain tensor or a constant) becomes a plain tensor again; every module has source's
     training flag. Raises where a name is taken by the GraphModule's own attributes (graph,
     code, meta)."""
 
@@ -1229,7 +1229,12 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
                 held.register_buffer(key, take(buffer))
             if key in module._non_persistent_buffers_set:
                 held._non_persistent_buffers_set.add(key)
-        held._non_persistent_buffers_set.update(set(held._buffers) - set(module._buffers))
+        # FX makes a buffer of each tensor forward reads that is no parameter or buffer (a plain
+        # attribute, a constant made in forward): as the model's plain tensors they stay out of
+        # buffers() and state_dict(), and .to()/.half() leave them as the model's would.
+        for key in [key for key in held._buffers if key not in module._buffers]:
+            object.__setattr__(held, key, held._buffers.pop(key))
+            held._non_persistent_buffers_set.discard(key)
         for key, value in vars(module).items():
             if not key.startswith("_") and not hasattr(held, key):
                 setattr(held, key, take(value))

@@ -268,8 +268,9 @@ def test_state_forward_leaves_alone_is_kept():
         assert list(copied.state_dict()) == list(model.state_dict())
         assert [n for n, _ in copied.named_parameters()] == \
             [n for n, _ in model.named_parameters()]
-        # The model's buffers, then the graph's tensor constant (not in the state_dict).
-        assert [n for n, _ in copied.named_buffers()] == ["steps", "scratch", "_tensor_constant0"]
+        # The model's buffers only: the graph's tensor constant is a plain tensor.
+        assert [n for n, _ in copied.named_buffers()] == ["steps", "scratch"]
+        assert copied._tensor_constant0.dtype == torch.float64
         assert copied.num_classes == 3
         copied.load_state_dict(model.state_dict())
         model.load_state_dict(copied.state_dict())
@@ -335,6 +336,32 @@ def test_every_module_keeps_the_models_mode_through_fuse_copies_and_pickle():
                      pickle.loads(pickle.dumps(fused)), saved_and_loaded(fused)):
             assert {n: m.training for n, m in made.named_modules()} == \
                 {n: mode for n, _ in model.named_modules()}
+
+
+def test_a_plain_tensor_forward_reads_stays_a_plain_tensor():
+    """FX makes a buffer of a tensor attribute forward reads; the model's .to() and .half()
+    leave a plain tensor alone, so the fused model's must too (here the scale stays float32
+    after .double()), and buffers() must be the model's."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.scale = torch.full((8,), 0.5)  # a plain attribute, not a buffer
+
+        def forward(self, x):
+            return (torch.relu(self.fc(x)) + x) * self.scale
+
+    model = Scaled()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert fused.fuse_report.fused
+    for copied in (fused, copy.deepcopy(fused)):
+        assert list(copied.named_buffers()) == [] and copied.scale.dtype == torch.float32
+    model.double(), fused.double()
+    assert fused.scale is model.scale and model.scale.dtype == torch.float32
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert fused(x).dtype == model(x).dtype == torch.float64
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
 class Holding(nn.Module):
