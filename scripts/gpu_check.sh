@@ -11,6 +11,9 @@
 # `cutlass` kernels' first; racecheck; memcheck), then the timings, what earlier runs covered
 # last (the quick sweep). A build that fails or does not load ends the run at once.
 #
+# $OUT ends with some thirty files: for a runner that brings back only a few, run
+# scripts/gpu_session.sh, or give ARCHIVE=<file> to have all of it packed into that one file.
+#
 #   bash scripts/gpu_check.sh
 #   FUSEDSKIP_PREBUILT=1 FUSEDSKIP_CHECK_SKIP=racecheck OUT=/tmp/check bash scripts/gpu_check.sh
 set -uo pipefail
@@ -20,8 +23,8 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # A build that silently fell back to CPU-only would skip every CUDA test: make that a failure.
 export FUSEDSKIP_EXPECT_CUDA_BUILD=1
-OUT_GIVEN="${OUT:+1}"
 OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y-%m-%d)}"
+ARCHIVE="${ARCHIVE:-}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 declare -A STATUS
@@ -32,6 +35,11 @@ SKIP=",${FUSEDSKIP_CHECK_SKIP:-},"
 BUDGET="${FUSEDSKIP_CHECK_BUDGET_S:-450}"
 STEPS=(build cuda_tests_cutlass cuda_tests racecheck_cutlass racecheck memcheck kernel_times
        bench_large cutlass_configs bench_compile bench)
+# An earlier run's outputs in the same $OUT (the default is one folder a day) would otherwise
+# stand in the summary for steps this run leaves out; the bench folders each clear their own.
+for name in "${STEPS[@]}"; do rm -f "$OUT/$name.log" "$OUT/$name.xml"; done
+rm -f "$OUT/summary.md" "$OUT/ptxas.txt" "$OUT/environment.txt" "$OUT"/rows.* \
+  "$OUT"/large/rows.* "$OUT"/compile/rows.*
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember pass/fail
   local name=$1 limit=$2; shift 2
@@ -84,14 +92,16 @@ finish() {
           paste -sd ';' - | sed 's/;/; /g')"
     done
     for rows in "$OUT/rows.jsonl" "$OUT/large/rows.jsonl" "$OUT/compile/rows.jsonl"; do
-      [[ -f "$rows" ]] && echo "${rows#"$OUT"/}: $(grep -c '"status": "ok"' "$rows") rows" \
-        "timed, $(grep -vc '"status": "ok"' "$rows") not (each one's status says why)"
+      [[ -f "$rows" ]] && echo "${rows#"$OUT"/}: $(grep -c '"status": "ok"' "$rows") timed," \
+        "$(grep -c '"status": "mismatch' "$rows") mismatched," \
+        "$(grep -c '"status": "error' "$rows") failed," \
+        "$(grep -Evc '"status": "(ok|mismatch|error)' "$rows") not timed (each row's status" \
+        "says why)"
     done
   } > "$OUT/summary.md"
-  # Given an $OUT (a device runner's), everything also goes into one file beside it, for a runner
-  # that brings back only a few files.
-  if [[ -n "$OUT_GIVEN" ]]; then
-    tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all of it: $OUT.tgz"
+  if [[ -n "$ARCHIVE" ]]; then  # all of it in one file, for a runner that brings back few
+    mkdir -p "$(dirname "$ARCHIVE")"
+    tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all of it: $ARCHIVE"
   fi
   echo
   cat "$OUT/summary.md"
@@ -134,6 +144,10 @@ fi
 # it). Where this machine has no network, the `cutlass` backend comes only that way: build it
 # where `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an
 # H100/H200).
+LOADS='import fusedskip, sys, torch; from fusedskip import _ops
+print("loads:", _ops.LOAD_ERROR or fusedskip._C.__file__, "| CUDA kernels:",
+      _ops.HAS_CUDA_KERNELS, "| torch sees a GPU:", torch.cuda.is_available())
+sys.exit(0 if fusedskip.cuda_available() else 1)'
 if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
   step build 60 bash -c '
     stamp=fusedskip/_prebuilt_sources.sha256
@@ -144,13 +158,13 @@ if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
         "rebuild with scripts/build_for_device.sh (commit first) and carry its files"
       exit 1
     fi
-    $0 -c "import fusedskip, sys, torch; from fusedskip import _ops
-print(\"prebuilt:\", _ops.LOAD_ERROR or fusedskip._C.__file__, \"| CUDA kernels:\",
-      _ops.HAS_CUDA_KERNELS, \"| torch sees a GPU:\", torch.cuda.is_available())
-sys.exit(0 if fusedskip.cuda_available() else 1)"' "$PY"
+    $0 -c "$1"' "$PY" "$LOADS"
 else
-  step build 300 env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
-    $PY setup.py build_ext --inplace
+  # A build can succeed and still leave nothing that runs here (a CPU-only fallback, a library
+  # the .so cannot find): the same load check, after it.
+  step build 300 bash -c '
+    env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
+      $0 setup.py build_ext --inplace && $0 -c "$1"' "$PY" "$LOADS"
   grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>/dev/null
 fi
 # Every later step would test nothing, or something else, and spend the GPU's time doing it.

@@ -17,14 +17,16 @@ WORK="${WORK:-/tmp/gpu-session}"
 TOTAL="${FUSEDSKIP_SESSION_BUDGET_S:-570}"
 PROFILE_BUDGET="${FUSEDSKIP_PROFILE_BUDGET_S:-150}"
 mkdir -p "$OUT" "$WORK"
-rm -rf "$WORK/check" "$WORK/profile" "$WORK/check.tgz"
+rm -rf "$WORK/check" "$WORK/profile"
+rm -f "$OUT"/{check.tgz,profile.tgz,check-summary.md,ncu-summary.md,check.out,profile.out}
 
 # 10 s kept for the profile's archive and the closing lines.
-OUT="$WORK/check" FUSEDSKIP_CHECK_BUDGET_S=$((TOTAL - PROFILE_BUDGET - 10)) \
-  bash scripts/gpu_check.sh > "$OUT/check.out" 2>&1
+# (ARCHIVE before OUT: a later assignment of the line would see the check's OUT.)
+ARCHIVE="$OUT/check.tgz" OUT="$WORK/check" \
+  FUSEDSKIP_CHECK_BUDGET_S=$((TOTAL - PROFILE_BUDGET - 10)) bash scripts/gpu_check.sh \
+  > "$OUT/check.out" 2>&1
 check_rc=$?
 cp "$WORK/check/summary.md" "$OUT/check-summary.md" 2>/dev/null
-cp "$WORK/check.tgz" "$OUT/" 2>/dev/null
 
 # The profile measures the build the check loaded: none where that failed, no GPU where none.
 profile_rc=0
