@@ -57,7 +57,8 @@ def test_append_markdown_keeps_earlier_runs(tmp_path):
     second = bench.append_markdown(str(tmp_path), "times", "Run two", "| b |", device="cpu")
     assert first == second and os.path.basename(first).startswith("times-")
     text = open(first).read()
-    assert text.index("# Run one") < text.index("| a |") < text.index("# Run two") < text.index("| b |")
+    assert (text.index("# Run one") < text.index("| a |") < text.index("# Run two")
+            < text.index("| b |"))
     assert text.count("'commit'") == 2 and torch.__version__ in text
 
 
@@ -75,10 +76,13 @@ def test_quick_run_on_cpu(tmp_path):
         assert row["speedup_vs_eager"] > 0
         for key in ("device_name", "torch", "commit", "date"):
             assert row[key]
+        for key in ("extension_loaded", "extension_cuda_kernels", "cutlass_built"):
+            assert isinstance(row[key], bool), key  # which build ran
     eager = [r for r in rows if r["provider"] == "eager"]
     assert all(r["speedup_vs_eager"] == 1.0 for r in eager)
     for name in ("rows.csv", "table.md", "speedup.png", "models.jsonl", "models.png"):
         assert (out / name).stat().st_size > 0, name
+    assert sorted(os.listdir(out)) == sorted(bench.OUTPUTS)  # what a later run replaces
     # --plot redraws from the saved rows
     os.remove(out / "speedup.png")
     assert bench.main(["--plot", str(out)]) == 0
@@ -86,19 +90,22 @@ def test_quick_run_on_cpu(tmp_path):
 
 
 def test_cutlass_row_says_when_its_kernel_does_not_apply(tmp_path):
-    """fused-cutlass on a CPU (or a shape its kernel leaves to cuBLAS) is not timed under its name."""
+    """fused-cutlass on a CPU (or a shape its kernel leaves to cuBLAS) is not timed under its
+    name."""
     out = tmp_path / "results"
     assert bench.main(["--quick", "--device", "cpu", "--providers", "fused-cutlass,eager",
                        "--op", "relu_add", "--mode", "forward", "--sizes", "64x16x128",
                        "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     cutlass = [r for r in rows if r["provider"] == "fused-cutlass"]
-    assert len(cutlass) == 1 and cutlass[0]["status"].startswith("n/a") and "p50_us" not in cutlass[0]
+    assert len(cutlass) == 1 and cutlass[0]["status"].startswith("n/a")
+    assert "p50_us" not in cutlass[0]
     assert [r["status"] for r in rows if r["provider"] == "eager"] == ["ok"]
 
 
 def test_mismatch_is_reported_not_timed(tmp_path, monkeypatch):
-    """A provider that returns a wrong answer gets a 'mismatch' row without timings."""
+    """A provider that returns a wrong answer gets a 'mismatch' row without timings, and the
+    run fails."""
     real = bench.fused_fn
 
     def wrong(op):
@@ -161,6 +168,7 @@ def test_cublaslt_runs_where_it_can(tmp_path):
 
 
 def test_a_provider_failing_while_timed_costs_its_row_only(tmp_path, monkeypatch):
+    """The others are still timed; the fused op failing fails the run."""
     real = bench.fused_fn
 
     def fails_with_grad(op):
@@ -174,7 +182,7 @@ def test_a_provider_failing_while_timed_costs_its_row_only(tmp_path, monkeypatch
 
     monkeypatch.setattr(bench, "fused_fn", fails_with_grad)
     rows = quick_rows(tmp_path / "results", "--providers", "fused,eager", "--op", "relu_add",
-                      "--mode", "forward", "--sizes", "16x8x8")
+                      "--mode", "forward", "--sizes", "16x8x8", code=1)
     status = {r["provider"]: r["status"] for r in rows}
     assert "no derivative" in status["fused"] and status["eager"] == "ok"
 
@@ -526,3 +534,209 @@ def test_a_wrong_column_of_a_large_output_is_an_error():
     assert bench.relative_error(got, want) <= bench.TOLERANCE[torch.bfloat16] / 2
     got[:, 5] *= 0.8
     assert bench.relative_error(got, want) > bench.TOLERANCE[torch.bfloat16]
+
+
+def fast_cpu_timing(monkeypatch):
+    """time_cpu as one call of the first step: the rows come without timing's seconds."""
+    def one_call(steps, min_run_time):
+        steps[0]()
+        return [1.0]
+
+    monkeypatch.setattr(bench, "time_cpu", one_call)
+
+
+class SweepReached(Exception):
+    """Raised in place of the sweep: what main() got as far as."""
+
+
+def stop_at_the_sweep(monkeypatch):
+    """main() up to its sweep, which is not run: the plan and device it would run with."""
+    def sweep(plan, args, device, env):
+        raise SweepReached(plan, device)
+
+    monkeypatch.setattr(bench, "run_sweep", sweep)
+
+
+@pytest.mark.parametrize("provider", ["fused", "fused-native", "fused-gemm_epilogue"])
+def test_an_error_of_the_fused_op_fails_the_run(tmp_path, monkeypatch, provider):
+    """A fused provider that raises (a kernel fault, say) fails the run, though eager timed."""
+    def broken(op):
+        def fn(xs, w, b, r):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return fn
+
+    monkeypatch.setattr(bench, "fused_fn", broken)
+    fast_cpu_timing(monkeypatch)
+    rows = quick_rows(tmp_path / "results", "--providers", f"{provider},eager", "--op",
+                      "relu_add", "--mode", "forward", "--sizes", "16x8x8", code=1)
+    status = {r["provider"]: r["status"] for r in rows}
+    assert "illegal memory access" in status[provider] and status["eager"] == "ok"
+
+
+def test_which_rows_fail_a_run():
+    """Mismatches of any provider and errors of the fused ones; not a peer's error (compile
+    unable to build), nor inputs a device cannot hold, nor a cutlass kernel that does not
+    apply."""
+    def row(provider, status):
+        return {"provider": provider, "status": status}
+
+    failing = [row("eager", "mismatch (relative error 0.5)"),
+               row("fused-cutlass", "error: RuntimeError: boom"),
+               row("fused", "error: RuntimeError: boom")]
+    passing = [row("compile", "error: RuntimeError: no C++ compiler"),
+               row("gemm", "error: RuntimeError: boom"),
+               row("fused", "error: inputs: RuntimeError: too large"),
+               row("fused-cutlass", "n/a: the cutlass kernel does not apply here"),
+               row("fused", "ok")]
+    assert bench.failed_rows(failing + passing) == failing
+
+
+def test_a_stopped_run_with_a_mismatch_fails(tmp_path, monkeypatch):
+    """A mismatch found before TERM stopped the sweep: 1, not the 130 of a clean stopped run
+    (which test_an_interrupted_sweep_keeps_the_cases_it_finished checks), or the fault would
+    read as a run cut by its time limit."""
+    real_fused, real_case = bench.fused_fn, bench.time_case
+    calls = []
+
+    def wrong(op):
+        fn = real_fused(op)
+        return lambda *args: fn(*args) * 1.5
+
+    def stopped_at_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # bench's handler raises KeyboardInterrupt
+        return real_case(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "fused_fn", wrong)
+    monkeypatch.setattr(bench, "time_case", stopped_at_the_second_case)
+    fast_cpu_timing(monkeypatch)
+    out = tmp_path / "results"
+    rows = quick_rows(out, "--providers", "fused,eager", "--op", "relu_add", "--mode",
+                      "forward", "--sizes", "16x8x8,32x8x8", code=1)
+    assert [(r["M"], r["status"][:8]) for r in rows] == [(16, "mismatch"), (16, "ok")]
+    assert "interrupted" in (out / "table.md").read_text()
+
+
+def test_a_nan_result_is_a_mismatch_in_strict_json(tmp_path, monkeypatch):
+    """A NaN output's relative error is NaN, which json.dumps would write as the bare token NaN
+    (not JSON): rows.jsonl has null there, and the row's status says mismatch."""
+    real = bench.fused_fn
+
+    def nan_fused(op):
+        fn = real(op)
+        return lambda *args: fn(*args) * torch.nan
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    monkeypatch.setattr(bench, "fused_fn", nan_fused)
+    fast_cpu_timing(monkeypatch)
+    out = tmp_path / "results"
+    quick_rows(out, "--providers", "fused,eager", "--op", "relu_add", "--mode", "forward",
+               "--sizes", "16x8x8", code=1)
+    rows = [json.loads(line, parse_constant=refuse)
+            for line in (out / "rows.jsonl").read_text().splitlines()]
+    fused, = [r for r in rows if r["provider"] == "fused"]
+    assert fused["rel_err"] is None and fused["status"] == "mismatch (relative error nan)"
+
+
+def test_a_run_replaces_an_earlier_runs_files(tmp_path, monkeypatch):
+    """A run that draws no plot and times no model leaves none of an earlier run's plots or
+    model rows in its folder; files the benchmark does not write stay."""
+    fast_cpu_timing(monkeypatch)
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("rows.jsonl", "rows.csv", "table.md", "speedup.png", "models.jsonl",
+                 "models.csv", "models.png", "summary.md", "bench.log"):
+        (out / name).write_text("an earlier run's")
+    quick_rows(out, "--providers", "fused", "--op", "relu_add", "--mode", "forward", "--sizes",
+               "16x8x8")  # no eager row: no speed-up to draw
+    assert sorted(os.listdir(out)) == ["bench.log", "rows.csv", "rows.jsonl", "summary.md",
+                                       "table.md"]
+    assert (out / "summary.md").read_text() == "an earlier run's"
+
+
+def test_on_a_gpu_without_the_cuda_kernels_fused_rows_are_refused(tmp_path, monkeypatch):
+    """Where torch sees a GPU, the device is the GPU (not the CPU because the extension cannot
+    run there), and a fused provider there, which would time the reference path, is refused
+    with the reason; --device cpu still runs, as does a GPU run of the peers alone."""
+    from fusedskip import _ops
+
+    stop_at_the_sweep(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setattr(_ops, "HAS_CUDA_KERNELS", False)
+    out = ["--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=r"--device cuda \(the default: torch sees a GPU\): the "
+                       "compiled extension was built without CUDA kernels .*fused"):
+        bench.main(["--quick", *out])
+    with pytest.raises(SystemExit, match="--device cuda: .*without CUDA kernels.*so "
+                       "fused-cutlass would time the reference"):
+        bench.main(["--quick", "--device", "cuda", "--providers", "fused-cutlass,eager", *out])
+    monkeypatch.setattr(_ops, "AVAILABLE", False)
+    monkeypatch.setattr(_ops, "LOAD_ERROR", ImportError("undefined symbol: _ZN3c10"))
+    with pytest.raises(SystemExit, match=r"did not load \(undefined symbol: _ZN3c10\)"):
+        bench.main(["--quick", "--providers", "fused", *out])
+    for argv, device in ((["--device", "cpu"], "cpu"), (["--providers", "eager,gemm"], "cuda")):
+        with pytest.raises(SweepReached) as reached:
+            bench.main(["--quick", *argv, *out])
+        assert reached.value.args[1] == device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SweepReached) as reached:
+        bench.main(["--quick", *out])
+    assert reached.value.args[1] == "cpu"
+
+
+def test_the_environment_says_which_build_ran():
+    import fusedskip
+
+    env = bench.environment("cpu")
+    assert env["extension_loaded"] is fusedskip.extension_loaded()
+    assert env["extension_cuda_kernels"] is bool(fusedskip._ops.HAS_CUDA_KERNELS)
+    assert env["cutlass_built"] is bool(fusedskip.cutlass_built())
+
+
+def test_list_options_take_spaces_after_commas(tmp_path, monkeypatch):
+    """As --dtype and --sizes do."""
+    stop_at_the_sweep(monkeypatch)
+    with pytest.raises(SweepReached) as reached:
+        bench.main(["--device", "cpu", "--op", "relu_add, concat2", "--mode", "forward, no_grad",
+                    "--providers", " fused , eager", "--dtype", "float32, float64",
+                    "--sizes", "16x8x8, 32x8x8", "--out", str(tmp_path / "x")])
+    plan = reached.value.args[0]
+    assert (plan.ops, plan.modes, plan.providers) == (
+        ["relu_add", "concat2"], ["forward", "no_grad"], ["fused", "eager"])
+    assert plan.dtypes == [torch.float32, torch.float64] and len(plan.sizes) == 2
+
+
+def test_models_are_timed_in_each_dtype(tmp_path, monkeypatch, capsys):
+    """--model with two dtypes times the models in both (each row and table line says which),
+    and the closing line names every file written, models.csv too."""
+    fast_cpu_timing(monkeypatch)
+    out = tmp_path / "results"
+    quick_rows(out, "--model", "--providers", "eager", "--op", "relu_add", "--mode", "forward",
+               "--sizes", "16x8x8", "--dtype", "float32,float64")
+    models = bench.read_jsonl(str(out / "models.jsonl"))
+    assert sorted((r["model"], r["dtype"]) for r in models) == [
+        ("residual_mlp16", "float32"), ("residual_mlp16", "float64"),
+        ("unet_mlp", "float32"), ("unet_mlp", "float64")]
+    assert all(r["status"] == "ok" for r in models)
+    assert "| unet_mlp | eager | float64 |" in (out / "table.md").read_text()
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1
+    for name in ("rows.jsonl", "rows.csv", "models.jsonl", "models.csv", "table.md"):
+        assert name in wrote[0], name
+
+
+def test_peaks_print_in_significant_digits(tmp_path, monkeypatch, capsys):
+    """A CPU's matmul rate, a few hundredths of a TFLOP/s, is not shown as 0.0; a rate not
+    measured is n/a."""
+    fast_cpu_timing(monkeypatch)
+    monkeypatch.setattr(bench, "measure_peaks",
+                        lambda device, dtypes: {"tflops": {"float32": 0.0412}, "gbps": 16.83})
+    quick_rows(tmp_path / "results", "--providers", "eager", "--op", "relu_add", "--mode",
+               "forward", "--sizes", "16x8x8")
+    assert "matmul 0.0412 TFLOP/s float32; copy 16.8 GB/s" in capsys.readouterr().out
+    assert [bench.format_rate(v) for v in (0.0, None, float("nan"), 3012.4, 1.0)] == [
+        "n/a", "n/a", "n/a", "3012", "1.00"]
