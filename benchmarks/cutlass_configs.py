@@ -9,7 +9,8 @@ on (benchmarks/NOTES.md, "The epilogue inside the GEMM"): does any configuration
 cuBLAS, and what does the fused epilogue add to it.
 
 Every configuration is first checked against the library's cuBLAS path, bit for bit, on integer
-inputs whose sums are exact (a NaN row too); one that differs is reported and not timed.
+inputs whose sums are exact (a NaN row too); one that differs is reported and not timed, and the
+run exits 1.
 
 Then, at the first size, the two fastest configurations again under every tile order the
 persistent scheduler offers (swizzle 1/2/4/8 x raster heuristic/along M/along N): the order
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -201,6 +203,7 @@ def main() -> int:
 
     lines = ["| configuration | mask layout (host) | bit-exact vs cuBLAS path |", "|---|---|---|"]
     names = []
+    failed = []  # "configuration: what failed", for the exit status and the closing lines
     for name in configs.names():
         layout = configs.mask_layout_error(name) or "ok"
         exact = (check(configs, name, 300, 64, 384) or check(configs, name, 2048, 4096, 1024)
@@ -208,6 +211,8 @@ def main() -> int:
         lines.append(f"| {name} | {layout} | {exact} |")
         if layout == "ok" and exact == "ok":
             names.append(name)
+        else:
+            failed.append(f"{name}: {exact if layout == 'ok' else layout}")
     # Printed as it goes, so that a run cut short by a time limit still leaves what it measured.
     print("\n".join(lines), flush=True)
     lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | "
@@ -232,14 +237,28 @@ def main() -> int:
         lines += ["", f"Tile orders at {m}x{k}x{n} (bit-exact check per configuration at "
                       "swizzle 8, along N):", ""]
         # 1536x1536: at least 6 tiles each way, which swizzle 8 needs to take effect.
-        lines += [f"- {name}: {check(configs, name, 1536, 64, 1536, 8, 'along_n') or 'ok'}"
-                  for name in fastest]
-        lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | "
-                      "queued µs/call |", "|---|---|---:|---:|---:|---:|"]
+        exact_orders = []
+        for name in fastest:
+            error = check(configs, name, 1536, 64, 1536, 8, "along_n")
+            lines.append(f"- {name}: {error or 'ok'}" + (", not timed" if error else ""))
+            if error:
+                failed.append(f"{name} at swizzle 8, along N: {error}")
+            else:
+                exact_orders.append(name)
         print("\n".join(lines[start:]), flush=True)
-        for row in measure_orders(configs, fastest, m, k, n, args.calls, args.rounds):
-            lines.append(table_row(row))
-            print(lines[-1], flush=True)
+        # Only what gave the right bits is timed: a wrong result's speed means nothing.
+        if exact_orders:
+            start = len(lines)
+            lines += ["", "| size | provider | kernels µs/call | × torch.mm | TFLOP/s | "
+                          "queued µs/call |", "|---|---|---:|---:|---:|---:|"]
+            print("\n".join(lines[start:]), flush=True)
+            for row in measure_orders(configs, exact_orders, m, k, n, args.calls, args.rounds):
+                lines.append(table_row(row))
+                print(lines[-1], flush=True)
+    if failed:
+        start = len(lines)
+        lines += ["", "Failed a check (not timed):", ""] + [f"- {failure}" for failure in failed]
+        print("\n".join(lines[start:]), flush=True)
     text = "\n".join(lines)
     if args.out:
         path = append_markdown(
@@ -248,6 +267,11 @@ def main() -> int:
             f"{args.calls} back-to-back calls between two events; each the best of "
             f"{args.rounds} interleaved rounds.\n\n{text}")
         print("wrote", path)
+    if failed:
+        # The table says it too, but a run that only looks at the exit status must see it.
+        print("cutlass_configs: failed a check: " + "; ".join(failed),
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -36,16 +36,19 @@ def short(name: str, head: int = 50, tail: int = 45) -> str:
 
 
 def prepared_step(case: Case, provider: str, mode: str):
-    """One call of `mode` on fresh inputs (the output gradient from one untimed forward), or None
-    where the provider has no such form. Call it, and the step, under provider_backend."""
+    """One call of `mode` on fresh inputs, or None where the provider has no such form. Call it,
+    and the step, under provider_backend."""
     fn = provider_fn(provider, case.op, mode)
     if fn is None:
         return None
     args = case.make_inputs(requires_grad=mode != "no_grad")
     grad = None
     if mode == "forward+backward":
-        with torch.no_grad():
-            grad = torch.randn_like(fn(*args))
+        # The output gradient made from the shapes, not from an extra forward: under ncu
+        # (--once) that forward's kernels would be profiled too, alike in name to the step's.
+        # A linear layer's output has its input's leading dims and out_features columns.
+        xs, w = args[0], args[1]
+        grad = torch.randn(*xs[0].shape[:-1], w.shape[0], device=w.device, dtype=w.dtype)
     return step_fn(fn, mode, args, grad)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -89,15 +90,22 @@ def summary_lines(rows: Sequence[Dict[str, str]]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", nargs="+")
-    parser.add_argument("--out", default=None, help="also write the tables to this file")
+    parser.add_argument("--out", default=None,
+                        help="also write the tables to this file (replacing it)")
     args = parser.parse_args(argv)
+    # A shell glob that matched nothing arrives as itself: say so, not a traceback.
+    missing = [path for path in args.csv if not os.path.isfile(path)]
+    if missing:
+        print(f"ncu_summary: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
     text = []
     for path in args.csv:
         rows = read_rows(path)
         text += [f"\n### {path}\n", *(summary_lines(rows) if rows else ["no kernels profiled"])]
     print("\n".join(text))
     if args.out:
-        with open(args.out, "a") as f:
+        # Written anew: the summary is of these files only, not of an earlier run's as well.
+        with open(args.out, "w") as f:
             f.write("\n".join(text) + "\n")
     return 0
 

@@ -113,6 +113,10 @@ finish() {
       *) status=1 ;;
     esac
   done
+  # A wrong result fails the run also where the budget stopped its step (timeout's 124 hides the
+  # bench's own exit status).
+  grep -qs '"status": "mismatch' "$OUT/rows.jsonl" "$OUT/large/rows.jsonl" \
+    "$OUT/compile/rows.jsonl" && status=1
   exit $status
 }
 

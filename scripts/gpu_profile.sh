@@ -11,6 +11,9 @@
 # FUSEDSKIP_PREBUILT=1 the carried one), within FUSEDSKIP_PROFILE_BUDGET_S (default 150 s):
 #
 #   OUT=/tmp/profile bash scripts/gpu_profile.sh
+#
+# Exit status: 0 every case profiled and summarised, 3 the budget left some case out (all that ran
+# passed), 2 no ncu here or no extension with CUDA kernels to profile, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,6 +24,17 @@ PY="${PYTHON:-python3}"
 BUDGET="${FUSEDSKIP_PROFILE_BUDGET_S:-150}"
 NCU="${NCU:-ncu}"
 command -v "$NCU" > /dev/null || { echo "gpu_profile: no ncu here"; exit 2; }
+# Run alone, nothing has checked the build: without the extension's CUDA kernels (not built, not
+# carried, or built for another torch) the cases would profile the reference path's kernels.
+if ! "$PY" -c "import fusedskip, sys, torch; from fusedskip import _ops
+print('gpu_profile: extension', _ops.LOAD_ERROR or 'loaded', '| CUDA kernels:',
+      _ops.HAS_CUDA_KERNELS, '| torch sees a GPU:', torch.cuda.is_available())
+sys.exit(0 if fusedskip.cuda_available() else 1)"; then
+  echo "gpu_profile: fusedskip.cuda_available() is False here (the line above says why), so" \
+    "there are no CUDA kernels of the extension's to profile: build them first" \
+    "(scripts/gpu_check.sh; FUSEDSKIP_PREBUILT=1 for a carried build)"
+  exit 2
+fi
 # The library's kernels and cuBLAS's (nvjet on sm_90, CUTLASS-made Kernel2 for small shapes).
 KERNELS='regex:tile_gemm|split_sum|nvjet|Kernel2|gemm|splitKreduce'
 SECTIONS=()
@@ -29,22 +43,36 @@ for section in SpeedOfLight LaunchStats Occupancy WarpStateStats SchedulerStats 
   SECTIONS+=(--section "$section")
 done
 
+# The summary is of this run's cases only (an OUT reused, as the dated default is within a day,
+# holds an earlier run's): the CSVs made here, and a summary written anew.
+rm -f "$OUT/ncu-summary.md"
+CSVS=()
 status=0
 profile() {  # profile NAME ARGS...: one gpu_kernel_times.py --once run under ncu
   local name=$1; shift
+  # An earlier run's report of this case would sit beside this run's summary as if from it.
+  rm -f "$OUT/ncu-$name.ncu-rep" "$OUT/ncu-$name.csv" "$OUT/ncu-$name.log"
   local left=$((BUDGET - SECONDS - 10))
   if ((left < 20)); then
     echo "=== $name: not run, ${left}s left of the ${BUDGET}s budget"
-    status=3
+    ((status == 0)) && status=3  # a failure before stays one
     return
   fi
   echo "=== $name (limit ${left}s)"
-  timeout -k 10 "$left" "$NCU" --target-processes all -k "$KERNELS" \
+  # --clock-control none: by default ncu locks the GPU's clocks to base while it profiles, which
+  # changes the machine's settings (not ours to change) and makes the times incomparable with
+  # the benchmark's, taken at the clocks the card runs at.
+  timeout -k 10 "$left" "$NCU" --clock-control none --target-processes all -k "$KERNELS" \
     "${SECTIONS[@]}" -f -o "$OUT/ncu-$name" \
     "$PY" benchmarks/gpu_kernel_times.py --once "$@" > "$OUT/ncu-$name.log" 2>&1 || status=1
   tail -n 3 "$OUT/ncu-$name.log"
-  "$NCU" --import "$OUT/ncu-$name.ncu-rep" --csv --page raw --print-units base \
-    > "$OUT/ncu-$name.csv" 2>&1 || status=1
+  if "$NCU" --import "$OUT/ncu-$name.ncu-rep" --csv --page raw --print-units base \
+      > "$OUT/ncu-$name.csv" 2>&1; then
+    CSVS+=("$OUT/ncu-$name.csv")
+  else
+    echo "=== $name: no report to read (ncu-$name.csv, ncu-$name.log)"
+    status=1
+  fi
 }
 
 profile relu_add-65536x30x30 --op relu_add --mode forward+backward --sizes 65536x30x30 \
@@ -53,5 +81,15 @@ profile concat2-65536x30x30 --op concat2 --mode forward --sizes 65536x30x30 --pr
 profile relu_add-4096x256x256 --op relu_add --mode forward+backward --sizes 4096x256x256 \
   --providers fused
 
-"$PY" benchmarks/ncu_summary.py "$OUT"/ncu-*.csv --out "$OUT/ncu-summary.md" || status=1
+if ((${#CSVS[@]} == 0)); then
+  # Said in the summary too: it is the file a session brings back.
+  if ((status == 3)); then
+    why="the ${BUDGET}s budget (FUSEDSKIP_PROFILE_BUDGET_S) left no case time to run"
+  else
+    why="ncu made no report to read (each case's ncu-NAME.log)"
+  fi
+  echo "gpu_profile: no case was profiled, nothing to summarise: $why" | tee "$OUT/ncu-summary.md"
+  exit $status
+fi
+"$PY" benchmarks/ncu_summary.py "${CSVS[@]}" --out "$OUT/ncu-summary.md" || status=1
 exit $status
