@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -556,3 +557,38 @@ def test_build_for_device_copies_its_own_build_and_keeps_the_checkouts(tmp_path)
     assert f"fusedskip/_C{suffix} is not a build this script made" in result.stderr
     assert own.read_bytes() == b"the checkout's own build"
     assert len((tmp_path / "builds").read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stands in a GPU for torch's own checks")
+def test_gpu_check_ends_at_a_build_that_cannot_run_and_reports_only_this_run(tmp_path):
+    """A source build that exits 0 but leaves no CUDA kernels that run (a CPU-only fallback) ends
+    the run, as a prebuilt one that does not load does: the benches would time on the CPU. An
+    earlier run's logs and rows in the same OUT stay out of the summary; ARCHIVE gets it all."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        "# torch 'sees' an sm_80 GPU and setup.py 'builds'; else the real interpreter.\n"
+        'case "${1:-} ${2:-}" in\n'
+        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
+        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  "setup.py "*) echo "stand-in build"; exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "check"
+    (out / "large").mkdir(parents=True)
+    (out / "cuda_tests.log").write_text("=== 2 passed in 1.00s ===\n")
+    (out / "large" / "rows.jsonl").write_text('{"status": "ok"}\n')
+    archive = tmp_path / "few" / "check.tgz"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OUT=str(out), PYTHON=str(python),
+                                     ARCHIVE=str(archive)))
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = (out / "summary.md").read_text()
+    assert "| build | rc=1 " in summary and "| cuda_tests | not run |" in summary
+    assert "passed" not in summary and "rows.jsonl" not in summary
+    assert "stand-in build" in (out / "build.log").read_text()
+    assert "CUDA kernels:" in (out / "build.log").read_text()  # the load check said why
+    with tarfile.open(archive) as tar:
+        assert {"check/summary.md", "check/build.log"} <= set(tar.getnames())
