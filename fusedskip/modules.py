@@ -18,20 +18,34 @@ from . import _ops, functional, reference
 __all__ = ["LinearReLUResidual", "ConcatLinear"]
 
 _warned_no_cuda_kernels = False
+_warned_old_gpu = set()  # device indices
 
 
 def _use_fused(tensor) -> bool:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_cuda:
         return False
-    if _ops.HAS_CUDA_KERNELS:
+    if not _ops.HAS_CUDA_KERNELS:
+        global _warned_no_cuda_kernels
+        if not _warned_no_cuda_kernels:
+            _warned_no_cuda_kernels = True
+            warnings.warn("fusedskip: this build has no CUDA kernels (built without CUDA, or the "
+                          "extension failed to load); the layers use the reference PyTorch path "
+                          "on the GPU. Rebuild on a machine with the CUDA toolkit to get the "
+                          "fused ops.", RuntimeWarning, stacklevel=3)
+        return False
+    # Under torch.compile the graph is for the device it was traced on; the check runs eagerly.
+    if torch.compiler.is_compiling():
         return True
-    global _warned_no_cuda_kernels
-    if not _warned_no_cuda_kernels:
-        _warned_no_cuda_kernels = True
-        warnings.warn("fusedskip: this build has no CUDA kernels (built without CUDA, or the "
-                      "extension failed to load); the layers use the reference PyTorch path on "
-                      "the GPU. Rebuild on a machine with the CUDA toolkit to get the fused ops.",
-                      RuntimeWarning, stacklevel=3)
+    index = tensor.get_device()
+    if _ops.gpu_runs_kernels(index):
+        return True
+    if index not in _warned_old_gpu:
+        _warned_old_gpu.add(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        warnings.warn(f"fusedskip: {torch.cuda.get_device_name(index)} (cuda:{index}) has compute "
+                      f"capability {major}.{minor}, and the CUDA kernels need 8.0 or newer; the "
+                      "layers use the reference PyTorch path on it.", RuntimeWarning,
+                      stacklevel=3)
     return False
 
 

@@ -176,6 +176,40 @@ def test_widths_of_any_integer_type():
     assert fusedskip.ConcatLinear.from_linear(lazy, [np.int64(2), 3]).in_features == (2, 3)
 
 
+def test_a_gpu_older_than_sm80_takes_the_reference_path_with_one_warning(monkeypatch):
+    """The CUDA kernels are built for compute capability 8.0 on: on an older GPU (a T4, 7.5)
+    the modules use the reference path, saying so once per device, and cuda_available() is
+    False there; an sm_80 GPU takes the fused op. Checked with torch's answers stood in for."""
+    import warnings
+
+    from fusedskip import _ops, modules
+
+    class OnGPU(torch.Tensor):  # what _use_fused reads of a tensor on cuda:0
+        is_cuda = property(lambda self: True)
+
+        def get_device(self):
+            return 0
+
+    tensor = torch.Tensor._make_subclass(OnGPU, torch.zeros(1))
+    capability = {"value": (7, 5)}
+    monkeypatch.setattr(_ops, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(_ops, "_gpu_runs_kernels", {})
+    monkeypatch.setattr(modules, "_warned_old_gpu", set())
+    with pytest.warns(RuntimeWarning, match=r"Tesla T4 \(cuda:0\) has compute capability 7\.5"):
+        assert not modules._use_fused(tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device
+        assert not modules._use_fused(tensor)
+    assert not fusedskip.cuda_available()
+    capability["value"] = (8, 0)
+    monkeypatch.setattr(_ops, "_gpu_runs_kernels", {})
+    assert modules._use_fused(tensor) and fusedskip.cuda_available()
+
+
 def test_modules_route_cuda_tensors_to_the_fused_op(monkeypatch):
     """Where _use_fused says yes (CUDA tensors and CUDA kernels), the modules call the fused op,
     else the reference path: checked here by standing in for that answer."""

@@ -109,12 +109,24 @@ std::optional<c10::Device> cuda_device_of(const at::Tensor& weight) {
   return std::nullopt;
 }
 
+// The kernels are built for compute capability 8.0 and newer (setup.py): on an older GPU the
+// first launch would fail with CUDA's "no kernel image", and at some shapes only.
+void check_gpu_runs_kernels(const at::Tensor& weight) {
+  if (!weight.is_cuda()) return;
+  const cudaDeviceProp* gpu = at::cuda::getDeviceProperties(weight.get_device());
+  TORCH_CHECK(gpu->major >= 8, "fusedskip: the CUDA kernels need a GPU of compute capability ",
+              "8.0 or newer; ", gpu->name, " (", weight.device(), ") is ", gpu->major, ".",
+              gpu->minor, ". The modules use the reference PyTorch path there; in place of the ",
+              "functional API, call fusedskip.reference's functions");
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(at::TensorList inputs,
                                                      const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& residual,
                                                      bool relu, bool residual_before_relu) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(weight));
+  check_gpu_runs_kernels(weight);
   return fused_linear(inputs, weight, bias, residual, relu, residual_before_relu);
 }
 
@@ -122,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_backward
     const at::Tensor& grad_output, at::TensorList inputs, const at::Tensor& weight,
     const at::Tensor& relu_mask, bool relu, const c10::List<bool>& output_mask) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(weight));
+  check_gpu_runs_kernels(weight);
   return fused_linear_backward(grad_output, inputs, weight, relu_mask, relu, output_mask);
 }
 
