@@ -19,8 +19,8 @@ models.jsonl, models.csv, models.png), replacing those an earlier run left there
 TERM) stops the sweep and keeps the rows of the cases it finished.
 
 The device is the GPU where torch sees one; there, a fused provider needs the extension's CUDA
-kernels (without them its calls would run the reference path), and the run is refused if they
-are missing. Exit status: 0; 1 where a row is a mismatch, a fused provider's row is an error, or
+kernels (without them its calls would run the reference path): --device cuda is refused where
+they are missing, and by default the run is then on the CPU, with a note saying why. Exit status: 0; 1 where a row is a mismatch, a fused provider's row is an error, or
 no row was timed; else 130 where the sweep was stopped before its end.
 """
 
@@ -1046,6 +1046,25 @@ def failed_rows(rows: List[dict]) -> List[dict]:
     return [row for row in rows if failed(row)]
 
 
+def rows_verdict(paths: Sequence[str]) -> int:
+    """For the GPU scripts, whose time limits stop a bench with timeout's status, not its own:
+    a line per rows file there is (rows timed; failed, by failed_rows; not timed, each row's
+    status says why), and 1 where a row fails the run, else 0."""
+    failed_any = False
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        rows = read_jsonl(path)
+        failed = failed_rows(rows)
+        timed = sum(r.get("status") == "ok" for r in rows)
+        print(f"{path}: {timed} timed, {len(failed)} failed, {len(rows) - timed - len(failed)} "
+              "not timed (each row's status says why)")
+        for r in failed[:5]:
+            print(f"  failed: {r.get('provider')} {r.get('op', r.get('model'))} {r['status']}")
+        failed_any = failed_any or bool(failed)
+    return 1 if failed_any else 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -1082,24 +1101,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"redrew {', '.join(os.path.join(args.plot, name) for name in drawn)}")
         return 0
 
-    # Where torch sees a GPU, the GPU: a build without CUDA kernels is refused below, not
-    # benchmarked on the CPU instead of the GPU it was meant for.
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible to torch")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device == "cuda" else "float32"
     if args.out is not None and not args.out.strip():
         raise SystemExit("--out: empty; name a folder (it is created if missing)")
-    plan = sweep_plan(args, device)  # every argument checked before anything runs
+    dtype_given = args.dtype
+
+    def plan_for(device):  # every argument checked before anything runs
+        args.dtype = dtype_given if dtype_given is not None else (
+            "bfloat16" if device == "cuda" else "float32")
+        return sweep_plan(args, device)
+
+    plan = plan_for(device)
+    # On a GPU the fused providers need the extension's CUDA kernels: without them their calls
+    # would time the reference path. Asked for with --device cuda, that is refused; by default
+    # (make bench, on a machine whose build has no CUDA kernels) the run is on the CPU, said so.
     fused = [p for p in plan.providers if p == "fused" or p in FORCED_PROVIDERS]
     problem = fused_cuda_problem() if device == "cuda" and fused else None
-    if problem:
+    if problem and args.device:
         raise SystemExit(
-            f"--device cuda{'' if args.device else ' (the default: torch sees a GPU)'}: "
-            f"{problem}, so {', '.join(dict.fromkeys(fused))} would time the reference PyTorch "
-            "path, not the CUDA kernels. Build the extension for this torch and GPU (make build), "
-            "or pass --device cpu, or --providers without the fused ones")
+            f"--device cuda: {problem}, so {', '.join(dict.fromkeys(fused))} would time the "
+            "reference PyTorch path, not the CUDA kernels. Build the extension for this torch "
+            "and GPU (make build), or pass --device cpu, or --providers without the fused ones")
+    if problem:
+        print(f"note: torch sees a GPU, but {problem}: timing on the CPU instead (--device cuda "
+              "would refuse to run)", file=sys.stderr, flush=True)
+        device = "cpu"
+        plan = plan_for(device)
     env = environment(device)
     # A checkout keeps its results in its own benchmarks/results; an installed package (no
     # benchmarks/ beside it) writes under the current directory, not into site-packages.

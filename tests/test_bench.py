@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -591,6 +592,22 @@ def test_which_rows_fail_a_run():
     assert bench.failed_rows(failing + passing) == failing
 
 
+def test_rows_verdict_judges_the_files_a_script_names(tmp_path, capsys):
+    """What the GPU scripts call where a time limit stopped the bench: each rows file there is
+    counted, a missing one skipped, and the status is 1 where a row fails the run."""
+    ok = {"provider": "fused", "op": "relu_add", "status": "ok"}
+    peer = {"provider": "compile", "op": "relu_add", "status": "error: RuntimeError: no cc"}
+    bad = {"provider": "fused", "op": "relu_add", "status": "error: RuntimeError: CUDA error"}
+    bench.write_rows([ok, peer], str(tmp_path / "a"))
+    bench.write_rows([ok, bad], str(tmp_path / "b"))
+    a, b = str(tmp_path / "a" / "rows.jsonl"), str(tmp_path / "b" / "rows.jsonl")
+    assert bench.rows_verdict([a, str(tmp_path / "missing.jsonl")]) == 0
+    assert f"{a}: 1 timed, 0 failed, 1 not timed" in capsys.readouterr().out
+    assert bench.rows_verdict([a, b]) == 1
+    printed = capsys.readouterr().out
+    assert f"{b}: 1 timed, 1 failed, 0 not timed" in printed and "CUDA error" in printed
+
+
 def test_a_stopped_run_with_a_mismatch_fails(tmp_path, monkeypatch):
     """A mismatch found before TERM stopped the sweep: 1, not the 130 of a clean stopped run
     (which test_an_interrupted_sweep_keeps_the_cases_it_finished checks), or the fault would
@@ -657,10 +674,12 @@ def test_a_run_replaces_an_earlier_runs_files(tmp_path, monkeypatch):
     assert (out / "summary.md").read_text() == "an earlier run's"
 
 
-def test_on_a_gpu_without_the_cuda_kernels_fused_rows_are_refused(tmp_path, monkeypatch):
-    """Where torch sees a GPU, the device is the GPU (not the CPU because the extension cannot
-    run there), and a fused provider there, which would time the reference path, is refused
-    with the reason; --device cpu still runs, as does a GPU run of the peers alone."""
+def test_on_a_gpu_without_the_cuda_kernels_fused_rows_are_refused(tmp_path, monkeypatch,
+                                                                 capsys):
+    """Where torch sees a GPU, a fused provider there, which would time the reference path
+    without the extension's CUDA kernels, is refused with the reason under --device cuda; by
+    default (make bench passes no --device) the run is on the CPU, in its dtype, with a note
+    saying why. --device cpu still runs, as does a GPU run of the peers alone."""
     from fusedskip import _ops
 
     stop_at_the_sweep(monkeypatch)
@@ -668,16 +687,18 @@ def test_on_a_gpu_without_the_cuda_kernels_fused_rows_are_refused(tmp_path, monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
     monkeypatch.setattr(_ops, "HAS_CUDA_KERNELS", False)
     out = ["--out", str(tmp_path / "x")]
-    with pytest.raises(SystemExit, match=r"--device cuda \(the default: torch sees a GPU\): the "
-                       "compiled extension was built without CUDA kernels .*fused"):
+    with pytest.raises(SweepReached) as reached:
         bench.main(["--quick", *out])
+    assert reached.value.args[1] == "cpu" and reached.value.args[0].dtypes == [torch.float32]
+    assert re.search(r"note: torch sees a GPU, but the compiled extension was built without "
+                     r"CUDA kernels .*timing on the CPU", capsys.readouterr().err)
     with pytest.raises(SystemExit, match="--device cuda: .*without CUDA kernels.*so "
                        "fused-cutlass would time the reference"):
         bench.main(["--quick", "--device", "cuda", "--providers", "fused-cutlass,eager", *out])
     monkeypatch.setattr(_ops, "AVAILABLE", False)
     monkeypatch.setattr(_ops, "LOAD_ERROR", ImportError("undefined symbol: _ZN3c10"))
     with pytest.raises(SystemExit, match=r"did not load \(undefined symbol: _ZN3c10\)"):
-        bench.main(["--quick", "--providers", "fused", *out])
+        bench.main(["--quick", "--device", "cuda", "--providers", "fused", *out])
     for argv, device in ((["--device", "cpu"], "cpu"), (["--providers", "eager,gemm"], "cuda")):
         with pytest.raises(SweepReached) as reached:
             bench.main(["--quick", *argv, *out])

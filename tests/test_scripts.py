@@ -592,3 +592,70 @@ def test_gpu_check_ends_at_a_build_that_cannot_run_and_reports_only_this_run(tmp
     assert "CUDA kernels:" in (out / "build.log").read_text()  # the load check said why
     with tarfile.open(archive) as tar:
         assert {"check/summary.md", "check/build.log"} <= set(tar.getnames())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stands in a GPU for torch's own checks")
+def test_gpu_check_fails_a_run_whose_bench_rows_fail_by_the_benchs_rule(tmp_path):
+    """A bench step's exit status does not reach the check where a time limit stops it
+    (timeout's 124), so the check judges the rows themselves, by the bench's rule: here a fused
+    row that raised fails the run though the step's status was 0."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "${1:-} ${2:-}" in\n'
+        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
+        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
+        '  "setup.py "*) exit 0 ;;\n'
+        '  "-m fusedskip.bench")\n'
+        '    while [[ $# -gt 0 && "$1" != --out ]]; do shift; done\n'
+        '    mkdir -p "$2"\n'
+        "    echo '{\"provider\": \"fused\", \"op\": \"relu_add\", \"status\": \"error: "
+        "RuntimeError: CUDA error: an illegal memory access\"}' > \"$2/rows.jsonl\"\n"
+        "    exit 0 ;;\n"
+        "esac\n"
+        f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "check"
+    skip = ("cuda_tests_cutlass,cuda_tests,racecheck_cutlass,racecheck,memcheck,kernel_times,"
+            "bench_large,cutlass_configs,bench_compile")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OUT=str(out), PYTHON=str(python),
+                                     FUSEDSKIP_CHECK_SKIP=skip))
+    summary = (out / "summary.md").read_text()
+    assert "| bench | rc=0 " in summary, result.stdout + result.stderr
+    assert "rows.jsonl: 0 timed, 1 failed, 0 not timed" in summary
+    assert "illegal memory access" in summary
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stands in a GPU for torch's own checks")
+def test_gpu_session_reads_a_profile_left_out_as_left_out_not_failed(tmp_path):
+    """The check passes (a stand-in build, every other step skipped) and the profile finds no
+    ncu (its 2, as its 3 for a budget spent): the session's status is 3, all that ran passed,
+    not 1; the check's archive is among the files it leaves."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "${1:-} ${2:-}" in\n'
+        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
+        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
+        '  "setup.py "*) exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "few-files"
+    steps = ("cuda_tests_cutlass,cuda_tests,racecheck_cutlass,racecheck,memcheck,kernel_times,"
+             "bench_large,cutlass_configs,bench_compile,bench")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"),
+                                     PYTHON=str(python), FUSEDSKIP_CHECK_SKIP=steps,
+                                     NCU=str(tmp_path / "no-ncu-here")))
+    assert "| build | rc=0 " in (out / "check-summary.md").read_text()
+    assert "no ncu here" in (out / "profile.out").read_text()
+    assert result.returncode == 3, result.stdout + result.stderr
+    with tarfile.open(out / "check.tgz") as tar:
+        assert "check/summary.md" in tar.getnames()
