@@ -304,6 +304,38 @@ def test_a_shallow_copy_and_a_module_under_two_names_keep_the_state():
     torch.testing.assert_close(copy.copy(fused)(x), model(x))
 
 
+def test_a_plain_tensor_the_model_moves_itself_follows_the_fused_models_moves():
+    """A model whose _apply converts a plain cache too (so it follows .to() while staying out
+    of the state_dict): FX's plain container in its place has no such _apply, so the cache
+    stays the buffer FX made of it, out of the state_dict, and follows .double()."""
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.proj = torch.randn(8, 8)  # a plain attribute the model's _apply converts
+
+        def _apply(self, fn, recurse=True):
+            super()._apply(fn, recurse)
+            self.proj = fn(self.proj)
+            return self
+
+        def forward(self, x):
+            return (torch.relu(self.fc(x)) + x) @ self.proj
+
+    model = Cached()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert fused.fuse_report.fused
+    assert list(fused.state_dict()) == list(model.state_dict()) == ["fc.weight", "fc.bias"]
+    model.double(), fused.double()
+    assert fused.proj.dtype == model.proj.dtype == torch.float64
+    x = torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    copied = copy.deepcopy(fused)
+    assert list(copied.state_dict()) == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
 def test_every_module_keeps_the_models_mode_through_fuse_copies_and_pickle():
     """FX makes the containers it traces through anew, in train mode: an eval model's fused
     model, and copies of a fused model put in eval mode, must have no module in train mode."""
