@@ -294,24 +294,35 @@ def test_forward_mode_gives_the_ops_outputs(sample):
     torch.testing.assert_close(tangent, expected)
 
 
-@pytest.mark.parametrize("sample", _some(SAMPLES) +
+_FROZEN = [pytest.param((form, frozen, device), id=f"{device}-{form}-frozen-{frozen}",
+                        marks=CUDA_MARKS if device == "cuda" else ())
+           for device in (["cpu", "cuda"] if CUDA else ["cpu"])
+           for form in FORMS for frozen in ("inputs", "weight")]
+
+
+@pytest.mark.parametrize("sample", _some(SAMPLES) + _FROZEN +
                          _some(sample_grid(device="cuda") if CUDA else [], "cuda-", CUDA_MARKS))
 def test_a_tangent_on_the_output_gradient_reaches_every_gradient(sample):
     """Forward over reverse without create_graph (a hypergradient: d/d(lam) of the gradient of
     lam * loss): forward AD runs whatever the grad mode, so backward must carry the tangent of
-    the gradient it is handed into the gradients it returns, as eager's does, not drop it."""
+    the gradient it is handed into the gradients it returns, as eager's does, not drop it. Also
+    with the inputs or the weight frozen (then saved for their shapes only)."""
     import torch.autograd.forward_ad as fwAD
 
+    if isinstance(sample, tuple):
+        sample = _frozen_sample(*sample)
+    wanted = [t.requires_grad for t in sample.tensors()]
     primals = [t.detach() for t in sample.tensors()]
     shape = sample.call(fusedskip.reference, *primals).shape
     grad, grad_tangent = torch.randn(shape, dtype=primals[0].dtype, device=primals[0].device), \
         torch.randn(shape, dtype=primals[0].dtype, device=primals[0].device)
 
     def gradients_and_tangents(api):
-        leaves = [p.clone().requires_grad_() for p in primals]
+        leaves = [p.clone().requires_grad_(w) for p, w in zip(primals, wanted)]
         out = sample.call(api, *leaves)
         with fwAD.dual_level():
-            found = torch.autograd.grad(out, leaves, fwAD.make_dual(grad, grad_tangent))
+            found = torch.autograd.grad(out, [t for t in leaves if t.requires_grad],
+                                        fwAD.make_dual(grad, grad_tangent))
             return [fwAD.unpack_dual(g) for g in found]
 
     for got, expected in zip(gradients_and_tangents(fusedskip),
