@@ -29,6 +29,6 @@ def extension_loaded() -> bool:
 
 def cuda_available() -> bool:
     """True when the extension was built with CUDA kernels and the current GPU can run them
-    (compute capability 8.0 or newer)."""
+    (compute capability 8.0 or newer; asking initialises CUDA, as torch's device queries do)."""
     return (_ops.HAS_CUDA_KERNELS and torch.cuda.is_available()
             and _ops.gpu_runs_kernels(torch.cuda.current_device()))

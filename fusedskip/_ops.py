@@ -26,14 +26,14 @@ HAS_CUDA_KERNELS = False
 # The CUDA kernels are built for compute capability 8.0 and newer (setup.py: bfloat16 and TF32
 # tensor cores): an older GPU (a V100, a T4) has no kernel image for them.
 MIN_CAPABILITY = (8, 0)
-_gpu_runs_kernels = {}  # device index -> bool, asked once per device
+gpu_runs_kernels_known = {}  # device index -> bool, asked once per device
 
 
 def gpu_runs_kernels(index: int) -> bool:
-    """Whether the GPU of this index can run the extension's CUDA kernels."""
-    runs = _gpu_runs_kernels.get(index)
+    """Whether the GPU of this index can run the extension's CUDA kernels (initialises CUDA)."""
+    runs = gpu_runs_kernels_known.get(index)
     if runs is None:
-        runs = _gpu_runs_kernels[index] = \
+        runs = gpu_runs_kernels_known[index] = \
             tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
     return runs
 

@@ -19,9 +19,10 @@ models.jsonl, models.csv, models.png), replacing those an earlier run left there
 TERM) stops the sweep and keeps the rows of the cases it finished.
 
 The device is the GPU where torch sees one; there, a fused provider needs the extension's CUDA
-kernels (without them its calls would run the reference path): --device cuda is refused where
-they are missing, and by default the run is then on the CPU, with a note saying why. Exit status: 0; 1 where a row is a mismatch, a fused provider's row is an error, or
-no row was timed; else 130 where the sweep was stopped before its end.
+kernels and a GPU that runs them (without them its calls would run the reference path, or
+fail): --device cuda is refused where they are missing, and by default the run is then on the
+CPU, with a note saying why. Exit status: 0; 1 where a row is a mismatch, a fused provider's
+row is an error, or no row was timed; else 130 where the sweep was stopped before its end.
 """
 
 from __future__ import annotations
@@ -507,6 +508,11 @@ def fused_cuda_problem() -> Optional[str]:
     if not fusedskip._ops.HAS_CUDA_KERNELS:
         return ("the compiled extension was built without CUDA kernels (FUSEDSKIP_FORCE_CPU=1, "
                 "or no CUDA toolkit at build time)")
+    index = torch.cuda.current_device()
+    if not fusedskip._ops.gpu_runs_kernels(index):
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"{torch.cuda.get_device_name(index)} has compute capability {major}.{minor} and "
+                f"the CUDA kernels need 8.0 or newer")
     return None
 
 

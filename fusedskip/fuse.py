@@ -1183,16 +1183,6 @@ class _ModelState:
             p.requires_grad_(flag)
 
 
-# What a module may override to move or convert its tensors (.to(), .double(), ...) its own way.
-_MOVING_METHODS = ("_apply", "to", "to_empty", "cuda", "cpu", "type", "float", "double", "half",
-                   "bfloat16")
-
-
-def _moves_its_tensors_its_own_way(module: nn.Module) -> bool:
-    return any(getattr(type(module), name) is not getattr(nn.Module, name)
-               for name in _MOVING_METHODS)
-
-
 def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value) -> None:
     """Give `target`, a GraphModule of `source`'s forward, all of `source`'s state, under the same
     names and in the same order. A GraphModule holds only what its graph reads: without this, a
@@ -1202,9 +1192,9 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
     under two names is one module in target too; plain attributes come along where target has
     none of that name, buffers keep their persistence, a buffer only target has (one FX made of
     a plain tensor or a constant) becomes a plain tensor again (stays a buffer, out of the
-    state_dict, where source's module moves its tensors its own way); every module has source's
-    training flag. Raises where a name is taken by the GraphModule's own attributes (graph,
-    code, meta)."""
+    state_dict, where it is a plain tensor of a module with its own _apply); every module has
+    source's training flag. Raises where a name is taken by the GraphModule's own attributes
+    (graph, code, meta)."""
 
     def taken(where: nn.Module, path: str, key: str) -> RuntimeError:
         kind = type(getattr(where, key)).__name__
@@ -1242,14 +1232,15 @@ def _carry_state(source: nn.Module, target: nn.Module, take=lambda value: value)
                 held._non_persistent_buffers_set.add(key)
         # FX makes a buffer of each tensor forward reads that is no parameter or buffer (a plain
         # attribute, a constant made in forward): as the model's plain tensors they stay out of
-        # buffers() and state_dict(), and .to()/.half() leave them as the model's would. Not
-        # where the module moves its tensors its own way (an _apply that converts a plain cache
-        # too): the plain container in its place would not, and a buffer follows .to() as that
+        # buffers() and state_dict(), and .to()/.half() leave them as the model's would. Not a
+        # plain tensor of a module whose own _apply (what .to(), .double(), ... call) may convert
+        # it: the plain container in its place would not, and a buffer follows .to() as such a
         # cache does.
         extra = [key for key in held._buffers if key not in module._buffers]
-        if _moves_its_tensors_its_own_way(module):
-            held._non_persistent_buffers_set.update(extra)
-            extra = []
+        if type(module)._apply is not nn.Module._apply:
+            kept = [key for key in extra if held._buffers[key] is vars(module).get(key)]
+            held._non_persistent_buffers_set.update(kept)
+            extra = [key for key in extra if key not in kept]
         for key in extra:
             object.__setattr__(held, key, held._buffers.pop(key))
             held._non_persistent_buffers_set.discard(key)

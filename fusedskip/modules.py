@@ -7,6 +7,8 @@ reachable through fusedskip.functional, which costs less host time per call at s
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Optional
 
@@ -19,6 +21,18 @@ __all__ = ["LinearReLUResidual", "ConcatLinear"]
 
 _warned_no_cuda_kernels = False
 _warned_old_gpu = set()  # device indices
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for its caller, that points at the user's code: past
+    fusedskip's frames and torch's (a module call's _call_impl, __torch_function__ dispatch),
+    however many there are."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH)):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _use_fused(tensor) -> bool:
@@ -26,26 +40,32 @@ def _use_fused(tensor) -> bool:
         return False
     if not _ops.HAS_CUDA_KERNELS:
         global _warned_no_cuda_kernels
-        if not _warned_no_cuda_kernels:
+        if not _warned_no_cuda_kernels and not torch.compiler.is_compiling():
             _warned_no_cuda_kernels = True
             warnings.warn("fusedskip: this build has no CUDA kernels (built without CUDA, or the "
                           "extension failed to load); the layers use the reference PyTorch path "
                           "on the GPU. Rebuild on a machine with the CUDA toolkit to get the "
-                          "fused ops.", RuntimeWarning, stacklevel=3)
+                          "fused ops.", RuntimeWarning, stacklevel=_user_stacklevel())
         return False
-    # Under torch.compile the graph is for the device it was traced on; the check runs eagerly.
-    if torch.compiler.is_compiling():
-        return True
+    # Whether this GPU can run the kernels, asked of torch once per device. A dict read here, which
+    # torch.compile traces (and guards on); where the first call of a device is being compiled,
+    # the answer is not asked there (torch's device queries would break the graph): the fused op
+    # is taken, and on a GPU too old for it the op itself says so.
     index = tensor.get_device()
-    if _ops.gpu_runs_kernels(index):
+    runs = _ops.gpu_runs_kernels_known.get(index)
+    if runs is None:
+        if torch.compiler.is_compiling():
+            return True
+        runs = _ops.gpu_runs_kernels(index)
+    if runs:
         return True
-    if index not in _warned_old_gpu:
+    if index not in _warned_old_gpu and not torch.compiler.is_compiling():
         _warned_old_gpu.add(index)
         major, minor = torch.cuda.get_device_capability(index)
         warnings.warn(f"fusedskip: {torch.cuda.get_device_name(index)} (cuda:{index}) has compute "
                       f"capability {major}.{minor}, and the CUDA kernels need 8.0 or newer; the "
                       "layers use the reference PyTorch path on it.", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=_user_stacklevel())
     return False
 
 

@@ -93,8 +93,9 @@ finish() {
     done
     # The benches' rows, judged by the bench's own rule (a mismatch, or the fused op failing),
     # which its exit status cannot carry where a time limit stopped it (timeout's 124).
-    (cd "$OUT" && $PY -c 'import sys; from fusedskip.bench import rows_verdict
-sys.exit(rows_verdict(sys.argv[1:]))' rows.jsonl large/rows.jsonl compile/rows.jsonl)
+    $PY -c 'import sys; from fusedskip.bench import rows_verdict
+sys.exit(rows_verdict(sys.argv[1:]))' "$OUT/rows.jsonl" "$OUT/large/rows.jsonl" \
+      "$OUT/compile/rows.jsonl" 2>&1
     rows_rc=$?
   } > "$OUT/summary.md"
   if [[ -n "$ARCHIVE" ]]; then  # all of it in one file, for a runner that brings back few
@@ -144,8 +145,10 @@ fi
 # where `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an
 # H100/H200).
 LOADS='import fusedskip, sys, torch; from fusedskip import _ops
+gpu = torch.cuda.is_available()
 print("loads:", _ops.LOAD_ERROR or fusedskip._C.__file__, "| CUDA kernels:",
-      _ops.HAS_CUDA_KERNELS, "| torch sees a GPU:", torch.cuda.is_available())
+      _ops.HAS_CUDA_KERNELS, "| torch sees a GPU:", gpu, "| its compute capability:",
+      torch.cuda.get_device_capability() if gpu else None, "(the kernels need (8, 0) on)")
 sys.exit(0 if fusedskip.cuda_available() else 1)'
 if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
   step build 60 bash -c '

@@ -29,7 +29,9 @@ mkdir -p "$OUT"
 # bench would choose the CPU and spend the GPU machine's time timing large layers there.
 if ! $PY -c "import fusedskip, sys, torch; from fusedskip import _ops
 print('gpu_tune: extension', _ops.LOAD_ERROR or 'loaded', '| CUDA kernels:',
-      _ops.HAS_CUDA_KERNELS, '| torch sees a GPU:', torch.cuda.is_available())
+      _ops.HAS_CUDA_KERNELS, '| torch sees a GPU:', torch.cuda.is_available(),
+      '| compute capability (8, 0) on needed:',
+      torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
 sys.exit(0 if fusedskip.cuda_available() else 1)"; then
   echo "gpu_tune: fusedskip.cuda_available() is False here (the line above says why), so" \
     "there is nothing to time on the GPU: build the extension first (scripts/gpu_check.sh;" \
@@ -63,7 +65,7 @@ bench() {  # bench NAME LIMIT TITLE ARGS...: one fusedskip.bench run on the GPU,
     *) status=1 ;;
   esac
   $PY -c 'import sys; from fusedskip.bench import rows_verdict
-sys.exit(rows_verdict(sys.argv[1:]))' "$OUT/$name/rows.jsonl" > /dev/null || status=1
+sys.exit(rows_verdict(sys.argv[1:]))' "$OUT/$name/rows.jsonl" || status=1
 }
 
 if [[ " $SWEEPS " == *" standard "* ]]; then

@@ -703,6 +703,18 @@ def test_on_a_gpu_without_the_cuda_kernels_fused_rows_are_refused(tmp_path, monk
         with pytest.raises(SweepReached) as reached:
             bench.main(["--quick", *argv, *out])
         assert reached.value.args[1] == device
+    # A GPU too old for the kernels (a T4), with a build that has them: the same.
+    monkeypatch.setattr(_ops, "AVAILABLE", True)
+    monkeypatch.setattr(_ops, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_ops, "gpu_runs_kernels_known", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    with pytest.raises(SystemExit, match=r"--device cuda: a GPU has compute capability 7\.5 and "
+                       "the CUDA kernels need 8.0"):
+        bench.main(["--quick", "--device", "cuda", *out])
+    with pytest.raises(SweepReached) as reached:
+        bench.main(["--quick", *out])
+    assert reached.value.args[1] == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SweepReached) as reached:
         bench.main(["--quick", *out])

@@ -320,13 +320,14 @@ def test_a_plain_tensor_the_model_moves_itself_follows_the_fused_models_moves():
             self.proj = fn(self.proj)
             return self
 
-        def forward(self, x):
-            return (torch.relu(self.fc(x)) + x) @ self.proj
+        def forward(self, x):  # and a constant made in forward, which stays a plain tensor
+            return (torch.relu(self.fc(x)) + x) @ self.proj + torch.tensor([1.0] * 8)
 
     model = Cached()
     fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
     assert fused.fuse_report.fused
     assert list(fused.state_dict()) == list(model.state_dict()) == ["fc.weight", "fc.bias"]
+    assert [name for name, _ in fused.named_buffers()] == ["proj"]
     model.double(), fused.double()
     assert fused.proj.dtype == model.proj.dtype == torch.float64
     x = torch.randn(4, 8, dtype=torch.float64)
@@ -334,6 +335,37 @@ def test_a_plain_tensor_the_model_moves_itself_follows_the_fused_models_moves():
     copied = copy.deepcopy(fused)
     assert list(copied.state_dict()) == ["fc.weight", "fc.bias"]
     torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_that_only_wraps_to_keeps_its_plain_tensors_plain():
+    """Overriding .to()/.double() (to record the dtype, as Lightning's modules do) while
+    calling nn.Module's: .to() leaves the model's plain tensors alone, so the fused model's
+    stay plain too, and its buffers are the model's."""
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("scale", torch.ones(8))
+            self.proj = torch.randn(8, 8)
+
+        def to(self, *args, **kwargs):
+            self.moved = True
+            return super().to(*args, **kwargs)
+
+        def double(self):
+            self.moved = True
+            return super().double()
+
+        def forward(self, x):
+            return (torch.relu(self.fc(x)) + x) * self.scale @ self.proj
+
+    model = Recording()
+    fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
+    assert fused.fuse_report.fused
+    assert [n for n, _ in fused.named_buffers()] == [n for n, _ in model.named_buffers()]
+    fused.double()
+    assert fused.proj is model.proj and model.proj.dtype == torch.float32
 
 
 def test_every_module_keeps_the_models_mode_through_fuse_copies_and_pickle():

@@ -197,16 +197,19 @@ def test_a_gpu_older_than_sm80_takes_the_reference_path_with_one_warning(monkeyp
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability["value"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
-    monkeypatch.setattr(_ops, "_gpu_runs_kernels", {})
+    monkeypatch.setattr(_ops, "gpu_runs_kernels_known", {})
     monkeypatch.setattr(modules, "_warned_old_gpu", set())
-    with pytest.warns(RuntimeWarning, match=r"Tesla T4 \(cuda:0\) has compute capability 7\.5"):
-        assert not modules._use_fused(tensor)
+    layer = fusedskip.LinearReLUResidual(1, 1)
+    with pytest.warns(RuntimeWarning, match=r"Tesla T4 \(cuda:0\) has compute capability "
+                      r"7\.5") as record:
+        layer(tensor)  # the reference path: nothing here runs on a GPU
+    assert record[0].filename == __file__  # the warning points at the call, not into the library
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device
         assert not modules._use_fused(tensor)
     assert not fusedskip.cuda_available()
     capability["value"] = (8, 0)
-    monkeypatch.setattr(_ops, "_gpu_runs_kernels", {})
+    monkeypatch.setattr(_ops, "gpu_runs_kernels_known", {})
     assert modules._use_fused(tensor) and fusedskip.cuda_available()
 
 

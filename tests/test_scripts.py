@@ -570,7 +570,7 @@ def test_gpu_check_ends_at_a_build_that_cannot_run_and_reports_only_this_run(tmp
         "# torch 'sees' an sm_80 GPU and setup.py 'builds'; else the real interpreter.\n"
         'case "${1:-} ${2:-}" in\n'
         '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
         '  "setup.py "*) echo "stand-in build"; exit 0 ;;\n'
         "esac\n"
         f'exec {sys.executable} "$@"\n')
@@ -604,7 +604,7 @@ def test_gpu_check_fails_a_run_whose_bench_rows_fail_by_the_benchs_rule(tmp_path
         "#!/usr/bin/env bash\n"
         'case "${1:-} ${2:-}" in\n'
         '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
         '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
         '  "setup.py "*) exit 0 ;;\n'
         '  "-m fusedskip.bench")\n'
@@ -640,7 +640,7 @@ def test_gpu_session_reads_a_profile_left_out_as_left_out_not_failed(tmp_path):
         "#!/usr/bin/env bash\n"
         'case "${1:-} ${2:-}" in\n'
         '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *get_device_capability*) echo "(8, 0)"; exit 0 ;;\n'
+        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
         '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
         '  "setup.py "*) exit 0 ;;\n'
         "esac\n"
