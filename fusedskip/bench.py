@@ -1052,6 +1052,19 @@ def failed_rows(rows: List[dict]) -> List[dict]:
     return [row for row in rows if failed(row)]
 
 
+def check_cuda_kernels(who: str) -> int:
+    """For the GPU scripts, before they spend a GPU machine's time: one line saying whether the
+    extension loaded, has CUDA kernels, and sees a GPU that runs them, and 0 where
+    fusedskip.cuda_available(), else 1."""
+    gpu = torch.cuda.is_available()
+    loaded = fusedskip._ops.LOAD_ERROR or fusedskip._C.__file__
+    print(f"{who}: extension {loaded} | CUDA kernels: {fusedskip._ops.HAS_CUDA_KERNELS} | "
+          f"torch sees a GPU: {gpu} | its compute capability: "
+          f"{torch.cuda.get_device_capability() if gpu else None} (the kernels need (8, 0) on)",
+          flush=True)
+    return 0 if fusedskip.cuda_available() else 1
+
+
 def rows_verdict(paths: Sequence[str]) -> int:
     """For the GPU scripts, whose time limits stop a bench with timeout's status, not its own:
     a line per rows file there is (rows timed; failed, by failed_rows; not timed, each row's

@@ -144,12 +144,8 @@ fi
 # it). Where this machine has no network, the `cutlass` backend comes only that way: build it
 # where `pip install --no-deps nvidia-cutlass` is possible (FUSEDSKIP_CUDA_ARCHS=9.0a for an
 # H100/H200).
-LOADS='import fusedskip, sys, torch; from fusedskip import _ops
-gpu = torch.cuda.is_available()
-print("loads:", _ops.LOAD_ERROR or fusedskip._C.__file__, "| CUDA kernels:",
-      _ops.HAS_CUDA_KERNELS, "| torch sees a GPU:", gpu, "| its compute capability:",
-      torch.cuda.get_device_capability() if gpu else None, "(the kernels need (8, 0) on)")
-sys.exit(0 if fusedskip.cuda_available() else 1)'
+LOADS='import sys; from fusedskip.bench import check_cuda_kernels
+sys.exit(check_cuda_kernels(sys.argv[1]))'
 if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
   step build 60 bash -c '
     stamp=fusedskip/_prebuilt_sources.sha256
@@ -160,13 +156,13 @@ if [[ "${FUSEDSKIP_PREBUILT:-0}" == 1 ]]; then
         "rebuild with scripts/build_for_device.sh (commit first) and carry its files"
       exit 1
     fi
-    $0 -c "$1"' "$PY" "$LOADS"
+    $0 -c "$1" build' "$PY" "$LOADS"
 else
   # A build can succeed and still leave nothing that runs here (a CPU-only fallback, a library
   # the .so cannot find): the same load check, after it.
   step build 300 bash -c '
     env FUSEDSKIP_CUDA_ARCHS=native FUSEDSKIP_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
-      $0 setup.py build_ext --inplace && $0 -c "$1"' "$PY" "$LOADS"
+      $0 setup.py build_ext --inplace && $0 -c "$1" build' "$PY" "$LOADS"
   grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>/dev/null
 fi
 # Every later step would test nothing, or something else, and spend the GPU's time doing it.

@@ -26,12 +26,8 @@ NCU="${NCU:-ncu}"
 command -v "$NCU" > /dev/null || { echo "gpu_profile: no ncu here"; exit 2; }
 # Run alone, nothing has checked the build: without the extension's CUDA kernels (not built, not
 # carried, or built for another torch) the cases would profile the reference path's kernels.
-if ! "$PY" -c "import fusedskip, sys, torch; from fusedskip import _ops
-print('gpu_profile: extension', _ops.LOAD_ERROR or 'loaded', '| CUDA kernels:',
-      _ops.HAS_CUDA_KERNELS, '| torch sees a GPU:', torch.cuda.is_available(),
-      '| compute capability (8, 0) on needed:',
-      torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
-sys.exit(0 if fusedskip.cuda_available() else 1)"; then
+if ! "$PY" -c 'import sys; from fusedskip.bench import check_cuda_kernels
+sys.exit(check_cuda_kernels(sys.argv[1]))' gpu_profile; then
   echo "gpu_profile: fusedskip.cuda_available() is False here (the line above says why), so" \
     "there are no CUDA kernels of the extension's to profile: build them first" \
     "(scripts/gpu_check.sh; FUSEDSKIP_PREBUILT=1 for a carried build)"

@@ -27,12 +27,8 @@ mkdir -p "$OUT"
 
 # Without the extension's CUDA kernels (not built, not carried, or built for another torch) the
 # bench would choose the CPU and spend the GPU machine's time timing large layers there.
-if ! $PY -c "import fusedskip, sys, torch; from fusedskip import _ops
-print('gpu_tune: extension', _ops.LOAD_ERROR or 'loaded', '| CUDA kernels:',
-      _ops.HAS_CUDA_KERNELS, '| torch sees a GPU:', torch.cuda.is_available(),
-      '| compute capability (8, 0) on needed:',
-      torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
-sys.exit(0 if fusedskip.cuda_available() else 1)"; then
+if ! "$PY" -c 'import sys; from fusedskip.bench import check_cuda_kernels
+sys.exit(check_cuda_kernels(sys.argv[1]))' gpu_tune; then
   echo "gpu_tune: fusedskip.cuda_available() is False here (the line above says why), so" \
     "there is nothing to time on the GPU: build the extension first (scripts/gpu_check.sh;" \
     "FUSEDSKIP_PREBUILT=1 for a carried build)"

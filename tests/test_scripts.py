@@ -221,11 +221,11 @@ def test_gpu_profile_runs_each_case_and_summarises(tmp_path):
 
 def _cuda_python(tmp_path, bench=""):
     """A stand-in python for the GPU scripts: it says the extension's CUDA kernels are there (the
-    scripts' `fusedskip.cuda_available()` check), runs `bench` (bash) for `-m fusedskip.bench`,
-    and is the real interpreter otherwise."""
+    scripts' check, fusedskip.bench.check_cuda_kernels), runs `bench` (bash) for
+    `-m fusedskip.bench`, and is the real interpreter otherwise."""
     path = tmp_path / "cuda-python"
     path.write_text('#!/usr/bin/env bash\n'
-                    'if [[ "$1" == -c && "$2" == *"fusedskip.cuda_available()"* ]]; then\n'
+                    'if [[ "$1" == -c && "$2" == *check_cuda_kernels* ]]; then\n'
                     '  echo "stand-in: CUDA kernels here"; exit 0\n'
                     'fi\n'
                     f'if [[ "$1 $2" == "-m fusedskip.bench" ]]; then\n{bench}\n  exit 0\nfi\n'
@@ -559,22 +559,31 @@ def test_build_for_device_copies_its_own_build_and_keeps_the_checkouts(tmp_path)
     assert len((tmp_path / "builds").read_text().splitlines()) == 2
 
 
+def _gpu_check_python(tmp_path, kernels_run=True, cases=""):
+    """A stand-in python for gpu_check.sh: torch 'sees' an sm_80 GPU, setup.py 'builds' (saying
+    "stand-in build"), the load check passes where kernels_run, `cases` (bash case arms) come
+    first; the real interpreter otherwise."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "${1:-} ${2:-}" in\n'
+        + cases +
+        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
+        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
+        + ('  *check_cuda_kernels*) echo "loads: stand-in"; exit 0 ;;\n' if kernels_run else "")
+        + '  "setup.py "*) echo "stand-in build"; exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="stands in a GPU for torch's own checks")
 def test_gpu_check_ends_at_a_build_that_cannot_run_and_reports_only_this_run(tmp_path):
     """A source build that exits 0 but leaves no CUDA kernels that run (a CPU-only fallback) ends
     the run, as a prebuilt one that does not load does: the benches would time on the CPU. An
     earlier run's logs and rows in the same OUT stay out of the summary; ARCHIVE gets it all."""
-    python = tmp_path / "python"
-    python.write_text(
-        "#!/usr/bin/env bash\n"
-        "# torch 'sees' an sm_80 GPU and setup.py 'builds'; else the real interpreter.\n"
-        'case "${1:-} ${2:-}" in\n'
-        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
-        '  "setup.py "*) echo "stand-in build"; exit 0 ;;\n'
-        "esac\n"
-        f'exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = _gpu_check_python(tmp_path, kernels_run=False)
     out = tmp_path / "check"
     (out / "large").mkdir(parents=True)
     (out / "cuda_tests.log").write_text("=== 2 passed in 1.00s ===\n")
@@ -599,23 +608,13 @@ def test_gpu_check_fails_a_run_whose_bench_rows_fail_by_the_benchs_rule(tmp_path
     """A bench step's exit status does not reach the check where a time limit stops it
     (timeout's 124), so the check judges the rows themselves, by the bench's rule: here a fused
     row that raised fails the run though the step's status was 0."""
-    python = tmp_path / "python"
-    python.write_text(
-        "#!/usr/bin/env bash\n"
-        'case "${1:-} ${2:-}" in\n'
-        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
-        '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
-        '  "setup.py "*) exit 0 ;;\n'
+    python = _gpu_check_python(tmp_path, cases=(
         '  "-m fusedskip.bench")\n'
         '    while [[ $# -gt 0 && "$1" != --out ]]; do shift; done\n'
         '    mkdir -p "$2"\n'
         "    echo '{\"provider\": \"fused\", \"op\": \"relu_add\", \"status\": \"error: "
         "RuntimeError: CUDA error: an illegal memory access\"}' > \"$2/rows.jsonl\"\n"
-        "    exit 0 ;;\n"
-        "esac\n"
-        f'exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+        "    exit 0 ;;\n"))
     out = tmp_path / "check"
     skip = ("cuda_tests_cutlass,cuda_tests,racecheck_cutlass,racecheck,memcheck,kernel_times,"
             "bench_large,cutlass_configs,bench_compile")
@@ -635,17 +634,7 @@ def test_gpu_session_reads_a_profile_left_out_as_left_out_not_failed(tmp_path):
     """The check passes (a stand-in build, every other step skipped) and the profile finds no
     ncu (its 2, as its 3 for a budget spent): the session's status is 3, all that ran passed,
     not 1; the check's archive is among the files it leaves."""
-    python = tmp_path / "python"
-    python.write_text(
-        "#!/usr/bin/env bash\n"
-        'case "${1:-} ${2:-}" in\n'
-        '  *"torch.cuda.is_available() else 1"*) exit 0 ;;\n'
-        '  *"print(torch.cuda.get_device_capability())"*) echo "(8, 0)"; exit 0 ;;\n'
-        '  *"fusedskip.cuda_available() else 1"*) echo "loads: stand-in"; exit 0 ;;\n'
-        '  "setup.py "*) exit 0 ;;\n'
-        "esac\n"
-        f'exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = _gpu_check_python(tmp_path)
     out = tmp_path / "few-files"
     steps = ("cuda_tests_cutlass,cuda_tests,racecheck_cutlass,racecheck,memcheck,kernel_times,"
              "bench_large,cutlass_configs,bench_compile,bench")
