@@ -1055,14 +1055,19 @@ def failed_rows(rows: List[dict]) -> List[dict]:
 def check_cuda_kernels(who: str) -> int:
     """For the GPU scripts, before they spend a GPU machine's time: one line saying whether the
     extension loaded, has CUDA kernels, and sees a GPU that runs them, and 0 where
-    fusedskip.cuda_available(), else 1."""
+    fusedskip.cuda_available(), else 1 with what to do."""
     gpu = torch.cuda.is_available()
     loaded = fusedskip._ops.LOAD_ERROR or fusedskip._C.__file__
     print(f"{who}: extension {loaded} | CUDA kernels: {fusedskip._ops.HAS_CUDA_KERNELS} | "
           f"torch sees a GPU: {gpu} | its compute capability: "
           f"{torch.cuda.get_device_capability() if gpu else None} (the kernels need (8, 0) on)",
           flush=True)
-    return 0 if fusedskip.cuda_available() else 1
+    if fusedskip.cuda_available():
+        return 0
+    print(f"{who}: fusedskip.cuda_available() is False here (the line above says why), so there "
+          "are no CUDA kernels of the extension's to run: build them for this GPU first "
+          "(scripts/gpu_check.sh; FUSEDSKIP_PREBUILT=1 for a carried build)", flush=True)
+    return 1
 
 
 def rows_verdict(paths: Sequence[str]) -> int:

@@ -198,19 +198,11 @@ def test_ncu_summary_reads_the_raw_csv(tmp_path):
 def test_gpu_profile_runs_each_case_and_summarises(tmp_path):
     """scripts/gpu_profile.sh with a stand-in ncu (and a python that says the extension's CUDA
     kernels are there): a report and a CSV per case, and the summary of them all."""
-    fake = tmp_path / "ncu"
-    fake.write_text('#!/usr/bin/env bash\n'
-                    'if [[ "$1" == --import ]]; then cat "$NCU_RAW_FILE"; exit 0; fi\n'
-                    'while [[ $# -gt 0 && "$1" != -o ]]; do shift; done\n'
-                    'touch "$2.ncu-rep"\n')
-    fake.chmod(0o755)
-    raw = tmp_path / "raw.csv"
-    raw.write_text(NCU_RAW)
     out = tmp_path / "profile"
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_profile.sh")],
                             capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, OUT=str(out), PYTHON=str(_cuda_python(tmp_path)),
-                                     NCU=str(fake), NCU_RAW_FILE=str(raw)))
+                                     **_fake_ncu(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
     cases = sorted(p.name for p in out.glob("ncu-*.ncu-rep"))
     assert cases == ["ncu-concat2-65536x30x30.ncu-rep", "ncu-relu_add-4096x256x256.ncu-rep",
@@ -235,7 +227,8 @@ def _cuda_python(tmp_path, bench=""):
 
 
 def _fake_ncu(tmp_path):
-    """A stand-in ncu (as the test above's) that also logs each command line to ncu.args."""
+    """A stand-in ncu: a report for each profile, the raw CSV for each import, and each command
+    line logged to ncu.args."""
     fake = tmp_path / "ncu"
     fake.write_text('#!/usr/bin/env bash\n'
                     f'echo "$*" >> "{tmp_path}/ncu.args"\n'
