@@ -374,15 +374,8 @@ def test_every_module_keeps_the_models_mode_through_fuse_copies_and_pickle():
     import io
     import pickle
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return torch.relu(self.fc(x)) + x
-
-    model = nn.Sequential(nn.Sequential(Block(), Block()), nn.Linear(8, 2)).eval()
+    model = nn.Sequential(nn.Sequential(ResidualBlock(8), ResidualBlock(8)),
+                          nn.Linear(8, 2)).eval()
     fused = fusedskip.fuse(model, example_inputs=(torch.randn(4, 8),))
     assert fused.fuse_report.fused
 
